@@ -1,0 +1,395 @@
+//! Request and response bodies.
+//!
+//! The response body of an executed request is *teed*: each frame goes to the
+//! client as the service produces it, and a copy goes into the record. When
+//! the stream ends (trailers included) the record is completed before the
+//! client sees the end, so a retry that follows the response always finds it.
+//! If the client goes away first, the rest of the body is drained and recorded
+//! in the background.
+
+use std::{
+    fmt,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::{
+    claim::{BoxFuture, Renewer},
+    record::RecordBuilder,
+};
+
+/// Bytes known in full, and trailers: a buffered request or a replayed
+/// response.
+#[derive(Debug, Default)]
+struct Buffered {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+}
+
+impl Buffered {
+    fn new(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Buffered {
+            data: Some(data).filter(|d| !d.is_empty()),
+            trailers,
+        }
+    }
+
+    fn next_frame(&mut self) -> Option<Frame<Bytes>> {
+        if let Some(data) = self.data.take() {
+            return Some(Frame::data(data));
+        }
+        self.trailers.take().map(Frame::trailers)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let len = self.data.as_ref().map_or(0, |d| d.len() as u64);
+        if self.trailers.is_some() {
+            // Not exact, so HTTP/1 uses chunked encoding and can carry them.
+            let mut hint = SizeHint::new();
+            hint.set_lower(len);
+            hint
+        } else {
+            SizeHint::with_exact(len)
+        }
+    }
+}
+
+fn into_bytes<D: Buf>(mut data: D) -> Bytes {
+    data.copy_to_bytes(data.remaining())
+}
+
+pin_project! {
+    /// The request body the inner service receives: the original stream for
+    /// requests the layer passes through, the buffered bytes (and trailers)
+    /// for requests it fingerprinted.
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind<B> {
+        Streaming { #[pin] body: B },
+        Buffered { buffered: Buffered },
+    }
+}
+
+impl<B> RequestBody<B> {
+    pub(crate) fn streaming(body: B) -> Self {
+        RequestBody {
+            kind: RequestKind::Streaming { body },
+        }
+    }
+
+    pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        RequestBody {
+            kind: RequestKind::Buffered {
+                buffered: Buffered::new(data, trailers),
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            RequestKind::Streaming { .. } => f.write_str("RequestBody::Streaming"),
+            RequestKind::Buffered { buffered } => f
+                .debug_tuple("RequestBody::Buffered")
+                .field(&buffered.data.as_ref().map_or(0, Bytes::len))
+                .finish(),
+        }
+    }
+}
+
+impl<B: Body> Body for RequestBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            RequestKindProj::Streaming { body } => body
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map(|f| f.map_data(into_bytes)))),
+            RequestKindProj::Buffered { buffered } => Poll::Ready(buffered.next_frame().map(Ok)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Streaming { body } => body.is_end_stream(),
+            RequestKind::Buffered { buffered } => buffered.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Streaming { body } => body.size_hint(),
+            RequestKind::Buffered { buffered } => buffered.size_hint(),
+        }
+    }
+}
+
+pin_project! {
+    /// The response body the layer returns: the service's own body (passed
+    /// through, or teed into the record), or bytes the layer made (a replay
+    /// or a rejection).
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: ResponseKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = ResponseKindProj]
+    enum ResponseKind<B> {
+        Inner { #[pin] body: B },
+        Teed { tee: Tee<B> },
+        Buffered { buffered: Buffered },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        ResponseBody {
+            kind: ResponseKind::Inner { body },
+        }
+    }
+
+    pub(crate) fn teed(tee: Tee<B>) -> Self {
+        ResponseBody {
+            kind: ResponseKind::Teed { tee },
+        }
+    }
+
+    pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        ResponseBody {
+            kind: ResponseKind::Buffered {
+                buffered: Buffered::new(data, trailers),
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match &self.kind {
+            ResponseKind::Inner { .. } => "ResponseBody::Inner",
+            ResponseKind::Teed { .. } => "ResponseBody::Teed",
+            ResponseKind::Buffered { .. } => "ResponseBody::Buffered",
+        })
+    }
+}
+
+impl<B: Body> Body for ResponseBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            ResponseKindProj::Inner { body } => body
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map(|f| f.map_data(into_bytes)))),
+            ResponseKindProj::Teed { tee } => tee.poll_frame(cx),
+            ResponseKindProj::Buffered { buffered } => Poll::Ready(buffered.next_frame().map(Ok)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.is_end_stream(),
+            // Not over until the record is complete, even after the last
+            // frame: the server must poll once more to let it finish.
+            ResponseKind::Teed { tee } => tee.recording.is_none(),
+            ResponseKind::Buffered { buffered } => buffered.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.size_hint(),
+            ResponseKind::Teed { tee } => tee
+                .body
+                .as_ref()
+                .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint()),
+            ResponseKind::Buffered { buffered } => buffered.size_hint(),
+        }
+    }
+}
+
+/// The state of a response on its way into the record.
+pub(crate) struct Recording {
+    renewer: Renewer,
+    builder: Option<RecordBuilder>,
+    record: Option<Bytes>,
+    completing: Option<BoxFuture<()>>,
+}
+
+impl Recording {
+    pub(crate) fn new(renewer: Renewer, builder: RecordBuilder) -> Self {
+        Recording {
+            renewer,
+            builder: Some(builder),
+            record: None,
+            completing: None,
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        if let Some(builder) = &mut self.builder {
+            builder.push(chunk);
+        }
+    }
+
+    fn trailers(&mut self, trailers: &HeaderMap) {
+        if let Some(builder) = self.builder.take() {
+            self.record = Some(builder.finish(Some(trailers)));
+        }
+    }
+
+    /// The body failed midway: what the client got is unknown, so keep the
+    /// status and headers only. A retry learns the outcome and nothing runs
+    /// twice.
+    fn body_failed(&mut self) {
+        if let Some(builder) = &mut self.builder {
+            builder.give_up_body();
+        }
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        if self.completing.is_some() {
+            return;
+        }
+        let record = match (self.record.take(), self.builder.take()) {
+            (Some(record), _) => record,
+            (None, Some(builder)) => builder.finish(None),
+            (None, None) => return,
+        };
+        self.completing = Some(self.renewer.claim.complete(record));
+    }
+}
+
+/// The teed inner body. The box lets an unfinished tee move into a
+/// background task when the client drops it.
+pub(crate) struct Tee<B> {
+    body: Option<Pin<Box<B>>>,
+    recording: Option<Recording>,
+    /// Moves an unfinished tee into a background task; `None` once it is in
+    /// one.
+    detach: Option<fn(Tee<B>)>,
+}
+
+impl<B> Tee<B> {
+    pub(crate) fn new(body: B, recording: Recording, detach: fn(Tee<B>)) -> Self {
+        Tee {
+            body: Some(Box::pin(body)),
+            recording: Some(recording),
+            detach: Some(detach),
+        }
+    }
+}
+
+impl<B: Body> Tee<B> {
+    pub(crate) fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        loop {
+            let Some(recording) = &mut self.recording else {
+                return Poll::Ready(None);
+            };
+            if let Some(completing) = &mut recording.completing {
+                ready!(completing.as_mut().poll(cx));
+                self.recording = None;
+                return Poll::Ready(None);
+            }
+            let Some(body) = &mut self.body else {
+                recording.finish();
+                continue;
+            };
+            let frame = match body.as_mut().poll_frame(cx) {
+                Poll::Pending => {
+                    recording.renewer.poll(cx);
+                    return Poll::Pending;
+                }
+                Poll::Ready(frame) => frame,
+            };
+            match frame {
+                None => {
+                    self.body = None;
+                    recording.finish();
+                }
+                Some(Err(err)) => {
+                    self.body = None;
+                    recording.body_failed();
+                    return Poll::Ready(Some(Err(err)));
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let data = into_bytes(data);
+                        recording.push(&data);
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            recording.trailers(&trailers);
+                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                        }
+                        // A frame kind this crate does not know: neither
+                        // data nor trailers. Nothing to forward or record.
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Drives a tee the client abandoned to its end, in the background.
+pub(crate) fn detach_tee<B>(mut tee: Tee<B>)
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+{
+    tee.detach = None;
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!("response dropped outside a tokio runtime; its claim ends with its lease");
+        return;
+    };
+    handle.spawn(async move {
+        // Every frame is copied into the record inside `poll_frame`.
+        while std::future::poll_fn(|cx| tee.poll_frame(cx)).await.is_some() {}
+    });
+}
+
+impl<B> Drop for Tee<B> {
+    fn drop(&mut self) {
+        if self.recording.is_none() {
+            return;
+        }
+        if let Some(detach) = self.detach.take() {
+            detach(Tee {
+                body: self.body.take(),
+                recording: self.recording.take(),
+                detach: None,
+            });
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! [`ResponseFuture`].
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use http::Response;
+use pin_project_lite::pin_project;
+
+use crate::{ResponseBody, claim::BoxFuture};
+
+type KeyedFuture<B, E> = BoxFuture<Result<Response<ResponseBody<B>>, E>>;
+
+pin_project! {
+    /// The future returned by [`Idempotency`](crate::Idempotency).
+    ///
+    /// Requests the layer does not protect poll the inner future directly.
+    /// A protected request, once it has claimed its key, runs to completion
+    /// even if this future is dropped (the client went away): the rest of the
+    /// work moves into a background task, and its response is recorded for the
+    /// retry that will follow.
+    pub struct ResponseFuture<F, B, E> {
+        #[pin]
+        kind: Kind<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B, E> {
+        Passthrough { #[pin] future: F },
+        Ready { response: Option<Response<ResponseBody<B>>> },
+        Keyed { keyed: Keyed<B, E> },
+    }
+}
+
+/// The boxed request path of a protected request; moves into a task if
+/// dropped before it finishes.
+struct Keyed<B, E> {
+    future: Option<KeyedFuture<B, E>>,
+    detach: fn(KeyedFuture<B, E>),
+}
+
+impl<B, E> Drop for Keyed<B, E> {
+    fn drop(&mut self) {
+        if let Some(future) = self.future.take() {
+            (self.detach)(future);
+        }
+    }
+}
+
+/// Finishes an abandoned request in the background. Its response is dropped
+/// there, which in turn drains and records a teed body.
+fn detach_keyed<B, E>(future: KeyedFuture<B, E>)
+where
+    B: Send + 'static,
+    E: Send + 'static,
+{
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(async move {
+                let _ = future.await;
+            });
+        }
+        Err(_) => {
+            tracing::warn!("request dropped outside a tokio runtime; its claim ends with its lease");
+        }
+    }
+}
+
+impl<F, B, E> ResponseFuture<F, B, E> {
+    pub(crate) fn passthrough(future: F) -> Self {
+        ResponseFuture {
+            kind: Kind::Passthrough { future },
+        }
+    }
+
+    pub(crate) fn ready(response: Response<ResponseBody<B>>) -> Self {
+        ResponseFuture {
+            kind: Kind::Ready {
+                response: Some(response),
+            },
+        }
+    }
+
+    pub(crate) fn keyed(future: KeyedFuture<B, E>) -> Self
+    where
+        B: Send + 'static,
+        E: Send + 'static,
+    {
+        ResponseFuture {
+            kind: Kind::Keyed {
+                keyed: Keyed {
+                    future: Some(future),
+                    detach: detach_keyed::<B, E>,
+                },
+            },
+        }
+    }
+}
+
+impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match &self.kind {
+            Kind::Passthrough { .. } => "ResponseFuture::Passthrough",
+            Kind::Ready { .. } => "ResponseFuture::Ready",
+            Kind::Keyed { .. } => "ResponseFuture::Keyed",
+        })
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Passthrough { future } => future
+                .poll(cx)
+                .map(|result| result.map(|response| response.map(ResponseBody::inner))),
+            KindProj::Ready { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("ResponseFuture polled after completion"))),
+            KindProj::Keyed { keyed } => {
+                let future = keyed
+                    .future
+                    .as_mut()
+                    .expect("ResponseFuture polled after completion");
+                let output = std::task::ready!(future.as_mut().poll(cx));
+                keyed.future = None;
+                Poll::Ready(output)
+            }
+        }
+    }
+}

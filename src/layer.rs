@@ -1,0 +1,397 @@
+use std::{fmt, sync::Arc, time::Duration};
+
+use http::{HeaderName, Method, StatusCode, response};
+use tower_layer::Layer;
+
+use crate::{
+    AuthorizationScope, Idempotency, ProblemJson, RejectionResponse, ScopeExtractor,
+};
+
+/// The default header carrying the key.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// The header added to every replayed response.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// Decides whether a final response is recorded (and replayed to retries) or
+/// its claim released (so a retry executes again).
+///
+/// Implemented for closures `Fn(&http::response::Parts) -> bool`.
+pub trait RecordPolicy: Send + Sync + 'static {
+    /// Whether to record the response whose head is `parts`.
+    fn should_record(&self, parts: &response::Parts) -> bool;
+}
+
+impl<F> RecordPolicy for F
+where
+    F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
+{
+    fn should_record(&self, parts: &response::Parts) -> bool {
+        self(parts)
+    }
+}
+
+/// The default policy: record every response, 5xx included (the work may
+/// have happened), except 408, 429 and 503, which say "not processed, try
+/// again".
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecordUnlessRetryable;
+
+impl RecordPolicy for RecordUnlessRetryable {
+    fn should_record(&self, parts: &response::Parts) -> bool {
+        !matches!(
+            parts.status,
+            StatusCode::REQUEST_TIMEOUT
+                | StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::SERVICE_UNAVAILABLE
+        )
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Config<St> {
+    pub(crate) store: St,
+    pub(crate) header: HeaderName,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) require_key: bool,
+    pub(crate) scope: Arc<dyn ScopeExtractor>,
+    pub(crate) fingerprint_headers: Vec<HeaderName>,
+    pub(crate) request_body_limit: usize,
+    pub(crate) response_body_limit: usize,
+    pub(crate) ttl: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) record: Arc<dyn RecordPolicy>,
+    pub(crate) mismatch_status: StatusCode,
+    pub(crate) wait: Option<Duration>,
+    pub(crate) store_timeout: Duration,
+    pub(crate) responder: Arc<dyn RejectionResponse>,
+    pub(crate) replay_set_cookie: bool,
+    pub(crate) fail_open: bool,
+}
+
+impl<St> Config<St> {
+    pub(crate) fn protects(&self, method: &Method) -> bool {
+        self.methods.iter().any(|m| m == method)
+    }
+}
+
+/// Applies [`Idempotency`] to a service: requests with an `Idempotency-Key`
+/// execute once, and retries get the recorded response.
+///
+/// Every `with_*` method consumes the layer and returns it changed; the
+/// defaults follow the crate's behaviour contract:
+///
+/// | setting | default |
+/// |---|---|
+/// | header | `Idempotency-Key` |
+/// | methods | `POST`, `PATCH` |
+/// | keys | optional |
+/// | scope | hash of `Authorization`, else global |
+/// | fingerprint | method, path, query, `Content-Type`, body |
+/// | request / response body limit | 1 MiB / 1 MiB |
+/// | TTL of a completed record | 24 hours |
+/// | lease of an in-flight claim | 30 seconds, renewed every 10 while the request runs |
+/// | recorded responses | all but 408, 429, 503 |
+/// | key reused for a different request | 400 |
+/// | duplicate while in flight | 409 at once |
+/// | store timeout | 5 seconds |
+/// | `Set-Cookie` replayed | no |
+/// | store failure | 503 (fail closed) |
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+///
+/// let layer = IdempotencyLayer::new(MemoryStore::default())
+///     .with_required_key(true)
+///     .with_ttl(Duration::from_secs(60 * 60))
+///     .with_wait(Duration::from_secs(5));
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct IdempotencyLayer<St> {
+    config: Arc<Config<St>>,
+}
+
+impl<St> fmt::Debug for IdempotencyLayer<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        f.debug_struct("IdempotencyLayer")
+            .field("header", &c.header)
+            .field("methods", &c.methods)
+            .field("require_key", &c.require_key)
+            .field("ttl", &c.ttl)
+            .field("lease", &c.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<St> IdempotencyLayer<St> {
+    /// A layer keeping its records in `store`, with the defaults above.
+    pub fn new(store: St) -> Self {
+        IdempotencyLayer {
+            config: Arc::new(Config {
+                store,
+                header: IDEMPOTENCY_KEY,
+                methods: vec![Method::POST, Method::PATCH],
+                require_key: false,
+                scope: Arc::new(AuthorizationScope),
+                fingerprint_headers: Vec::new(),
+                request_body_limit: 1024 * 1024,
+                response_body_limit: 1024 * 1024,
+                ttl: Duration::from_secs(24 * 60 * 60),
+                lease: Duration::from_secs(30),
+                record: Arc::new(RecordUnlessRetryable),
+                mismatch_status: StatusCode::BAD_REQUEST,
+                wait: None,
+                store_timeout: Duration::from_secs(5),
+                responder: Arc::new(ProblemJson),
+                replay_set_cookie: false,
+                fail_open: false,
+            }),
+        }
+    }
+}
+
+impl<St: Clone> IdempotencyLayer<St> {
+    fn with(mut self, change: impl FnOnce(&mut Config<St>)) -> Self {
+        change(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// The header carrying the key (default `Idempotency-Key`).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_header(http::HeaderName::from_static("x-request-key"));
+    /// ```
+    pub fn with_header(self, header: HeaderName) -> Self {
+        self.with(|c| c.header = header)
+    }
+
+    /// The methods the layer protects (default `POST` and `PATCH`); requests
+    /// with other methods pass through untouched.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// use http::Method;
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_methods([Method::POST, Method::PUT, Method::PATCH, Method::DELETE]);
+    /// ```
+    pub fn with_methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.with(|c| c.methods = methods.into_iter().collect())
+    }
+
+    /// Whether a protected request without a key is rejected with 400
+    /// `missing-key` (`true`) or passed through unprotected (`false`, the
+    /// default).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_required_key(true);
+    /// ```
+    pub fn with_required_key(self, required: bool) -> Self {
+        self.with(|c| c.require_key = required)
+    }
+
+    /// How to choose a request's scope (default [`AuthorizationScope`]).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore, Scope};
+    /// #[derive(Clone)]
+    /// struct UserId(String);
+    ///
+    /// // Scope by the user an authentication layer put in the extensions.
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_scope(
+    ///     |parts: &http::request::Parts| {
+    ///         parts
+    ///             .extensions
+    ///             .get::<UserId>()
+    ///             .map_or_else(Scope::global, |user| Scope::new(user.0.clone()))
+    ///     },
+    /// );
+    /// ```
+    pub fn with_scope(self, scope: impl ScopeExtractor) -> Self {
+        let scope: Arc<dyn ScopeExtractor> = Arc::new(scope);
+        self.with(|c| c.scope = scope)
+    }
+
+    /// Adds headers whose values are part of a request's fingerprint, beside
+    /// method, path, query, `Content-Type` and body.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_fingerprint_headers([http::HeaderName::from_static("x-account")]);
+    /// ```
+    pub fn with_fingerprint_headers(self, headers: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.with(|c| c.fingerprint_headers.extend(headers))
+    }
+
+    /// The largest request body buffered for fingerprinting (default 1 MiB).
+    /// Larger bodies get 413 `body-too-large` and the service is not called.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_request_body_limit(64 * 1024);
+    /// ```
+    pub fn with_request_body_limit(self, bytes: usize) -> Self {
+        self.with(|c| c.request_body_limit = bytes)
+    }
+
+    /// The largest response body recorded (default 1 MiB). A larger response
+    /// still streams to the client in full; its record keeps status and
+    /// headers only, and a retry gets 410 `response-not-retained`.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_response_body_limit(256 * 1024);
+    /// ```
+    pub fn with_response_body_limit(self, bytes: usize) -> Self {
+        self.with(|c| c.response_body_limit = bytes)
+    }
+
+    /// How long a completed record is kept (default 24 hours). After that the
+    /// key is new again.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// # use std::time::Duration;
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_ttl(Duration::from_secs(3600));
+    /// ```
+    pub fn with_ttl(self, ttl: Duration) -> Self {
+        self.with(|c| c.ttl = ttl)
+    }
+
+    /// How long an in-flight claim is honoured without renewal before another
+    /// request may take it over (default 30 seconds). The layer renews it
+    /// every third of the lease while the request runs, so only a holder that
+    /// died (or stopped being polled) loses it. Clamped to at least one
+    /// millisecond.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// # use std::time::Duration;
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_lease(Duration::from_secs(10));
+    /// ```
+    pub fn with_lease(self, lease: Duration) -> Self {
+        self.with(|c| c.lease = lease.max(Duration::from_millis(1)))
+    }
+
+    /// Which final responses are recorded (default
+    /// [`RecordUnlessRetryable`]). A response that is not recorded releases
+    /// the claim, so the next request with the key executes.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// // Let clients retry server errors too.
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_record_policy(|parts: &http::response::Parts| !parts.status.is_server_error());
+    /// ```
+    pub fn with_record_policy(self, policy: impl RecordPolicy) -> Self {
+        let policy: Arc<dyn RecordPolicy> = Arc::new(policy);
+        self.with(|c| c.record = policy)
+    }
+
+    /// Answer a key reused for a different request with 422 Unprocessable
+    /// Content (as the IETF draft suggests) instead of 400.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_mismatch_422(true);
+    /// ```
+    pub fn with_mismatch_422(self, enabled: bool) -> Self {
+        let status = if enabled {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        self.with(|c| c.mismatch_status = status)
+    }
+
+    /// Instead of answering a duplicate of an in-flight request with 409 at
+    /// once, wait up to `bound` for the first request to finish and replay
+    /// its response (409 if it is still running then).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// # use std::time::Duration;
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_wait(Duration::from_secs(3));
+    /// ```
+    pub fn with_wait(self, bound: Duration) -> Self {
+        self.with(|c| c.wait = Some(bound))
+    }
+
+    /// How long one store operation may take before the layer gives up on it
+    /// (default 5 seconds). A claim that times out is a 503
+    /// `store-unavailable`.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// # use std::time::Duration;
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_store_timeout(Duration::from_millis(250));
+    /// ```
+    pub fn with_store_timeout(self, timeout: Duration) -> Self {
+        self.with(|c| c.store_timeout = timeout)
+    }
+
+    /// Replaces the problem+json rejections, for example with gRPC statuses.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore, Rejection, RejectionKind};
+    /// use bytes::Bytes;
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_rejection_response(
+    ///     |rejection: &Rejection| {
+    ///         let code = match rejection.kind() {
+    ///             RejectionKind::RequestInFlight => "10", // ABORTED
+    ///             RejectionKind::StoreUnavailable => "14", // UNAVAILABLE
+    ///             _ => "3",                                // INVALID_ARGUMENT
+    ///         };
+    ///         http::Response::builder()
+    ///             .header("content-type", "application/grpc")
+    ///             .header("grpc-status", code)
+    ///             .header("grpc-message", rejection.kind().code())
+    ///             .body(Bytes::new())
+    ///             .unwrap()
+    ///     },
+    /// );
+    /// ```
+    pub fn with_rejection_response(self, responder: impl RejectionResponse) -> Self {
+        let responder: Arc<dyn RejectionResponse> = Arc::new(responder);
+        self.with(|c| c.responder = responder)
+    }
+
+    /// Replay `Set-Cookie` headers (default: dropped from records, since they
+    /// may carry a session minted for the first caller).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_replay_set_cookie(true);
+    /// ```
+    pub fn with_replay_set_cookie(self, enabled: bool) -> Self {
+        self.with(|c| c.replay_set_cookie = enabled)
+    }
+
+    /// **Unsafe for writes that must not repeat.** When the store fails, call
+    /// the service anyway, unprotected, instead of answering 503. A retry
+    /// during a store outage may then execute twice. The response carries
+    /// [`Outcome::FailedOpen`](crate::Outcome::FailedOpen).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_fail_open(true);
+    /// ```
+    pub fn with_fail_open(self, enabled: bool) -> Self {
+        self.with(|c| c.fail_open = enabled)
+    }
+}
+
+impl<S, St> Layer<S> for IdempotencyLayer<St> {
+    type Service = Idempotency<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency::from_config(inner, self.config.clone())
+    }
+}

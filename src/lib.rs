@@ -1,0 +1,131 @@
+//! Idempotency keys for tower, axum and hyper servers: a client's retried
+//! write executes once, and every retry gets the recorded response.
+//!
+//! A client sends a booking; the server commits it, but the response arrives
+//! after the client's timeout, and the client tries again. Without protection
+//! the booking happens twice. With this layer the client sends an
+//! `Idempotency-Key` chosen once per operation: the first request executes,
+//! every retry with the key replays the recorded response (with
+//! `Idempotent-Replayed: true`), and a key reused for a different request is
+//! rejected.
+//!
+//! ```no_run
+//! use axum::{Router, routing::post};
+//! use tower_idempotency::{IdempotencyLayer, MemoryStore};
+//!
+//! async fn book() -> &'static str {
+//!     "booked"
+//! }
+//!
+//! # async fn run() {
+//! let app = Router::new().route("/appointments", post(book)).layer(
+//!     IdempotencyLayer::new(MemoryStore::default()).with_required_key(true),
+//! );
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await.unwrap();
+//! axum::serve(listener, app).await.unwrap();
+//! # }
+//! ```
+//!
+//! # A request's path
+//!
+//! 1. Methods not protected (by default all but `POST` and `PATCH`) pass
+//!    through untouched, and so do requests without a key unless keys are
+//!    required.
+//! 2. The key is parsed: `"abc"` (RFC 8941 string) and `abc` are the same key.
+//! 3. The body is buffered (up to a limit) and the request fingerprinted:
+//!    SHA-256 of method, path, query, `Content-Type`, body, and any headers
+//!    you add.
+//! 4. `(scope, key)` is claimed in the [`Store`] in one atomic step. The
+//!    scope comes from the server (by default a hash of `Authorization`), so
+//!    callers never see each other's records.
+//! 5. The first request runs. Its response streams to the client while a copy
+//!    goes into the record, completed when the stream ends. If the client
+//!    goes away mid-request, the request still runs to its end in the
+//!    background and is recorded: the retry replays it.
+//!
+//! # Rejections
+//!
+//! Each is an RFC 9457 `application/problem+json` body whose `type` ends with
+//! the case's code (see [`RejectionKind::code`]); the layer can be told to
+//! answer differently ([`IdempotencyLayer::with_rejection_response`]).
+//!
+//! #### missing-key
+//! 400: keys are required and the request had none.
+//! #### invalid-key
+//! 400: empty, longer than 255 characters, not visible ASCII, broken
+//! quoting, or the header sent twice.
+//! #### key-reused
+//! 400 (or 422 by option): the key belongs to a different request.
+//! #### request-in-flight
+//! 409 with `Retry-After`: the key's first request is still running.
+//! #### body-too-large
+//! 413: the request body is over the limit.
+//! #### body-unreadable
+//! 400: the request body failed before its end.
+//! #### response-not-retained
+//! 410: the key's request ran, but its response was too large to keep.
+//! #### store-unavailable
+//! 503 with `Retry-After`: the store failed, timed out, or holds an
+//! unreadable record. Nothing was executed.
+//!
+//! # Runtime
+//!
+//! Protected requests need a tokio runtime with its time driver (for lease
+//! renewal, store timeouts and background completion), as every axum and
+//! hyper-on-tokio server has.
+//!
+//! # What it cannot do
+//!
+//! It cannot give exactly-once across the client's own crashes: the client
+//! must keep its key for as long as it may retry. And it protects the
+//! request, not side effects a handler starts outside it (a queued job, a
+//! call to another service): those need their own idempotency or a
+//! transaction in the handler.
+//!
+//! # Features
+//!
+//! - `test-util`: the store [`conformance`](store::conformance) suite, a
+//!   [`FaultyStore`](store::FaultyStore) that fails, stalls or corrupts on
+//!   command, and a [`ManualClock`](store::ManualClock).
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![warn(missing_debug_implementations, unreachable_pub)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod claim;
+mod fingerprint;
+mod future;
+mod key;
+mod layer;
+mod outcome;
+mod record;
+mod rejection;
+mod scope;
+mod service;
+pub mod store;
+
+pub use body::{RequestBody, ResponseBody};
+pub use fingerprint::Fingerprint;
+pub use future::ResponseFuture;
+pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
+pub use layer::{
+    IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyLayer, RecordPolicy, RecordUnlessRetryable,
+};
+pub use outcome::Outcome;
+pub use rejection::{PROBLEM_TYPE_BASE, ProblemJson, Rejection, RejectionKind, RejectionResponse};
+pub use scope::{AuthorizationScope, Scope, ScopeExtractor};
+pub use service::Idempotency;
+pub use store::{BoxStore, MemoryStore, Store};
+
+/// 64 random bits from the standard library's per-process hash seed, mixed
+/// with a counter: enough to tell this process's tokens from another's.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.finish()
+}

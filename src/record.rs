@@ -1,0 +1,339 @@
+//! The versioned encoding of a recorded response.
+//!
+//! Stores hold a record's response as opaque bytes; this module is the only
+//! place that writes or reads them. Layout of version 1 (all integers
+//! big-endian):
+//!
+//! ```text
+//! "TI" 0x01                      magic and version
+//! u16 status
+//! u8  flags                      bit 0: body retained, bit 1: trailers present
+//! u32 n, n x (u16 len, name, u32 len, value)     headers, in order
+//! [u64 len, body]                if retained
+//! [u32 n, n x (u16 len, name, u32 len, value)]   trailers, if present
+//! ```
+//!
+//! Decoding is zero-copy: the body and header values are slices of the
+//! stored bytes.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+
+const MAGIC: &[u8; 3] = b"TI\x01";
+const RETAINED: u8 = 1;
+const HAS_TRAILERS: u8 = 2;
+
+/// A response read back from a store.
+#[derive(Debug)]
+pub(crate) struct Recorded {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    /// `None` when the body was over the response limit and not retained.
+    pub(crate) body: Option<Bytes>,
+    pub(crate) trailers: Option<HeaderMap>,
+}
+
+/// The record could not be read: written by another version, or damaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Corrupt;
+
+/// Whether a response header is kept in the record.
+///
+/// Hop-by-hop headers describe one connection, not the response, and are
+/// never replayed; `Set-Cookie` is replayed only when enabled, since it may
+/// carry a session minted for the first caller.
+pub(crate) fn is_replayable(name: &HeaderName, connection: &HeaderMap, keep_cookies: bool) -> bool {
+    let hop_by_hop = matches!(
+        *name,
+        header::CONNECTION
+            | header::TRANSFER_ENCODING
+            | header::UPGRADE
+            | header::TE
+            | header::TRAILER
+            | header::PROXY_AUTHENTICATE
+            | header::PROXY_AUTHORIZATION
+    ) || name == "keep-alive"
+        || name == "proxy-connection";
+    if hop_by_hop || (!keep_cookies && *name == header::SET_COOKIE) {
+        return false;
+    }
+    // Headers named by `Connection` are hop-by-hop too.
+    !connection
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| name.as_str().eq_ignore_ascii_case(token.trim()))
+}
+
+/// Builds a record while the response body streams past.
+///
+/// The head is written when the response arrives; body bytes are appended as
+/// they go by, so the body is copied once, straight into the record.
+#[derive(Debug)]
+pub(crate) struct RecordBuilder {
+    buf: BytesMut,
+    flags_at: usize,
+    body_at: usize,
+    limit: usize,
+    retained: bool,
+}
+
+impl RecordBuilder {
+    pub(crate) fn new(
+        status: StatusCode,
+        headers: &HeaderMap,
+        keep_cookies: bool,
+        limit: usize,
+        expected_body: usize,
+    ) -> Self {
+        let retained = expected_body <= limit;
+        let mut buf = BytesMut::with_capacity(64 + if retained { expected_body } else { 0 });
+        buf.put_slice(MAGIC);
+        buf.put_u16(status.as_u16());
+        let flags_at = buf.len();
+        buf.put_u8(0);
+        put_headers(&mut buf, headers, |name| {
+            is_replayable(name, headers, keep_cookies)
+        });
+        let body_at = buf.len();
+        buf.put_u64(0);
+        RecordBuilder {
+            buf,
+            flags_at,
+            body_at,
+            limit,
+            retained,
+        }
+    }
+
+    /// Appends a chunk of body; past the limit the body is dropped and the
+    /// record becomes "not retained".
+    pub(crate) fn push(&mut self, chunk: &[u8]) {
+        if !self.retained {
+            return;
+        }
+        let body_len = self.buf.len() - self.body_at - 8;
+        if body_len + chunk.len() > self.limit {
+            self.give_up_body();
+            return;
+        }
+        self.buf.put_slice(chunk);
+    }
+
+    /// Drops the body collected so far: the record will keep status and
+    /// headers only.
+    pub(crate) fn give_up_body(&mut self) {
+        self.retained = false;
+        self.buf.truncate(self.body_at + 8);
+    }
+
+    /// Finishes the record: the response is complete, trailers included.
+    pub(crate) fn finish(mut self, trailers: Option<&HeaderMap>) -> Bytes {
+        let mut flags = 0;
+        if self.retained {
+            flags |= RETAINED;
+            let body_len = (self.buf.len() - self.body_at - 8) as u64;
+            self.buf[self.body_at..self.body_at + 8].copy_from_slice(&body_len.to_be_bytes());
+        } else {
+            self.buf.truncate(self.body_at);
+        }
+        if let Some(trailers) = trailers {
+            flags |= HAS_TRAILERS;
+            put_headers(&mut self.buf, trailers, |_| true);
+        }
+        self.buf[self.flags_at] = flags;
+        self.buf.freeze()
+    }
+
+    /// The same record with its body given up, for a store that has no room
+    /// for the whole response.
+    pub(crate) fn without_body(payload: &Bytes) -> Result<Bytes, Corrupt> {
+        let recorded = decode(payload.clone())?;
+        let mut builder = RecordBuilder::new(recorded.status, &recorded.headers, true, 0, 0);
+        builder.give_up_body();
+        Ok(builder.finish(recorded.trailers.as_ref()))
+    }
+}
+
+fn put_headers(buf: &mut BytesMut, headers: &HeaderMap, keep: impl Fn(&HeaderName) -> bool) {
+    let count_at = buf.len();
+    buf.put_u32(0);
+    let mut count = 0u32;
+    for (name, value) in headers {
+        if !keep(name) {
+            continue;
+        }
+        count += 1;
+        // Header names are short and values are bounded by the server's
+        // header limits, far below these widths.
+        buf.put_u16(name.as_str().len() as u16);
+        buf.put_slice(name.as_str().as_bytes());
+        buf.put_u32(value.len() as u32);
+        buf.put_slice(value.as_bytes());
+    }
+    buf[count_at..count_at + 4].copy_from_slice(&count.to_be_bytes());
+}
+
+/// Reads a record written by [`RecordBuilder`].
+pub(crate) fn decode(mut bytes: Bytes) -> Result<Recorded, Corrupt> {
+    if bytes.len() < MAGIC.len() + 3 || &bytes[..3] != MAGIC {
+        return Err(Corrupt);
+    }
+    bytes.advance(3);
+    let status = StatusCode::from_u16(bytes.get_u16()).map_err(|_| Corrupt)?;
+    let flags = bytes.get_u8();
+    if flags & !(RETAINED | HAS_TRAILERS) != 0 {
+        return Err(Corrupt);
+    }
+    let headers = take_headers(&mut bytes)?;
+    let body = if flags & RETAINED != 0 {
+        let len = take_len(&mut bytes, 8)?;
+        Some(bytes.split_to(len))
+    } else {
+        None
+    };
+    let trailers = if flags & HAS_TRAILERS != 0 {
+        Some(take_headers(&mut bytes)?)
+    } else {
+        None
+    };
+    if bytes.has_remaining() {
+        return Err(Corrupt);
+    }
+    Ok(Recorded {
+        status,
+        headers,
+        body,
+        trailers,
+    })
+}
+
+/// Reads a length of `width` bytes and checks that many bytes follow it.
+fn take_len(bytes: &mut Bytes, width: usize) -> Result<usize, Corrupt> {
+    if bytes.remaining() < width {
+        return Err(Corrupt);
+    }
+    let len = match width {
+        2 => u64::from(bytes.get_u16()),
+        4 => u64::from(bytes.get_u32()),
+        _ => bytes.get_u64(),
+    };
+    let len = usize::try_from(len).map_err(|_| Corrupt)?;
+    if bytes.remaining() < len {
+        return Err(Corrupt);
+    }
+    Ok(len)
+}
+
+fn take_headers(bytes: &mut Bytes) -> Result<HeaderMap, Corrupt> {
+    let count = take_count(bytes)?;
+    // Each header takes at least 6 bytes: refuse counts the input cannot hold
+    // before reserving room for them.
+    if count > bytes.remaining() / 6 {
+        return Err(Corrupt);
+    }
+    let mut headers = HeaderMap::with_capacity(count);
+    for _ in 0..count {
+        let len = take_len(bytes, 2)?;
+        let name = HeaderName::from_bytes(&bytes.split_to(len)).map_err(|_| Corrupt)?;
+        let len = take_len(bytes, 4)?;
+        let value = HeaderValue::from_maybe_shared(bytes.split_to(len)).map_err(|_| Corrupt)?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+fn take_count(bytes: &mut Bytes) -> Result<usize, Corrupt> {
+    if bytes.remaining() < 4 {
+        return Err(Corrupt);
+    }
+    Ok(bytes.get_u32() as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.append("content-type", HeaderValue::from_static("application/json"));
+        h.append("x-multi", HeaderValue::from_static("one"));
+        h.append("x-multi", HeaderValue::from_static("two"));
+        h.append("set-cookie", HeaderValue::from_static("s=1"));
+        h.append("connection", HeaderValue::from_static("x-private"));
+        h.append("x-private", HeaderValue::from_static("hop"));
+        h.append("transfer-encoding", HeaderValue::from_static("chunked"));
+        h
+    }
+
+    #[test]
+    fn round_trip_keeps_order_repeats_body_and_trailers() {
+        let mut b = RecordBuilder::new(StatusCode::CREATED, &sample_headers(), false, 100, 0);
+        b.push(b"hello ");
+        b.push(b"world");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let rec = decode(b.finish(Some(&trailers))).unwrap();
+        assert_eq!(rec.status, StatusCode::CREATED);
+        assert_eq!(rec.body.as_deref(), Some(&b"hello world"[..]));
+        let multi: Vec<_> = rec.headers.get_all("x-multi").iter().collect();
+        assert_eq!(multi, ["one", "two"]);
+        for dropped in ["set-cookie", "connection", "x-private", "transfer-encoding"] {
+            assert!(!rec.headers.contains_key(dropped), "{dropped} was kept");
+        }
+        assert_eq!(rec.trailers.unwrap()["grpc-status"], "0");
+    }
+
+    #[test]
+    fn cookies_kept_when_enabled() {
+        let b = RecordBuilder::new(StatusCode::OK, &sample_headers(), true, 100, 0);
+        let rec = decode(b.finish(None)).unwrap();
+        assert_eq!(rec.headers["set-cookie"], "s=1");
+        assert!(rec.trailers.is_none());
+    }
+
+    #[test]
+    fn over_the_limit_is_not_retained() {
+        let mut b = RecordBuilder::new(StatusCode::OK, &HeaderMap::new(), false, 8, 0);
+        b.push(b"12345");
+        b.push(b"6789");
+        b.push(b"more");
+        let rec = decode(b.finish(None)).unwrap();
+        assert_eq!(rec.status, StatusCode::OK);
+        assert!(rec.body.is_none());
+    }
+
+    #[test]
+    fn without_body_keeps_the_head() {
+        let mut b = RecordBuilder::new(StatusCode::ACCEPTED, &sample_headers(), false, 100, 0);
+        b.push(b"body");
+        let slim = RecordBuilder::without_body(&b.finish(None)).unwrap();
+        let rec = decode(slim).unwrap();
+        assert_eq!(rec.status, StatusCode::ACCEPTED);
+        assert!(rec.body.is_none());
+        assert_eq!(rec.headers.get_all("x-multi").iter().count(), 2);
+    }
+
+    #[test]
+    fn every_truncation_and_garbage_is_an_error_not_a_panic() {
+        let mut b = RecordBuilder::new(StatusCode::OK, &sample_headers(), false, 100, 0);
+        b.push(b"payload");
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let full = b.finish(Some(&trailers));
+        for cut in 0..full.len() {
+            assert_eq!(decode(full.slice(..cut)).unwrap_err(), Corrupt, "cut {cut}");
+        }
+        let mut extended = full.to_vec();
+        extended.push(0);
+        assert!(decode(extended.into()).is_err());
+        assert!(decode(Bytes::from_static(b"{\"json\":true}")).is_err());
+        let mut bad_status = full.to_vec();
+        bad_status[3..5].copy_from_slice(&1000u16.to_be_bytes());
+        assert!(decode(bad_status.into()).is_err());
+        let mut huge_count = full.to_vec();
+        huge_count[6..10].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode(huge_count.into()).is_err());
+    }
+}

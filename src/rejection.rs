@@ -1,0 +1,213 @@
+//! Rejections: the responses the layer gives instead of calling the service.
+//!
+//! Each is an RFC 9457 `application/problem+json` document with a stable
+//! `type` per case. Replace them with
+//! [`IdempotencyLayer::with_rejection_response`](crate::IdempotencyLayer::with_rejection_response),
+//! for example to answer a gRPC client with a gRPC status.
+
+use std::{borrow::Cow, fmt};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+/// Which rule a request broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RejectionKind {
+    /// No key, and the layer requires one. 400.
+    MissingKey,
+    /// The key header is not a valid key. 400.
+    InvalidKey,
+    /// The key was used before for a different request. 400, or 422 by
+    /// option.
+    KeyReused,
+    /// The key's first request is still running. 409, with `Retry-After`.
+    RequestInFlight,
+    /// The request body is over the configured limit. 413.
+    BodyTooLarge,
+    /// The request body could not be read to its end (the client went away or
+    /// sent a malformed body). 400.
+    BodyUnreadable,
+    /// The key's request completed, but its response was too large to keep.
+    /// 410.
+    ResponseNotRetained,
+    /// The store failed, timed out, or holds an unreadable record. 503, with
+    /// `Retry-After`.
+    StoreUnavailable,
+}
+
+impl RejectionKind {
+    /// The stable short name, also the fragment of the problem `type`:
+    /// `missing-key`, `invalid-key`, `key-reused`, `request-in-flight`,
+    /// `body-too-large`, `body-unreadable`, `response-not-retained`,
+    /// `store-unavailable`.
+    pub const fn code(self) -> &'static str {
+        match self {
+            RejectionKind::MissingKey => "missing-key",
+            RejectionKind::InvalidKey => "invalid-key",
+            RejectionKind::KeyReused => "key-reused",
+            RejectionKind::RequestInFlight => "request-in-flight",
+            RejectionKind::BodyTooLarge => "body-too-large",
+            RejectionKind::BodyUnreadable => "body-unreadable",
+            RejectionKind::ResponseNotRetained => "response-not-retained",
+            RejectionKind::StoreUnavailable => "store-unavailable",
+        }
+    }
+
+    /// The problem `title`: the same for every occurrence of the case.
+    pub const fn title(self) -> &'static str {
+        match self {
+            RejectionKind::MissingKey => "Idempotency key required",
+            RejectionKind::InvalidKey => "Invalid idempotency key",
+            RejectionKind::KeyReused => "Idempotency key reused for a different request",
+            RejectionKind::RequestInFlight => "Request with this idempotency key is in progress",
+            RejectionKind::BodyTooLarge => "Request body too large",
+            RejectionKind::BodyUnreadable => "Request body could not be read",
+            RejectionKind::ResponseNotRetained => "Original response not retained",
+            RejectionKind::StoreUnavailable => "Idempotency store unavailable",
+        }
+    }
+}
+
+impl fmt::Display for RejectionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// Base of every problem `type`; the case's [`RejectionKind::code`] follows.
+pub const PROBLEM_TYPE_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idempotency/#";
+
+/// One rejected request: what went wrong, with the status and headers the
+/// default response uses.
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    kind: RejectionKind,
+    status: StatusCode,
+    detail: Cow<'static, str>,
+    retry_after: Option<u64>,
+}
+
+impl Rejection {
+    pub(crate) fn new(kind: RejectionKind, status: StatusCode, detail: impl Into<Cow<'static, str>>) -> Self {
+        Rejection {
+            kind,
+            status,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    pub(crate) fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds.max(1));
+        self
+    }
+
+    /// Which rule was broken.
+    pub fn kind(&self) -> RejectionKind {
+        self.kind
+    }
+
+    /// The status of the default response.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// A sentence a person can act on.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// Seconds the client should wait before retrying, where that applies
+    /// (409 and 503).
+    pub fn retry_after(&self) -> Option<u64> {
+        self.retry_after
+    }
+
+    /// The RFC 9457 document: `type`, `title`, `status`, `detail`, and `code`
+    /// (the case's short name, for clients that match on it).
+    pub fn problem_json(&self) -> Bytes {
+        let doc = serde_json::json!({
+            "type": format!("{PROBLEM_TYPE_BASE}{}", self.kind.code()),
+            "title": self.kind.title(),
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+            "code": self.kind.code(),
+        });
+        Bytes::from(doc.to_string())
+    }
+
+    /// The default response: problem+json, with `Retry-After` where it
+    /// applies.
+    pub fn to_response(&self) -> Response<Bytes> {
+        let mut response = Response::new(self.problem_json());
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.kind, self.status.as_u16(), self.detail)
+    }
+}
+
+/// Turns a [`Rejection`] into the response sent to the client.
+///
+/// Implemented for closures `Fn(&Rejection) -> Response<Bytes>`.
+pub trait RejectionResponse: Send + Sync + 'static {
+    /// The response for `rejection`.
+    fn response(&self, rejection: &Rejection) -> Response<Bytes>;
+}
+
+impl<F> RejectionResponse for F
+where
+    F: Fn(&Rejection) -> Response<Bytes> + Send + Sync + 'static,
+{
+    fn response(&self, rejection: &Rejection) -> Response<Bytes> {
+        self(rejection)
+    }
+}
+
+/// The default: [`Rejection::to_response`], problem+json.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProblemJson;
+
+impl RejectionResponse for ProblemJson {
+    fn response(&self, rejection: &Rejection) -> Response<Bytes> {
+        rejection.to_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problem_json_has_every_member_and_escapes_detail() {
+        let rejection = Rejection::new(
+            RejectionKind::RequestInFlight,
+            StatusCode::CONFLICT,
+            "a \"quoted\" detail",
+        )
+        .with_retry_after(0);
+        let response = rejection.to_response();
+        assert_eq!(response.status(), 409);
+        assert_eq!(response.headers()["content-type"], "application/problem+json");
+        assert_eq!(response.headers()["retry-after"], "1");
+        let doc: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(doc["status"], 409);
+        assert_eq!(doc["code"], "request-in-flight");
+        assert_eq!(doc["detail"], "a \"quoted\" detail");
+        assert!(doc["type"].as_str().unwrap().ends_with("#request-in-flight"));
+        assert!(!doc["title"].as_str().unwrap().is_empty());
+    }
+}

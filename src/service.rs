@@ -1,0 +1,369 @@
+//! [`Idempotency`]: the request path.
+
+use std::{
+    fmt,
+    future::poll_fn,
+    pin::pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::{
+    Fingerprint, IdempotencyKey, Outcome, Rejection, RejectionKind, RequestBody, ResponseBody,
+    ResponseFuture,
+    body::{Recording, Tee, detach_tee},
+    claim::{Held, KeyHash, Renewer, bounded},
+    layer::{Config, IDEMPOTENT_REPLAYED},
+    record::{self, RecordBuilder},
+    store::{Claim, RecordKey, Store},
+};
+
+/// Makes retried writes safe: see [`IdempotencyLayer`](crate::IdempotencyLayer),
+/// which builds it.
+pub struct Idempotency<S, St> {
+    inner: S,
+    config: Arc<Config<St>>,
+}
+
+impl<S: Clone, St> Clone for Idempotency<S, St> {
+    fn clone(&self) -> Self {
+        Idempotency {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, St> fmt::Debug for Idempotency<S, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St> Idempotency<S, St> {
+    pub(crate) fn from_config(inner: S, config: Arc<Config<St>>) -> Self {
+        Idempotency { inner, config }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S, St, ReqB, ResB> Service<Request<ReqB>> for Idempotency<S, St>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store,
+    ReqB: Body + Send + 'static,
+    ReqB::Data: Send,
+    ReqB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    ResB: Body + Send + 'static,
+    ResB::Data: Send,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let config = &self.config;
+        if !config.protects(req.method()) {
+            return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::streaming)));
+        }
+        let mut values = req.headers().get_all(&config.header).iter();
+        let key = match (values.next(), values.next()) {
+            (None, _) if config.require_key => {
+                return ResponseFuture::ready(reject(config, missing_key(config)));
+            }
+            (None, _) => {
+                return ResponseFuture::passthrough(
+                    self.inner.call(req.map(RequestBody::streaming)),
+                );
+            }
+            (Some(_), Some(_)) => Err(crate::KeyError::Repeated),
+            (Some(value), None) => IdempotencyKey::parse(value),
+        };
+        let key = match key {
+            Ok(key) => key,
+            Err(err) => return ResponseFuture::ready(reject(config, invalid_key(config, err))),
+        };
+        if req.body().size_hint().lower() > config.request_body_limit as u64 {
+            return ResponseFuture::ready(reject(config, body_too_large(config)));
+        }
+        // The clone that `poll_ready` did not reserve stays behind for the
+        // next call.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::keyed(Box::pin(keyed(config.clone(), inner, req, key)))
+    }
+}
+
+/// The path of a request that carries a valid key.
+async fn keyed<S, St, ReqB, ResB>(
+    config: Arc<Config<St>>,
+    mut inner: S,
+    req: Request<ReqB>,
+    key: IdempotencyKey,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    St: Store,
+    ReqB: Body,
+    ReqB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    ResB: Body + Send + 'static,
+    ResB::Data: Send,
+{
+    let (parts, body) = req.into_parts();
+    let scope = config.scope.scope(&parts);
+    let record_key = RecordKey::new(scope.as_str(), key.as_str());
+
+    let collected = match Limited::new(body, config.request_body_limit).collect().await {
+        Ok(collected) => collected,
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+            return Ok(reject(&config, body_too_large(&config)));
+        }
+        Err(err) => {
+            tracing::debug!(key = %KeyHash(&record_key), error = %err, "request body unreadable");
+            return Ok(reject(&config, body_unreadable(&err)));
+        }
+    };
+    let trailers = collected.trailers().cloned();
+    let body = collected.to_bytes();
+    let fingerprint = Fingerprint::compute(&parts, &config.fingerprint_headers, &body);
+
+    let token = match claim(&config, &record_key, fingerprint).await {
+        Claimed::Acquired(token) => token,
+        Claimed::Answered(response) => return Ok(response),
+        Claimed::FailOpen => {
+            let req = Request::from_parts(parts, RequestBody::buffered(body, trailers));
+            let mut response = inner.call(req).await?.map(ResponseBody::inner);
+            response.extensions_mut().insert(Outcome::FailedOpen);
+            return Ok(response);
+        }
+    };
+    tracing::debug!(key = %KeyHash(&record_key), "key claimed; executing");
+
+    let held = Held::new(config.clone(), record_key, token);
+    let mut renewer = Renewer::new(Box::new(held));
+    let req = Request::from_parts(parts, RequestBody::buffered(body, trailers));
+    let mut call = pin!(inner.call(req));
+    let result = poll_fn(|cx| {
+        let poll = call.as_mut().poll(cx);
+        if poll.is_pending() {
+            renewer.poll(cx);
+        }
+        poll
+    })
+    .await;
+
+    let (mut parts, body) = match result {
+        Ok(response) => response.into_parts(),
+        Err(err) => {
+            renewer.claim.release().await;
+            return Err(err);
+        }
+    };
+    parts.extensions.insert(Outcome::Executed);
+    if !config.record.should_record(&parts) {
+        renewer.claim.release().await;
+        return Ok(Response::from_parts(parts, ResponseBody::inner(body)));
+    }
+    let expected = body.size_hint().exact().unwrap_or(0);
+    let builder = RecordBuilder::new(
+        parts.status,
+        &parts.headers,
+        config.replay_set_cookie,
+        config.response_body_limit,
+        usize::try_from(expected).unwrap_or(usize::MAX),
+    );
+    let tee = Tee::new(body, Recording::new(renewer, builder), detach_tee::<ResB>);
+    Ok(Response::from_parts(parts, ResponseBody::teed(tee)))
+}
+
+enum Claimed<B> {
+    Acquired(crate::store::Token),
+    Answered(Response<ResponseBody<B>>),
+    FailOpen,
+}
+
+/// Claims the key, or answers the request from what the store holds: a
+/// replay, or a rejection.
+async fn claim<St: Store, B>(
+    config: &Config<St>,
+    key: &RecordKey,
+    fingerprint: Fingerprint,
+) -> Claimed<B> {
+    let mut waited: Option<(Instant, Duration)> = None;
+    loop {
+        let op = config.store.claim(key, fingerprint, config.lease);
+        let found = match bounded(op, config.store_timeout).await {
+            Ok(found) => found,
+            Err(err) if config.fail_open => {
+                tracing::error!(key = %KeyHash(key), error = %err, "store failed; executing unprotected (fail-open)");
+                return Claimed::FailOpen;
+            }
+            Err(err) => {
+                tracing::error!(key = %KeyHash(key), error = %err, "store failed; rejecting");
+                return Claimed::Answered(reject(config, store_unavailable(&err)));
+            }
+        };
+        let rejection = match found {
+            Claim::Acquired { token } => return Claimed::Acquired(token),
+            Claim::InFlight {
+                fingerprint: held, ..
+            }
+            | Claim::Completed {
+                fingerprint: held, ..
+            } if held != fingerprint => key_reused(config),
+            Claim::Completed { record, .. } => {
+                return Claimed::Answered(replay(config, key, record));
+            }
+            Claim::InFlight {
+                lease_remaining, ..
+            } => {
+                if let Some(bound) = config.wait {
+                    let (start, backoff) =
+                        waited.get_or_insert((Instant::now(), Duration::from_millis(5)));
+                    let left = bound.saturating_sub(start.elapsed());
+                    if !left.is_zero() {
+                        tokio::time::sleep((*backoff).min(left)).await;
+                        *backoff = (*backoff * 2).min(Duration::from_millis(250));
+                        continue;
+                    }
+                }
+                in_flight(lease_remaining)
+            }
+        };
+        tracing::debug!(key = %KeyHash(key), rejection = %rejection.kind(), "rejected");
+        return Claimed::Answered(reject(config, rejection));
+    }
+}
+
+/// Rebuilds the recorded response, marked as a replay.
+fn replay<St, B>(config: &Config<St>, key: &RecordKey, record: Bytes) -> Response<ResponseBody<B>> {
+    let recorded = match record::decode(record) {
+        Ok(recorded) => recorded,
+        Err(record::Corrupt) => {
+            tracing::error!(key = %KeyHash(key), "stored record is unreadable");
+            return reject(config, store_unavailable(&"the stored record for this key is unreadable"));
+        }
+    };
+    let Some(body) = recorded.body else {
+        return reject(config, not_retained(recorded.status));
+    };
+    tracing::debug!(key = %KeyHash(key), "replaying recorded response");
+    let mut response = Response::new(ResponseBody::buffered(body, recorded.trailers));
+    *response.status_mut() = recorded.status;
+    *response.headers_mut() = recorded.headers;
+    response
+        .headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    response.extensions_mut().insert(Outcome::Replayed);
+    response
+}
+
+fn reject<St, B>(config: &Config<St>, rejection: Rejection) -> Response<ResponseBody<B>> {
+    let mut response = config
+        .responder
+        .response(&rejection)
+        .map(|body| ResponseBody::buffered(body, None));
+    response
+        .extensions_mut()
+        .insert(Outcome::Rejected(rejection.kind()));
+    response
+}
+
+fn missing_key<St>(config: &Config<St>) -> Rejection {
+    Rejection::new(
+        RejectionKind::MissingKey,
+        StatusCode::BAD_REQUEST,
+        format!(
+            "This endpoint requires an `{}` header: a unique value (such as a UUID) chosen once per operation and sent again, unchanged, with every retry of it.",
+            config.header
+        ),
+    )
+}
+
+fn invalid_key<St>(config: &Config<St>, err: crate::KeyError) -> Rejection {
+    Rejection::new(
+        RejectionKind::InvalidKey,
+        StatusCode::BAD_REQUEST,
+        format!(
+            "The `{}` header is invalid: {err}. Send 1 to 255 visible ASCII characters, bare or as a quoted string.",
+            config.header
+        ),
+    )
+}
+
+fn body_too_large<St>(config: &Config<St>) -> Rejection {
+    Rejection::new(
+        RejectionKind::BodyTooLarge,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "The request body is larger than the {} bytes this endpoint accepts with an idempotency key.",
+            config.request_body_limit
+        ),
+    )
+}
+
+fn body_unreadable(err: &dyn std::fmt::Display) -> Rejection {
+    Rejection::new(
+        RejectionKind::BodyUnreadable,
+        StatusCode::BAD_REQUEST,
+        format!("The request body could not be read to its end: {err}. Nothing was executed; send the request again with the same key."),
+    )
+}
+
+fn key_reused<St>(config: &Config<St>) -> Rejection {
+    Rejection::new(
+        RejectionKind::KeyReused,
+        config.mismatch_status,
+        "This idempotency key was already used for a different request (method, path, query, content type or body differ). Use a new key for a new operation, or resend the original request unchanged.",
+    )
+}
+
+fn in_flight(lease_remaining: Duration) -> Rejection {
+    let seconds = lease_remaining.as_secs() + u64::from(lease_remaining.subsec_nanos() > 0);
+    Rejection::new(
+        RejectionKind::RequestInFlight,
+        StatusCode::CONFLICT,
+        "A request with this idempotency key is still being processed. Retry after the time in Retry-After to get its response.",
+    )
+    .with_retry_after(seconds)
+}
+
+fn not_retained(original: StatusCode) -> Rejection {
+    Rejection::new(
+        RejectionKind::ResponseNotRetained,
+        StatusCode::GONE,
+        format!(
+            "The request with this idempotency key was already processed and answered with status {}, but its response was too large to keep, so it cannot be replayed. It will not be executed again.",
+            original.as_u16()
+        ),
+    )
+}
+
+fn store_unavailable(err: &dyn std::fmt::Display) -> Rejection {
+    Rejection::new(
+        RejectionKind::StoreUnavailable,
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("Idempotency could not be guaranteed, so the request was not executed ({err}). Retry with the same key."),
+    )
+    .with_retry_after(1)
+}

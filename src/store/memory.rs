@@ -1,0 +1,564 @@
+//! [`MemoryStore`]: a bounded in-process store on `dashmap`.
+
+use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
+    fmt,
+    future::{Future, ready},
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use dashmap::{DashMap, mapref::entry::Entry};
+use tokio::time::Instant;
+
+use super::{Claim, RecordKey, Store, StoreError, Token};
+use crate::Fingerprint;
+
+/// Where a store reads the time that decides leases and expiry.
+pub trait Clock: fmt::Debug + Send + Sync + 'static {
+    /// The current instant.
+    fn now(&self) -> Instant;
+}
+
+/// The default clock: [`tokio::time::Instant::now`], so tests can use
+/// `tokio::time::pause()` and `advance()`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TokioClock;
+
+impl Clock for TokioClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A clock that moves only when told to, shared by its clones. For tests that
+/// need a multi-threaded runtime, where `tokio::time::pause` is unavailable.
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+#[derive(Debug, Clone)]
+pub struct ManualClock {
+    base: Instant,
+    offset_nanos: Arc<AtomicU64>,
+}
+
+#[cfg(feature = "test-util")]
+impl ManualClock {
+    /// A clock standing at the current instant.
+    pub fn new() -> Self {
+        ManualClock {
+            base: Instant::now(),
+            offset_nanos: Arc::default(),
+        }
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, by: Duration) {
+        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.offset_nanos.fetch_add(nanos, Ordering::SeqCst);
+    }
+}
+
+#[cfg(feature = "test-util")]
+impl Default for ManualClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(feature = "test-util")]
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        self.base + Duration::from_nanos(self.offset_nanos.load(Ordering::SeqCst))
+    }
+}
+
+/// A bounded, in-process [`Store`] for a single server.
+///
+/// - Bounded by entries and by bytes (keys plus records). When a new claim or
+///   a completed record needs room, it evicts completed records in order of
+///   expiry: expired ones first, then the ones closest to expiring, which
+///   with one TTL are the oldest completed. It never evicts an in-flight
+///   record; full of them, [`Store::claim`] fails with [`StoreError::Full`]
+///   and the layer answers 503.
+/// - Every method is a single `dashmap` entry operation under the key's
+///   shard lock, so claims are atomic without any read-then-write.
+/// - Cloning is cheap and clones share the records.
+/// - Expired records are removed when their key is claimed again, when room
+///   is needed, by [`MemoryStore::remove_expired`], or periodically by
+///   [`MemoryStore::spawn_sweeper`].
+///
+/// ```
+/// use tower_idempotency::MemoryStore;
+///
+/// let store = MemoryStore::builder()
+///     .max_entries(50_000)
+///     .max_bytes(64 * 1024 * 1024)
+///     .build();
+/// assert_eq!(store.len(), 0);
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    map: DashMap<RecordKey, Record>,
+    /// Completed records by expiry, for eviction. Entries go stale when their
+    /// record is replaced; a stale entry's `seq` no longer matches.
+    expiry: Mutex<BinaryHeap<Reverse<(Instant, u64, RecordKey)>>>,
+    entries: AtomicUsize,
+    bytes: AtomicUsize,
+    next: AtomicU64,
+    token_salt: u64,
+    max_entries: usize,
+    max_bytes: usize,
+    clock: Arc<dyn Clock>,
+}
+
+enum Record {
+    InFlight {
+        fingerprint: Fingerprint,
+        lease_until: Instant,
+        token: Token,
+    },
+    Completed {
+        fingerprint: Fingerprint,
+        record: Bytes,
+        expires_at: Instant,
+        seq: u64,
+    },
+}
+
+impl Record {
+    fn is_expired(&self, now: Instant) -> bool {
+        match self {
+            Record::InFlight { lease_until, .. } => *lease_until <= now,
+            Record::Completed { expires_at, .. } => *expires_at <= now,
+        }
+    }
+
+    fn record_len(&self) -> usize {
+        match self {
+            Record::InFlight { .. } => 0,
+            Record::Completed { record, .. } => record.len(),
+        }
+    }
+}
+
+/// Configures a [`MemoryStore`].
+#[derive(Debug)]
+#[must_use]
+pub struct MemoryStoreBuilder {
+    max_entries: usize,
+    max_bytes: usize,
+    clock: Arc<dyn Clock>,
+}
+
+impl MemoryStoreBuilder {
+    /// The most records held at once, in flight and completed (default
+    /// 100 000).
+    pub fn max_entries(mut self, max: usize) -> Self {
+        self.max_entries = max.max(1);
+        self
+    }
+
+    /// The most bytes of keys and recorded responses held at once (default
+    /// 256 MiB). A single record larger than this is refused with
+    /// [`StoreError::Full`]; the layer then keeps it as "not retained".
+    pub fn max_bytes(mut self, max: usize) -> Self {
+        self.max_bytes = max;
+        self
+    }
+
+    /// The clock deciding leases and expiry (default [`TokioClock`]).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> MemoryStore {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                map: DashMap::new(),
+                expiry: Mutex::default(),
+                entries: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
+                next: AtomicU64::new(1),
+                token_salt: crate::random_u64(),
+                max_entries: self.max_entries,
+                max_bytes: self.max_bytes,
+                clock: self.clock,
+            }),
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::builder().build()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("len", &self.len())
+            .field("bytes", &self.bytes())
+            .field("max_entries", &self.inner.max_entries)
+            .field("max_bytes", &self.inner.max_bytes)
+            .finish()
+    }
+}
+
+impl MemoryStore {
+    /// A store with the default bounds.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts configuring a store.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder {
+            max_entries: 100_000,
+            max_bytes: 256 * 1024 * 1024,
+            clock: Arc::new(TokioClock),
+        }
+    }
+
+    /// Records held, in flight and completed, expired ones not yet removed
+    /// included.
+    pub fn len(&self) -> usize {
+        self.inner.entries.load(Ordering::Acquire)
+    }
+
+    /// Whether the store holds no records.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of keys and recorded responses held.
+    pub fn bytes(&self) -> usize {
+        self.inner.bytes.load(Ordering::Acquire)
+    }
+
+    /// Removes every expired record (completed past its TTL, or in flight
+    /// past its lease) and returns how many it removed.
+    pub fn remove_expired(&self) -> usize {
+        self.inner.remove_expired()
+    }
+
+    /// Spawns a task on the current tokio runtime that calls
+    /// [`remove_expired`](Self::remove_expired) every `every`. The task ends
+    /// by itself once every clone of the store is dropped.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, like [`tokio::spawn`].
+    pub fn spawn_sweeper(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(inner) => {
+                        inner.remove_expired();
+                    }
+                    None => return,
+                }
+            }
+        })
+    }
+}
+
+impl Inner {
+    fn new_token(&self) -> Token {
+        // Unique within the store (a counter) and unlikely to match a token
+        // from another store or process (salted).
+        Token(self.next.fetch_add(1, Ordering::Relaxed) ^ self.token_salt)
+    }
+
+    /// Takes one entry slot, evicting to make room.
+    fn reserve_entry(&self, now: Instant) -> Result<(), StoreError> {
+        loop {
+            let held = self.entries.load(Ordering::Acquire);
+            if held < self.max_entries {
+                if self
+                    .entries
+                    .compare_exchange(held, held + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return Ok(());
+                }
+                continue;
+            }
+            if !self.evict_one(now) {
+                return Err(StoreError::Full);
+            }
+        }
+    }
+
+    fn forget(&self, key: &RecordKey, record: &Record) {
+        self.entries.fetch_sub(1, Ordering::AcqRel);
+        self.bytes
+            .fetch_sub(key.as_str().len() + record.record_len(), Ordering::AcqRel);
+    }
+
+    /// Evicts the completed record closest to (or furthest past) expiry.
+    /// Falls back to removing expired in-flight records. Must not be called
+    /// while holding a map guard.
+    fn evict_one(&self, now: Instant) -> bool {
+        loop {
+            let next = self.expiry.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some(Reverse((_, seq, key))) = next else {
+                return self.remove_expired_in(now) > 0;
+            };
+            let removed = self.map.remove_if(&key, |_, record| {
+                matches!(record, Record::Completed { seq: s, .. } if *s == seq)
+            });
+            if let Some((key, record)) = removed {
+                self.forget(&key, &record);
+                return true;
+            }
+        }
+    }
+
+    fn remove_expired(&self) -> usize {
+        self.remove_expired_in(self.clock.now())
+    }
+
+    fn remove_expired_in(&self, now: Instant) -> usize {
+        let mut removed = 0;
+        self.map.retain(|key, record| {
+            if record.is_expired(now) {
+                self.forget(key, record);
+                removed += 1;
+                false
+            } else {
+                true
+            }
+        });
+        self.prune_expiry_queue();
+        removed
+    }
+
+    /// Drops stale queue entries, keeping the queue's size proportional to
+    /// the completed records actually held.
+    fn prune_expiry_queue(&self) {
+        let mut queue = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+        queue.retain(|Reverse((_, seq, key))| {
+            self.map
+                .get(key)
+                .is_some_and(|r| matches!(&*r, Record::Completed { seq: s, .. } if s == seq))
+        });
+    }
+
+    fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let now = self.clock.now();
+        // Fast path for replays and in-flight duplicates: a shared read lock.
+        // Reading a live record is enough to answer; only a miss or an
+        // expired record goes on to the write path below.
+        if let Some(record) = self.map.get(key) {
+            if let Some(found) = observe(&record, now) {
+                return Ok(found);
+            }
+        }
+        let mut reserved = false;
+        loop {
+            match self.map.entry(key.clone()) {
+                Entry::Occupied(mut entry) => {
+                    if let Some(found) = observe(entry.get(), now) {
+                        drop(entry);
+                        if reserved {
+                            self.entries.fetch_sub(1, Ordering::AcqRel);
+                        }
+                        return Ok(found);
+                    }
+                    // Expired: take it over in place.
+                    let token = self.new_token();
+                    let old = entry.insert(Record::InFlight {
+                        fingerprint,
+                        lease_until: now + lease,
+                        token,
+                    });
+                    drop(entry);
+                    self.bytes.fetch_sub(old.record_len(), Ordering::AcqRel);
+                    if reserved {
+                        self.entries.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    return Ok(Claim::Acquired { token });
+                }
+                Entry::Vacant(entry) if reserved => {
+                    let token = self.new_token();
+                    entry.insert(Record::InFlight {
+                        fingerprint,
+                        lease_until: now + lease,
+                        token,
+                    });
+                    self.bytes
+                        .fetch_add(key.as_str().len(), Ordering::AcqRel);
+                    return Ok(Claim::Acquired { token });
+                }
+                Entry::Vacant(entry) => {
+                    // Room must be made without holding the shard lock, since
+                    // eviction locks other keys' shards; then look again.
+                    drop(entry);
+                    self.reserve_entry(now)?;
+                    reserved = true;
+                }
+            }
+        }
+    }
+
+    fn renew(&self, key: &RecordKey, token: Token, lease: Duration) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        match self.map.get_mut(key).as_deref_mut() {
+            Some(Record::InFlight {
+                lease_until,
+                token: held,
+                ..
+            }) if *held == token => {
+                *lease_until = now + lease;
+                Ok(())
+            }
+            _ => Err(StoreError::Fenced),
+        }
+    }
+
+    fn complete(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        record: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let size = record.len();
+        if key.as_str().len() + size > self.max_bytes {
+            return Err(StoreError::Full);
+        }
+        let now = self.clock.now();
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        let expires_at = now + ttl;
+        {
+            let mut guard = self.map.get_mut(key).ok_or(StoreError::Fenced)?;
+            let fingerprint = match &*guard {
+                Record::InFlight {
+                    fingerprint,
+                    token: held,
+                    ..
+                } if *held == token => *fingerprint,
+                _ => return Err(StoreError::Fenced),
+            };
+            *guard = Record::Completed {
+                fingerprint,
+                record,
+                expires_at,
+                seq,
+            };
+        }
+        self.bytes.fetch_add(size, Ordering::AcqRel);
+        let queued = {
+            let mut queue = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+            queue.push(Reverse((expires_at, seq, key.clone())));
+            queue.len()
+        };
+        if queued > 2 * self.entries.load(Ordering::Acquire) + 64 {
+            self.prune_expiry_queue();
+        }
+        while self.bytes.load(Ordering::Acquire) > self.max_bytes {
+            if !self.evict_one(now) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&self, key: &RecordKey, token: Token) -> Result<(), StoreError> {
+        let removed = self.map.remove_if(key, |_, record| {
+            matches!(record, Record::InFlight { token: held, .. } if *held == token)
+        });
+        match removed {
+            Some((key, record)) => {
+                self.forget(&key, &record);
+                Ok(())
+            }
+            None => Err(StoreError::Fenced),
+        }
+    }
+}
+
+/// The answer a live record gives a claim; `None` if it has expired.
+fn observe(record: &Record, now: Instant) -> Option<Claim> {
+    if record.is_expired(now) {
+        return None;
+    }
+    Some(match record {
+        Record::InFlight {
+            fingerprint,
+            lease_until,
+            ..
+        } => Claim::InFlight {
+            fingerprint: *fingerprint,
+            lease_remaining: *lease_until - now,
+        },
+        Record::Completed {
+            fingerprint,
+            record,
+            ..
+        } => Claim::Completed {
+            fingerprint: *fingerprint,
+            record: record.clone(),
+        },
+    })
+}
+
+impl Store for MemoryStore {
+    fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send {
+        ready(self.inner.claim(key, fingerprint, lease))
+    }
+
+    fn renew(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        ready(self.inner.renew(key, token, lease))
+    }
+
+    fn complete(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        record: Bytes,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        ready(self.inner.complete(key, token, record, ttl))
+    }
+
+    fn release(
+        &self,
+        key: &RecordKey,
+        token: Token,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        ready(self.inner.release(key, token))
+    }
+}

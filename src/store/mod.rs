@@ -1,0 +1,303 @@
+//! Where records live: the [`Store`] trait, its contract, and the stores that
+//! ship with the crate.
+//!
+//! A store is the only part that differs between one process and a fleet of
+//! servers. Every method is designed to be a single atomic operation, one
+//! round trip to a remote store:
+//!
+//! | method | Redis | PostgreSQL | [`MemoryStore`] |
+//! |---|---|---|---|
+//! | [`claim`](Store::claim) | Lua script (or `SET NX PX` + read) | `INSERT ... ON CONFLICT DO UPDATE ... WHERE expired RETURNING` | `DashMap::entry` |
+//! | [`complete`](Store::complete) | Lua compare-token-and-set | `UPDATE ... WHERE token = $1` | entry under its shard lock |
+//! | [`renew`](Store::renew) | Lua compare-token-and-`PEXPIRE` | `UPDATE ... WHERE token = $1` | entry under its shard lock |
+//! | [`release`](Store::release) | Lua compare-token-and-`DEL` | `DELETE ... WHERE token = $1` | `remove_if` |
+//!
+//! Time that decides leases and expiry is the store's own clock where it has
+//! one (Redis TTLs, PostgreSQL `now()`), so app servers with skewed clocks
+//! agree.
+
+use std::{error::Error as StdError, fmt, future::Future, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+
+use crate::Fingerprint;
+
+mod boxed;
+mod memory;
+
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod conformance;
+#[cfg(feature = "test-util")]
+mod faulty;
+
+pub use boxed::BoxStore;
+#[cfg(feature = "test-util")]
+pub use faulty::{Fault, FaultyStore};
+pub use memory::{Clock, MemoryStore, MemoryStoreBuilder, TokioClock};
+#[cfg(feature = "test-util")]
+pub use memory::ManualClock;
+
+/// The lookup key of a record: the server-chosen scope and the client's key.
+///
+/// Two callers in different scopes who pick the same key never see each
+/// other's records. [`RecordKey::as_str`] joins both into one unambiguous
+/// string (`"<scope length>:<scope><key>"`) for stores keyed by a string.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RecordKey {
+    joined: Arc<str>,
+    scope_start: usize,
+    scope_end: usize,
+}
+
+impl RecordKey {
+    /// Builds a key from a scope and a client key.
+    pub fn new(scope: &str, key: &str) -> Self {
+        let prefix = scope.len().to_string();
+        let mut joined = String::with_capacity(prefix.len() + 1 + scope.len() + key.len());
+        joined.push_str(&prefix);
+        joined.push(':');
+        let scope_start = joined.len();
+        joined.push_str(scope);
+        let scope_end = joined.len();
+        joined.push_str(key);
+        RecordKey {
+            joined: joined.into(),
+            scope_start,
+            scope_end,
+        }
+    }
+
+    /// The scope part.
+    pub fn scope(&self) -> &str {
+        &self.joined[self.scope_start..self.scope_end]
+    }
+
+    /// The client's key.
+    pub fn key(&self) -> &str {
+        &self.joined[self.scope_end..]
+    }
+
+    /// Scope and key joined into one string, unambiguously: no two
+    /// `(scope, key)` pairs give the same string.
+    pub fn as_str(&self) -> &str {
+        &self.joined
+    }
+}
+
+impl fmt::Debug for RecordKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordKey")
+            .field("scope", &self.scope())
+            .field("key_len", &self.key().len())
+            .finish()
+    }
+}
+
+/// A fencing token, issued with each successful claim.
+///
+/// Completing, renewing or releasing a record needs the token of the claim
+/// that currently holds it, so a holder whose lease was taken over cannot
+/// overwrite the newer claim's record.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Token(pub u64);
+
+/// What [`Store::claim`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Claim {
+    /// The caller now holds the key: no record existed, or the previous
+    /// claim's lease or the previous record's retention had run out.
+    Acquired {
+        /// Fences every later call about this claim.
+        token: Token,
+    },
+    /// Another request holds the key and its lease is still running.
+    InFlight {
+        /// The fingerprint the holder claimed with.
+        fingerprint: Fingerprint,
+        /// Time left on the holder's lease, by the store's clock.
+        lease_remaining: Duration,
+    },
+    /// The key's request completed and its record is retained.
+    Completed {
+        /// The fingerprint of the request that completed.
+        fingerprint: Fingerprint,
+        /// The record exactly as it was passed to [`Store::complete`].
+        record: Bytes,
+    },
+}
+
+/// Why a store operation failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The token no longer holds the key: its lease was taken over, or the
+    /// record was released, completed or expired.
+    Fenced,
+    /// The store is full of records it may not evict (in-flight claims), or
+    /// a record is larger than the store can hold.
+    Full,
+    /// The store holds something under this key that it cannot read.
+    Corrupt(Box<dyn StdError + Send + Sync>),
+    /// The store could not be reached or failed to answer.
+    Unavailable(Box<dyn StdError + Send + Sync>),
+}
+
+impl StoreError {
+    /// Wraps a backend error as [`StoreError::Unavailable`].
+    pub fn unavailable(err: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        StoreError::Unavailable(err.into())
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Fenced => f.write_str("the claim was fenced out by a newer claim"),
+            StoreError::Full => f.write_str("the store is full of in-flight records"),
+            StoreError::Corrupt(e) => write!(f, "the stored record is unreadable: {e}"),
+            StoreError::Unavailable(e) => write!(f, "the store is unavailable: {e}"),
+        }
+    }
+}
+
+impl StdError for StoreError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            StoreError::Corrupt(e) | StoreError::Unavailable(e) => Some(&**e),
+            StoreError::Fenced | StoreError::Full => None,
+        }
+    }
+}
+
+/// A place to keep idempotency records, shared by every request of a layer
+/// (and, for a remote store, by every server of a fleet).
+///
+/// # Contract
+///
+/// Each method is one atomic step. "Atomic" means no other call on the same
+/// key can observe or act on a state between the method's read and its write;
+/// read-then-write across two round trips is never acceptable.
+///
+/// A record is in one of three states: absent, *in flight*
+/// (`fingerprint, lease_until, token`) or *completed*
+/// (`fingerprint, record, expires_at`). An in-flight record whose lease has
+/// passed, and a completed record whose retention has passed, count as absent.
+///
+/// The crate's conformance suite (feature `test-util`,
+/// [`conformance`](crate::store::conformance)) checks every rule below; run it
+/// against your own store.
+pub trait Store: Send + Sync + 'static {
+    /// Claims `key` for a request with `fingerprint`.
+    ///
+    /// Atomically:
+    /// - absent (or expired): write *in flight* with a new token and a lease of
+    ///   `lease` from now; return [`Claim::Acquired`]. Of any number of
+    ///   concurrent claims on an absent key, exactly one acquires it;
+    /// - in flight: return [`Claim::InFlight`] with the holder's fingerprint
+    ///   and the time left on its lease, changing nothing;
+    /// - completed: return [`Claim::Completed`] with its fingerprint and the
+    ///   record bytes, changing nothing.
+    ///
+    /// The store does not compare fingerprints; the layer does.
+    fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// Extends the lease of the claim holding `token` to `lease` from now.
+    ///
+    /// Fails with [`StoreError::Fenced`] unless `key` is in flight under
+    /// `token` (an expired lease that nobody took over may still be renewed).
+    fn renew(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Replaces the in-flight claim holding `token` with a completed record
+    /// kept for `ttl` from now.
+    ///
+    /// `record` must come back from [`Store::claim`] byte for byte. Fails with
+    /// [`StoreError::Fenced`] unless `key` is in flight under `token`, and
+    /// with [`StoreError::Full`] if the record can never fit.
+    fn complete(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        record: Bytes,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Removes the in-flight claim holding `token`, so the next request with
+    /// the key executes.
+    ///
+    /// Fails with [`StoreError::Fenced`] unless `key` is in flight under
+    /// `token`; a completed record is never removed by `release`.
+    fn release(
+        &self,
+        key: &RecordKey,
+        token: Token,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+impl<S: Store + ?Sized> Store for Arc<S> {
+    fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send {
+        (**self).claim(key, fingerprint, lease)
+    }
+
+    fn renew(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).renew(key, token, lease)
+    }
+
+    fn complete(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        record: Bytes,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).complete(key, token, record, ttl)
+    }
+
+    fn release(
+        &self,
+        key: &RecordKey,
+        token: Token,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).release(key, token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_keys_do_not_collide_across_scope_and_key() {
+        let a = RecordKey::new("ab", "c");
+        let b = RecordKey::new("a", "bc");
+        assert_ne!(a, b);
+        assert_ne!(a.as_str(), b.as_str());
+        assert_eq!((a.scope(), a.key()), ("ab", "c"));
+        assert_eq!((b.scope(), b.key()), ("a", "bc"));
+        let colon = RecordKey::new("1:x", ":k");
+        assert_eq!((colon.scope(), colon.key()), ("1:x", ":k"));
+        let empty = RecordKey::new("", "k");
+        assert_eq!((empty.scope(), empty.key()), ("", "k"));
+    }
+}
