@@ -33,7 +33,7 @@ mod faulty;
 
 pub use boxed::BoxStore;
 #[cfg(feature = "test-util")]
-pub use faulty::{Fault, FaultyStore};
+pub use faulty::{Fault, FaultyStore, Op};
 pub use memory::{Clock, MemoryStore, MemoryStoreBuilder, TokioClock};
 #[cfg(feature = "test-util")]
 pub use memory::ManualClock;
