@@ -1,0 +1,261 @@
+//! Replay fidelity, logging hygiene and key parsing over generated inputs.
+
+mod common;
+
+use std::{
+    convert::Infallible,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use common::{body_bytes, post_with_key};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use proptest::prelude::*;
+use tower::{ServiceBuilder, ServiceExt, service_fn};
+use tower_idempotency::{IdempotencyKey, IdempotencyLayer, KeyError, MemoryStore, Outcome};
+
+/// A body of two data frames and trailers, as a gRPC response has.
+struct WithTrailers {
+    /// Popped from the end.
+    frames: Vec<Frame<Bytes>>,
+}
+
+impl WithTrailers {
+    fn new() -> Self {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers.insert("grpc-message", HeaderValue::from_static("ok"));
+        WithTrailers {
+            frames: vec![
+                Frame::trailers(trailers),
+                Frame::data(Bytes::from_static(b"\x00binary\r\n")),
+                Frame::data(Bytes::from_static(&[0x00, 0xff, 0x10])),
+            ],
+        }
+    }
+}
+
+impl Body for WithTrailers {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.frames.pop().map(Ok))
+    }
+}
+
+fn rich_response() -> Response<WithTrailers> {
+    let mut response = Response::new(WithTrailers::new());
+    *response.status_mut() = StatusCode::ACCEPTED;
+    let h = response.headers_mut();
+    h.append("content-type", HeaderValue::from_static("application/grpc"));
+    h.append("x-multi", HeaderValue::from_static("first"));
+    h.append("link", HeaderValue::from_static("</a>; rel=a"));
+    h.append("x-multi", HeaderValue::from_static("second"));
+    h.append("set-cookie", HeaderValue::from_static("session=first-caller"));
+    h.append("connection", HeaderValue::from_static("x-hop"));
+    h.append("x-hop", HeaderValue::from_static("only for this connection"));
+    h.append("keep-alive", HeaderValue::from_static("timeout=5"));
+    response
+}
+
+struct Collected {
+    status: StatusCode,
+    headers: HeaderMap,
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+async fn collect<B: Body<Data = Bytes>>(response: Response<B>) -> Collected
+where
+    B::Error: std::fmt::Debug,
+{
+    let (parts, body) = response.into_parts();
+    let collected = body.collect().await.unwrap();
+    Collected {
+        status: parts.status,
+        headers: parts.headers,
+        trailers: collected.trailers().cloned(),
+        data: collected.to_bytes(),
+    }
+}
+
+fn values<'a>(headers: &'a HeaderMap, name: &str) -> Vec<&'a str> {
+    headers.get_all(name).iter().map(|v| v.to_str().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn replay_keeps_status_headers_in_order_bytes_and_trailers() {
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(MemoryStore::default()))
+        .service(service_fn(|_req| async { Ok::<_, Infallible>(rich_response()) }));
+
+    let first = collect(svc.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
+    let replay = collect(svc.oneshot(post_with_key("k", "x")).await.unwrap()).await;
+
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    assert_eq!(first.data, Bytes::from_static(b"\x00\xff\x10\x00binary\r\n"));
+    assert_eq!(first.trailers.as_ref().unwrap()["grpc-status"], "0");
+
+    assert_eq!(replay.status, first.status);
+    assert_eq!(replay.data, first.data);
+    assert_eq!(replay.trailers, first.trailers);
+    assert_eq!(values(&replay.headers, "x-multi"), ["first", "second"]);
+    assert_eq!(values(&replay.headers, "link"), ["</a>; rel=a"]);
+    assert_eq!(values(&replay.headers, "content-type"), ["application/grpc"]);
+    assert_eq!(values(&replay.headers, "idempotent-replayed"), ["true"]);
+    for dropped in ["set-cookie", "connection", "x-hop", "keep-alive"] {
+        assert!(!replay.headers.contains_key(dropped), "{dropped} replayed");
+    }
+    // Every other header comes back, in its original order.
+    let order = |headers: &HeaderMap| {
+        headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+            .filter(|h| !h.starts_with("idempotent-replayed"))
+            .collect::<Vec<_>>()
+    };
+    let mut expected = first.headers.clone();
+    for dropped in ["set-cookie", "connection", "x-hop", "keep-alive"] {
+        expected.remove(dropped);
+    }
+    assert_eq!(order(&replay.headers), order(&expected));
+}
+
+#[tokio::test]
+async fn set_cookie_is_replayed_when_enabled() {
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_replay_set_cookie(true))
+        .service(service_fn(|_req| async { Ok::<_, Infallible>(rich_response()) }));
+    collect(svc.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
+    let replay = collect(svc.oneshot(post_with_key("k", "x")).await.unwrap()).await;
+    assert_eq!(values(&replay.headers, "set-cookie"), ["session=first-caller"]);
+}
+
+#[tokio::test]
+async fn an_unreadable_record_is_503_and_never_a_second_execution() {
+    let counter = common::Counter::default();
+    let store = tower_idempotency::store::FaultyStore::new(MemoryStore::default());
+    let app = common::booking_router(counter.clone()).layer(IdempotencyLayer::new(store.clone()));
+    body_bytes(app.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
+    store.set_fault(
+        tower_idempotency::store::Op::Claim,
+        Some(tower_idempotency::store::Fault::Corrupt),
+    );
+    let response = app.oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response.extensions().get::<Outcome>(),
+        Some(&Outcome::Rejected(tower_idempotency::RejectionKind::StoreUnavailable))
+    );
+    assert_eq!(counter.get(), 1);
+}
+
+/// A `tracing` writer that keeps everything written to it.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn logs_carry_a_hash_of_the_key_never_the_key_or_body() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let app = common::booking_router(common::Counter::default())
+                .layer(IdempotencyLayer::new(MemoryStore::default()));
+            for body in ["patient-secret-body", "patient-secret-body", "other"] {
+                let request = post_with_key("order-key-4f1c9", body);
+                body_bytes(app.clone().oneshot(request).await.unwrap()).await;
+            }
+        });
+    });
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("key="), "events carry a key hash:\n{logs}");
+    assert!(logs.contains("replaying"), "{logs}");
+    assert!(logs.contains("key-reused"), "{logs}");
+    assert!(!logs.contains("order-key-4f1c9"), "raw key logged:\n{logs}");
+    assert!(!logs.contains("patient-secret-body"), "body logged:\n{logs}");
+}
+
+/// Quotes a key as an RFC 8941 sf-string.
+fn quote(key: &str) -> String {
+    let mut out = String::from("\"");
+    for c in key.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+fn parse(bytes: &[u8]) -> Result<IdempotencyKey, KeyError> {
+    match HeaderValue::from_bytes(bytes) {
+        Ok(value) => IdempotencyKey::parse(&value),
+        // Not a header value at all (a control byte): a server never hands
+        // the layer one.
+        Err(_) => Err(KeyError::InvalidCharacter),
+    }
+}
+
+proptest! {
+    /// Any key of 1 to 255 visible characters is accepted bare (unless it
+    /// starts with a quote) and quoted, and both spell the same key.
+    #[test]
+    fn valid_keys_parse_bare_and_quoted(key in "[\\x21-\\x7e]{1,255}") {
+        let quoted = parse(quote(&key).as_bytes()).unwrap();
+        prop_assert_eq!(quoted.as_str(), key.as_str());
+        if !key.starts_with('"') {
+            let bare = parse(key.as_bytes()).unwrap();
+            prop_assert_eq!(bare, quoted);
+        }
+    }
+
+    /// Whatever the bytes, parsing never panics, and what it accepts is
+    /// always 1 to 255 visible ASCII characters.
+    #[test]
+    fn any_input_is_accepted_only_as_a_valid_key(raw in proptest::collection::vec(any::<u8>(), 0..300)) {
+        if let Ok(key) = parse(&raw) {
+            prop_assert!((1..=255).contains(&key.as_str().len()));
+            prop_assert!(key.as_str().bytes().all(|b| (0x21..=0x7e).contains(&b)));
+        }
+    }
+
+    /// Keys over 255 characters are rejected, quoted or not.
+    #[test]
+    fn long_keys_are_rejected(key in "[a-z0-9]{256,400}") {
+        prop_assert_eq!(parse(key.as_bytes()), Err(KeyError::TooLong));
+        prop_assert_eq!(parse(quote(&key).as_bytes()), Err(KeyError::TooLong));
+    }
+
+    /// A value starting with a quote must be a whole sf-string.
+    #[test]
+    fn trailing_text_after_the_closing_quote_is_rejected(key in "[a-z]{1,20}", tail in "[a-z\"]{1,5}") {
+        let value = format!("{}{tail}", quote(&key));
+        prop_assert_eq!(parse(value.as_bytes()), Err(KeyError::BadQuoting));
+    }
+}
