@@ -88,14 +88,14 @@ impl RecordBuilder {
         expected_body: usize,
     ) -> Self {
         let retained = expected_body <= limit;
-        let mut buf = BytesMut::with_capacity(64 + if retained { expected_body } else { 0 });
+        let keep = |name: &HeaderName| is_replayable(name, headers, keep_cookies);
+        let head_len = MAGIC.len() + 2 + 1 + headers_len(headers, keep) + 8;
+        let mut buf = BytesMut::with_capacity(head_len + if retained { expected_body } else { 0 });
         buf.put_slice(MAGIC);
         buf.put_u16(status.as_u16());
         let flags_at = buf.len();
         buf.put_u8(0);
-        put_headers(&mut buf, headers, |name| {
-            is_replayable(name, headers, keep_cookies)
-        });
+        put_headers(&mut buf, headers, keep);
         let body_at = buf.len();
         buf.put_u64(0);
         RecordBuilder {
@@ -143,6 +143,11 @@ impl RecordBuilder {
             put_headers(&mut self.buf, trailers, |_| true);
         }
         self.buf[self.flags_at] = flags;
+        // A body of unannounced length grew the buffer by doubling: give the
+        // slack back rather than keep it for the record's lifetime.
+        if self.buf.capacity() - self.buf.len() > 64 + self.buf.len() / 8 {
+            return Bytes::copy_from_slice(&self.buf);
+        }
         self.buf.freeze()
     }
 
@@ -154,6 +159,15 @@ impl RecordBuilder {
         builder.give_up_body();
         Ok(builder.finish(recorded.trailers.as_ref()))
     }
+}
+
+/// Encoded size of the headers `put_headers` writes.
+fn headers_len(headers: &HeaderMap, keep: impl Fn(&HeaderName) -> bool) -> usize {
+    4 + headers
+        .iter()
+        .filter(|(name, _)| keep(name))
+        .map(|(name, value)| 2 + name.as_str().len() + 4 + value.len())
+        .sum::<usize>()
 }
 
 fn put_headers(buf: &mut BytesMut, headers: &HeaderMap, keep: impl Fn(&HeaderName) -> bool) {

@@ -108,9 +108,12 @@ pub struct MemoryStore {
 
 struct Inner {
     map: DashMap<RecordKey, Record>,
-    /// Completed records by expiry, for eviction. Entries go stale when their
-    /// record is replaced; a stale entry's `seq` no longer matches.
-    expiry: Mutex<BinaryHeap<Reverse<(Instant, u64, RecordKey)>>>,
+    /// Completed records by expiry, for eviction. An entry goes stale when
+    /// its record is replaced or removed; it then no longer matches a
+    /// completed record with the same expiry.
+    expiry: Mutex<BinaryHeap<Reverse<(Nanos, RecordKey)>>>,
+    /// Instants are kept as nanoseconds since this one: half the size.
+    epoch: Instant,
     entries: AtomicUsize,
     bytes: AtomicUsize,
     next: AtomicU64,
@@ -120,22 +123,24 @@ struct Inner {
     clock: Arc<dyn Clock>,
 }
 
+/// Nanoseconds since the store's epoch.
+type Nanos = u64;
+
 enum Record {
     InFlight {
         fingerprint: Fingerprint,
-        lease_until: Instant,
+        lease_until: Nanos,
         token: Token,
     },
     Completed {
         fingerprint: Fingerprint,
         record: Bytes,
-        expires_at: Instant,
-        seq: u64,
+        expires_at: Nanos,
     },
 }
 
 impl Record {
-    fn is_expired(&self, now: Instant) -> bool {
+    fn is_expired(&self, now: Nanos) -> bool {
         match self {
             Record::InFlight { lease_until, .. } => *lease_until <= now,
             Record::Completed { expires_at, .. } => *expires_at <= now,
@@ -187,6 +192,7 @@ impl MemoryStoreBuilder {
             inner: Arc::new(Inner {
                 map: DashMap::new(),
                 expiry: Mutex::default(),
+                epoch: self.clock.now(),
                 entries: AtomicUsize::new(0),
                 bytes: AtomicUsize::new(0),
                 next: AtomicU64::new(1),
@@ -279,7 +285,15 @@ impl MemoryStore {
     }
 }
 
+fn nanos(d: Duration) -> Nanos {
+    Nanos::try_from(d.as_nanos()).unwrap_or(Nanos::MAX)
+}
+
 impl Inner {
+    fn now(&self) -> Nanos {
+        nanos(self.clock.now().saturating_duration_since(self.epoch))
+    }
+
     fn new_token(&self) -> Token {
         // Unique within the store (a counter) and unlikely to match a token
         // from another store or process (salted).
@@ -287,7 +301,7 @@ impl Inner {
     }
 
     /// Takes one entry slot, evicting to make room.
-    fn reserve_entry(&self, now: Instant) -> Result<(), StoreError> {
+    fn reserve_entry(&self, now: Nanos) -> Result<(), StoreError> {
         loop {
             let held = self.entries.load(Ordering::Acquire);
             if held < self.max_entries {
@@ -315,14 +329,14 @@ impl Inner {
     /// Evicts the completed record closest to (or furthest past) expiry.
     /// Falls back to removing expired in-flight records. Must not be called
     /// while holding a map guard.
-    fn evict_one(&self, now: Instant) -> bool {
+    fn evict_one(&self, now: Nanos) -> bool {
         loop {
             let next = self.expiry.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let Some(Reverse((_, seq, key))) = next else {
+            let Some(Reverse((expiry, key))) = next else {
                 return self.remove_expired_in(now) > 0;
             };
             let removed = self.map.remove_if(&key, |_, record| {
-                matches!(record, Record::Completed { seq: s, .. } if *s == seq)
+                matches!(record, Record::Completed { expires_at, .. } if *expires_at == expiry)
             });
             if let Some((key, record)) = removed {
                 self.forget(&key, &record);
@@ -332,10 +346,10 @@ impl Inner {
     }
 
     fn remove_expired(&self) -> usize {
-        self.remove_expired_in(self.clock.now())
+        self.remove_expired_in(self.now())
     }
 
-    fn remove_expired_in(&self, now: Instant) -> usize {
+    fn remove_expired_in(&self, now: Nanos) -> usize {
         let mut removed = 0;
         self.map.retain(|key, record| {
             if record.is_expired(now) {
@@ -354,10 +368,10 @@ impl Inner {
     /// the completed records actually held.
     fn prune_expiry_queue(&self) {
         let mut queue = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
-        queue.retain(|Reverse((_, seq, key))| {
-            self.map
-                .get(key)
-                .is_some_and(|r| matches!(&*r, Record::Completed { seq: s, .. } if s == seq))
+        queue.retain(|Reverse((expiry, key))| {
+            self.map.get(key).is_some_and(
+                |r| matches!(&*r, Record::Completed { expires_at, .. } if expires_at == expiry),
+            )
         });
     }
 
@@ -367,7 +381,7 @@ impl Inner {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let now = self.clock.now();
+        let now = self.now();
         // Fast path for replays and in-flight duplicates: a shared read lock.
         // Reading a live record is enough to answer; only a miss or an
         // expired record goes on to the write path below.
@@ -391,7 +405,7 @@ impl Inner {
                     let token = self.new_token();
                     let old = entry.insert(Record::InFlight {
                         fingerprint,
-                        lease_until: now + lease,
+                        lease_until: now.saturating_add(nanos(lease)),
                         token,
                     });
                     drop(entry);
@@ -405,7 +419,7 @@ impl Inner {
                     let token = self.new_token();
                     entry.insert(Record::InFlight {
                         fingerprint,
-                        lease_until: now + lease,
+                        lease_until: now.saturating_add(nanos(lease)),
                         token,
                     });
                     self.bytes
@@ -424,14 +438,14 @@ impl Inner {
     }
 
     fn renew(&self, key: &RecordKey, token: Token, lease: Duration) -> Result<(), StoreError> {
-        let now = self.clock.now();
+        let now = self.now();
         match self.map.get_mut(key).as_deref_mut() {
             Some(Record::InFlight {
                 lease_until,
                 token: held,
                 ..
             }) if *held == token => {
-                *lease_until = now + lease;
+                *lease_until = now.saturating_add(nanos(lease));
                 Ok(())
             }
             _ => Err(StoreError::Fenced),
@@ -449,9 +463,8 @@ impl Inner {
         if key.as_str().len() + size > self.max_bytes {
             return Err(StoreError::Full);
         }
-        let now = self.clock.now();
-        let seq = self.next.fetch_add(1, Ordering::Relaxed);
-        let expires_at = now + ttl;
+        let now = self.now();
+        let expires_at = now.saturating_add(nanos(ttl));
         {
             let mut guard = self.map.get_mut(key).ok_or(StoreError::Fenced)?;
             let fingerprint = match &*guard {
@@ -466,13 +479,12 @@ impl Inner {
                 fingerprint,
                 record,
                 expires_at,
-                seq,
             };
         }
         self.bytes.fetch_add(size, Ordering::AcqRel);
         let queued = {
             let mut queue = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
-            queue.push(Reverse((expires_at, seq, key.clone())));
+            queue.push(Reverse((expires_at, key.clone())));
             queue.len()
         };
         if queued > 2 * self.entries.load(Ordering::Acquire) + 64 {
@@ -501,7 +513,7 @@ impl Inner {
 }
 
 /// The answer a live record gives a claim; `None` if it has expired.
-fn observe(record: &Record, now: Instant) -> Option<Claim> {
+fn observe(record: &Record, now: Nanos) -> Option<Claim> {
     if record.is_expired(now) {
         return None;
     }
@@ -512,7 +524,7 @@ fn observe(record: &Record, now: Instant) -> Option<Claim> {
             ..
         } => Claim::InFlight {
             fingerprint: *fingerprint,
-            lease_remaining: *lease_until - now,
+            lease_remaining: Duration::from_nanos(lease_until - now),
         },
         Record::Completed {
             fingerprint,

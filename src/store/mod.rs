@@ -45,9 +45,9 @@ pub use memory::ManualClock;
 /// string (`"<scope length>:<scope><key>"`) for stores keyed by a string.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RecordKey {
+    /// `"<scope length>:<scope><key>"`: one allocation, cloned by reference
+    /// count, and small enough to keep per-record overhead low.
     joined: Arc<str>,
-    scope_start: usize,
-    scope_end: usize,
 }
 
 impl RecordKey {
@@ -57,25 +57,30 @@ impl RecordKey {
         let mut joined = String::with_capacity(prefix.len() + 1 + scope.len() + key.len());
         joined.push_str(&prefix);
         joined.push(':');
-        let scope_start = joined.len();
         joined.push_str(scope);
-        let scope_end = joined.len();
         joined.push_str(key);
         RecordKey {
             joined: joined.into(),
-            scope_start,
-            scope_end,
         }
+    }
+
+    /// Where the scope starts and ends in the joined string.
+    fn scope_range(&self) -> (usize, usize) {
+        // `new` wrote a decimal length and a colon; nothing else builds one.
+        let colon = self.joined.find(':').unwrap_or(0);
+        let len: usize = self.joined[..colon].parse().unwrap_or(0);
+        (colon + 1, colon + 1 + len)
     }
 
     /// The scope part.
     pub fn scope(&self) -> &str {
-        &self.joined[self.scope_start..self.scope_end]
+        let (start, end) = self.scope_range();
+        &self.joined[start..end]
     }
 
     /// The client's key.
     pub fn key(&self) -> &str {
-        &self.joined[self.scope_end..]
+        &self.joined[self.scope_range().1..]
     }
 
     /// Scope and key joined into one string, unambiguously: no two
