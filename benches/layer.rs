@@ -18,7 +18,8 @@ use tower_idempotency::{Fingerprint, IdempotencyLayer, MemoryStore, Store};
 const KIB: &[u8] = &[b'a'; 1024];
 
 /// A trivial handler answering with 1 KiB.
-fn handler<B>() -> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
+fn handler<B>()
+-> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
 + Clone
 + Send
 + 'static {
@@ -45,12 +46,21 @@ where
     B::Error: std::fmt::Debug,
 {
     let response = svc.clone().oneshot(req).await.unwrap();
-    response.into_body().collect().await.unwrap().to_bytes().len()
+    response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .len()
 }
 
 /// The same workload for any store, so every backend is measured alike.
 fn bench_store<St: Store + Clone>(c: &mut Criterion, name: &str, store: St) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let bare = handler::<Full<Bytes>>();
     let layered = tower::ServiceBuilder::new()
         .layer(IdempotencyLayer::new(store))
@@ -58,8 +68,12 @@ fn bench_store<St: Store + Clone>(c: &mut Criterion, name: &str, store: St) {
 
     let mut group = c.benchmark_group(format!("{name}/pass-through"));
     group.bench_function("bare GET", |b| b.to_async(&rt).iter(|| run(&bare, get())));
-    group.bench_function("layered GET", |b| b.to_async(&rt).iter(|| run(&layered, get())));
-    group.bench_function("bare POST", |b| b.to_async(&rt).iter(|| run(&bare, post(None))));
+    group.bench_function("layered GET", |b| {
+        b.to_async(&rt).iter(|| run(&layered, get()))
+    });
+    group.bench_function("bare POST", |b| {
+        b.to_async(&rt).iter(|| run(&bare, post(None)))
+    });
     group.bench_function("layered POST, no key", |b| {
         b.to_async(&rt).iter(|| run(&layered, post(None)))
     });
@@ -67,7 +81,9 @@ fn bench_store<St: Store + Clone>(c: &mut Criterion, name: &str, store: St) {
 
     let mut group = c.benchmark_group(format!("{name}/keyed 1 KiB"));
     let next = AtomicU64::new(0);
-    group.bench_function("bare handler", |b| b.to_async(&rt).iter(|| run(&bare, post(Some("k")))));
+    group.bench_function("bare handler", |b| {
+        b.to_async(&rt).iter(|| run(&bare, post(Some("k"))))
+    });
     group.bench_function("first execution", |b| {
         b.to_async(&rt).iter(|| {
             let key = format!("first-{}", next.fetch_add(1, Ordering::Relaxed));
@@ -76,7 +92,8 @@ fn bench_store<St: Store + Clone>(c: &mut Criterion, name: &str, store: St) {
     });
     rt.block_on(run(&layered, post(Some("recorded"))));
     group.bench_function("replay", |b| {
-        b.to_async(&rt).iter(|| run(&layered, post(Some("recorded"))))
+        b.to_async(&rt)
+            .iter(|| run(&layered, post(Some("recorded"))))
     });
     group.finish();
 }

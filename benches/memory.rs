@@ -26,15 +26,29 @@ fn heap() -> usize {
 /// Records straight into the store: the store's own cost per entry.
 async fn store_overhead(record_len: usize) -> f64 {
     let store = MemoryStore::builder().max_entries(ENTRIES + 1).build();
-    let keys: Vec<RecordKey> = (0..ENTRIES).map(|i| RecordKey::new("", &format!("key-{i:032}"))).collect();
-    let records: Vec<Bytes> = (0..ENTRIES).map(|_| Bytes::from(vec![1u8; record_len])).collect();
+    let keys: Vec<RecordKey> = (0..ENTRIES)
+        .map(|i| RecordKey::new("", &format!("key-{i:032}")))
+        .collect();
+    let records: Vec<Bytes> = (0..ENTRIES)
+        .map(|_| Bytes::from(vec![1u8; record_len]))
+        .collect();
     let key_bytes: usize = keys.iter().map(|k| k.as_str().len()).sum();
     let before = heap();
     for (key, record) in keys.iter().zip(records) {
-        let Ok(Claim::Acquired { token }) = store.claim(key, Fingerprint::from_bytes([0; 32]), Duration::from_secs(30)).await else {
+        let Ok(Claim::Acquired { token }) = store
+            .claim(
+                key,
+                Fingerprint::from_bytes([0; 32]),
+                Duration::from_secs(30),
+            )
+            .await
+        else {
             panic!("claim failed");
         };
-        store.complete(key, token, record, Duration::from_secs(3600)).await.unwrap();
+        store
+            .complete(key, token, record, Duration::from_secs(3600))
+            .await
+            .unwrap();
     }
     // The records and keys were allocated before `before` and now live in the
     // store: what grew is the store's bookkeeping.
@@ -49,12 +63,18 @@ async fn layer_overhead() -> f64 {
     let store = MemoryStore::builder().max_entries(ENTRIES + 1).build();
     let svc = tower::ServiceBuilder::new()
         .layer(IdempotencyLayer::new(store.clone()))
-        .service(service_fn(|_req: Request<tower_idempotency::RequestBody<Full<Bytes>>>| async {
-            let mut response = Response::new(Full::new(Bytes::from(vec![b'r'; 1024])));
-            response.headers_mut().insert("content-type", "application/json".parse().unwrap());
-            response.headers_mut().insert("location", "/appointments/12345".parse().unwrap());
-            Ok::<_, std::convert::Infallible>(response)
-        }));
+        .service(service_fn(
+            |_req: Request<tower_idempotency::RequestBody<Full<Bytes>>>| async {
+                let mut response = Response::new(Full::new(Bytes::from(vec![b'r'; 1024])));
+                response
+                    .headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                response
+                    .headers_mut()
+                    .insert("location", "/appointments/12345".parse().unwrap());
+                Ok::<_, std::convert::Infallible>(response)
+            },
+        ));
     let before = heap();
     let mut payload = 0;
     for i in 0..ENTRIES {
@@ -74,7 +94,10 @@ async fn layer_overhead() -> f64 {
 
 fn main() {
     let _profiler = dhat::Profiler::builder().testing().build();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         for record_len in [0, 1024] {
             let per_entry = store_overhead(record_len).await;

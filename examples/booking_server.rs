@@ -57,7 +57,10 @@ struct Appointment {
 #[derive(Clone, Default)]
 struct Bookings(Arc<Mutex<Vec<Appointment>>>);
 
-async fn create(State(bookings): State<Bookings>, Json(new): Json<NewAppointment>) -> impl IntoResponse {
+async fn create(
+    State(bookings): State<Bookings>,
+    Json(new): Json<NewAppointment>,
+) -> impl IntoResponse {
     tokio::time::sleep(Duration::from_millis(new.delay_ms)).await;
     let appointment = {
         let mut rows = bookings.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -72,7 +75,10 @@ async fn create(State(bookings): State<Bookings>, Json(new): Json<NewAppointment
     };
     (
         StatusCode::CREATED,
-        [(header::LOCATION, format!("/appointments/{}", appointment.id))],
+        [(
+            header::LOCATION,
+            format!("/appointments/{}", appointment.id),
+        )],
         Json(appointment),
     )
 }
@@ -83,7 +89,10 @@ async fn list(State(bookings): State<Bookings>) -> Json<Vec<Appointment>> {
 
 /// The layer as the demo configures it: keys required, scope from
 /// `Authorization` (the default), in-memory store.
-pub(crate) fn idempotency(ttl: Option<Duration>, lease: Option<Duration>) -> IdempotencyLayer<MemoryStore> {
+pub(crate) fn idempotency(
+    ttl: Option<Duration>,
+    lease: Option<Duration>,
+) -> IdempotencyLayer<MemoryStore> {
     let mut layer = IdempotencyLayer::new(MemoryStore::default()).with_required_key(true);
     if let Some(ttl) = ttl {
         layer = layer.with_ttl(ttl);
@@ -109,7 +118,9 @@ fn seconds_from_env(var: &str) -> Result<Option<Duration>, String> {
         Ok(value) => match value.trim().parse::<u64>() {
             Ok(0) => Err(format!("{var} must be at least 1 second, got 0")),
             Ok(secs) => Ok(Some(Duration::from_secs(secs))),
-            Err(_) => Err(format!("{var} must be a whole number of seconds, got {value:?}")),
+            Err(_) => Err(format!(
+                "{var} must be a whole number of seconds, got {value:?}"
+            )),
         },
     }
 }

@@ -375,7 +375,10 @@ where
     };
     handle.spawn(async move {
         // Every frame is copied into the record inside `poll_frame`.
-        while std::future::poll_fn(|cx| tee.poll_frame(cx)).await.is_some() {}
+        while std::future::poll_fn(|cx| tee.poll_frame(cx))
+            .await
+            .is_some()
+        {}
     });
 }
 

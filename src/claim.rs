@@ -31,17 +31,15 @@ pub(crate) async fn bounded<T>(
     limit: Duration,
 ) -> Result<T, StoreError> {
     let mut op = pin!(op);
-    let mut timer = pin!(None::<Sleep>);
+    // Boxed, and only once the store makes us wait: a timer is large, and
+    // this future is part of every protected request's state.
+    let mut timer: Option<Pin<Box<Sleep>>> = None;
     poll_fn(|cx| {
         if let Poll::Ready(out) = op.as_mut().poll(cx) {
             return Poll::Ready(out);
         }
-        if timer.is_none() {
-            timer.set(Some(tokio::time::sleep(limit)));
-        }
-        if let Some(timer) = timer.as_mut().as_pin_mut() {
-            ready!(timer.poll(cx));
-        }
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        ready!(timer.as_mut().poll(cx));
         Poll::Ready(Err(StoreError::unavailable(TimedOut(limit))))
     })
     .await

@@ -161,14 +161,22 @@ mod tests {
     fn extra_headers_count_only_when_configured() {
         let tenant = HeaderName::from_static("x-tenant");
         let with = |v: &str, extra: &[HeaderName]| {
-            fp(post("/a").header("x-tenant", v).body(()).unwrap(), extra, b"")
+            fp(
+                post("/a").header("x-tenant", v).body(()).unwrap(),
+                extra,
+                b"",
+            )
         };
         assert_eq!(with("1", &[]), with("2", &[]));
         assert_ne!(
             with("1", std::slice::from_ref(&tenant)),
             with("2", std::slice::from_ref(&tenant))
         );
-        let absent = fp(post("/a").body(()).unwrap(), std::slice::from_ref(&tenant), b"");
+        let absent = fp(
+            post("/a").body(()).unwrap(),
+            std::slice::from_ref(&tenant),
+            b"",
+        );
         assert_ne!(absent, with("", std::slice::from_ref(&tenant)));
     }
 }

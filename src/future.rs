@@ -32,7 +32,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F, B, E> {
         Passthrough { #[pin] future: F },
-        Ready { response: Option<Response<ResponseBody<B>>> },
+        Ready { response: Option<Box<Response<ResponseBody<B>>>> },
         Keyed { keyed: Keyed<B, E> },
     }
 }
@@ -66,7 +66,9 @@ where
             });
         }
         Err(_) => {
-            tracing::warn!("request dropped outside a tokio runtime; its claim ends with its lease");
+            tracing::warn!(
+                "request dropped outside a tokio runtime; its claim ends with its lease"
+            );
         }
     }
 }
@@ -81,7 +83,9 @@ impl<F, B, E> ResponseFuture<F, B, E> {
     pub(crate) fn ready(response: Response<ResponseBody<B>>) -> Self {
         ResponseFuture {
             kind: Kind::Ready {
-                response: Some(response),
+                // Boxed: rejections are rare, and an unboxed response would
+                // make every pass-through future larger.
+                response: Some(Box::new(response)),
             },
         }
     }
@@ -123,7 +127,7 @@ where
             KindProj::Passthrough { future } => future
                 .poll(cx)
                 .map(|result| result.map(|response| response.map(ResponseBody::inner))),
-            KindProj::Ready { response } => Poll::Ready(Ok(response
+            KindProj::Ready { response } => Poll::Ready(Ok(*response
                 .take()
                 .expect("ResponseFuture polled after completion"))),
             KindProj::Keyed { keyed } => {

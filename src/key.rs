@@ -9,7 +9,7 @@
 //! (0x21 to 0x7E). A value that begins with `"` is an sf-string and must be a
 //! valid one.
 
-use std::fmt;
+use std::{borrow::Cow, fmt};
 
 use http::HeaderValue;
 
@@ -104,17 +104,21 @@ fn trim_ows(mut bytes: &[u8]) -> &[u8] {
 }
 
 pub(crate) fn parse_bytes(raw: &[u8]) -> Result<IdempotencyKey, KeyError> {
+    parse_borrowed(raw).map(|key| IdempotencyKey(key.into()))
+}
+
+/// Parses and validates a key, borrowing it from the header value when it
+/// needs no unquoting (the common, bare case).
+pub(crate) fn parse_borrowed(raw: &[u8]) -> Result<Cow<'_, str>, KeyError> {
     let raw = trim_ows(raw);
     let key = match raw.first() {
         None => return Err(KeyError::Empty),
-        Some(b'"') => unquote(&raw[1..])?,
+        Some(b'"') => Cow::Owned(unquote(&raw[1..])?),
         Some(_) => {
             if !raw.iter().copied().all(is_visible) {
                 return Err(KeyError::InvalidCharacter);
             }
-            std::str::from_utf8(raw)
-                .map_err(|_| KeyError::InvalidCharacter)?
-                .to_owned()
+            Cow::Borrowed(std::str::from_utf8(raw).map_err(|_| KeyError::InvalidCharacter)?)
         }
     };
     if key.is_empty() {
@@ -123,7 +127,7 @@ pub(crate) fn parse_bytes(raw: &[u8]) -> Result<IdempotencyKey, KeyError> {
     if key.len() > MAX_KEY_LEN {
         return Err(KeyError::TooLong);
     }
-    Ok(IdempotencyKey(key.into_boxed_str()))
+    Ok(key)
 }
 
 /// Unquotes the inside of an sf-string (the opening quote already consumed).
@@ -182,7 +186,10 @@ mod tests {
         assert_eq!(parse(br#""a\nb""#), Err(KeyError::BadQuoting));
         assert_eq!(parse(b"\"a b\""), Err(KeyError::InvalidCharacter));
         assert_eq!(parse(b"a b"), Err(KeyError::InvalidCharacter));
-        assert_eq!(parse("caf\u{e9}".as_bytes()), Err(KeyError::InvalidCharacter));
+        assert_eq!(
+            parse("caf\u{e9}".as_bytes()),
+            Err(KeyError::InvalidCharacter)
+        );
         assert_eq!(parse(&[b'a'; 256]), Err(KeyError::TooLong));
         assert_eq!(parse(&[b'a'; 255]).unwrap().len(), 255);
     }

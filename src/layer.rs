@@ -3,9 +3,7 @@ use std::{fmt, sync::Arc, time::Duration};
 use http::{HeaderName, Method, StatusCode, response};
 use tower_layer::Layer;
 
-use crate::{
-    AuthorizationScope, Idempotency, ProblemJson, RejectionResponse, ScopeExtractor,
-};
+use crate::{AuthorizationScope, Idempotency, ProblemJson, RejectionResponse, ScopeExtractor};
 
 /// The default header carrying the key.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");

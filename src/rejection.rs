@@ -89,7 +89,11 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    pub(crate) fn new(kind: RejectionKind, status: StatusCode, detail: impl Into<Cow<'static, str>>) -> Self {
+    pub(crate) fn new(
+        kind: RejectionKind,
+        status: StatusCode,
+        detail: impl Into<Cow<'static, str>>,
+    ) -> Self {
         Rejection {
             kind,
             status,
@@ -156,7 +160,13 @@ impl Rejection {
 
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({}): {}", self.kind, self.status.as_u16(), self.detail)
+        write!(
+            f,
+            "{} ({}): {}",
+            self.kind,
+            self.status.as_u16(),
+            self.detail
+        )
     }
 }
 
@@ -201,13 +211,21 @@ mod tests {
         .with_retry_after(0);
         let response = rejection.to_response();
         assert_eq!(response.status(), 409);
-        assert_eq!(response.headers()["content-type"], "application/problem+json");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
         assert_eq!(response.headers()["retry-after"], "1");
         let doc: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
         assert_eq!(doc["status"], 409);
         assert_eq!(doc["code"], "request-in-flight");
         assert_eq!(doc["detail"], "a \"quoted\" detail");
-        assert!(doc["type"].as_str().unwrap().ends_with("#request-in-flight"));
+        assert!(
+            doc["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("#request-in-flight")
+        );
         assert!(!doc["title"].as_str().unwrap().is_empty());
     }
 }

@@ -9,18 +9,18 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, request};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::{
-    Fingerprint, IdempotencyKey, Outcome, Rejection, RejectionKind, RequestBody, ResponseBody,
+    Fingerprint, KeyError, Outcome, Rejection, RejectionKind, RequestBody, ResponseBody,
     ResponseFuture,
     body::{Recording, Tee, detach_tee},
     claim::{Held, KeyHash, Renewer, bounded},
+    key,
     layer::{Config, IDEMPOTENT_REPLAYED},
     record::{self, RecordBuilder},
     store::{Claim, RecordKey, Store},
@@ -86,40 +86,93 @@ where
         if !config.protects(req.method()) {
             return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::streaming)));
         }
-        let mut values = req.headers().get_all(&config.header).iter();
+        let (parts, body) = req.into_parts();
+        let mut values = parts.headers.get_all(&config.header).iter();
         let key = match (values.next(), values.next()) {
             (None, _) if config.require_key => {
                 return ResponseFuture::ready(reject(config, missing_key(config)));
             }
             (None, _) => {
-                return ResponseFuture::passthrough(
-                    self.inner.call(req.map(RequestBody::streaming)),
-                );
+                let req = Request::from_parts(parts, RequestBody::streaming(body));
+                return ResponseFuture::passthrough(self.inner.call(req));
             }
-            (Some(_), Some(_)) => Err(crate::KeyError::Repeated),
-            (Some(value), None) => IdempotencyKey::parse(value),
+            (Some(_), Some(_)) => Err(KeyError::Repeated),
+            (Some(value), None) => key::parse_borrowed(value.as_bytes()),
         };
         let key = match key {
             Ok(key) => key,
             Err(err) => return ResponseFuture::ready(reject(config, invalid_key(config, err))),
         };
-        if req.body().size_hint().lower() > config.request_body_limit as u64 {
+        if body.size_hint().lower() > config.request_body_limit as u64 {
             return ResponseFuture::ready(reject(config, body_too_large(config)));
         }
+        let record_key = RecordKey::new(config.scope.scope(&parts).as_str(), &key);
         // The clone that `poll_ready` did not reserve stays behind for the
         // next call.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::keyed(Box::pin(keyed(config.clone(), inner, req, key)))
+        let path = keyed(config.clone(), inner, parts, body, record_key);
+        ResponseFuture::keyed(Box::pin(path))
     }
+}
+
+/// Why a request body could not be buffered.
+enum Buffering<E> {
+    TooLarge,
+    Unreadable(E),
+}
+
+/// Reads a request body to its end, up to `limit` bytes. A body that arrives
+/// in one frame is kept as it is, without a copy.
+async fn buffer<B: Body>(
+    body: B,
+    limit: usize,
+) -> Result<(Bytes, Option<HeaderMap>), Buffering<B::Error>> {
+    let mut body = pin!(body);
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut trailers: Option<HeaderMap> = None;
+    let mut len = 0usize;
+    while let Some(frame) = poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let frame = frame.map_err(Buffering::Unreadable)?;
+        let mut data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(more) = frame.into_trailers() {
+                    trailers.get_or_insert_with(HeaderMap::new).extend(more);
+                }
+                continue;
+            }
+        };
+        len = len.saturating_add(data.remaining());
+        if len > limit {
+            return Err(Buffering::TooLarge);
+        }
+        match (&mut joined, first.take()) {
+            (Some(joined), _) => joined.put(data),
+            (None, None) => first = Some(data.copy_to_bytes(data.remaining())),
+            (None, Some(earlier)) => {
+                let mut buf = BytesMut::with_capacity(len.max(earlier.len() * 2));
+                buf.put(earlier);
+                buf.put(data);
+                joined = Some(buf);
+            }
+        }
+    }
+    let data = match joined {
+        Some(joined) => joined.freeze(),
+        None => first.unwrap_or_default(),
+    };
+    Ok((data, trailers))
 }
 
 /// The path of a request that carries a valid key.
 async fn keyed<S, St, ReqB, ResB>(
     config: Arc<Config<St>>,
     mut inner: S,
-    req: Request<ReqB>,
-    key: IdempotencyKey,
+    parts: request::Parts,
+    body: ReqB,
+    record_key: RecordKey,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
@@ -129,22 +182,15 @@ where
     ResB: Body + Send + 'static,
     ResB::Data: Send,
 {
-    let (parts, body) = req.into_parts();
-    let scope = config.scope.scope(&parts);
-    let record_key = RecordKey::new(scope.as_str(), key.as_str());
-
-    let collected = match Limited::new(body, config.request_body_limit).collect().await {
-        Ok(collected) => collected,
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
-            return Ok(reject(&config, body_too_large(&config)));
-        }
-        Err(err) => {
+    let (body, trailers) = match buffer(body, config.request_body_limit).await {
+        Ok(buffered) => buffered,
+        Err(Buffering::TooLarge) => return Ok(reject(&config, body_too_large(&config))),
+        Err(Buffering::Unreadable(err)) => {
+            let err = err.into();
             tracing::debug!(key = %KeyHash(&record_key), error = %err, "request body unreadable");
             return Ok(reject(&config, body_unreadable(&err)));
         }
     };
-    let trailers = collected.trailers().cloned();
-    let body = collected.to_bytes();
     let fingerprint = Fingerprint::compute(&parts, &config.fingerprint_headers, &body);
 
     let token = match claim(&config, &record_key, fingerprint).await {
@@ -242,7 +288,8 @@ async fn claim<St: Store, B>(
                         waited.get_or_insert((Instant::now(), Duration::from_millis(5)));
                     let left = bound.saturating_sub(start.elapsed());
                     if !left.is_zero() {
-                        tokio::time::sleep((*backoff).min(left)).await;
+                        // Boxed to keep a timer out of every request's state.
+                        Box::pin(tokio::time::sleep((*backoff).min(left))).await;
                         *backoff = (*backoff * 2).min(Duration::from_millis(250));
                         continue;
                     }
@@ -261,7 +308,10 @@ fn replay<St, B>(config: &Config<St>, key: &RecordKey, record: Bytes) -> Respons
         Ok(recorded) => recorded,
         Err(record::Corrupt) => {
             tracing::error!(key = %KeyHash(key), "stored record is unreadable");
-            return reject(config, store_unavailable(&"the stored record for this key is unreadable"));
+            return reject(
+                config,
+                store_unavailable(&"the stored record for this key is unreadable"),
+            );
         }
     };
     let Some(body) = recorded.body else {
@@ -300,7 +350,7 @@ fn missing_key<St>(config: &Config<St>) -> Rejection {
     )
 }
 
-fn invalid_key<St>(config: &Config<St>, err: crate::KeyError) -> Rejection {
+fn invalid_key<St>(config: &Config<St>, err: KeyError) -> Rejection {
     Rejection::new(
         RejectionKind::InvalidKey,
         StatusCode::BAD_REQUEST,
@@ -326,7 +376,9 @@ fn body_unreadable(err: &dyn std::fmt::Display) -> Rejection {
     Rejection::new(
         RejectionKind::BodyUnreadable,
         StatusCode::BAD_REQUEST,
-        format!("The request body could not be read to its end: {err}. Nothing was executed; send the request again with the same key."),
+        format!(
+            "The request body could not be read to its end: {err}. Nothing was executed; send the request again with the same key."
+        ),
     )
 }
 

@@ -23,14 +23,19 @@ async fn start() -> (String, HttpClient) {
 }
 
 fn book(base: &str, key: Option<&str>, json: &'static str) -> Request<Full<Bytes>> {
-    let mut req = Request::post(format!("{base}/appointments")).header("content-type", "application/json");
+    let mut req =
+        Request::post(format!("{base}/appointments")).header("content-type", "application/json");
     if let Some(key) = key {
         req = req.header("idempotency-key", key);
     }
-    req.body(Full::new(Bytes::from_static(json.as_bytes()))).unwrap()
+    req.body(Full::new(Bytes::from_static(json.as_bytes())))
+        .unwrap()
 }
 
-async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> (StatusCode, http::HeaderMap, serde_json::Value) {
+async fn send(
+    client: &HttpClient,
+    req: Request<Full<Bytes>>,
+) -> (StatusCode, http::HeaderMap, serde_json::Value) {
     let response = client.request(req).await.unwrap();
     let (parts, body) = response.into_parts();
     let bytes = body.collect().await.unwrap().to_bytes();
@@ -39,7 +44,9 @@ async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> (StatusCode, ht
 }
 
 async fn rows(base: &str, client: &HttpClient) -> Vec<serde_json::Value> {
-    let req = Request::get(format!("{base}/appointments")).body(Full::default()).unwrap();
+    let req = Request::get(format!("{base}/appointments"))
+        .body(Full::default())
+        .unwrap();
     let (status, _, json) = send(client, req).await;
     assert_eq!(status, StatusCode::OK);
     json.as_array().unwrap().clone()
@@ -52,7 +59,10 @@ async fn a_retried_booking_is_stored_once_and_replayed() {
     let (base, client) = start().await;
     let (status, headers, first) = send(&client, book(&base, Some("ada-1"), ADA)).await;
     assert_eq!(status, StatusCode::CREATED);
-    assert_eq!(headers["location"], format!("/appointments/{}", first["id"]));
+    assert_eq!(
+        headers["location"],
+        format!("/appointments/{}", first["id"])
+    );
     assert_eq!(first["caller"], "ada");
 
     let (status, headers, again) = send(&client, book(&base, Some("ada-1"), ADA)).await;
@@ -71,7 +81,10 @@ async fn the_demo_requires_keys_and_leaves_bad_json_to_the_handler() {
     assert_eq!(problem["code"], "missing-key");
 
     let (status, _, _) = send(&client, book(&base, Some("bad-json"), "{not json")).await;
-    assert!(status.is_client_error() && status != StatusCode::CONFLICT, "{status}");
+    assert!(
+        status.is_client_error() && status != StatusCode::CONFLICT,
+        "{status}"
+    );
     assert!(rows(&base, &client).await.is_empty());
 }
 

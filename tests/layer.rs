@@ -28,18 +28,32 @@ async fn first_request_executes_and_retries_replay() {
     let counter = Counter::default();
     let app = app(&counter, layer());
 
-    let first = app.clone().oneshot(post_with_key("k1", "slot 9")).await.unwrap();
+    let first = app
+        .clone()
+        .oneshot(post_with_key("k1", "slot 9"))
+        .await
+        .unwrap();
     assert_eq!(first.status(), StatusCode::CREATED);
     assert!(!first.headers().contains_key("idempotent-replayed"));
-    assert_eq!(first.extensions().get::<Outcome>(), Some(&Outcome::Executed));
+    assert_eq!(
+        first.extensions().get::<Outcome>(),
+        Some(&Outcome::Executed)
+    );
     let first_body = body_bytes(first).await;
 
     for _ in 0..3 {
-        let retry = app.clone().oneshot(post_with_key("k1", "slot 9")).await.unwrap();
+        let retry = app
+            .clone()
+            .oneshot(post_with_key("k1", "slot 9"))
+            .await
+            .unwrap();
         assert_eq!(retry.status(), StatusCode::CREATED);
         assert_eq!(retry.headers()["idempotent-replayed"], "true");
         assert_eq!(retry.headers()["x-execution"], "1");
-        assert_eq!(retry.extensions().get::<Outcome>(), Some(&Outcome::Replayed));
+        assert_eq!(
+            retry.extensions().get::<Outcome>(),
+            Some(&Outcome::Replayed)
+        );
         assert_eq!(body_bytes(retry).await, first_body);
     }
     assert_eq!(counter.get(), 1);
@@ -49,7 +63,13 @@ async fn first_request_executes_and_retries_replay() {
 async fn quoted_and_bare_keys_are_the_same_key() {
     let counter = Counter::default();
     let app = app(&counter, layer());
-    body_bytes(app.clone().oneshot(post_with_key("\"k2\"", "x")).await.unwrap()).await;
+    body_bytes(
+        app.clone()
+            .oneshot(post_with_key("\"k2\"", "x"))
+            .await
+            .unwrap(),
+    )
+    .await;
     let retry = app.oneshot(post_with_key("k2", "x")).await.unwrap();
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     assert_eq!(counter.get(), 1);
@@ -75,7 +95,10 @@ async fn missing_key_passes_through_when_optional_and_is_rejected_when_required(
         Some(&Outcome::Rejected(RejectionKind::MissingKey))
     );
     let (status, code, doc) = problem(response).await;
-    assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "missing-key"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "missing-key")
+    );
     assert!(doc["detail"].as_str().unwrap().contains("idempotency-key"));
     assert_eq!(counter.get(), 2);
 }
@@ -85,17 +108,32 @@ async fn every_invalid_key_is_rejected_before_the_handler() {
     let counter = Counter::default();
     let app = app(&counter, layer());
     let too_long = "k".repeat(256);
-    for value in ["", "\"\"", "a b", "\"unterminated", "\"a\"b", "\"bad\\escape\"", too_long.as_str()] {
+    for value in [
+        "",
+        "\"\"",
+        "a b",
+        "\"unterminated",
+        "\"a\"b",
+        "\"bad\\escape\"",
+        too_long.as_str(),
+    ] {
         let response = app
             .clone()
             .oneshot(post_with_key(value, "x"))
             .await
             .unwrap();
         let (status, code, _) = problem(response).await;
-        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "invalid-key"), "{value:?}");
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::BAD_REQUEST, "invalid-key"),
+            "{value:?}"
+        );
     }
     let non_ascii = Request::post("/book")
-        .header("idempotency-key", http::HeaderValue::from_bytes(b"caf\xe9").unwrap())
+        .header(
+            "idempotency-key",
+            http::HeaderValue::from_bytes(b"caf\xe9").unwrap(),
+        )
         .body(Body::from("x"))
         .unwrap();
     let (_, code, _) = problem(app.clone().oneshot(non_ascii).await.unwrap()).await;
@@ -115,9 +153,24 @@ async fn every_invalid_key_is_rejected_before_the_handler() {
 async fn reused_key_with_a_different_request_is_rejected() {
     let counter = Counter::default();
     let app = app(&counter, layer());
-    body_bytes(app.clone().oneshot(post_with_key("k3", "slot 9")).await.unwrap()).await;
-    let (status, code, _) = problem(app.clone().oneshot(post_with_key("k3", "slot 10")).await.unwrap()).await;
-    assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "key-reused"));
+    body_bytes(
+        app.clone()
+            .oneshot(post_with_key("k3", "slot 9"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let (status, code, _) = problem(
+        app.clone()
+            .oneshot(post_with_key("k3", "slot 10"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "key-reused")
+    );
     let other_query = Request::post("/book?x=1")
         .header("idempotency-key", "k3")
         .body(Body::from("slot 9"))
@@ -127,7 +180,14 @@ async fn reused_key_with_a_different_request_is_rejected() {
     assert_eq!(counter.get(), 1);
 
     let strict = self::app(&counter, layer().with_mismatch_422(true));
-    body_bytes(strict.clone().oneshot(post_with_key("k4", "a")).await.unwrap()).await;
+    body_bytes(
+        strict
+            .clone()
+            .oneshot(post_with_key("k4", "a"))
+            .await
+            .unwrap(),
+    )
+    .await;
     let response = strict.oneshot(post_with_key("k4", "b")).await.unwrap();
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
 }
@@ -163,7 +223,10 @@ async fn scopes_keep_callers_apart() {
             .unwrap()
     };
     let alice = app.clone().oneshot(as_user("Bearer alice")).await.unwrap();
-    assert_eq!(alice.extensions().get::<Outcome>(), Some(&Outcome::Executed));
+    assert_eq!(
+        alice.extensions().get::<Outcome>(),
+        Some(&Outcome::Executed)
+    );
     body_bytes(alice).await;
     let bob = app.clone().oneshot(as_user("Bearer bob")).await.unwrap();
     assert_eq!(bob.extensions().get::<Outcome>(), Some(&Outcome::Executed));
@@ -224,8 +287,17 @@ async fn request_body_over_the_limit_is_413_without_calling_the_handler() {
     let counter = Counter::default();
     let app = app(&counter, layer().with_request_body_limit(8));
     // Announced by Content-Length.
-    let (status, code, _) = problem(app.clone().oneshot(post_with_key("k8", "123456789")).await.unwrap()).await;
-    assert_eq!((status, code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large"));
+    let (status, code, _) = problem(
+        app.clone()
+            .oneshot(post_with_key("k8", "123456789"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large")
+    );
     // Discovered while streaming, with no size announced.
     let chunks = futures_util::stream::iter([
         Ok::<_, Infallible>(Bytes::from_static(b"12345")),
@@ -236,7 +308,10 @@ async fn request_body_over_the_limit_is_413_without_calling_the_handler() {
         .body(Body::from_stream(chunks))
         .unwrap();
     let (status, code, _) = problem(app.clone().oneshot(req).await.unwrap()).await;
-    assert_eq!((status, code.as_str()), (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large")
+    );
     // At the limit is fine.
     let ok = app.oneshot(post_with_key("k10", "12345678")).await.unwrap();
     assert_eq!(ok.status(), StatusCode::CREATED);
@@ -256,7 +331,10 @@ async fn unreadable_request_body_is_400_and_nothing_runs() {
         .body(Body::from_stream(failing))
         .unwrap();
     let (status, code, _) = problem(app.clone().oneshot(req).await.unwrap()).await;
-    assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "body-unreadable"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "body-unreadable")
+    );
     // Nothing was claimed: the same key works for the full request.
     let ok = app.oneshot(post_with_key("k11", "x")).await.unwrap();
     assert_eq!(ok.status(), StatusCode::CREATED);
@@ -289,7 +367,10 @@ async fn large_response_streams_in_full_and_a_retry_gets_410() {
     assert_eq!(body_bytes(first).await.len(), 4096);
     let retry = app.oneshot(req()).await.unwrap();
     let (status, code, doc) = problem(retry).await;
-    assert_eq!((status, code.as_str()), (StatusCode::GONE, "response-not-retained"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::GONE, "response-not-retained")
+    );
     assert!(doc["detail"].as_str().unwrap().contains("202"));
     assert_eq!(counter.get(), 1);
 }
@@ -305,10 +386,19 @@ async fn retryable_statuses_release_the_key_and_others_are_recorded() {
     ] {
         let counter = Counter::default();
         let c = counter.clone();
-        let svc = ServiceBuilder::new().layer(layer()).service(service_fn(move |_req| {
-            c.hit();
-            async move { Ok::<_, Infallible>(Response::builder().status(status).body(Body::empty()).unwrap()) }
-        }));
+        let svc = ServiceBuilder::new()
+            .layer(layer())
+            .service(service_fn(move |_req| {
+                c.hit();
+                async move {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(Body::empty())
+                            .unwrap(),
+                    )
+                }
+            }));
         for _ in 0..2 {
             let response = svc.clone().oneshot(post_with_key("k", "x")).await.unwrap();
             assert_eq!(response.status(), status);
@@ -323,10 +413,16 @@ async fn record_policy_is_configurable() {
     let counter = Counter::default();
     let c = counter.clone();
     let svc = ServiceBuilder::new()
-        .layer(layer().with_record_policy(|parts: &http::response::Parts| !parts.status.is_server_error()))
+        .layer(
+            layer().with_record_policy(|parts: &http::response::Parts| {
+                !parts.status.is_server_error()
+            }),
+        )
         .service(service_fn(move |_req| {
             c.hit();
-            async { Ok::<_, Infallible>(Response::builder().status(500).body(Body::empty()).unwrap()) }
+            async {
+                Ok::<_, Infallible>(Response::builder().status(500).body(Body::empty()).unwrap())
+            }
         }));
     for _ in 0..2 {
         body_bytes(svc.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
@@ -338,17 +434,23 @@ async fn record_policy_is_configurable() {
 async fn service_error_releases_the_key_and_passes_the_error_on() {
     let counter = Counter::default();
     let c = counter.clone();
-    let svc = ServiceBuilder::new().layer(layer()).service(service_fn(move |_req: Request<_>| {
-        let n = c.hit();
-        async move {
-            if n == 1 {
-                Err("backend down")
-            } else {
-                Ok(Response::new(Body::from("ok")))
+    let svc = ServiceBuilder::new()
+        .layer(layer())
+        .service(service_fn(move |_req: Request<_>| {
+            let n = c.hit();
+            async move {
+                if n == 1 {
+                    Err("backend down")
+                } else {
+                    Ok(Response::new(Body::from("ok")))
+                }
             }
-        }
-    }));
-    let err = svc.clone().oneshot(post_with_key("k", "x")).await.unwrap_err();
+        }));
+    let err = svc
+        .clone()
+        .oneshot(post_with_key("k", "x"))
+        .await
+        .unwrap_err();
     assert_eq!(err, "backend down");
     let ok = svc.oneshot(post_with_key("k", "x")).await.unwrap();
     assert_eq!(ok.extensions().get::<Outcome>(), Some(&Outcome::Executed));
@@ -391,7 +493,11 @@ async fn store_failures_are_503_and_nothing_executes() {
         let response = app.oneshot(post_with_key("k", "x")).await.unwrap();
         assert!(response.headers().contains_key("retry-after"));
         let (status, code, _) = problem(response).await;
-        assert_eq!((status, code.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable"), "{fault:?}");
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable"),
+            "{fault:?}"
+        );
         assert_eq!(counter.get(), 0, "{fault:?}");
     }
 }
@@ -405,7 +511,10 @@ async fn stalled_store_times_out_with_503() {
         .layer(IdempotencyLayer::new(store).with_store_timeout(Duration::from_millis(200)));
     let response = app.oneshot(post_with_key("k", "x")).await.unwrap();
     let (status, code, doc) = problem(response).await;
-    assert_eq!((status, code.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable")
+    );
     assert!(doc["detail"].as_str().unwrap().contains("200ms"));
     assert_eq!(counter.get(), 0);
 }
@@ -415,11 +524,15 @@ async fn fail_open_runs_the_handler_unprotected() {
     let counter = Counter::default();
     let store = FaultyStore::new(MemoryStore::default());
     store.set_fault_all(Some(Fault::Unavailable));
-    let app = booking_router(counter.clone()).layer(IdempotencyLayer::new(store).with_fail_open(true));
+    let app =
+        booking_router(counter.clone()).layer(IdempotencyLayer::new(store).with_fail_open(true));
     for _ in 0..2 {
         let response = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
         assert_eq!(response.status(), StatusCode::CREATED);
-        assert_eq!(response.extensions().get::<Outcome>(), Some(&Outcome::FailedOpen));
+        assert_eq!(
+            response.extensions().get::<Outcome>(),
+            Some(&Outcome::FailedOpen)
+        );
     }
     assert_eq!(counter.get(), 2, "fail-open gives up protection");
 }
@@ -434,7 +547,10 @@ async fn completing_into_a_full_store_keeps_the_outcome_without_the_body() {
     store.set_fault_once(Op::Complete, Fault::Full);
     body_bytes(app.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
     let (status, code, _) = problem(app.oneshot(post_with_key("k", "x")).await.unwrap()).await;
-    assert_eq!((status, code.as_str()), (StatusCode::GONE, "response-not-retained"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::GONE, "response-not-retained")
+    );
     assert_eq!(store.calls(Op::Complete), 2);
     assert_eq!(counter.get(), 1);
 }
@@ -485,8 +601,12 @@ async fn full_store_of_in_flight_claims_answers_503() {
     let app = router.layer(IdempotencyLayer::new(store.clone()));
     let held = tokio::spawn(app.clone().oneshot(post_with_key("a", "x")));
     started.recv().await.unwrap();
-    let (status, code, _) = problem(app.clone().oneshot(post_with_key("b", "x")).await.unwrap()).await;
-    assert_eq!((status, code.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable"));
+    let (status, code, _) =
+        problem(app.clone().oneshot(post_with_key("b", "x")).await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable")
+    );
     gate.send(true).unwrap();
     body_bytes(held.await.unwrap().unwrap()).await;
     // The completed record may now be evicted to make room.

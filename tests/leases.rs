@@ -23,7 +23,8 @@ fn gated(counter: &Counter) -> (Router, mpsc::UnboundedReceiver<usize>, watch::S
     let router = Router::new().route(
         "/book",
         post(move || {
-            let (counter, started, mut gate) = (counter.clone(), started_tx.clone(), gate_rx.clone());
+            let (counter, started, mut gate) =
+                (counter.clone(), started_tx.clone(), gate_rx.clone());
             async move {
                 let n = counter.hit();
                 started.send(n).unwrap();
@@ -39,16 +40,24 @@ fn gated(counter: &Counter) -> (Router, mpsc::UnboundedReceiver<usize>, watch::S
 async fn duplicate_in_flight_gets_409_with_retry_after_then_the_replay() {
     let counter = Counter::default();
     let (router, mut started, gate) = gated(&counter);
-    let app = router.layer(IdempotencyLayer::new(MemoryStore::default()).with_lease(Duration::from_secs(30)));
+    let app = router
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_lease(Duration::from_secs(30)));
     let first = tokio::spawn(app.clone().oneshot(post_with_key("k", "x")));
     started.recv().await.unwrap();
 
     tokio::time::advance(Duration::from_millis(4500)).await;
     let response = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
-    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=30).contains(&retry_after), "Retry-After {retry_after}");
     let (status, code, _) = problem(response).await;
-    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "request-in-flight"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::CONFLICT, "request-in-flight")
+    );
 
     gate.send(true).unwrap();
     body_bytes(first.await.unwrap().unwrap()).await;
@@ -62,7 +71,8 @@ async fn duplicate_in_flight_gets_409_with_retry_after_then_the_replay() {
 async fn wait_mode_replays_when_the_first_request_finishes_in_time() {
     let counter = Counter::default();
     let (router, mut started, gate) = gated(&counter);
-    let app = router.layer(IdempotencyLayer::new(MemoryStore::default()).with_wait(Duration::from_secs(5)));
+    let app = router
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_wait(Duration::from_secs(5)));
     let first = tokio::spawn(app.clone().oneshot(post_with_key("k", "x")));
     started.recv().await.unwrap();
     let waiting = tokio::spawn(app.clone().oneshot(post_with_key("k", "x")));
@@ -71,7 +81,10 @@ async fn wait_mode_replays_when_the_first_request_finishes_in_time() {
     gate.send(true).unwrap();
     body_bytes(first.await.unwrap().unwrap()).await;
     let replay = waiting.await.unwrap().unwrap();
-    assert_eq!(replay.extensions().get::<Outcome>(), Some(&Outcome::Replayed));
+    assert_eq!(
+        replay.extensions().get::<Outcome>(),
+        Some(&Outcome::Replayed)
+    );
     assert_eq!(counter.get(), 1);
 }
 
@@ -79,14 +92,21 @@ async fn wait_mode_replays_when_the_first_request_finishes_in_time() {
 async fn wait_mode_gives_up_with_409_at_its_bound() {
     let counter = Counter::default();
     let (router, mut started, _gate) = gated(&counter);
-    let app = router.layer(IdempotencyLayer::new(MemoryStore::default()).with_wait(Duration::from_secs(3)));
+    let app = router
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_wait(Duration::from_secs(3)));
     let _first = tokio::spawn(app.clone().oneshot(post_with_key("k", "x")));
     started.recv().await.unwrap();
     let begun = tokio::time::Instant::now();
     let (status, code, _) = problem(app.oneshot(post_with_key("k", "x")).await.unwrap()).await;
-    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "request-in-flight"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::CONFLICT, "request-in-flight")
+    );
     let waited = begun.elapsed();
-    assert!(waited >= Duration::from_secs(3) && waited < Duration::from_secs(4), "{waited:?}");
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
     assert_eq!(counter.get(), 1);
 }
 
@@ -104,7 +124,11 @@ async fn a_long_request_keeps_its_claim_by_renewing() {
     }
     let (status, _, _) = problem(app.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
     assert_eq!(status, StatusCode::CONFLICT, "still held after ten leases");
-    assert!(store.calls(Op::Renew) >= 9, "renewed {} times", store.calls(Op::Renew));
+    assert!(
+        store.calls(Op::Renew) >= 9,
+        "renewed {} times",
+        store.calls(Op::Renew)
+    );
     gate.send(true).unwrap();
     body_bytes(first.await.unwrap().unwrap()).await;
     assert_eq!(counter.get(), 1);
@@ -119,14 +143,13 @@ async fn an_abandoned_claim_is_taken_over_after_its_lease() {
     let app = common::booking_router(counter.clone())
         .layer(IdempotencyLayer::new(store.clone()).with_lease(Duration::from_secs(10)));
     // Claim as the layer would, for the same request, then "crash".
-    let (parts, ()) = http::Request::post("/book")
-        .body(())
-        .unwrap()
-        .into_parts();
+    let (parts, ()) = http::Request::post("/book").body(()).unwrap().into_parts();
     let fingerprint = Fingerprint::compute(&parts, &[], b"x");
     let key = RecordKey::new("", "k");
     assert!(matches!(
-        store.claim(&key, fingerprint, Duration::from_secs(10)).await,
+        store
+            .claim(&key, fingerprint, Duration::from_secs(10))
+            .await,
         Ok(Claim::Acquired { .. })
     ));
     let (status, _, _) = problem(app.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
@@ -134,7 +157,10 @@ async fn an_abandoned_claim_is_taken_over_after_its_lease() {
     tokio::time::advance(Duration::from_secs(11)).await;
     let response = app.oneshot(post_with_key("k", "x")).await.unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
-    assert_eq!(response.extensions().get::<Outcome>(), Some(&Outcome::Executed));
+    assert_eq!(
+        response.extensions().get::<Outcome>(),
+        Some(&Outcome::Executed)
+    );
     assert_eq!(counter.get(), 1);
 }
 
@@ -152,7 +178,11 @@ async fn a_lapsed_holder_is_fenced_out() {
     assert_eq!(started.recv().await, Some(1));
     tokio::time::advance(Duration::from_secs(4)).await;
     let second = tokio::spawn(app.clone().oneshot(post_with_key("k", "x")));
-    assert_eq!(started.recv().await, Some(2), "the lapsed claim was taken over");
+    assert_eq!(
+        started.recv().await,
+        Some(2),
+        "the lapsed claim was taken over"
+    );
     gate.send(true).unwrap();
     let first_body = body_bytes(first.await.unwrap().unwrap()).await;
     assert_eq!(first_body, "booking 1");
@@ -160,7 +190,11 @@ async fn a_lapsed_holder_is_fenced_out() {
     assert_eq!(second_body, "booking 2");
     let replay = app.oneshot(post_with_key("k", "x")).await.unwrap();
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
-    assert_eq!(body_bytes(replay).await, "booking 2", "the fenced holder did not overwrite");
+    assert_eq!(
+        body_bytes(replay).await,
+        "booking 2",
+        "the fenced holder did not overwrite"
+    );
     assert_eq!(store.calls(Op::Complete), 2);
 }
 
@@ -172,10 +206,16 @@ async fn records_expire_after_the_ttl() {
     body_bytes(app.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
     tokio::time::advance(Duration::from_secs(59)).await;
     let replay = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
-    assert_eq!(replay.extensions().get::<Outcome>(), Some(&Outcome::Replayed));
+    assert_eq!(
+        replay.extensions().get::<Outcome>(),
+        Some(&Outcome::Replayed)
+    );
     tokio::time::advance(Duration::from_secs(2)).await;
     let fresh = app.oneshot(post_with_key("k", "x")).await.unwrap();
-    assert_eq!(fresh.extensions().get::<Outcome>(), Some(&Outcome::Executed));
+    assert_eq!(
+        fresh.extensions().get::<Outcome>(),
+        Some(&Outcome::Executed)
+    );
     assert_eq!(counter.get(), 2);
 }
 
@@ -189,13 +229,21 @@ async fn eviction_never_drops_an_in_flight_record() {
     let app = router.layer(IdempotencyLayer::new(store.clone()));
     let mut held = Vec::new();
     for i in 0..2 {
-        held.push(tokio::spawn(app.clone().oneshot(post_with_key(&format!("held-{i}"), "x"))));
+        held.push(tokio::spawn(
+            app.clone()
+                .oneshot(post_with_key(&format!("held-{i}"), "x")),
+        ));
         started.recv().await.unwrap();
     }
     // Two more slots: fill them with completed records, over and over.
-    let quick = common::booking_router(Counter::default()).layer(IdempotencyLayer::new(store.clone()));
+    let quick =
+        common::booking_router(Counter::default()).layer(IdempotencyLayer::new(store.clone()));
     for i in 0..50 {
-        let response = quick.clone().oneshot(post_with_key(&format!("quick-{i}"), "x")).await.unwrap();
+        let response = quick
+            .clone()
+            .oneshot(post_with_key(&format!("quick-{i}"), "x"))
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::CREATED, "quick-{i}");
         body_bytes(response).await;
         assert!(store.len() <= 4);
@@ -205,7 +253,15 @@ async fn eviction_never_drops_an_in_flight_record() {
         body_bytes(h.await.unwrap().unwrap()).await;
     }
     for i in 0..2 {
-        let replay = app.clone().oneshot(post_with_key(&format!("held-{i}"), "x")).await.unwrap();
-        assert_eq!(replay.extensions().get::<Outcome>(), Some(&Outcome::Replayed), "held-{i}");
+        let replay = app
+            .clone()
+            .oneshot(post_with_key(&format!("held-{i}"), "x"))
+            .await
+            .unwrap();
+        assert_eq!(
+            replay.extensions().get::<Outcome>(),
+            Some(&Outcome::Replayed),
+            "held-{i}"
+        );
     }
 }

@@ -59,9 +59,15 @@ fn rich_response() -> Response<WithTrailers> {
     h.append("x-multi", HeaderValue::from_static("first"));
     h.append("link", HeaderValue::from_static("</a>; rel=a"));
     h.append("x-multi", HeaderValue::from_static("second"));
-    h.append("set-cookie", HeaderValue::from_static("session=first-caller"));
+    h.append(
+        "set-cookie",
+        HeaderValue::from_static("session=first-caller"),
+    );
     h.append("connection", HeaderValue::from_static("x-hop"));
-    h.append("x-hop", HeaderValue::from_static("only for this connection"));
+    h.append(
+        "x-hop",
+        HeaderValue::from_static("only for this connection"),
+    );
     h.append("keep-alive", HeaderValue::from_static("timeout=5"));
     response
 }
@@ -88,20 +94,29 @@ where
 }
 
 fn values<'a>(headers: &'a HeaderMap, name: &str) -> Vec<&'a str> {
-    headers.get_all(name).iter().map(|v| v.to_str().unwrap()).collect()
+    headers
+        .get_all(name)
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect()
 }
 
 #[tokio::test]
 async fn replay_keeps_status_headers_in_order_bytes_and_trailers() {
     let svc = ServiceBuilder::new()
         .layer(IdempotencyLayer::new(MemoryStore::default()))
-        .service(service_fn(|_req| async { Ok::<_, Infallible>(rich_response()) }));
+        .service(service_fn(|_req| async {
+            Ok::<_, Infallible>(rich_response())
+        }));
 
     let first = collect(svc.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
     let replay = collect(svc.oneshot(post_with_key("k", "x")).await.unwrap()).await;
 
     assert_eq!(first.status, StatusCode::ACCEPTED);
-    assert_eq!(first.data, Bytes::from_static(b"\x00\xff\x10\x00binary\r\n"));
+    assert_eq!(
+        first.data,
+        Bytes::from_static(b"\x00\xff\x10\x00binary\r\n")
+    );
     assert_eq!(first.trailers.as_ref().unwrap()["grpc-status"], "0");
 
     assert_eq!(replay.status, first.status);
@@ -109,7 +124,10 @@ async fn replay_keeps_status_headers_in_order_bytes_and_trailers() {
     assert_eq!(replay.trailers, first.trailers);
     assert_eq!(values(&replay.headers, "x-multi"), ["first", "second"]);
     assert_eq!(values(&replay.headers, "link"), ["</a>; rel=a"]);
-    assert_eq!(values(&replay.headers, "content-type"), ["application/grpc"]);
+    assert_eq!(
+        values(&replay.headers, "content-type"),
+        ["application/grpc"]
+    );
     assert_eq!(values(&replay.headers, "idempotent-replayed"), ["true"]);
     for dropped in ["set-cookie", "connection", "x-hop", "keep-alive"] {
         assert!(!replay.headers.contains_key(dropped), "{dropped} replayed");
@@ -133,10 +151,15 @@ async fn replay_keeps_status_headers_in_order_bytes_and_trailers() {
 async fn set_cookie_is_replayed_when_enabled() {
     let svc = ServiceBuilder::new()
         .layer(IdempotencyLayer::new(MemoryStore::default()).with_replay_set_cookie(true))
-        .service(service_fn(|_req| async { Ok::<_, Infallible>(rich_response()) }));
+        .service(service_fn(|_req| async {
+            Ok::<_, Infallible>(rich_response())
+        }));
     collect(svc.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
     let replay = collect(svc.oneshot(post_with_key("k", "x")).await.unwrap()).await;
-    assert_eq!(values(&replay.headers, "set-cookie"), ["session=first-caller"]);
+    assert_eq!(
+        values(&replay.headers, "set-cookie"),
+        ["session=first-caller"]
+    );
 }
 
 #[tokio::test]
@@ -153,7 +176,9 @@ async fn an_unreadable_record_is_503_and_never_a_second_execution() {
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         response.extensions().get::<Outcome>(),
-        Some(&Outcome::Rejected(tower_idempotency::RejectionKind::StoreUnavailable))
+        Some(&Outcome::Rejected(
+            tower_idempotency::RejectionKind::StoreUnavailable
+        ))
     );
     assert_eq!(counter.get(), 1);
 }
@@ -181,7 +206,10 @@ fn logs_carry_a_hash_of_the_key_never_the_key_or_body() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     tracing::subscriber::with_default(subscriber, || {
         runtime.block_on(async {
             let app = common::booking_router(common::Counter::default())
@@ -197,7 +225,10 @@ fn logs_carry_a_hash_of_the_key_never_the_key_or_body() {
     assert!(logs.contains("replaying"), "{logs}");
     assert!(logs.contains("key-reused"), "{logs}");
     assert!(!logs.contains("order-key-4f1c9"), "raw key logged:\n{logs}");
-    assert!(!logs.contains("patient-secret-body"), "body logged:\n{logs}");
+    assert!(
+        !logs.contains("patient-secret-body"),
+        "body logged:\n{logs}"
+    );
 }
 
 /// Quotes a key as an RFC 8941 sf-string.

@@ -21,7 +21,12 @@ use tower_idempotency::{IdempotencyLayer, MemoryStore};
 /// Serves `app` on a loopback port; each accepted connection's task handle is
 /// sent on the returned channel, so a test can wait for the server to be
 /// done with a connection.
-async fn serve(app: Router) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<JoinHandle<()>>) {
+async fn serve(
+    app: Router,
+) -> (
+    std::net::SocketAddr,
+    mpsc::UnboundedReceiver<JoinHandle<()>>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -64,7 +69,11 @@ fn booking(key: &str, body: &'static str) -> Request<Full<Bytes>> {
 }
 
 /// A handler that says when it has started and then waits for the gate.
-fn gated_router(counter: Counter, started: mpsc::UnboundedSender<()>, gate: watch::Receiver<bool>) -> Router {
+fn gated_router(
+    counter: Counter,
+    started: mpsc::UnboundedSender<()>,
+    gate: watch::Receiver<bool>,
+) -> Router {
     Router::new().route(
         "/book",
         post(move |body: Bytes| {
@@ -73,7 +82,10 @@ fn gated_router(counter: Counter, started: mpsc::UnboundedSender<()>, gate: watc
                 let _ = started.send(());
                 gate.wait_for(|open| *open).await.unwrap();
                 let n = counter.hit();
-                (StatusCode::CREATED, format!("booking {n}: {}", String::from_utf8_lossy(&body)))
+                (
+                    StatusCode::CREATED,
+                    format!("booking {n}: {}", String::from_utf8_lossy(&body)),
+                )
             }
         }),
     )
@@ -88,10 +100,12 @@ async fn client_that_disconnects_mid_request_gets_a_replay_on_retry() {
     let (started_tx, mut started) = mpsc::unbounded_channel();
     let (gate, gate_rx) = watch::channel(false);
     let layer = IdempotencyLayer::new(MemoryStore::default()).with_wait(Duration::from_secs(30));
-    let (addr, mut connections) = serve(gated_router(counter.clone(), started_tx, gate_rx).layer(layer)).await;
+    let (addr, mut connections) =
+        serve(gated_router(counter.clone(), started_tx, gate_rx).layer(layer)).await;
 
     let (mut sender, driver) = connect(addr).await;
-    let pending = tokio::spawn(async move { sender.send_request(booking("seed", "dr who, 9:00")).await });
+    let pending =
+        tokio::spawn(async move { sender.send_request(booking("seed", "dr who, 9:00")).await });
     started.recv().await.unwrap();
     // The client times out: it drops the request and the connection.
     pending.abort();
@@ -109,7 +123,10 @@ async fn client_that_disconnects_mid_request_gets_a_replay_on_retry() {
     gate.send(true).unwrap();
 
     let (mut sender, _driver) = connect(addr).await;
-    let retry = sender.send_request(booking("seed", "dr who, 9:00")).await.unwrap();
+    let retry = sender
+        .send_request(booking("seed", "dr who, 9:00"))
+        .await
+        .unwrap();
     assert_eq!(retry.status(), StatusCode::CREATED);
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     let body = retry.into_body().collect().await.unwrap().to_bytes();
@@ -183,7 +200,8 @@ async fn sixty_four_racing_clients_execute_once() {
     let (started_tx, _started) = mpsc::unbounded_channel();
     let (gate, gate_rx) = watch::channel(false);
     let layer = IdempotencyLayer::new(MemoryStore::default());
-    let (addr, _connections) = serve(gated_router(counter.clone(), started_tx, gate_rx).layer(layer)).await;
+    let (addr, _connections) =
+        serve(gated_router(counter.clone(), started_tx, gate_rx).layer(layer)).await;
 
     let ready = Arc::new(tokio::sync::Barrier::new(CLIENTS));
     let answered = Arc::new(Semaphore::new(0));
@@ -193,7 +211,10 @@ async fn sixty_four_racing_clients_execute_once() {
         clients.push(tokio::spawn(async move {
             let (mut sender, _driver) = connect(addr).await;
             ready.wait().await;
-            let response = sender.send_request(booking("race", "one slot")).await.unwrap();
+            let response = sender
+                .send_request(booking("race", "one slot"))
+                .await
+                .unwrap();
             answered.add_permits(1);
             let status = response.status();
             let replayed = response.headers().contains_key("idempotent-replayed");

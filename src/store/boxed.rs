@@ -30,11 +30,8 @@ trait DynStore: Send + Sync + 'static {
         record: Bytes,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
-    fn release<'a>(
-        &'a self,
-        key: RecordKey,
-        token: Token,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn release<'a>(&'a self, key: RecordKey, token: Token)
+    -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 impl<S: Store> DynStore for S {

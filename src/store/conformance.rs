@@ -133,7 +133,12 @@ fn ttl<H: Harness>(h: &H) -> Duration {
     h.lease() * TTL_LEASES
 }
 
-async fn acquire<S: Store>(store: &S, key: &RecordKey, fingerprint: Fingerprint, lease: Duration) -> Token {
+async fn acquire<S: Store>(
+    store: &S,
+    key: &RecordKey,
+    fingerprint: Fingerprint,
+    lease: Duration,
+) -> Token {
     match store.claim(key, fingerprint, lease).await {
         Ok(Claim::Acquired { token }) => token,
         other => panic!("a claim on a free key must acquire it, got {other:?}"),
@@ -151,7 +156,11 @@ pub async fn first_claim_acquires<H: Harness>(h: &H) {
             fingerprint,
             lease_remaining,
         }) => {
-            assert_eq!(fingerprint, fp(1), "in-flight claim must report its fingerprint");
+            assert_eq!(
+                fingerprint,
+                fp(1),
+                "in-flight claim must report its fingerprint"
+            );
             assert!(
                 lease_remaining <= h.lease() && !lease_remaining.is_zero(),
                 "lease_remaining must be within (0, lease], got {lease_remaining:?}"
@@ -188,7 +197,10 @@ pub async fn racing_claims_acquire_exactly_once<H: Harness>(h: &H) {
     let store = h.store();
     let key = fresh_key("race");
     let acquired = race_claims(&store, &key, h.lease()).await;
-    assert_eq!(acquired, 1, "exactly one of 64 racing claims may acquire a key");
+    assert_eq!(
+        acquired, 1,
+        "exactly one of 64 racing claims may acquire a key"
+    );
 }
 
 /// The record given to `complete` comes back from `claim` byte for byte:
@@ -267,7 +279,10 @@ pub async fn lease_lapse_allows_take_over<H: Harness>(h: &H) {
     let first = acquire(&store, &key, fp(4), h.lease()).await;
     h.advance(h.lease() / 2).await;
     assert!(
-        matches!(store.claim(&key, fp(4), h.lease()).await, Ok(Claim::InFlight { .. })),
+        matches!(
+            store.claim(&key, fp(4), h.lease()).await,
+            Ok(Claim::InFlight { .. })
+        ),
         "the lease must hold before it ends"
     );
     h.advance(h.lease()).await;
@@ -282,7 +297,10 @@ pub async fn racing_take_overs_acquire_exactly_once<H: Harness>(h: &H) {
     acquire(&store, &key, fp(7), h.lease()).await;
     h.advance(h.lease() + h.lease() / 2).await;
     let acquired = race_claims(&store, &key, h.lease()).await;
-    assert_eq!(acquired, 1, "exactly one of 64 racing take-overs may acquire a key");
+    assert_eq!(
+        acquired, 1,
+        "exactly one of 64 racing take-overs may acquire a key"
+    );
 }
 
 /// Renewing moves the end of the lease to `lease` from now.
@@ -297,7 +315,10 @@ pub async fn renew_extends_the_lease<H: Harness>(h: &H) {
         .expect("the holder can renew");
     h.advance(h.lease() * 6 / 10).await;
     assert!(
-        matches!(store.claim(&key, fp(5), h.lease()).await, Ok(Claim::InFlight { .. })),
+        matches!(
+            store.claim(&key, fp(5), h.lease()).await,
+            Ok(Claim::InFlight { .. })
+        ),
         "a renewed lease must outlast the original one"
     );
     store
@@ -315,12 +336,17 @@ pub async fn fencing_rejects_the_old_holder<H: Harness>(h: &H) {
     h.advance(h.lease() + h.lease() / 2).await;
     let new = acquire(&store, &key, fp(6), h.lease()).await;
     assert!(
-        matches!(store.renew(&key, old, h.lease()).await, Err(StoreError::Fenced)),
+        matches!(
+            store.renew(&key, old, h.lease()).await,
+            Err(StoreError::Fenced)
+        ),
         "renew with a stale token must be fenced"
     );
     assert!(
         matches!(
-            store.complete(&key, old, Bytes::from_static(b"old"), ttl(h)).await,
+            store
+                .complete(&key, old, Bytes::from_static(b"old"), ttl(h))
+                .await,
             Err(StoreError::Fenced)
         ),
         "complete with a stale token must be fenced"
@@ -338,7 +364,12 @@ pub async fn fencing_rejects_the_old_holder<H: Harness>(h: &H) {
         other => panic!("expected the new holder's record, got {other:?}"),
     }
     assert!(
-        matches!(store.complete(&key, old, Bytes::from_static(b"old"), ttl(h)).await, Err(StoreError::Fenced)),
+        matches!(
+            store
+                .complete(&key, old, Bytes::from_static(b"old"), ttl(h))
+                .await,
+            Err(StoreError::Fenced)
+        ),
         "a stale token must not overwrite a completed record"
     );
 }
@@ -350,14 +381,23 @@ pub async fn release_frees_the_key<H: Harness>(h: &H) {
     let key = fresh_key("release");
     let token = acquire(&store, &key, fp(8), h.lease()).await;
     assert!(
-        matches!(store.release(&key, Token(token.0 ^ 1)).await, Err(StoreError::Fenced)),
+        matches!(
+            store.release(&key, Token(token.0 ^ 1)).await,
+            Err(StoreError::Fenced)
+        ),
         "release with a wrong token must be fenced"
     );
     assert!(
-        matches!(store.claim(&key, fp(8), h.lease()).await, Ok(Claim::InFlight { .. })),
+        matches!(
+            store.claim(&key, fp(8), h.lease()).await,
+            Ok(Claim::InFlight { .. })
+        ),
         "a fenced release must leave the claim in place"
     );
-    store.release(&key, token).await.expect("the holder can release");
+    store
+        .release(&key, token)
+        .await
+        .expect("the holder can release");
     acquire(&store, &key, fp(9), h.lease()).await;
 }
 
@@ -372,7 +412,10 @@ pub async fn completed_records_expire_after_ttl<H: Harness>(h: &H) {
         .expect("the holder can complete");
     h.advance(ttl(h) / 2).await;
     assert!(
-        matches!(store.claim(&key, fp(10), h.lease()).await, Ok(Claim::Completed { .. })),
+        matches!(
+            store.claim(&key, fp(10), h.lease()).await,
+            Ok(Claim::Completed { .. })
+        ),
         "a record must be kept until its TTL ends"
     );
     h.advance(ttl(h)).await;
@@ -390,11 +433,19 @@ pub async fn completed_records_are_final<H: Harness>(h: &H) {
         .await
         .expect("the holder can complete");
     assert!(matches!(
-        store.complete(&key, token, Bytes::from_static(b"second"), ttl(h)).await,
+        store
+            .complete(&key, token, Bytes::from_static(b"second"), ttl(h))
+            .await,
         Err(StoreError::Fenced)
     ));
-    assert!(matches!(store.renew(&key, token, h.lease()).await, Err(StoreError::Fenced)));
-    assert!(matches!(store.release(&key, token).await, Err(StoreError::Fenced)));
+    assert!(matches!(
+        store.renew(&key, token, h.lease()).await,
+        Err(StoreError::Fenced)
+    ));
+    assert!(matches!(
+        store.release(&key, token).await,
+        Err(StoreError::Fenced)
+    ));
     match store.claim(&key, fp(12), h.lease()).await {
         Ok(Claim::Completed { record, .. }) => assert_eq!(&record[..], b"first"),
         other => panic!("expected the first record, got {other:?}"),
@@ -413,7 +464,9 @@ pub async fn corrupt_record_is_an_error<H: Harness>(h: &H) {
         .await
         .expect("the holder can complete");
     if !h.corrupt(&store, &key).await {
-        eprintln!("conformance: corrupt_record_is_an_error skipped: the harness cannot corrupt records");
+        eprintln!(
+            "conformance: corrupt_record_is_an_error skipped: the harness cannot corrupt records"
+        );
         return;
     }
     match store.claim(&key, fp(13), h.lease()).await {
@@ -425,30 +478,50 @@ pub async fn corrupt_record_is_an_error<H: Harness>(h: &H) {
 /// For a store bounded to `max_entries` records: full of in-flight claims, a
 /// new claim fails with [`StoreError::Full`] and every held claim survives;
 /// once one completes, a new claim makes room by evicting it.
-pub async fn bounded_store_never_evicts_in_flight<S: Store>(store: &S, max_entries: usize, lease: Duration) {
-    let keys: Vec<_> = (0..max_entries).map(|i| fresh_key(&format!("bound-{i}"))).collect();
+pub async fn bounded_store_never_evicts_in_flight<S: Store>(
+    store: &S,
+    max_entries: usize,
+    lease: Duration,
+) {
+    let keys: Vec<_> = (0..max_entries)
+        .map(|i| fresh_key(&format!("bound-{i}")))
+        .collect();
     let mut tokens = Vec::new();
     for key in &keys {
         tokens.push(acquire(store, key, fp(14), lease).await);
     }
     let extra = fresh_key("bound-extra");
     assert!(
-        matches!(store.claim(&extra, fp(14), lease).await, Err(StoreError::Full)),
+        matches!(
+            store.claim(&extra, fp(14), lease).await,
+            Err(StoreError::Full)
+        ),
         "a store full of in-flight claims must refuse a new one"
     );
     for key in &keys {
         assert!(
-            matches!(store.claim(key, fp(14), lease).await, Ok(Claim::InFlight { .. })),
+            matches!(
+                store.claim(key, fp(14), lease).await,
+                Ok(Claim::InFlight { .. })
+            ),
             "no in-flight claim may be evicted"
         );
     }
     store
-        .complete(&keys[0], tokens[0], Bytes::from_static(b"r"), lease * TTL_LEASES)
+        .complete(
+            &keys[0],
+            tokens[0],
+            Bytes::from_static(b"r"),
+            lease * TTL_LEASES,
+        )
         .await
         .expect("the holder can complete");
     acquire(store, &extra, fp(14), lease).await;
     assert!(
-        matches!(store.claim(&keys[1], fp(14), lease).await, Ok(Claim::InFlight { .. })),
+        matches!(
+            store.claim(&keys[1], fp(14), lease).await,
+            Ok(Claim::InFlight { .. })
+        ),
         "making room must evict the completed record, not an in-flight one"
     );
 }

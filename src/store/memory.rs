@@ -385,12 +385,20 @@ impl Inner {
         // Fast path for replays and in-flight duplicates: a shared read lock.
         // Reading a live record is enough to answer; only a miss or an
         // expired record goes on to the write path below.
-        if let Some(record) = self.map.get(key) {
-            if let Some(found) = observe(&record, now) {
-                return Ok(found);
-            }
+        let absent = match self.map.get(key) {
+            Some(record) => match observe(&record, now) {
+                Some(found) => return Ok(found),
+                None => false,
+            },
+            None => true,
+        };
+        // A new key needs a slot: make room before taking the shard lock,
+        // since eviction locks other keys' shards. An expired record is taken
+        // over in place and needs none.
+        if absent {
+            self.reserve_entry(now)?;
         }
-        let mut reserved = false;
+        let mut reserved = absent;
         loop {
             match self.map.entry(key.clone()) {
                 Entry::Occupied(mut entry) => {
@@ -422,8 +430,7 @@ impl Inner {
                         lease_until: now.saturating_add(nanos(lease)),
                         token,
                     });
-                    self.bytes
-                        .fetch_add(key.as_str().len(), Ordering::AcqRel);
+                    self.bytes.fetch_add(key.as_str().len(), Ordering::AcqRel);
                     return Ok(Claim::Acquired { token });
                 }
                 Entry::Vacant(entry) => {
@@ -499,9 +506,10 @@ impl Inner {
     }
 
     fn release(&self, key: &RecordKey, token: Token) -> Result<(), StoreError> {
-        let removed = self.map.remove_if(key, |_, record| {
-            matches!(record, Record::InFlight { token: held, .. } if *held == token)
-        });
+        let removed = self.map.remove_if(
+            key,
+            |_, record| matches!(record, Record::InFlight { token: held, .. } if *held == token),
+        );
         match removed {
             Some((key, record)) => {
                 self.forget(&key, &record);

@@ -34,9 +34,9 @@ mod faulty;
 pub use boxed::BoxStore;
 #[cfg(feature = "test-util")]
 pub use faulty::{Fault, FaultyStore, Op};
-pub use memory::{Clock, MemoryStore, MemoryStoreBuilder, TokioClock};
 #[cfg(feature = "test-util")]
 pub use memory::ManualClock;
+pub use memory::{Clock, MemoryStore, MemoryStoreBuilder, TokioClock};
 
 /// The lookup key of a record: the server-chosen scope and the client's key.
 ///
@@ -53,10 +53,9 @@ pub struct RecordKey {
 impl RecordKey {
     /// Builds a key from a scope and a client key.
     pub fn new(scope: &str, key: &str) -> Self {
-        let prefix = scope.len().to_string();
-        let mut joined = String::with_capacity(prefix.len() + 1 + scope.len() + key.len());
-        joined.push_str(&prefix);
-        joined.push(':');
+        use std::fmt::Write;
+        let mut joined = String::with_capacity(21 + scope.len() + key.len());
+        let _ = write!(joined, "{}:", scope.len());
         joined.push_str(scope);
         joined.push_str(key);
         RecordKey {
