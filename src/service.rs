@@ -242,6 +242,9 @@ where
     Ok(Response::from_parts(parts, ResponseBody::teed(tee)))
 }
 
+// A transient return value, moved once: boxing the response would cost an
+// allocation on every replay.
+#[allow(clippy::large_enum_variant)]
 enum Claimed<B> {
     Acquired(crate::store::Token),
     Answered(Response<ResponseBody<B>>),
