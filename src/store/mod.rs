@@ -190,7 +190,7 @@ impl StdError for StoreError {
 /// passed, and a completed record whose retention has passed, count as absent.
 ///
 /// The crate's conformance suite (feature `test-util`,
-/// [`conformance`](crate::store::conformance)) checks every rule below; run it
+/// [`conformance`]) checks every rule below; run it
 /// against your own store.
 pub trait Store: Send + Sync + 'static {
     /// Claims `key` for a request with `fingerprint`.
