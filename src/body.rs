@@ -28,11 +28,12 @@ use crate::{
 #[derive(Debug, Default)]
 struct Buffered {
     data: Option<Bytes>,
-    trailers: Option<HeaderMap>,
+    /// Boxed: rare, and a `HeaderMap` would triple the size of every body.
+    trailers: Option<Box<HeaderMap>>,
 }
 
 impl Buffered {
-    fn new(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+    fn new(data: Bytes, trailers: Option<Box<HeaderMap>>) -> Self {
         Buffered {
             data: Some(data).filter(|d| !d.is_empty()),
             trailers,
@@ -43,7 +44,7 @@ impl Buffered {
         if let Some(data) = self.data.take() {
             return Some(Frame::data(data));
         }
-        self.trailers.take().map(Frame::trailers)
+        self.trailers.take().map(|t| Frame::trailers(*t))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -92,7 +93,7 @@ impl<B> RequestBody<B> {
         }
     }
 
-    pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+    pub(crate) fn buffered(data: Bytes, trailers: Option<Box<HeaderMap>>) -> Self {
         RequestBody {
             kind: RequestKind::Buffered {
                 buffered: Buffered::new(data, trailers),
@@ -179,7 +180,7 @@ impl<B> ResponseBody<B> {
     pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
         ResponseBody {
             kind: ResponseKind::Buffered {
-                buffered: Buffered::new(data, trailers),
+                buffered: Buffered::new(data, trailers.map(Box::new)),
             },
         }
     }
@@ -217,7 +218,7 @@ impl<B: Body> Body for ResponseBody<B> {
             ResponseKind::Inner { body } => body.is_end_stream(),
             // Not over until the record is complete, even after the last
             // frame: the server must poll once more to let it finish.
-            ResponseKind::Teed { tee } => tee.recording.is_none(),
+            ResponseKind::Teed { tee } => tee.is_end_stream(),
             ResponseKind::Buffered { buffered } => buffered.is_end_stream(),
         }
     }
@@ -225,10 +226,7 @@ impl<B: Body> Body for ResponseBody<B> {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             ResponseKind::Inner { body } => body.size_hint(),
-            ResponseKind::Teed { tee } => tee
-                .body
-                .as_ref()
-                .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint()),
+            ResponseKind::Teed { tee } => tee.size_hint(),
             ResponseKind::Buffered { buffered } => buffered.size_hint(),
         }
     }
@@ -287,45 +285,86 @@ impl Recording {
     }
 }
 
-/// The teed inner body. The box lets an unfinished tee move into a
-/// background task when the client drops it.
+pin_project! {
+    /// The service's body and what is being recorded of it. Lives in one
+    /// box, so that an unfinished tee can move into a background task.
+    pub(crate) struct TeeState<B> {
+        #[pin]
+        body: Source<B>,
+        recording: Option<Recording>,
+    }
+}
+
+pin_project! {
+    #[project = SourceProj]
+    enum Source<B> {
+        Streaming { #[pin] body: B },
+        Ended,
+    }
+}
+
+/// The teed inner body.
 pub(crate) struct Tee<B> {
-    body: Option<Pin<Box<B>>>,
-    recording: Option<Recording>,
+    state: Option<Pin<Box<TeeState<B>>>>,
     /// Moves an unfinished tee into a background task; `None` once it is in
     /// one.
-    detach: Option<fn(Tee<B>)>,
+    detach: Option<fn(Pin<Box<TeeState<B>>>)>,
 }
 
 impl<B> Tee<B> {
-    pub(crate) fn new(body: B, recording: Recording, detach: fn(Tee<B>)) -> Self {
+    pub(crate) fn new(body: B, recording: Recording, detach: fn(Pin<Box<TeeState<B>>>)) -> Self {
         Tee {
-            body: Some(Box::pin(body)),
-            recording: Some(recording),
+            state: Some(Box::pin(TeeState {
+                body: Source::Streaming { body },
+                recording: Some(recording),
+            })),
             detach: Some(detach),
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state
+            .as_ref()
+            .is_none_or(|state| state.recording.is_none())
     }
 }
 
 impl<B: Body> Tee<B> {
-    pub(crate) fn poll_frame(
-        &mut self,
+    fn size_hint(&self) -> SizeHint {
+        match self.state.as_ref().map(|state| &state.body) {
+            Some(Source::Streaming { body }) => body.size_hint(),
+            _ => SizeHint::with_exact(0),
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match &mut self.state {
+            Some(state) => state.as_mut().poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+}
+
+impl<B: Body> TeeState<B> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
         loop {
-            let Some(recording) = &mut self.recording else {
+            let Some(recording) = this.recording.as_mut() else {
                 return Poll::Ready(None);
             };
             if let Some(completing) = &mut recording.completing {
                 ready!(completing.as_mut().poll(cx));
-                self.recording = None;
+                *this.recording = None;
                 return Poll::Ready(None);
             }
-            let Some(body) = &mut self.body else {
+            let SourceProj::Streaming { body } = this.body.as_mut().project() else {
                 recording.finish();
                 continue;
             };
-            let frame = match body.as_mut().poll_frame(cx) {
+            let frame = match body.poll_frame(cx) {
                 Poll::Pending => {
                     recording.renewer.poll(cx);
                     return Poll::Pending;
@@ -334,11 +373,11 @@ impl<B: Body> Tee<B> {
             };
             match frame {
                 None => {
-                    self.body = None;
+                    this.body.set(Source::Ended);
                     recording.finish();
                 }
                 Some(Err(err)) => {
-                    self.body = None;
+                    this.body.set(Source::Ended);
                     recording.body_failed();
                     return Poll::Ready(Some(Err(err)));
                 }
@@ -363,19 +402,18 @@ impl<B: Body> Tee<B> {
 }
 
 /// Drives a tee the client abandoned to its end, in the background.
-pub(crate) fn detach_tee<B>(mut tee: Tee<B>)
+pub(crate) fn detach_tee<B>(mut state: Pin<Box<TeeState<B>>>)
 where
     B: Body + Send + 'static,
     B::Data: Send,
 {
-    tee.detach = None;
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         tracing::warn!("response dropped outside a tokio runtime; its claim ends with its lease");
         return;
     };
     handle.spawn(async move {
         // Every frame is copied into the record inside `poll_frame`.
-        while std::future::poll_fn(|cx| tee.poll_frame(cx))
+        while std::future::poll_fn(|cx| state.as_mut().poll_frame(cx))
             .await
             .is_some()
         {}
@@ -384,15 +422,11 @@ where
 
 impl<B> Drop for Tee<B> {
     fn drop(&mut self) {
-        if self.recording.is_none() {
+        let (Some(state), Some(detach)) = (self.state.take(), self.detach.take()) else {
             return;
-        }
-        if let Some(detach) = self.detach.take() {
-            detach(Tee {
-                body: self.body.take(),
-                recording: self.recording.take(),
-                detach: None,
-            });
+        };
+        if state.recording.is_some() {
+            detach(state);
         }
     }
 }

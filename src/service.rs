@@ -111,7 +111,10 @@ where
         // next call.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let path = keyed(config.clone(), inner, parts, body, record_key);
+        // The head is boxed: it would otherwise sit in the request path's
+        // state twice over, pushing that state out of the allocator's fast
+        // size classes.
+        let path = keyed(config.clone(), inner, Box::new(parts), body, record_key);
         ResponseFuture::keyed(Box::pin(path))
     }
 }
@@ -127,11 +130,11 @@ enum Buffering<E> {
 async fn buffer<B: Body>(
     body: B,
     limit: usize,
-) -> Result<(Bytes, Option<HeaderMap>), Buffering<B::Error>> {
+) -> Result<(Bytes, Option<Box<HeaderMap>>), Buffering<B::Error>> {
     let mut body = pin!(body);
     let mut first: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
-    let mut trailers: Option<HeaderMap> = None;
+    let mut trailers: Option<Box<HeaderMap>> = None;
     let mut len = 0usize;
     while let Some(frame) = poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
         let frame = frame.map_err(Buffering::Unreadable)?;
@@ -139,7 +142,7 @@ async fn buffer<B: Body>(
             Ok(data) => data,
             Err(frame) => {
                 if let Ok(more) = frame.into_trailers() {
-                    trailers.get_or_insert_with(HeaderMap::new).extend(more);
+                    trailers.get_or_insert_default().extend(more);
                 }
                 continue;
             }
@@ -170,7 +173,7 @@ async fn buffer<B: Body>(
 async fn keyed<S, St, ReqB, ResB>(
     config: Arc<Config<St>>,
     mut inner: S,
-    parts: request::Parts,
+    parts: Box<request::Parts>,
     body: ReqB,
     record_key: RecordKey,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
@@ -197,7 +200,7 @@ where
         Claimed::Acquired(token) => token,
         Claimed::Answered(response) => return Ok(response),
         Claimed::FailOpen => {
-            let req = Request::from_parts(parts, RequestBody::buffered(body, trailers));
+            let req = Request::from_parts(*parts, RequestBody::buffered(body, trailers));
             let mut response = inner.call(req).await?.map(ResponseBody::inner);
             response.extensions_mut().insert(Outcome::FailedOpen);
             return Ok(response);
@@ -207,7 +210,7 @@ where
 
     let held = Held::new(config.clone(), record_key, token);
     let mut renewer = Renewer::new(Box::new(held));
-    let req = Request::from_parts(parts, RequestBody::buffered(body, trailers));
+    let req = Request::from_parts(*parts, RequestBody::buffered(body, trailers));
     let mut call = pin!(inner.call(req));
     let result = poll_fn(|cx| {
         let poll = call.as_mut().poll(cx);
