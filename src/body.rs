@@ -303,16 +303,19 @@ pin_project! {
     }
 }
 
+/// Moves an unfinished tee into a background task.
+type Detach<B> = fn(Pin<Box<TeeState<B>>>);
+
 /// The teed inner body.
 pub(crate) struct Tee<B> {
     state: Option<Pin<Box<TeeState<B>>>>,
     /// Moves an unfinished tee into a background task; `None` once it is in
     /// one.
-    detach: Option<fn(Pin<Box<TeeState<B>>>)>,
+    detach: Option<Detach<B>>,
 }
 
 impl<B> Tee<B> {
-    pub(crate) fn new(body: B, recording: Recording, detach: fn(Pin<Box<TeeState<B>>>)) -> Self {
+    pub(crate) fn new(body: B, recording: Recording, detach: Detach<B>) -> Self {
         Tee {
             state: Some(Box::pin(TeeState {
                 body: Source::Streaming { body },
