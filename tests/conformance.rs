@@ -59,3 +59,101 @@ async fn arc_store_passes_the_whole_suite() {
     }
     conformance::run_all(&Shared(ManualClock::new())).await;
 }
+
+/// The suite has teeth: a store that claims by reading, then writing, is
+/// caught by the racing check, and one that ignores tokens by the fencing
+/// check.
+mod broken {
+    use std::{
+        collections::HashMap,
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    use bytes::Bytes;
+    use tower_idempotency::{
+        Fingerprint, Store,
+        store::{Claim, ManualClock, RecordKey, StoreError, Token, conformance, conformance::Harness},
+    };
+
+    #[derive(Clone, Default)]
+    struct ReadThenWrite {
+        records: Arc<Mutex<HashMap<RecordKey, (Fingerprint, Token, Option<Bytes>)>>>,
+        check_tokens: bool,
+    }
+
+    impl Store for ReadThenWrite {
+        async fn claim(&self, key: &RecordKey, fingerprint: Fingerprint, _lease: Duration) -> Result<Claim, StoreError> {
+            let existing = self.records.lock().unwrap().get(key).cloned();
+            if let Some((fingerprint, _, record)) = existing {
+                return Ok(match record {
+                    Some(record) => Claim::Completed { fingerprint, record },
+                    None => Claim::InFlight { fingerprint, lease_remaining: Duration::from_secs(1) },
+                });
+            }
+            // The bug: another claim can run between the read and the write.
+            tokio::task::yield_now().await;
+            let token = Token(rand_token());
+            self.records.lock().unwrap().insert(key.clone(), (fingerprint, token, None));
+            Ok(Claim::Acquired { token })
+        }
+
+        async fn renew(&self, _key: &RecordKey, _token: Token, _lease: Duration) -> Result<(), StoreError> {
+            Ok(())
+        }
+
+        async fn complete(&self, key: &RecordKey, token: Token, record: Bytes, _ttl: Duration) -> Result<(), StoreError> {
+            let mut records = self.records.lock().unwrap();
+            match records.get_mut(key) {
+                Some(entry) if !self.check_tokens || entry.1 == token => {
+                    entry.2 = Some(record);
+                    Ok(())
+                }
+                _ => Err(StoreError::Fenced),
+            }
+        }
+
+        async fn release(&self, key: &RecordKey, _token: Token) -> Result<(), StoreError> {
+            self.records.lock().unwrap().remove(key);
+            Ok(())
+        }
+    }
+
+    fn rand_token() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    }
+
+    struct Broken(ReadThenWrite, ManualClock);
+
+    impl Harness for Broken {
+        type Store = ReadThenWrite;
+        fn store(&self) -> ReadThenWrite {
+            self.0.clone()
+        }
+        async fn advance(&self, by: Duration) {
+            self.1.advance(by);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_then_write_claim_fails_the_race_check() {
+        let harness = Broken(ReadThenWrite::default(), ManualClock::new());
+        let outcome = tokio::spawn(async move {
+            conformance::racing_claims_acquire_exactly_once(&harness).await;
+        })
+        .await;
+        assert!(outcome.unwrap_err().is_panic(), "the suite must reject a racy claim");
+    }
+
+    #[tokio::test]
+    async fn a_store_ignoring_tokens_fails_the_fencing_check() {
+        let harness = Broken(ReadThenWrite::default(), ManualClock::new());
+        let outcome = tokio::spawn(async move {
+            conformance::completed_records_are_final(&harness).await;
+        })
+        .await;
+        assert!(outcome.unwrap_err().is_panic(), "the suite must reject a store without fencing");
+    }
+}
