@@ -256,6 +256,11 @@ impl Recording {
         }
     }
 
+    /// Whether the body is past the response limit and no longer kept.
+    fn gave_up_body(&self) -> bool {
+        self.builder.as_ref().is_some_and(|b| !b.is_retained())
+    }
+
     fn trailers(&mut self, trailers: &HeaderMap) {
         if let Some(builder) = self.builder.take() {
             self.record = Some(builder.finish(Some(trailers)));
@@ -272,6 +277,7 @@ impl Recording {
         self.finish();
     }
 
+    /// Starts completing the record (once).
     fn finish(&mut self) {
         if self.completing.is_some() {
             return;
@@ -281,6 +287,7 @@ impl Recording {
             (None, Some(builder)) => builder.finish(None),
             (None, None) => return,
         };
+        self.renewer.stop();
         self.completing = Some(self.renewer.claim.complete(record));
     }
 }
@@ -292,6 +299,10 @@ pin_project! {
         #[pin]
         body: Source<B>,
         recording: Option<Recording>,
+        // The last frame, held back until the record is complete.
+        held_back: Option<Frame<Bytes>>,
+        // Set once the client has gone and the tee is being drained.
+        detached: bool,
     }
 }
 
@@ -309,9 +320,8 @@ type Detach<B> = fn(Pin<Box<TeeState<B>>>);
 /// The teed inner body.
 pub(crate) struct Tee<B> {
     state: Option<Pin<Box<TeeState<B>>>>,
-    /// Moves an unfinished tee into a background task; `None` once it is in
-    /// one.
-    detach: Option<Detach<B>>,
+    /// Moves an unfinished tee into a background task.
+    detach: Detach<B>,
 }
 
 impl<B> Tee<B> {
@@ -320,15 +330,17 @@ impl<B> Tee<B> {
             state: Some(Box::pin(TeeState {
                 body: Source::Streaming { body },
                 recording: Some(recording),
+                held_back: None,
+                detached: false,
             })),
-            detach: Some(detach),
+            detach,
         }
     }
 
     fn is_end_stream(&self) -> bool {
         self.state
             .as_ref()
-            .is_none_or(|state| state.recording.is_none())
+            .is_none_or(|state| state.recording.is_none() && state.held_back.is_none())
     }
 }
 
@@ -336,7 +348,7 @@ impl<B: Body> Tee<B> {
     fn size_hint(&self) -> SizeHint {
         match self.state.as_ref().map(|state| &state.body) {
             Some(Source::Streaming { body }) => body.size_hint(),
-            _ => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
         }
     }
 
@@ -348,6 +360,15 @@ impl<B: Body> Tee<B> {
     }
 }
 
+/// What the service's body just gave.
+enum Step<E> {
+    Frame(Frame<Bytes>),
+    /// The last frame (or the end): the record is completed before it goes
+    /// out, so a retry that follows the response always finds the record.
+    Last(Option<Frame<Bytes>>),
+    Failed(E),
+}
+
 impl<B: Body> TeeState<B> {
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -356,49 +377,65 @@ impl<B: Body> TeeState<B> {
         let mut this = self.project();
         loop {
             let Some(recording) = this.recording.as_mut() else {
-                return Poll::Ready(None);
+                return Poll::Ready(this.held_back.take().map(Ok));
             };
             if let Some(completing) = &mut recording.completing {
                 ready!(completing.as_mut().poll(cx));
                 *this.recording = None;
-                return Poll::Ready(None);
+                continue;
             }
-            let SourceProj::Streaming { body } = this.body.as_mut().project() else {
+            let SourceProj::Streaming { mut body } = this.body.as_mut().project() else {
                 recording.finish();
                 continue;
             };
-            let frame = match body.poll_frame(cx) {
+            let step = match body.as_mut().poll_frame(cx) {
                 Poll::Pending => {
-                    recording.renewer.poll(cx);
+                    // A streaming body: the server may stop polling it while
+                    // the client is slow to read, so the lease is renewed
+                    // from a task of its own.
+                    recording.renewer.renew_in_background();
                     return Poll::Pending;
                 }
-                Poll::Ready(frame) => frame,
+                Poll::Ready(None) => Step::Last(None),
+                Poll::Ready(Some(Err(err))) => Step::Failed(err),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let data = into_bytes(data);
+                        recording.push(&data);
+                        if body.is_end_stream() {
+                            Step::Last(Some(Frame::data(data)))
+                        } else if *this.detached && recording.gave_up_body() {
+                            // Nobody reads it and it is not kept: stop here
+                            // rather than drain a long or endless stream.
+                            Step::Last(None)
+                        } else {
+                            recording.renewer.renew_in_background();
+                            Step::Frame(Frame::data(data))
+                        }
+                    }
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(trailers) => {
+                            recording.trailers(&trailers);
+                            Step::Last(Some(Frame::trailers(trailers)))
+                        }
+                        // A frame kind this crate does not know: neither
+                        // data nor trailers. Nothing to forward or record.
+                        Err(_) => continue,
+                    },
+                },
             };
-            match frame {
-                None => {
+            match step {
+                Step::Frame(frame) => return Poll::Ready(Some(Ok(frame))),
+                Step::Last(frame) => {
                     this.body.set(Source::Ended);
+                    *this.held_back = frame;
                     recording.finish();
                 }
-                Some(Err(err)) => {
+                Step::Failed(err) => {
                     this.body.set(Source::Ended);
                     recording.body_failed();
                     return Poll::Ready(Some(Err(err)));
                 }
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        let data = into_bytes(data);
-                        recording.push(&data);
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
-                            recording.trailers(&trailers);
-                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                        }
-                        // A frame kind this crate does not know: neither
-                        // data nor trailers. Nothing to forward or record.
-                    }
-                },
             }
         }
     }
@@ -414,6 +451,7 @@ where
         tracing::warn!("response dropped outside a tokio runtime; its claim ends with its lease");
         return;
     };
+    *state.as_mut().project().detached = true;
     handle.spawn(async move {
         // Every frame is copied into the record inside `poll_frame`.
         while std::future::poll_fn(|cx| state.as_mut().poll_frame(cx))
@@ -425,11 +463,26 @@ where
 
 impl<B> Drop for Tee<B> {
     fn drop(&mut self) {
-        let (Some(state), Some(detach)) = (self.state.take(), self.detach.take()) else {
+        let Some(mut state) = self.state.take() else {
             return;
         };
-        if state.recording.is_some() {
-            detach(state);
+        let this = state.as_mut().project();
+        let Some(mut recording) = this.recording.take() else {
+            return;
+        };
+        if std::thread::panicking() {
+            // The service's body panicked: never poll it again. The response
+            // head went out, so keep status and headers as the record.
+            recording.body_failed();
+            if let (Some(completing), Ok(handle)) = (
+                recording.completing.take(),
+                tokio::runtime::Handle::try_current(),
+            ) {
+                handle.spawn(completing);
+            }
+            return;
         }
+        *this.recording = Some(recording);
+        (self.detach)(state);
     }
 }

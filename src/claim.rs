@@ -75,6 +75,8 @@ pub(crate) trait HeldClaim: Send {
     /// How often the lease is renewed.
     fn renew_every(&self) -> Duration;
     fn renew(&self) -> BoxFuture<()>;
+    /// Renews every [`renew_every`](Self::renew_every), until dropped.
+    fn renew_forever(&self) -> BoxFuture<()>;
     /// Completes the claim with `record`; the claim is no longer held after.
     fn complete(&mut self, record: Bytes) -> BoxFuture<()>;
     /// Releases the claim; the claim is no longer held after.
@@ -130,28 +132,37 @@ impl<St: Store> HeldClaim for Held<St> {
         })
     }
 
+    fn renew_forever(&self) -> BoxFuture<()> {
+        let (config, key, token) = (self.config.clone(), self.key.clone(), self.token);
+        Box::pin(async move {
+            let every = config.lease / 3;
+            loop {
+                tokio::time::sleep(every).await;
+                let op = config.store.renew(&key, token, config.lease);
+                if let Err(err) = bounded(op, config.store_timeout).await {
+                    tracing::warn!(key = %KeyHash(&key), error = %err, "could not renew lease");
+                }
+            }
+        })
+    }
+
     fn complete(&mut self, record: Bytes) -> BoxFuture<()> {
         self.armed = false;
         let (config, key, token) = (self.config.clone(), self.key.clone(), self.token);
         Box::pin(async move {
-            let (store, limit, ttl) = (&config.store, config.store_timeout, config.ttl);
-            let mut result = bounded(store.complete(&key, token, record.clone(), ttl), limit).await;
-            if let Err(StoreError::Full) = result {
-                // No room for the body: keep status and headers, so a retry
-                // learns the outcome and nothing executes twice.
-                if let Ok(slim) = RecordBuilder::without_body(&record) {
-                    result = bounded(store.complete(&key, token, slim, ttl), limit).await;
-                }
+            if complete_once(&config, &key, token, &record).await {
+                return;
             }
-            match result {
-                Ok(()) => tracing::debug!(key = %KeyHash(&key), "response recorded"),
-                Err(StoreError::Fenced) => tracing::warn!(
+            // The store failed. The work is done, so the record must land:
+            // keep trying in the background (holding the lease meanwhile)
+            // and let the response end now. Until it lands, retries see the
+            // key in flight.
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    handle.spawn(complete_with_retries(config, key, token, record));
+                }
+                Err(_) => tracing::error!(
                     key = %KeyHash(&key),
-                    "response not recorded: the lease lapsed and another request took the key over"
-                ),
-                Err(err) => tracing::error!(
-                    key = %KeyHash(&key),
-                    error = %err,
                     "response not recorded; the key stays claimed until its lease ends"
                 ),
             }
@@ -162,6 +173,72 @@ impl<St: Store> HeldClaim for Held<St> {
         self.armed = false;
         self.release_future()
     }
+}
+
+/// One attempt to complete; `true` when there is nothing left to try (done,
+/// or fenced out by a newer claim).
+async fn complete_once<St: Store>(
+    config: &Config<St>,
+    key: &RecordKey,
+    token: Token,
+    record: &Bytes,
+) -> bool {
+    let (store, limit, ttl) = (&config.store, config.store_timeout, config.ttl);
+    let mut result = bounded(store.complete(key, token, record.clone(), ttl), limit).await;
+    if let Err(StoreError::Full) = result {
+        // No room for the body: keep status and headers, so a retry learns
+        // the outcome and nothing executes twice.
+        if let Ok(slim) = RecordBuilder::without_body(record) {
+            result = bounded(store.complete(key, token, slim, ttl), limit).await;
+        }
+    }
+    match result {
+        Ok(()) => {
+            tracing::debug!(key = %KeyHash(key), "response recorded");
+            true
+        }
+        Err(StoreError::Fenced) => {
+            tracing::warn!(
+                key = %KeyHash(key),
+                "response not recorded: the lease lapsed and another request took the key over"
+            );
+            true
+        }
+        Err(err) => {
+            tracing::warn!(key = %KeyHash(key), error = %err, "could not record response; retrying");
+            false
+        }
+    }
+}
+
+/// Attempts at completing after a failure: backing off from 100 ms to 5 s,
+/// about a minute in all, renewing the lease before each.
+async fn complete_with_retries<St: Store>(
+    config: Arc<Config<St>>,
+    key: RecordKey,
+    token: Token,
+    record: Bytes,
+) {
+    let mut backoff = Duration::from_millis(100);
+    for _ in 0..16 {
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        let renewal = config.store.renew(&key, token, config.lease);
+        if let Err(StoreError::Fenced) = bounded(renewal, config.store_timeout).await {
+            tracing::warn!(
+                key = %KeyHash(&key),
+                "response not recorded: the lease lapsed and another request took the key over"
+            );
+            return;
+        }
+        if complete_once(&config, &key, token, &record).await {
+            return;
+        }
+    }
+    tracing::error!(
+        key = %KeyHash(&key),
+        "response not recorded after repeated store failures; the key stays claimed until its lease ends"
+    );
 }
 
 impl<St: Store> Drop for Held<St> {
@@ -183,10 +260,16 @@ impl<St: Store> Drop for Held<St> {
 
 /// Keeps a held claim's lease alive while the request runs and while its
 /// response streams.
+///
+/// While the service works on the request, the server polls its future
+/// whenever woken, so a timer polled alongside it is enough. A streaming
+/// response is different: the server stops polling the body while the
+/// client is slow to read, so renewal moves to a task of its own.
 pub(crate) struct Renewer {
     pub(crate) claim: Box<dyn HeldClaim>,
     timer: Option<Pin<Box<Sleep>>>,
     renewing: Option<BoxFuture<()>>,
+    background: Option<tokio::task::AbortHandle>,
 }
 
 impl Renewer {
@@ -195,6 +278,26 @@ impl Renewer {
             claim,
             timer: None,
             renewing: None,
+            background: None,
+        }
+    }
+
+    /// Moves renewal into a task (once), for as long as this renewer lives
+    /// or until [`stop`](Self::stop).
+    pub(crate) fn renew_in_background(&mut self) {
+        if self.background.is_some() {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let task = handle.spawn(self.claim.renew_forever());
+            self.background = Some(task.abort_handle());
+        }
+    }
+
+    /// Stops background renewal: the claim is being completed or released.
+    pub(crate) fn stop(&mut self) {
+        if let Some(task) = self.background.take() {
+            task.abort();
         }
     }
 
@@ -218,5 +321,11 @@ impl Renewer {
             timer.as_mut().reset(Instant::now() + every);
             self.renewing = Some(self.claim.renew());
         }
+    }
+}
+
+impl Drop for Renewer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -46,6 +46,11 @@ struct Keyed<B, E> {
 
 impl<B, E> Drop for Keyed<B, E> {
     fn drop(&mut self) {
+        // A future that panicked must not be polled again; what it held
+        // (the claim) is released as the panic unwinds through it.
+        if std::thread::panicking() {
+            return;
+        }
         if let Some(future) = self.future.take() {
             (self.detach)(future);
         }

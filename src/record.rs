@@ -121,6 +121,11 @@ impl RecordBuilder {
         self.buf.put_slice(chunk);
     }
 
+    /// Whether the body is still kept (not over the limit, not given up).
+    pub(crate) fn is_retained(&self) -> bool {
+        self.retained
+    }
+
     /// Drops the body collected so far: the record will keep status and
     /// headers only.
     pub(crate) fn give_up_body(&mut self) {

@@ -73,7 +73,9 @@ mod broken {
     use bytes::Bytes;
     use tower_idempotency::{
         Fingerprint, Store,
-        store::{Claim, ManualClock, RecordKey, StoreError, Token, conformance, conformance::Harness},
+        store::{
+            Claim, ManualClock, RecordKey, StoreError, Token, conformance, conformance::Harness,
+        },
     };
 
     #[derive(Clone, Default)]
@@ -83,26 +85,51 @@ mod broken {
     }
 
     impl Store for ReadThenWrite {
-        async fn claim(&self, key: &RecordKey, fingerprint: Fingerprint, _lease: Duration) -> Result<Claim, StoreError> {
+        async fn claim(
+            &self,
+            key: &RecordKey,
+            fingerprint: Fingerprint,
+            _lease: Duration,
+        ) -> Result<Claim, StoreError> {
             let existing = self.records.lock().unwrap().get(key).cloned();
             if let Some((fingerprint, _, record)) = existing {
                 return Ok(match record {
-                    Some(record) => Claim::Completed { fingerprint, record },
-                    None => Claim::InFlight { fingerprint, lease_remaining: Duration::from_secs(1) },
+                    Some(record) => Claim::Completed {
+                        fingerprint,
+                        record,
+                    },
+                    None => Claim::InFlight {
+                        fingerprint,
+                        lease_remaining: Duration::from_secs(1),
+                    },
                 });
             }
             // The bug: another claim can run between the read and the write.
             tokio::task::yield_now().await;
             let token = Token(rand_token());
-            self.records.lock().unwrap().insert(key.clone(), (fingerprint, token, None));
+            self.records
+                .lock()
+                .unwrap()
+                .insert(key.clone(), (fingerprint, token, None));
             Ok(Claim::Acquired { token })
         }
 
-        async fn renew(&self, _key: &RecordKey, _token: Token, _lease: Duration) -> Result<(), StoreError> {
+        async fn renew(
+            &self,
+            _key: &RecordKey,
+            _token: Token,
+            _lease: Duration,
+        ) -> Result<(), StoreError> {
             Ok(())
         }
 
-        async fn complete(&self, key: &RecordKey, token: Token, record: Bytes, _ttl: Duration) -> Result<(), StoreError> {
+        async fn complete(
+            &self,
+            key: &RecordKey,
+            token: Token,
+            record: Bytes,
+            _ttl: Duration,
+        ) -> Result<(), StoreError> {
             let mut records = self.records.lock().unwrap();
             match records.get_mut(key) {
                 Some(entry) if !self.check_tokens || entry.1 == token => {
@@ -144,7 +171,10 @@ mod broken {
             conformance::racing_claims_acquire_exactly_once(&harness).await;
         })
         .await;
-        assert!(outcome.unwrap_err().is_panic(), "the suite must reject a racy claim");
+        assert!(
+            outcome.unwrap_err().is_panic(),
+            "the suite must reject a racy claim"
+        );
     }
 
     #[tokio::test]
@@ -154,6 +184,58 @@ mod broken {
             conformance::completed_records_are_final(&harness).await;
         })
         .await;
-        assert!(outcome.unwrap_err().is_panic(), "the suite must reject a store without fencing");
+        assert!(
+            outcome.unwrap_err().is_panic(),
+            "the suite must reject a store without fencing"
+        );
     }
+}
+
+#[tokio::test]
+async fn memory_store_makes_room_by_bytes_without_evicting_the_new_record() {
+    use tower_idempotency::{
+        Fingerprint, Store,
+        store::{Claim, RecordKey},
+    };
+    let store = MemoryStore::builder().max_bytes(3000).build();
+    let lease = Duration::from_secs(10);
+    let ttl = Duration::from_secs(60);
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let key = RecordKey::new("", &format!("k{i}"));
+        let Ok(Claim::Acquired { token }) = store
+            .claim(&key, Fingerprint::from_bytes([0; 32]), lease)
+            .await
+        else {
+            panic!("claim");
+        };
+        store
+            .complete(&key, token, bytes::Bytes::from(vec![7u8; 1400]), ttl)
+            .await
+            .expect("room is made by evicting older records");
+        keys.push(key);
+    }
+    assert!(store.bytes() <= 3000, "{} bytes held", store.bytes());
+    for key in &keys[1..] {
+        assert!(matches!(
+            store
+                .claim(key, Fingerprint::from_bytes([0; 32]), lease)
+                .await,
+            Ok(Claim::Completed { .. })
+        ));
+    }
+    // A record that can never fit is refused, not stored and evicted.
+    let huge = RecordKey::new("", "huge");
+    let Ok(Claim::Acquired { token }) = store
+        .claim(&huge, Fingerprint::from_bytes([0; 32]), lease)
+        .await
+    else {
+        panic!("claim");
+    };
+    assert!(matches!(
+        store
+            .complete(&huge, token, bytes::Bytes::from(vec![0u8; 4000]), ttl)
+            .await,
+        Err(tower_idempotency::store::StoreError::Full)
+    ));
 }

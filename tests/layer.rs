@@ -613,3 +613,26 @@ async fn full_store_of_in_flight_claims_answers_503() {
     let response = app.oneshot(post_with_key("b", "x")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
 }
+
+/// The record is complete by the time the last frame reaches the client, as
+/// a server sees it: the body says it has ended, and a retry sent before the
+/// body is even dropped is a replay.
+#[tokio::test]
+async fn the_record_is_complete_when_the_last_frame_goes_out() {
+    use http_body::Body as _;
+    use http_body_util::BodyExt;
+    let counter = Counter::default();
+    let app = app(&counter, layer());
+    let first = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
+    let mut body = first.into_body();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "booking 1: x");
+    assert!(body.is_end_stream(), "a server stops polling here");
+    let retry = app.oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(
+        retry.extensions().get::<Outcome>(),
+        Some(&Outcome::Replayed)
+    );
+    drop(body);
+    assert_eq!(counter.get(), 1);
+}

@@ -238,3 +238,26 @@ async fn sixty_four_racing_clients_execute_once() {
     assert_eq!((created, conflicts), (1, CLIENTS - 1));
     assert_eq!(counter.get(), 1);
 }
+
+/// A response with a known length is recorded before its last byte goes
+/// out: a retry sent the moment the first response has been read is a
+/// replay, never a 409.
+#[tokio::test]
+async fn a_retry_right_after_the_response_is_a_replay() {
+    let counter = Counter::default();
+    let app = common::booking_router(counter.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::default()));
+    let (addr, _connections) = serve(app).await;
+    let (mut sender, _driver) = connect(addr).await;
+    for round in 0..20 {
+        let key = format!("quick-{round}");
+        let first = sender.send_request(booking(&key, "x")).await.unwrap();
+        assert!(first.headers().contains_key("content-length"));
+        first.into_body().collect().await.unwrap();
+        let retry = sender.send_request(booking(&key, "x")).await.unwrap();
+        assert_eq!(retry.status(), StatusCode::CREATED, "round {round}");
+        assert_eq!(retry.headers()["idempotent-replayed"], "true");
+        retry.into_body().collect().await.unwrap();
+    }
+    assert_eq!(counter.get(), 20);
+}

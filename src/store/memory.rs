@@ -114,6 +114,9 @@ struct Inner {
     expiry: Mutex<BinaryHeap<Reverse<(Nanos, RecordKey)>>>,
     /// Instants are kept as nanoseconds since this one: half the size.
     epoch: Instant,
+    /// When eviction last scanned the whole map for expired in-flight
+    /// records; such scans are rate-limited.
+    last_scan: AtomicU64,
     entries: AtomicUsize,
     bytes: AtomicUsize,
     next: AtomicU64,
@@ -193,6 +196,7 @@ impl MemoryStoreBuilder {
                 map: DashMap::new(),
                 expiry: Mutex::default(),
                 epoch: self.clock.now(),
+                last_scan: AtomicU64::new(0),
                 entries: AtomicUsize::new(0),
                 bytes: AtomicUsize::new(0),
                 next: AtomicU64::new(1),
@@ -327,12 +331,24 @@ impl Inner {
     }
 
     /// Evicts the completed record closest to (or furthest past) expiry.
-    /// Falls back to removing expired in-flight records. Must not be called
-    /// while holding a map guard.
+    /// With none left, falls back to removing in-flight records whose lease
+    /// has passed, scanning the map at most once a second so that a store
+    /// full of live claims answers `Full` cheaply. Must not be called while
+    /// holding a map guard.
     fn evict_one(&self, now: Nanos) -> bool {
         loop {
             let next = self.expiry.lock().unwrap_or_else(|e| e.into_inner()).pop();
             let Some(Reverse((expiry, key))) = next else {
+                let last = self.last_scan.load(Ordering::Acquire);
+                let due = last == 0 || now.saturating_sub(last) >= 1_000_000_000;
+                if !due
+                    || self
+                        .last_scan
+                        .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Acquire)
+                        .is_err()
+                {
+                    return false;
+                }
                 return self.remove_expired_in(now) > 0;
             };
             let removed = self.map.remove_if(&key, |_, record| {
@@ -416,8 +432,10 @@ impl Inner {
                         lease_until: now.saturating_add(nanos(lease)),
                         token,
                     });
-                    drop(entry);
+                    // Counters change under the shard lock, so that no
+                    // concurrent removal of this record subtracts first.
                     self.bytes.fetch_sub(old.record_len(), Ordering::AcqRel);
+                    drop(entry);
                     if reserved {
                         self.entries.fetch_sub(1, Ordering::AcqRel);
                     }
@@ -425,7 +443,7 @@ impl Inner {
                 }
                 Entry::Vacant(entry) if reserved => {
                     let token = self.new_token();
-                    entry.insert(Record::InFlight {
+                    let _guard = entry.insert(Record::InFlight {
                         fingerprint,
                         lease_until: now.saturating_add(nanos(lease)),
                         token,
@@ -471,6 +489,14 @@ impl Inner {
             return Err(StoreError::Full);
         }
         let now = self.now();
+        // Make room first, while this key is still in flight and so cannot
+        // be the record evicted. Concurrent completions may overshoot the
+        // bound by their own sizes, briefly.
+        while self.bytes.load(Ordering::Acquire) + size > self.max_bytes {
+            if !self.evict_one(now) {
+                return Err(StoreError::Full);
+            }
+        }
         let expires_at = now.saturating_add(nanos(ttl));
         {
             let mut guard = self.map.get_mut(key).ok_or(StoreError::Fenced)?;
@@ -487,8 +513,8 @@ impl Inner {
                 record,
                 expires_at,
             };
+            self.bytes.fetch_add(size, Ordering::AcqRel);
         }
-        self.bytes.fetch_add(size, Ordering::AcqRel);
         let queued = {
             let mut queue = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
             queue.push(Reverse((expires_at, key.clone())));
@@ -496,11 +522,6 @@ impl Inner {
         };
         if queued > 2 * self.entries.load(Ordering::Acquire) + 64 {
             self.prune_expiry_queue();
-        }
-        while self.bytes.load(Ordering::Acquire) > self.max_bytes {
-            if !self.evict_one(now) {
-                break;
-            }
         }
         Ok(())
     }
