@@ -78,9 +78,12 @@ mod broken {
         },
     };
 
+    /// Fingerprint, token, and the record once completed.
+    type Entry = (Fingerprint, Token, Option<Bytes>);
+
     #[derive(Clone, Default)]
     struct ReadThenWrite {
-        records: Arc<Mutex<HashMap<RecordKey, (Fingerprint, Token, Option<Bytes>)>>>,
+        records: Arc<Mutex<HashMap<RecordKey, Entry>>>,
         check_tokens: bool,
     }
 
