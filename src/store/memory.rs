@@ -82,9 +82,11 @@ impl Clock for ManualClock {
 /// - Bounded by entries and by bytes (keys plus records). When a new claim or
 ///   a completed record needs room, it evicts completed records in order of
 ///   expiry: expired ones first, then the ones closest to expiring, which
-///   with one TTL are the oldest completed. It never evicts an in-flight
+///   with one TTL are the oldest completed. It never evicts a live in-flight
 ///   record; full of them, [`Store::claim`] fails with [`StoreError::Full`]
-///   and the layer answers 503.
+///   and the layer answers 503. In-flight records whose lease has passed
+///   (their holder stopped renewing) are removed once no completed record is
+///   left to evict, by a scan of the map run at most once a second.
 /// - Every method is a single `dashmap` entry operation under the key's
 ///   shard lock, so claims are atomic without any read-then-write.
 /// - Cloning is cheap and clones share the records.
