@@ -252,7 +252,8 @@ fn take_headers(bytes: &mut Bytes) -> Result<HeaderMap, Corrupt> {
     if count > bytes.remaining() / 6 {
         return Err(Corrupt);
     }
-    let mut headers = HeaderMap::with_capacity(count);
+    // One spare slot: a replay adds `Idempotent-Replayed`.
+    let mut headers = HeaderMap::with_capacity(count + 1);
     for _ in 0..count {
         let len = take_len(bytes, 2)?;
         let name = HeaderName::from_bytes(&bytes.split_to(len)).map_err(|_| Corrupt)?;

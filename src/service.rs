@@ -86,18 +86,44 @@ where
         if !config.protects(req.method()) {
             return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::streaming)));
         }
+        if !req.headers().contains_key(&config.header) {
+            if config.require_key {
+                return ResponseFuture::ready(reject(config, missing_key(config)));
+            }
+            return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::streaming)));
+        }
+        self.call_keyed(req)
+    }
+}
+
+impl<S, St> Idempotency<S, St>
+where
+    S: Clone,
+    St: Store,
+{
+    /// The request carries a key: check it, then start the protected path.
+    /// Kept out of `call` so requests that pass through stay lean.
+    #[inline(never)]
+    fn call_keyed<ReqB, ResB>(
+        &mut self,
+        req: Request<ReqB>,
+    ) -> ResponseFuture<S::Future, ResB, S::Error>
+    where
+        S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqB: Body + Send + 'static,
+        ReqB::Data: Send,
+        ReqB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        ResB: Body + Send + 'static,
+        ResB::Data: Send,
+    {
+        let config = &self.config;
         let (parts, body) = req.into_parts();
         let mut values = parts.headers.get_all(&config.header).iter();
         let key = match (values.next(), values.next()) {
-            (None, _) if config.require_key => {
-                return ResponseFuture::ready(reject(config, missing_key(config)));
-            }
-            (None, _) => {
-                let req = Request::from_parts(parts, RequestBody::streaming(body));
-                return ResponseFuture::passthrough(self.inner.call(req));
-            }
-            (Some(_), Some(_)) => Err(KeyError::Repeated),
             (Some(value), None) => key::parse_borrowed(value.as_bytes()),
+            _ => Err(KeyError::Repeated),
         };
         let key = match key {
             Ok(key) => key,
