@@ -10,49 +10,18 @@ use bytes::Bytes;
 use common::{Counter, body_bytes, post_with_key, problem};
 use http::StatusCode;
 use http_body_util::BodyExt;
-use tokio::sync::watch;
 use tower::ServiceExt;
 use tower_idempotency::{
     IdempotencyLayer, MemoryStore, Outcome,
     store::{Fault, FaultyStore, Op},
 };
 
-/// `POST /stream`: one chunk, then a second once the gate opens.
-fn gated_stream(counter: &Counter) -> (Router, watch::Sender<bool>) {
-    let (gate, gate_rx) = watch::channel(false);
-    let counter = counter.clone();
-    let router = Router::new().route(
-        "/book",
-        post(move || {
-            let (counter, gate) = (counter.clone(), gate_rx.clone());
-            async move {
-                counter.hit();
-                let chunks = futures_util::stream::unfold(0, move |step| {
-                    let mut gate = gate.clone();
-                    async move {
-                        match step {
-                            0 => Some((Ok::<_, Infallible>(Bytes::from_static(b"head;")), 1)),
-                            1 => {
-                                gate.wait_for(|open| *open).await.unwrap();
-                                Some((Ok(Bytes::from_static(b"tail")), 2))
-                            }
-                            _ => None,
-                        }
-                    }
-                });
-                Body::from_stream(chunks)
-            }
-        }),
-    );
-    (router, gate)
-}
-
 /// The client reads the first chunk, then stops reading for ten leases. The
 /// lease is renewed all along, so a duplicate is still told "in flight".
 #[tokio::test(start_paused = true)]
 async fn a_slow_reader_keeps_the_claim() {
     let counter = Counter::default();
-    let (router, gate) = gated_stream(&counter);
+    let (router, gate) = common::gated_stream_router(&counter);
     let store = FaultyStore::new(MemoryStore::default());
     let app = router.layer(IdempotencyLayer::new(store.clone()).with_lease(Duration::from_secs(3)));
     let response = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();

@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use axum::{Router, body::Body, routing::post};
+use axum::{Router, routing::post};
 use bytes::Bytes;
 use common::Counter;
 use http::{Request, StatusCode};
@@ -139,31 +139,7 @@ async fn client_that_disconnects_mid_request_gets_a_replay_on_retry() {
 #[tokio::test]
 async fn client_that_disconnects_mid_body_gets_the_whole_body_on_retry() {
     let counter = Counter::default();
-    let (gate, gate_rx) = watch::channel(false);
-    let c = counter.clone();
-    let router = Router::new().route(
-        "/book",
-        post(move || {
-            let (counter, gate) = (c.clone(), gate_rx.clone());
-            async move {
-                counter.hit();
-                let chunks = futures_util::stream::unfold(0, move |step| {
-                    let mut gate = gate.clone();
-                    async move {
-                        match step {
-                            0 => Some((Ok::<_, Infallible>(Bytes::from_static(b"first;")), 1)),
-                            1 => {
-                                gate.wait_for(|open| *open).await.unwrap();
-                                Some((Ok(Bytes::from_static(b"second")), 2))
-                            }
-                            _ => None,
-                        }
-                    }
-                });
-                (StatusCode::OK, Body::from_stream(chunks))
-            }
-        }),
-    );
+    let (router, gate) = common::gated_stream_router(&counter);
     let layer = IdempotencyLayer::new(MemoryStore::default()).with_wait(Duration::from_secs(30));
     let (addr, mut connections) = serve(router.layer(layer)).await;
 
@@ -172,7 +148,7 @@ async fn client_that_disconnects_mid_body_gets_the_whole_body_on_retry() {
     assert_eq!(response.status(), StatusCode::OK);
     let mut body = response.into_body();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert_eq!(&first[..], b"first;");
+    assert_eq!(&first[..], b"head;");
     drop(body);
     driver.abort();
     let server_side = connections.recv().await.unwrap();
@@ -186,7 +162,7 @@ async fn client_that_disconnects_mid_body_gets_the_whole_body_on_retry() {
     let retry = sender.send_request(booking("stream", "")).await.unwrap();
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     let body = retry.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(&body[..], b"first;second");
+    assert_eq!(&body[..], b"head;tail");
     assert_eq!(counter.get(), 1);
 }
 

@@ -10,6 +10,7 @@ use axum::{Router, body::Body, routing::post};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
+use tokio::sync::watch;
 
 /// Counts how many times a handler body ran.
 #[derive(Clone, Default)]
@@ -77,4 +78,38 @@ where
         assert!(doc[member].is_string(), "problem document has {member}");
     }
     (status, doc["code"].as_str().unwrap().to_owned(), doc)
+}
+
+/// `POST /book` answering with a streamed body: `head;` at once, then
+/// `tail` once the returned gate is opened (sent `true`).
+pub fn gated_stream_router(counter: &Counter) -> (Router, watch::Sender<bool>) {
+    let (gate, gate_rx) = watch::channel(false);
+    let counter = counter.clone();
+    let router = Router::new().route(
+        "/book",
+        post(move || {
+            let (counter, gate) = (counter.clone(), gate_rx.clone());
+            async move {
+                counter.hit();
+                let chunks = futures_util::stream::unfold(0, move |step| {
+                    let mut gate = gate.clone();
+                    async move {
+                        match step {
+                            0 => Some((
+                                Ok::<_, std::convert::Infallible>(Bytes::from_static(b"head;")),
+                                1,
+                            )),
+                            1 => {
+                                gate.wait_for(|open| *open).await.unwrap();
+                                Some((Ok(Bytes::from_static(b"tail")), 2))
+                            }
+                            _ => None,
+                        }
+                    }
+                });
+                Body::from_stream(chunks)
+            }
+        }),
+    );
+    (router, gate)
 }
