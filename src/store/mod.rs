@@ -24,6 +24,9 @@ use crate::Fingerprint;
 
 mod boxed;
 mod memory;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+mod redis;
 
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
@@ -37,6 +40,8 @@ pub use faulty::{Fault, FaultyStore, Op};
 #[cfg(feature = "test-util")]
 pub use memory::ManualClock;
 pub use memory::{Clock, MemoryStore, MemoryStoreBuilder, TokioClock};
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
 
 /// The lookup key of a record: the server-chosen scope and the client's key.
 ///

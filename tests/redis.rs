@@ -1,0 +1,323 @@
+//! `RedisStore` against a real Redis: the conformance suite, a fleet of two
+//! servers sharing it, and a Redis that goes down mid-run.
+//!
+//! Needs `REDIS_URL` (for example `redis://127.0.0.1:6379`); without it every
+//! test here says it skipped and passes. The outage test also needs
+//! `redis-server` on the PATH.
+
+mod common;
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use axum::Router;
+use bytes::Bytes;
+use common::Counter;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use tower_idempotency::{
+    IdempotencyLayer,
+    store::{RecordKey, RedisStore, conformance, conformance::Harness},
+};
+
+fn redis_url() -> Option<String> {
+    let url = std::env::var("REDIS_URL").ok();
+    if url.is_none() {
+        // Straight to stderr: the test harness hides printed output of
+        // passing tests, and a skip must be seen.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: REDIS_URL is not set (for example redis://127.0.0.1:6379)"
+        );
+    }
+    url
+}
+
+/// A prefix of its own per test run, so runs and tests never meet.
+fn prefix(test: &str) -> String {
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("tower-idempotency-test:{test}:{nonce}:")
+}
+
+struct Redis {
+    store: RedisStore,
+}
+
+impl Harness for Redis {
+    type Store = RedisStore;
+
+    fn store(&self) -> RedisStore {
+        self.store.clone()
+    }
+
+    /// Redis keeps time itself: let it pass.
+    async fn advance(&self, by: Duration) {
+        tokio::time::sleep(by).await;
+    }
+
+    /// Short, since the suite waits for leases to run out in real time.
+    fn lease(&self) -> Duration {
+        Duration::from_millis(300)
+    }
+
+    async fn corrupt(&self, store: &RedisStore, key: &RecordKey) -> bool {
+        let url = std::env::var("REDIS_URL").unwrap();
+        let client = redis::Client::open(url).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(store.redis_key(key))
+            .arg("not a record")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        true
+    }
+}
+
+async fn harness(test: &str) -> Option<Redis> {
+    let url = redis_url()?;
+    let store = RedisStore::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("REDIS_URL is set but Redis is not reachable: {e}"))
+        .with_prefix(&prefix(test));
+    Some(Redis { store })
+}
+
+macro_rules! redis_conformance {
+    ($($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let Some(harness) = harness(stringify!($check)).await else { return };
+                conformance::$check(&harness).await;
+            }
+        )*
+    };
+}
+
+redis_conformance!(
+    first_claim_acquires,
+    racing_claims_acquire_exactly_once,
+    record_round_trips_byte_for_byte,
+    fingerprints_are_reported_not_compared,
+    scopes_and_keys_are_separate,
+    lease_lapse_allows_take_over,
+    racing_take_overs_acquire_exactly_once,
+    renew_extends_the_lease,
+    fencing_rejects_the_old_holder,
+    release_frees_the_key,
+    completed_records_expire_after_ttl,
+    completed_records_are_final,
+    corrupt_record_is_an_error,
+);
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+async fn serve(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base
+}
+
+fn booking(base: &str, key: &str) -> Request<Full<Bytes>> {
+    Request::post(format!("{base}/book"))
+        .header("idempotency-key", key)
+        .body(Full::new(Bytes::from_static(b"slot 9")))
+        .unwrap()
+}
+
+async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> (StatusCode, bool, Bytes) {
+    let response = client.request(req).await.unwrap();
+    let status = response.status();
+    let replayed = response.headers().contains_key("idempotent-replayed");
+    (
+        status,
+        replayed,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
+}
+
+/// Two servers, each with its own connection to one Redis: 32 concurrent
+/// duplicates spread over both execute once, and a retry sent to the other
+/// server replays the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_two_servers_executes_once() {
+    let Some(url) = redis_url() else { return };
+    let prefix = prefix("fleet");
+    let counter = Counter::default();
+    let mut bases = Vec::new();
+    for _ in 0..2 {
+        let store = RedisStore::connect(&url)
+            .await
+            .unwrap()
+            .with_prefix(&prefix);
+        let app = common::booking_router(counter.clone()).layer(IdempotencyLayer::new(store));
+        bases.push(serve(app).await);
+    }
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let (client, req) = (client.clone(), booking(&bases[i % 2], "fleet-key"));
+        tasks.push(tokio::spawn(async move { send(&client, req).await }));
+    }
+    let mut created = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            (StatusCode::CREATED, _, _) => created += 1,
+            (StatusCode::CONFLICT, _, _) => {}
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert!(created >= 1);
+    assert_eq!(counter.get(), 1, "one execution across the fleet");
+    for base in &bases {
+        let (status, replayed, body) = send(&client, booking(base, "fleet-key")).await;
+        assert_eq!((status, replayed), (StatusCode::CREATED, true));
+        assert_eq!(&body[..], b"booking 1: slot 9");
+    }
+    assert_eq!(counter.get(), 1);
+}
+
+/// A `redis-server` of the test's own, on a free loopback port, keeping an
+/// append-only file so that a restart remembers what it held.
+struct OwnRedis {
+    port: u16,
+    dir: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start(port: u16, dir: std::path::PathBuf) -> Self {
+        let mut redis = OwnRedis {
+            port,
+            dir,
+            child: None,
+        };
+        redis.restart();
+        redis
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be on the PATH for the outage test");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn wait_until_up(&self) {
+        let url = format!("redis://127.0.0.1:{}", self.port);
+        for _ in 0..200 {
+            if let Ok(client) = redis::Client::open(url.as_str())
+                && let Ok(mut connection) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "the test's redis-server did not come up on port {}",
+            self.port
+        );
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Redis goes down mid-run: requests get 503 `store-unavailable` with
+/// `Retry-After` and nothing executes; once it is back, service resumes, what
+/// completed before is still replayed, and nothing runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_is_503_and_service_resumes_after() {
+    if redis_url().is_none() {
+        return;
+    }
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let dir = std::env::temp_dir().join(format!("tower-idempotency-outage-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut redis = OwnRedis::start(port, dir);
+    redis.wait_until_up().await;
+
+    let counter = Counter::default();
+    let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let app = common::booking_router(counter.clone())
+        .layer(IdempotencyLayer::new(store).with_store_timeout(Duration::from_secs(1)));
+    let base = serve(app).await;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+
+    let (status, _, _) = send(&client, booking(&base, "before")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(counter.get(), 1);
+
+    redis.kill();
+    for key in ["before", "during"] {
+        let response = client.request(booking(&base, key)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{key}");
+        assert!(response.headers().contains_key("retry-after"));
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("store-unavailable"));
+    }
+    assert_eq!(counter.get(), 1, "nothing executes while the store is down");
+
+    redis.restart();
+    redis.wait_until_up().await;
+    // The connection manager reconnects on its own; the first request may
+    // still meet the broken connection.
+    let mut answer = send(&client, booking(&base, "before")).await;
+    for _ in 0..50 {
+        if answer.0 != StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        answer = send(&client, booking(&base, "before")).await;
+    }
+    assert_eq!(
+        (answer.0, answer.1),
+        (StatusCode::CREATED, true),
+        "replayed after the restart"
+    );
+    let (status, replayed, _) = send(&client, booking(&base, "during")).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false));
+    assert_eq!(counter.get(), 2, "one execution per key, none repeated");
+}
