@@ -12,12 +12,12 @@ use std::{
     time::Duration,
 };
 
-use axum::Router;
-use bytes::Bytes;
-use common::Counter;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use common::{
+    Counter,
+    fleet::{self, booking, send},
+};
+use http::StatusCode;
+use http_body_util::BodyExt;
 use tower_idempotency::{
     IdempotencyLayer,
     store::{RecordKey, RedisStore, conformance, conformance::Harness},
@@ -118,72 +118,37 @@ redis_conformance!(
     corrupt_record_is_an_error,
 );
 
-type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
-
-async fn serve(app: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    base
-}
-
-fn booking(base: &str, key: &str) -> Request<Full<Bytes>> {
-    Request::post(format!("{base}/book"))
-        .header("idempotency-key", key)
-        .body(Full::new(Bytes::from_static(b"slot 9")))
-        .unwrap()
-}
-
-async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> (StatusCode, bool, Bytes) {
-    let response = client.request(req).await.unwrap();
-    let status = response.status();
-    let replayed = response.headers().contains_key("idempotent-replayed");
-    (
-        status,
-        replayed,
-        response.into_body().collect().await.unwrap().to_bytes(),
-    )
-}
-
-/// Two servers, each with its own connection to one Redis: 32 concurrent
-/// duplicates spread over both execute once, and a retry sent to the other
-/// server replays the response.
+/// Two servers sharing one Redis execute a request once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_of_two_servers_executes_once() {
     let Some(url) = redis_url() else { return };
     let prefix = prefix("fleet");
-    let counter = Counter::default();
-    let mut bases = Vec::new();
-    for _ in 0..2 {
-        let store = RedisStore::connect(&url)
-            .await
-            .unwrap()
-            .with_prefix(&prefix);
-        let app = common::booking_router(counter.clone()).layer(IdempotencyLayer::new(store));
-        bases.push(serve(app).await);
-    }
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
-    let mut tasks = Vec::new();
-    for i in 0..32 {
-        let (client, req) = (client.clone(), booking(&bases[i % 2], "fleet-key"));
-        tasks.push(tokio::spawn(async move { send(&client, req).await }));
-    }
-    let mut created = 0;
-    for task in tasks {
-        match task.await.unwrap() {
-            (StatusCode::CREATED, _, _) => created += 1,
-            (StatusCode::CONFLICT, _, _) => {}
-            other => panic!("unexpected answer {other:?}"),
-        }
-    }
-    assert!(created >= 1);
-    assert_eq!(counter.get(), 1, "one execution across the fleet");
-    for base in &bases {
-        let (status, replayed, body) = send(&client, booking(base, "fleet-key")).await;
-        assert_eq!((status, replayed), (StatusCode::CREATED, true));
-        assert_eq!(&body[..], b"booking 1: slot 9");
-    }
-    assert_eq!(counter.get(), 1);
+    let a = RedisStore::connect(&url)
+        .await
+        .unwrap()
+        .with_prefix(&prefix);
+    let b = RedisStore::connect(&url)
+        .await
+        .unwrap()
+        .with_prefix(&prefix);
+    fleet::two_servers_execute_once([a, b]).await;
+}
+
+/// A holder that stops renewing loses the key after its lease, on Redis's
+/// clock, and its late completion is fenced out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_holder_is_taken_over_and_fenced_out() {
+    let Some(url) = redis_url() else { return };
+    let prefix = prefix("crash");
+    let a = RedisStore::connect(&url)
+        .await
+        .unwrap()
+        .with_prefix(&prefix);
+    let b = RedisStore::connect(&url)
+        .await
+        .unwrap()
+        .with_prefix(&prefix);
+    fleet::a_lapsed_holder_is_fenced_out([a, b], Duration::from_millis(300)).await;
 }
 
 /// A `redis-server` of the test's own, on a free loopback port, keeping an
@@ -283,8 +248,8 @@ async fn a_redis_outage_is_503_and_service_resumes_after() {
         .unwrap();
     let app = common::booking_router(counter.clone())
         .layer(IdempotencyLayer::new(store).with_store_timeout(Duration::from_secs(1)));
-    let base = serve(app).await;
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let base = fleet::serve(app).await;
+    let client = fleet::client();
 
     let (status, _, _) = send(&client, booking(&base, "before")).await;
     assert_eq!(status, StatusCode::CREATED);

@@ -24,6 +24,9 @@ use crate::Fingerprint;
 
 mod boxed;
 mod memory;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+mod postgres;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 mod redis;
@@ -40,6 +43,8 @@ pub use faulty::{Fault, FaultyStore, Op};
 #[cfg(feature = "test-util")]
 pub use memory::ManualClock;
 pub use memory::{Clock, MemoryStore, MemoryStoreBuilder, TokioClock};
+#[cfg(feature = "postgres")]
+pub use postgres::{InvalidTableName, PostgresStore};
 #[cfg(feature = "redis")]
 pub use redis::RedisStore;
 

@@ -113,3 +113,159 @@ pub fn gated_stream_router(counter: &Counter) -> (Router, watch::Sender<bool>) {
     );
     (router, gate)
 }
+
+/// Helpers for stores shared by several servers (Redis, PostgreSQL).
+pub mod fleet {
+    use std::time::Duration;
+
+    use axum::Router;
+    use bytes::Bytes;
+    use http::{Request, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+    use tokio::sync::{mpsc, watch};
+    use tower_idempotency::{
+        IdempotencyLayer, Store,
+        store::{Fault, FaultyStore, Op},
+    };
+
+    use super::{Counter, booking_router};
+
+    pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+    pub fn client() -> HttpClient {
+        Client::builder(TokioExecutor::new()).build_http()
+    }
+
+    pub async fn serve(app: Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        base
+    }
+
+    pub fn booking(base: &str, key: &str) -> Request<Full<Bytes>> {
+        Request::post(format!("{base}/book"))
+            .header("idempotency-key", key)
+            .body(Full::new(Bytes::from_static(b"slot 9")))
+            .unwrap()
+    }
+
+    /// Status, whether replayed, and body.
+    pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> (StatusCode, bool, Bytes) {
+        let response = client.request(req).await.unwrap();
+        let status = response.status();
+        let replayed = response.headers().contains_key("idempotent-replayed");
+        (
+            status,
+            replayed,
+            response.into_body().collect().await.unwrap().to_bytes(),
+        )
+    }
+
+    /// Two servers, each with its own store handle on one shared store: 32
+    /// concurrent duplicates spread over both execute once, and a retry sent
+    /// to either server replays the response.
+    pub async fn two_servers_execute_once<St: Store + Clone>(stores: [St; 2]) {
+        let counter = Counter::default();
+        let mut bases = Vec::new();
+        for store in stores {
+            let app = booking_router(counter.clone()).layer(IdempotencyLayer::new(store));
+            bases.push(serve(app).await);
+        }
+        let client = client();
+        let mut tasks = Vec::new();
+        for i in 0..32 {
+            let (client, req) = (client.clone(), booking(&bases[i % 2], "fleet-key"));
+            tasks.push(tokio::spawn(async move { send(&client, req).await }));
+        }
+        for task in tasks {
+            match task.await.unwrap() {
+                (StatusCode::CREATED | StatusCode::CONFLICT, _, _) => {}
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+        assert_eq!(counter.get(), 1, "one execution across the fleet");
+        for base in &bases {
+            let (status, replayed, body) = send(&client, booking(base, "fleet-key")).await;
+            assert_eq!((status, replayed), (StatusCode::CREATED, true));
+            assert_eq!(&body[..], b"booking 1: slot 9");
+        }
+        assert_eq!(counter.get(), 1);
+    }
+
+    /// The instance holding a claim stops renewing it (as a crashed or
+    /// partitioned server would) before recording. Once its lease has lapsed
+    /// on the store's clock, a retry on the other instance executes exactly
+    /// once more; the old holder's late completion is fenced out, and later
+    /// retries replay the new execution.
+    pub async fn a_lapsed_holder_is_fenced_out<St: Store + Clone>(
+        stores: [St; 2],
+        lease: Duration,
+    ) {
+        let counter = Counter::default();
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let (gate, gate_rx) = watch::channel(false);
+        let c = counter.clone();
+        let router = Router::new().route(
+            "/book",
+            axum::routing::post(move || {
+                let (c, started, mut gate) = (c.clone(), started_tx.clone(), gate_rx.clone());
+                async move {
+                    let n = c.hit();
+                    started.send(n).unwrap();
+                    if n == 1 {
+                        gate.wait_for(|open| *open).await.unwrap();
+                    }
+                    (StatusCode::CREATED, format!("booking {n}"))
+                }
+            }),
+        );
+        let [first, second] = stores;
+        let stalled = FaultyStore::new(first);
+        stalled.set_fault(Op::Renew, Some(Fault::Unavailable));
+        let base_a = serve(
+            router
+                .clone()
+                .layer(IdempotencyLayer::new(stalled.clone()).with_lease(lease)),
+        )
+        .await;
+        let base_b = serve(router.layer(IdempotencyLayer::new(second).with_lease(lease))).await;
+        let client = client();
+
+        let holder = {
+            let (client, req) = (client.clone(), booking(&base_a, "crash-key"));
+            tokio::spawn(async move { send(&client, req).await })
+        };
+        assert_eq!(started.recv().await, Some(1));
+        // Within the lease, the other instance sees the claim.
+        let (status, _, _) = send(&client, booking(&base_b, "crash-key")).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        // Let the lease run out on the store's clock.
+        tokio::time::sleep(lease * 2).await;
+        let (status, replayed, body) = send(&client, booking(&base_b, "crash-key")).await;
+        assert_eq!((status, replayed), (StatusCode::CREATED, false));
+        assert_eq!(&body[..], b"booking 2");
+        // The old holder finishes late: its client gets its response, but its
+        // record is fenced out.
+        gate.send(true).unwrap();
+        let (status, _, body) = holder.await.unwrap();
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::CREATED, &b"booking 1"[..])
+        );
+        assert_eq!(stalled.calls(Op::Complete), 1);
+        for base in [&base_a, &base_b] {
+            let (status, replayed, body) = send(&client, booking(base, "crash-key")).await;
+            assert_eq!(
+                (status, replayed, &body[..]),
+                (StatusCode::CREATED, true, &b"booking 2"[..])
+            );
+        }
+        assert_eq!(
+            counter.get(),
+            2,
+            "exactly one more execution after the lapse"
+        );
+    }
+}

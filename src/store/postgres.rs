@@ -1,0 +1,395 @@
+//! [`PostgresStore`]: records in a PostgreSQL table, shared by a fleet of
+//! servers.
+
+use std::{fmt, future::Future, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use sqlx::{AssertSqlSafe, PgPool, Row, postgres::PgRow};
+
+use super::{Claim, RecordKey, Store, StoreError, Token};
+use crate::Fingerprint;
+
+/// A [`Store`] in a PostgreSQL table, on a `sqlx` pool the application
+/// supplies.
+///
+/// The table (created by [`migrate`](Self::migrate), or by running
+/// [`PostgresStore::create_table_sql`] yourself):
+///
+/// ```sql
+/// CREATE TABLE IF NOT EXISTS idempotency_records (
+///     key         text        PRIMARY KEY,  -- "<scope length>:<scope><key>"
+///     fingerprint bytea       NOT NULL,     -- SHA-256 of the request
+///     token       bigint,                   -- fencing token, while in flight
+///     record      bytea,                    -- the response, once completed
+///     expires_at  timestamptz NOT NULL      -- lease end, then retention end
+/// );
+/// CREATE INDEX IF NOT EXISTS idempotency_records_expires_at
+///     ON idempotency_records (expires_at);
+/// ```
+///
+/// - `claim` is one `INSERT ... ON CONFLICT DO UPDATE ... WHERE expires_at
+///   <= now() RETURNING` statement; `renew`, `complete` and `release` are one
+///   `UPDATE` or `DELETE` each, fenced by `token`. One round trip apiece.
+/// - Time is the database's `now()`, so app servers with skewed clocks
+///   agree.
+/// - Expired rows are ignored by every statement and replaced by the next
+///   claim of their key; [`remove_expired`](Self::remove_expired) deletes them
+///   all, and [`spawn_cleanup`](Self::spawn_cleanup) does so periodically.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_idempotency::{IdempotencyLayer, store::PostgresStore};
+///
+/// let pool = sqlx::PgPool::connect("postgres://127.0.0.1/app").await?;
+/// let store = PostgresStore::new(pool);
+/// store.migrate().await?;
+/// let layer = IdempotencyLayer::new(store);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    sql: Arc<Statements>,
+}
+
+/// SQL with the table name in it. The name is validated by
+/// [`PostgresStore::with_table`] (or is the default), so these strings are
+/// safe to run: each is wrapped in `AssertSqlSafe` where it is used.
+struct Statements {
+    table: String,
+    claim: Arc<str>,
+    renew: Arc<str>,
+    complete: Arc<str>,
+    release: Arc<str>,
+    remove_expired: Arc<str>,
+}
+
+impl Statements {
+    fn new(table: &str) -> Self {
+        Statements {
+            table: table.to_owned(),
+            // The CTE claims a free or expired key; the second SELECT reads
+            // what holds the key otherwise. Under READ COMMITTED a row
+            // committed by a racing claim after this statement's snapshot is
+            // invisible to the SELECT, and no row comes back: the caller then
+            // runs the statement again.
+            claim: Arc::from(format!(
+                "WITH claimed AS (
+                    INSERT INTO {table} AS t (key, fingerprint, token, record, expires_at)
+                    VALUES ($1, $2, $3, NULL, now() + $4 * interval '1 millisecond')
+                    ON CONFLICT (key) DO UPDATE
+                        SET fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
+                            record = NULL, expires_at = EXCLUDED.expires_at
+                        WHERE t.expires_at <= now()
+                    RETURNING 1
+                )
+                SELECT true AS acquired, NULL::bytea AS fingerprint, NULL::bytea AS record,
+                       NULL::bigint AS remaining_ms
+                FROM claimed
+                UNION ALL
+                SELECT false, fingerprint, record,
+                       ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint
+                FROM {table}
+                WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM claimed)"
+            )),
+            renew: Arc::from(format!(
+                "UPDATE {table} SET expires_at = now() + $3 * interval '1 millisecond'
+                 WHERE key = $1 AND token = $2 AND record IS NULL"
+            )),
+            complete: Arc::from(format!(
+                "UPDATE {table} SET record = $3, token = NULL,
+                        expires_at = now() + $4 * interval '1 millisecond'
+                 WHERE key = $1 AND token = $2 AND record IS NULL"
+            )),
+            release: Arc::from(format!(
+                "DELETE FROM {table} WHERE key = $1 AND token = $2 AND record IS NULL"
+            )),
+            remove_expired: Arc::from(format!("DELETE FROM {table} WHERE expires_at <= now()")),
+        }
+    }
+}
+
+/// A table name [`PostgresStore::with_table`] refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidTableName(String);
+
+impl fmt::Display for InvalidTableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid table name {:?}: use `table` or `schema.table`, each part 1 to 63 \
+             characters of ASCII letters, digits and `_`, not starting with a digit",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidTableName {}
+
+fn valid_identifier(part: &str) -> bool {
+    let mut bytes = part.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && part.len() <= 63
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.sql.table)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(err: sqlx::Error) -> StoreError {
+    StoreError::unavailable(err)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+/// Tokens are stored as `bigint`.
+fn token_sql(token: Token) -> i64 {
+    token.0 as i64
+}
+
+/// A row that is not what this store writes.
+#[derive(Debug)]
+struct Unreadable(&'static str);
+
+impl fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unreadable idempotency row: {}", self.0)
+    }
+}
+
+impl std::error::Error for Unreadable {}
+
+fn corrupt(why: &'static str) -> StoreError {
+    StoreError::Corrupt(Box::new(Unreadable(why)))
+}
+
+impl PostgresStore {
+    /// The default table name.
+    pub const DEFAULT_TABLE: &'static str = "idempotency_records";
+
+    /// A store in the default table, `idempotency_records`.
+    pub fn new(pool: PgPool) -> Self {
+        PostgresStore {
+            pool,
+            sql: Arc::new(Statements::new(Self::DEFAULT_TABLE)),
+        }
+    }
+
+    /// Uses another table: `table` or `schema.table`, each part an unquoted
+    /// identifier of ASCII letters, digits and `_` (so it is safe to put into
+    /// SQL).
+    pub fn with_table(mut self, table: &str) -> Result<Self, InvalidTableName> {
+        let parts: Vec<&str> = table.split('.').collect();
+        if parts.len() > 2 || !parts.iter().all(|p| valid_identifier(p)) {
+            return Err(InvalidTableName(table.to_owned()));
+        }
+        self.sql = Arc::new(Statements::new(table));
+        Ok(self)
+    }
+
+    /// The SQL that creates the table and its index, for those who manage
+    /// their schema themselves.
+    pub fn create_table_sql(&self) -> String {
+        let table = &self.sql.table;
+        // An index lives in its table's schema and takes an unqualified name.
+        let index = format!("{}_expires_at", table.rsplit('.').next().unwrap_or(table));
+        format!(
+            "CREATE TABLE IF NOT EXISTS {table} (
+                key text PRIMARY KEY,
+                fingerprint bytea NOT NULL,
+                token bigint,
+                record bytea,
+                expires_at timestamptz NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);"
+        )
+    }
+
+    /// Creates the table and its index if they do not exist.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::raw_sql(AssertSqlSafe(self.create_table_sql()))
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Deletes every expired row and returns how many it deleted.
+    pub async fn remove_expired(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query(AssertSqlSafe(self.sql.remove_expired.clone()))
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+
+    /// Spawns a task that calls [`remove_expired`](Self::remove_expired)
+    /// every `every`, logging failures, until the returned handle is
+    /// aborted.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, like [`tokio::spawn`].
+    pub fn spawn_cleanup(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(err) = store.remove_expired().await {
+                    tracing::warn!(error = %err, "could not remove expired idempotency rows");
+                }
+            }
+        })
+    }
+
+    async fn fenced_update(
+        &self,
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<(), StoreError> {
+        let done = query.execute(&self.pool).await.map_err(unavailable)?;
+        match done.rows_affected() {
+            1 => Ok(()),
+            _ => Err(StoreError::Fenced),
+        }
+    }
+}
+
+fn parse_claim(row: &PgRow, token: Token) -> Result<Claim, StoreError> {
+    let acquired: bool = row.try_get("acquired").map_err(unavailable)?;
+    if acquired {
+        return Ok(Claim::Acquired { token });
+    }
+    let fingerprint: Vec<u8> = row.try_get("fingerprint").map_err(unavailable)?;
+    let fingerprint = <[u8; 32]>::try_from(fingerprint.as_slice())
+        .map(Fingerprint::from_bytes)
+        .map_err(|_| corrupt("fingerprint is not 32 bytes"))?;
+    let record: Option<Vec<u8>> = row.try_get("record").map_err(unavailable)?;
+    Ok(match record {
+        Some(record) => Claim::Completed {
+            fingerprint,
+            record: Bytes::from(record),
+        },
+        None => {
+            let remaining: Option<i64> = row.try_get("remaining_ms").map_err(unavailable)?;
+            Claim::InFlight {
+                fingerprint,
+                lease_remaining: Duration::from_millis(
+                    remaining
+                        .and_then(|ms| u64::try_from(ms).ok())
+                        .unwrap_or(1)
+                        .max(1),
+                ),
+            }
+        }
+    })
+}
+
+impl Store for PostgresStore {
+    fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send {
+        let token = Token(crate::random_u64());
+        async move {
+            // Almost always one round trip; see `Statements::claim` for when
+            // a second is needed.
+            for _ in 0..3 {
+                let row = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
+                    .bind(key.as_str())
+                    .bind(&fingerprint.as_bytes()[..])
+                    .bind(token_sql(token))
+                    .bind(millis(lease))
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(unavailable)?;
+                if let Some(row) = row {
+                    return parse_claim(&row, token);
+                }
+            }
+            Err(StoreError::unavailable(Unreadable(
+                "the key changed hands three times during one claim",
+            )))
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let query = sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
+            .bind(key.as_str())
+            .bind(token_sql(token))
+            .bind(millis(lease));
+        self.fenced_update(query).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        record: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let query = sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
+            .bind(key.as_str())
+            .bind(token_sql(token))
+            .bind(&record[..])
+            .bind(millis(ttl));
+        self.fenced_update(query).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: Token) -> Result<(), StoreError> {
+        let query = sqlx::query(AssertSqlSafe(self.sql.release.clone()))
+            .bind(key.as_str())
+            .bind(token_sql(token));
+        self.fenced_update(query).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn table_names_are_validated() {
+        // A lazy pool never connects: only names are checked here.
+        let store =
+            PostgresStore::new(PgPool::connect_lazy("postgres://127.0.0.1/unused").unwrap());
+        for good in ["records", "_r1", "app.idempotency", "a_b.c_d"] {
+            assert!(
+                store.clone().with_table(good).is_ok(),
+                "{good} should be accepted"
+            );
+        }
+        let long = "x".repeat(64);
+        for bad in [
+            "",
+            "1abc",
+            "a-b",
+            "a.b.c",
+            "a;drop table x",
+            "\"quoted\"",
+            ".t",
+            long.as_str(),
+        ] {
+            assert_eq!(
+                store.clone().with_table(bad).unwrap_err(),
+                InvalidTableName(bad.to_owned()),
+                "{bad} should be refused"
+            );
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! `PostgresStore` against a real PostgreSQL: the conformance suite, a fleet
+//! of two servers sharing it, and a holder whose lease lapses.
+//!
+//! Needs `DATABASE_URL` (for example `postgres://127.0.0.1/test`); without it
+//! every test here says it skipped and passes. Each test uses a table of its
+//! own, dropped at the end.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fleet;
+use sqlx::PgPool;
+use tower_idempotency::store::{PostgresStore, RecordKey, conformance, conformance::Harness};
+
+fn database_url() -> Option<String> {
+    let url = std::env::var("DATABASE_URL").ok();
+    if url.is_none() {
+        // Straight to stderr: the test harness hides printed output of
+        // passing tests, and a skip must be seen.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: DATABASE_URL is not set (for example postgres://127.0.0.1/test)"
+        );
+    }
+    url
+}
+
+/// A table of the test's own, so tests and runs never meet.
+async fn store(test: &str) -> Option<(PostgresStore, PgPool, String)> {
+    let url = database_url()?;
+    let pool = PgPool::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("DATABASE_URL is set but PostgreSQL is not reachable: {e}"));
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    // Identifiers stop at 63 characters.
+    let table = format!("idem_{}_{:x}", &test[..test.len().min(24)], nonce as u64);
+    let store = PostgresStore::new(pool.clone()).with_table(&table).unwrap();
+    store.migrate().await.unwrap();
+    Some((store, pool, table))
+}
+
+async fn drop_table(pool: &PgPool, table: &str) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}")))
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+struct Postgres {
+    store: PostgresStore,
+    pool: PgPool,
+    table: String,
+}
+
+impl Harness for Postgres {
+    type Store = PostgresStore;
+
+    fn store(&self) -> PostgresStore {
+        self.store.clone()
+    }
+
+    /// PostgreSQL keeps time itself (`now()`): let it pass.
+    async fn advance(&self, by: Duration) {
+        tokio::time::sleep(by).await;
+    }
+
+    /// Short, since the suite waits for leases to run out in real time.
+    fn lease(&self) -> Duration {
+        Duration::from_millis(300)
+    }
+
+    async fn corrupt(&self, _store: &PostgresStore, key: &RecordKey) -> bool {
+        let sql = format!(
+            "UPDATE {} SET fingerprint = '\\x00' WHERE key = $1",
+            self.table
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(key.as_str())
+            .execute(&self.pool)
+            .await
+            .unwrap();
+        true
+    }
+}
+
+macro_rules! postgres_conformance {
+    ($($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let Some((store, pool, table)) = store(stringify!($check)).await else { return };
+                let harness = Postgres { store, pool: pool.clone(), table: table.clone() };
+                conformance::$check(&harness).await;
+                drop_table(&pool, &table).await;
+            }
+        )*
+    };
+}
+
+postgres_conformance!(
+    first_claim_acquires,
+    racing_claims_acquire_exactly_once,
+    record_round_trips_byte_for_byte,
+    fingerprints_are_reported_not_compared,
+    scopes_and_keys_are_separate,
+    lease_lapse_allows_take_over,
+    racing_take_overs_acquire_exactly_once,
+    renew_extends_the_lease,
+    fencing_rejects_the_old_holder,
+    release_frees_the_key,
+    completed_records_expire_after_ttl,
+    completed_records_are_final,
+    corrupt_record_is_an_error,
+);
+
+/// Two servers sharing one PostgreSQL execute a request once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_two_servers_executes_once() {
+    let Some((store, pool, table)) = store("fleet").await else {
+        return;
+    };
+    let other = PostgresStore::new(PgPool::connect(&database_url().unwrap()).await.unwrap())
+        .with_table(&table)
+        .unwrap();
+    fleet::two_servers_execute_once([store, other]).await;
+    drop_table(&pool, &table).await;
+}
+
+/// A holder that stops renewing loses the key after its lease, on the
+/// database's clock, and its late completion is fenced out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_holder_is_taken_over_and_fenced_out() {
+    let Some((store, pool, table)) = store("crash").await else {
+        return;
+    };
+    let other = store.clone();
+    fleet::a_lapsed_holder_is_fenced_out([store, other], Duration::from_millis(300)).await;
+    drop_table(&pool, &table).await;
+}
+
+/// Expired rows are deleted by `remove_expired`, and only those.
+#[tokio::test]
+async fn remove_expired_deletes_only_expired_rows() {
+    use tower_idempotency::{Fingerprint, Store, store::Claim};
+    let Some((store, pool, table)) = store("cleanup").await else {
+        return;
+    };
+    let fp = Fingerprint::from_bytes([1; 32]);
+    let short = RecordKey::new("", "short");
+    let long = RecordKey::new("", "long");
+    assert!(matches!(
+        store.claim(&short, fp, Duration::from_millis(50)).await,
+        Ok(Claim::Acquired { .. })
+    ));
+    assert!(matches!(
+        store.claim(&long, fp, Duration::from_secs(60)).await,
+        Ok(Claim::Acquired { .. })
+    ));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(store.remove_expired().await.unwrap(), 1);
+    assert!(matches!(
+        store.claim(&long, fp, Duration::from_secs(60)).await,
+        Ok(Claim::InFlight { .. })
+    ));
+    drop_table(&pool, &table).await;
+}
