@@ -15,7 +15,10 @@
 //! first curl during its delay and retry: still one booking.
 //!
 //! Environment: `ADDR` (when no argument is given), `IDEMPOTENCY_TTL_SECS`,
-//! `IDEMPOTENCY_LEASE_SECS`.
+//! `IDEMPOTENCY_LEASE_SECS`, and `IDEMPOTENCY_STORE`: unset or `memory` for
+//! the in-memory store, a `redis://` URL (build with `--features redis`) or a
+//! `postgres://` URL (build with `--features postgres`) for a store that
+//! several instances of the server can share.
 
 use std::{
     net::SocketAddr,
@@ -31,7 +34,7 @@ use axum::{
     routing::post,
 };
 use serde::{Deserialize, Serialize};
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use tower_idempotency::{BoxStore, IdempotencyLayer, MemoryStore};
 
 /// What a client asks for.
 #[derive(Debug, Deserialize)]
@@ -88,12 +91,13 @@ async fn list(State(bookings): State<Bookings>) -> Json<Vec<Appointment>> {
 }
 
 /// The layer as the demo configures it: keys required, scope from
-/// `Authorization` (the default), in-memory store.
+/// `Authorization` (the default).
 pub(crate) fn idempotency(
+    store: BoxStore,
     ttl: Option<Duration>,
     lease: Option<Duration>,
-) -> IdempotencyLayer<MemoryStore> {
-    let mut layer = IdempotencyLayer::new(MemoryStore::default()).with_required_key(true);
+) -> IdempotencyLayer<BoxStore> {
+    let mut layer = IdempotencyLayer::new(store).with_required_key(true);
     if let Some(ttl) = ttl {
         layer = layer.with_ttl(ttl);
     }
@@ -104,7 +108,7 @@ pub(crate) fn idempotency(
 }
 
 /// The booking API, with the layer on the POST route.
-pub(crate) fn app(layer: IdempotencyLayer<MemoryStore>) -> Router {
+pub(crate) fn app(layer: IdempotencyLayer<BoxStore>) -> Router {
     Router::new()
         .route("/appointments", post(create).layer(layer).get(list))
         .with_state(Bookings::default())
@@ -123,6 +127,46 @@ fn seconds_from_env(var: &str) -> Result<Option<Duration>, String> {
             )),
         },
     }
+}
+
+/// The store named by `IDEMPOTENCY_STORE`, and a name for it.
+pub(crate) async fn store_from_env() -> Result<(BoxStore, &'static str), String> {
+    let spec = std::env::var("IDEMPOTENCY_STORE").unwrap_or_default();
+    if spec.is_empty() || spec == "memory" {
+        return Ok((BoxStore::new(MemoryStore::default()), "memory"));
+    }
+    if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+        #[cfg(feature = "redis")]
+        {
+            let store = tower_idempotency::store::RedisStore::connect(&spec)
+                .await
+                .map_err(|e| format!("IDEMPOTENCY_STORE: cannot connect to Redis: {e}"))?;
+            return Ok((BoxStore::new(store), "redis"));
+        }
+        #[cfg(not(feature = "redis"))]
+        return Err("IDEMPOTENCY_STORE is a Redis URL: build with `--features redis`".into());
+    }
+    if spec.starts_with("postgres://") || spec.starts_with("postgresql://") {
+        #[cfg(feature = "postgres")]
+        {
+            let pool = sqlx::PgPool::connect(&spec)
+                .await
+                .map_err(|e| format!("IDEMPOTENCY_STORE: cannot connect to PostgreSQL: {e}"))?;
+            let store = tower_idempotency::store::PostgresStore::new(pool);
+            store
+                .migrate()
+                .await
+                .map_err(|e| format!("IDEMPOTENCY_STORE: cannot create the table: {e}"))?;
+            return Ok((BoxStore::new(store), "postgres"));
+        }
+        #[cfg(not(feature = "postgres"))]
+        return Err(
+            "IDEMPOTENCY_STORE is a PostgreSQL URL: build with `--features postgres`".into(),
+        );
+    }
+    Err(format!(
+        "IDEMPOTENCY_STORE must be `memory`, a redis:// URL or a postgres:// URL, got {spec:?}"
+    ))
 }
 
 fn bind_address() -> Result<SocketAddr, String> {
@@ -149,12 +193,14 @@ async fn run() -> Result<(), String> {
     let addr = bind_address()?;
     let ttl = seconds_from_env("IDEMPOTENCY_TTL_SECS")?;
     let lease = seconds_from_env("IDEMPOTENCY_LEASE_SECS")?;
+    let (store, store_name) = store_from_env().await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     println!("listening on http://{bound}");
-    axum::serve(listener, app(idempotency(ttl, lease)))
+    eprintln!("idempotency store: {store_name}");
+    axum::serve(listener, app(idempotency(store, ttl, lease)))
         .await
         .map_err(|e| format!("server failed: {e}"))
 }

@@ -15,7 +15,8 @@ async fn start() -> (String, HttpClient) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
-        axum::serve(listener, demo::app(demo::idempotency(None, None)))
+        let store = tower_idempotency::BoxStore::new(tower_idempotency::MemoryStore::default());
+        axum::serve(listener, demo::app(demo::idempotency(store, None, None)))
             .await
             .unwrap();
     });
