@@ -1,5 +1,7 @@
 //! The store conformance suite, run against the stores this crate ships.
 
+mod common;
+
 use std::time::Duration;
 
 use tower_idempotency::MemoryStore;
@@ -241,4 +243,9 @@ async fn memory_store_makes_room_by_bytes_without_evicting_the_new_record() {
             .await,
         Err(tower_idempotency::store::StoreError::Full)
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_store_round_trips_per_request() {
+    common::fleet::round_trips_per_request(MemoryStore::default()).await;
 }

@@ -169,3 +169,13 @@ async fn remove_expired_deletes_only_expired_rows() {
     ));
     drop_table(&pool, &table).await;
 }
+
+/// Round trips per request, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_per_request() {
+    let Some((store, pool, table)) = store("round_trips").await else {
+        return;
+    };
+    fleet::round_trips_per_request(store).await;
+    drop_table(&pool, &table).await;
+}

@@ -286,3 +286,14 @@ async fn a_redis_outage_is_503_and_service_resumes_after() {
     assert_eq!((status, replayed), (StatusCode::CREATED, false));
     assert_eq!(counter.get(), 2, "one execution per key, none repeated");
 }
+
+/// Round trips per request, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_per_request() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::connect(&url)
+        .await
+        .unwrap()
+        .with_prefix(&prefix("round-trips"));
+    fleet::round_trips_per_request(store).await;
+}

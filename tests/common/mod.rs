@@ -268,4 +268,67 @@ pub mod fleet {
             "exactly one more execution after the lapse"
         );
     }
+
+    /// Store operations per request (each one round trip for the shipped
+    /// stores): two for a first execution (claim, complete), one for a
+    /// replay, one for a rejected in-flight duplicate.
+    pub async fn round_trips_per_request<St: Store + Clone>(store: St) {
+        let store = FaultyStore::new(store);
+        let counter = Counter::default();
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let (gate, gate_rx) = watch::channel(false);
+        let c = counter.clone();
+        let router = Router::new().route(
+            "/book",
+            axum::routing::post(move |body: Bytes| {
+                let (c, started, mut gate) = (c.clone(), started_tx.clone(), gate_rx.clone());
+                async move {
+                    c.hit();
+                    if &body[..] == b"slow" {
+                        started.send(()).unwrap();
+                        gate.wait_for(|open| *open).await.unwrap();
+                    }
+                    StatusCode::CREATED
+                }
+            }),
+        );
+        let base = serve(router.layer(IdempotencyLayer::new(store.clone()))).await;
+        let client = client();
+
+        let (status, _, _) = send(&client, booking(&base, "rt-first")).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(
+            store.total_calls(),
+            2,
+            "first execution: claim and complete"
+        );
+        assert_eq!((store.calls(Op::Claim), store.calls(Op::Complete)), (1, 1));
+
+        let (_, replayed, _) = send(&client, booking(&base, "rt-first")).await;
+        assert!(replayed);
+        assert_eq!(store.total_calls(), 3, "replay: one claim");
+
+        let slow = || {
+            Request::post(format!("{base}/book"))
+                .header("idempotency-key", "rt-slow")
+                .body(Full::new(Bytes::from_static(b"slow")))
+                .unwrap()
+        };
+        let holder = {
+            let (client, req) = (client.clone(), slow());
+            tokio::spawn(async move { send(&client, req).await })
+        };
+        started.recv().await.unwrap();
+        let before = store.total_calls();
+        let (status, _, _) = send(&client, slow()).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(
+            store.total_calls() - before,
+            1,
+            "rejected duplicate: one claim"
+        );
+        gate.send(true).unwrap();
+        holder.await.unwrap();
+        assert_eq!(counter.get(), 2);
+    }
 }
