@@ -1,6 +1,9 @@
-//! What the layer costs, each figure beside the bare service in the same run.
+//! What the layer costs, each figure beside the bare service in the same run,
+//! and for Redis and PostgreSQL beside the floor of one plain write.
 //!
-//! `cargo bench --bench layer`
+//! `cargo bench --bench layer` (memory store only), or with the remote stores:
+//! `REDIS_URL=redis://127.0.0.1:6379 DATABASE_URL=postgres://postgres@127.0.0.1/test
+//! cargo bench --all-features --bench layer`
 
 use std::{
     convert::Infallible,
@@ -12,6 +15,7 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
+use tokio::runtime::Runtime;
 use tower::{Service, ServiceExt, service_fn};
 use tower_idempotency::{Fingerprint, IdempotencyLayer, MemoryStore, Store};
 
@@ -56,50 +60,136 @@ where
 }
 
 /// The same workload for any store, so every backend is measured alike.
-fn bench_store<St: Store + Clone>(c: &mut Criterion, name: &str, store: St) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+fn bench_store<St: Store + Clone>(c: &mut Criterion, rt: &Runtime, name: &str, store: St) {
     let bare = handler::<Full<Bytes>>();
     let layered = tower::ServiceBuilder::new()
         .layer(IdempotencyLayer::new(store))
         .service(handler());
 
-    let mut group = c.benchmark_group(format!("{name}/pass-through"));
-    group.bench_function("bare GET", |b| b.to_async(&rt).iter(|| run(&bare, get())));
-    group.bench_function("layered GET", |b| {
-        b.to_async(&rt).iter(|| run(&layered, get()))
-    });
-    group.bench_function("bare POST", |b| {
-        b.to_async(&rt).iter(|| run(&bare, post(None)))
-    });
-    group.bench_function("layered POST, no key", |b| {
-        b.to_async(&rt).iter(|| run(&layered, post(None)))
-    });
-    group.finish();
+    if name == "memory" {
+        // The store is not involved: measured once.
+        let mut group = c.benchmark_group(format!("{name}/pass-through"));
+        group.bench_function("bare GET", |b| b.to_async(rt).iter(|| run(&bare, get())));
+        group.bench_function("layered GET", |b| {
+            b.to_async(rt).iter(|| run(&layered, get()))
+        });
+        group.bench_function("bare POST", |b| {
+            b.to_async(rt).iter(|| run(&bare, post(None)))
+        });
+        group.bench_function("layered POST, no key", |b| {
+            b.to_async(rt).iter(|| run(&layered, post(None)))
+        });
+        group.finish();
+    }
 
     let mut group = c.benchmark_group(format!("{name}/keyed 1 KiB"));
     let next = AtomicU64::new(0);
+    let nonce = std::process::id();
     group.bench_function("bare handler", |b| {
-        b.to_async(&rt).iter(|| run(&bare, post(Some("k"))))
+        b.to_async(rt).iter(|| run(&bare, post(Some("k"))))
     });
     group.bench_function("first execution", |b| {
-        b.to_async(&rt).iter(|| {
-            let key = format!("first-{}", next.fetch_add(1, Ordering::Relaxed));
+        b.to_async(rt).iter(|| {
+            let key = format!("first-{nonce}-{}", next.fetch_add(1, Ordering::Relaxed));
             run(&layered, post(Some(key.as_str())))
         })
     });
-    rt.block_on(run(&layered, post(Some("recorded"))));
+    let recorded = format!("recorded-{nonce}");
+    rt.block_on(run(&layered, post(Some(&recorded))));
     group.bench_function("replay", |b| {
-        b.to_async(&rt)
-            .iter(|| run(&layered, post(Some("recorded"))))
+        b.to_async(rt).iter(|| run(&layered, post(Some(&recorded))))
     });
     group.finish();
 }
 
 fn layer(c: &mut Criterion) {
-    bench_store(c, "memory", MemoryStore::default());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    bench_store(c, &rt, "memory", MemoryStore::default());
+    #[cfg(feature = "redis")]
+    redis_store(c, &rt);
+    #[cfg(feature = "postgres")]
+    postgres_store(c, &rt);
+}
+
+/// Redis, beside the floor: one plain `SET` on the same kind of connection.
+#[cfg(feature = "redis")]
+fn redis_store(c: &mut Criterion, rt: &Runtime) {
+    let Ok(url) = std::env::var("REDIS_URL") else {
+        eprintln!("redis benches skipped: REDIS_URL is not set");
+        return;
+    };
+    let prefix = format!("tower-idempotency-bench:{}:", std::process::id());
+    let store = rt
+        .block_on(tower_idempotency::store::RedisStore::connect(&url))
+        .unwrap()
+        .with_prefix(&prefix);
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let connection = rt
+        .block_on(redis::aio::ConnectionManager::new(client))
+        .unwrap();
+    c.bench_function("redis/floor: one SET", |b| {
+        b.to_async(rt).iter(|| {
+            let mut connection = connection.clone();
+            let key = format!("{prefix}floor");
+            async move {
+                let _: () = redis::cmd("SET")
+                    .arg(key)
+                    .arg(KIB)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+            }
+        })
+    });
+    bench_store(c, rt, "redis", store);
+}
+
+/// PostgreSQL, beside the floor: one single-row `INSERT` on the same pool.
+#[cfg(feature = "postgres")]
+fn postgres_store(c: &mut Criterion, rt: &Runtime) {
+    let Ok(url) = std::env::var("DATABASE_URL") else {
+        eprintln!("postgres benches skipped: DATABASE_URL is not set");
+        return;
+    };
+    let table = format!("idem_bench_{}", std::process::id());
+    let pool = rt.block_on(sqlx::PgPool::connect(&url)).unwrap();
+    let store = tower_idempotency::store::PostgresStore::new(pool.clone())
+        .with_table(&table)
+        .unwrap();
+    rt.block_on(store.migrate()).unwrap();
+    let floor = format!("{table}_floor");
+    rt.block_on(
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE {floor} (key text, body bytea)"
+        )))
+        .execute(&pool),
+    )
+    .unwrap();
+    let insert: std::sync::Arc<str> = format!("INSERT INTO {floor} VALUES ($1, $2)").into();
+    c.bench_function("postgres/floor: one-row INSERT", |b| {
+        b.to_async(rt).iter(|| {
+            let (pool, insert) = (pool.clone(), insert.clone());
+            async move {
+                sqlx::query(sqlx::AssertSqlSafe(insert))
+                    .bind("k")
+                    .bind(KIB)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        })
+    });
+    bench_store(c, rt, "postgres", store);
+    rt.block_on(
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP TABLE {table}; DROP TABLE {floor}"
+        )))
+        .execute(&pool),
+    )
+    .unwrap();
 }
 
 fn fingerprint(c: &mut Criterion) {
