@@ -9,7 +9,7 @@
 //!
 //! `scripts/load.sh` runs it against the memory, Redis and PostgreSQL stores
 //! in turn. Settings: `TARGET` (default `http://127.0.0.1:3000`),
-//! `CONNECTIONS` (32), `SECONDS` (10), `MAX_REQUESTS` (2 000 000).
+//! `CONNECTIONS` (32), `LOAD_SECONDS` (10), `MAX_REQUESTS` (2 000 000).
 
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ fn main() {
         "TARGET must be a loopback address, got {target}"
     );
     let connections: usize = setting("CONNECTIONS", 32);
-    let seconds: u64 = setting("SECONDS", 10);
+    let seconds: u64 = setting("LOAD_SECONDS", 10);
     let max_requests: usize = setting("MAX_REQUESTS", 2_000_000);
 
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -2,7 +2,7 @@
 # Load run against the demo server on loopback, once per store:
 #   bash scripts/load.sh
 # Needs Redis and PostgreSQL for their rows (REDIS_URL, DATABASE_URL, with the
-# defaults below). Each run is bounded by SECONDS (default 10).
+# defaults below). Each run is bounded by LOAD_SECONDS (default 10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 redis_url=${REDIS_URL:-redis://127.0.0.1:6379}
