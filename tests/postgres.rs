@@ -179,3 +179,25 @@ async fn round_trips_per_request() {
     fleet::round_trips_per_request(store).await;
     drop_table(&pool, &table).await;
 }
+
+/// A valid name that is also a reserved word works: names are quoted.
+#[tokio::test]
+async fn a_reserved_word_is_a_usable_table_name() {
+    use tower_idempotency::{Fingerprint, Store, store::Claim};
+    let Some(url) = database_url() else { return };
+    let pool = PgPool::connect(&url).await.unwrap();
+    let table = "order";
+    drop_table(&pool, "\"order\"").await;
+    let store = PostgresStore::new(pool.clone()).with_table(table).unwrap();
+    store.migrate().await.unwrap();
+    let key = RecordKey::new("", "k");
+    let claim = store
+        .claim(
+            &key,
+            Fingerprint::from_bytes([0; 32]),
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(matches!(claim, Ok(Claim::Acquired { .. })), "{claim:?}");
+    drop_table(&pool, "\"order\"").await;
+}

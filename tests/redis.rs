@@ -297,3 +297,34 @@ async fn round_trips_per_request() {
         .with_prefix(&prefix("round-trips"));
     fleet::round_trips_per_request(store).await;
 }
+
+/// Absurd leases and TTLs are clamped rather than half-applied by Redis.
+#[tokio::test]
+async fn huge_leases_and_ttls_are_clamped() {
+    use tower_idempotency::{
+        Fingerprint, Store,
+        store::{Claim, RecordKey},
+    };
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::connect(&url)
+        .await
+        .unwrap()
+        .with_prefix(&prefix("huge"));
+    let key = RecordKey::new("", "k");
+    let fp = Fingerprint::from_bytes([3; 32]);
+    let Ok(Claim::Acquired { token }) = store.claim(&key, fp, Duration::MAX).await else {
+        panic!("a huge lease must still claim");
+    };
+    assert!(matches!(
+        store.claim(&key, fp, Duration::MAX).await,
+        Ok(Claim::InFlight { .. })
+    ));
+    store
+        .complete(&key, token, bytes::Bytes::from_static(b"r"), Duration::MAX)
+        .await
+        .expect("a huge TTL must still complete");
+    assert!(matches!(
+        store.claim(&key, fp, Duration::MAX).await,
+        Ok(Claim::Completed { .. })
+    ));
+}

@@ -274,6 +274,7 @@ impl MemoryStore {
     /// Outside a tokio runtime, like [`tokio::spawn`].
     pub fn spawn_sweeper(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let every = every.max(Duration::from_millis(1));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -126,6 +126,15 @@ impl fmt::Display for InvalidTableName {
 
 impl std::error::Error for InvalidTableName {}
 
+/// `"schema"."table"`; safe, since every part passed `valid_identifier`.
+fn quoted(parts: &[&str]) -> String {
+    parts
+        .iter()
+        .map(|part| format!("\"{part}\""))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 fn valid_identifier(part: &str) -> bool {
     let mut bytes = part.bytes();
     matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
@@ -145,8 +154,18 @@ fn unavailable(err: sqlx::Error) -> StoreError {
     StoreError::unavailable(err)
 }
 
+/// A lease or TTL in milliseconds, at least 1 and at most 100 years, inside
+/// PostgreSQL's interval and timestamp range.
+/// A column that does not hold what this store writes there.
+fn undecodable(err: sqlx::Error) -> StoreError {
+    StoreError::Corrupt(Box::new(err))
+}
+
 fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+    const CENTURY_MS: i64 = 100 * 365 * 24 * 60 * 60 * 1000;
+    i64::try_from(d.as_millis())
+        .unwrap_or(i64::MAX)
+        .clamp(1, CENTURY_MS)
 }
 
 /// Tokens are stored as `bigint`.
@@ -178,19 +197,20 @@ impl PostgresStore {
     pub fn new(pool: PgPool) -> Self {
         PostgresStore {
             pool,
-            sql: Arc::new(Statements::new(Self::DEFAULT_TABLE)),
+            sql: Arc::new(Statements::new(&quoted(&[Self::DEFAULT_TABLE]))),
         }
     }
 
-    /// Uses another table: `table` or `schema.table`, each part an unquoted
-    /// identifier of ASCII letters, digits and `_` (so it is safe to put into
-    /// SQL).
+    /// Uses another table: `table` or `schema.table`, each part 1 to 63
+    /// ASCII letters, digits and `_`, not starting with a digit. The name is
+    /// used exactly as given (quoted, so case matters and reserved words such
+    /// as `order` work).
     pub fn with_table(mut self, table: &str) -> Result<Self, InvalidTableName> {
         let parts: Vec<&str> = table.split('.').collect();
         if parts.len() > 2 || !parts.iter().all(|p| valid_identifier(p)) {
             return Err(InvalidTableName(table.to_owned()));
         }
-        self.sql = Arc::new(Statements::new(table));
+        self.sql = Arc::new(Statements::new(&quoted(&parts)));
         Ok(self)
     }
 
@@ -198,8 +218,10 @@ impl PostgresStore {
     /// their schema themselves.
     pub fn create_table_sql(&self) -> String {
         let table = &self.sql.table;
-        // An index lives in its table's schema and takes an unqualified name.
-        let index = format!("{}_expires_at", table.rsplit('.').next().unwrap_or(table));
+        // An index lives in its table's schema and takes an unqualified name,
+        // of at most 63 characters.
+        let base = table.rsplit('.').next().unwrap_or(table).trim_matches('"');
+        let index = format!("\"{}_expires_at\"", &base[..base.len().min(52)]);
         format!(
             "CREATE TABLE IF NOT EXISTS {table} (
                 key text PRIMARY KEY,
@@ -239,6 +261,7 @@ impl PostgresStore {
     /// Outside a tokio runtime, like [`tokio::spawn`].
     pub fn spawn_cleanup(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let store = self.clone();
+        let every = every.max(Duration::from_millis(1));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -264,22 +287,22 @@ impl PostgresStore {
 }
 
 fn parse_claim(row: &PgRow, token: Token) -> Result<Claim, StoreError> {
-    let acquired: bool = row.try_get("acquired").map_err(unavailable)?;
+    let acquired: bool = row.try_get("acquired").map_err(undecodable)?;
     if acquired {
         return Ok(Claim::Acquired { token });
     }
-    let fingerprint: Vec<u8> = row.try_get("fingerprint").map_err(unavailable)?;
+    let fingerprint: Vec<u8> = row.try_get("fingerprint").map_err(undecodable)?;
     let fingerprint = <[u8; 32]>::try_from(fingerprint.as_slice())
         .map(Fingerprint::from_bytes)
         .map_err(|_| corrupt("fingerprint is not 32 bytes"))?;
-    let record: Option<Vec<u8>> = row.try_get("record").map_err(unavailable)?;
+    let record: Option<Vec<u8>> = row.try_get("record").map_err(undecodable)?;
     Ok(match record {
         Some(record) => Claim::Completed {
             fingerprint,
             record: Bytes::from(record),
         },
         None => {
-            let remaining: Option<i64> = row.try_get("remaining_ms").map_err(unavailable)?;
+            let remaining: Option<i64> = row.try_get("remaining_ms").map_err(undecodable)?;
             Claim::InFlight {
                 fingerprint,
                 lease_remaining: Duration::from_millis(

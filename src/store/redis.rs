@@ -89,8 +89,10 @@ return 0
 /// - Every method is one Lua script, so one round trip, atomic on the
 ///   server. (The first call of each script after Redis restarts costs one
 ///   more, to load it.)
-/// - One Redis key per record, `<prefix><scope length>:<scope><key>`, so it
-///   works unchanged on Redis Cluster.
+/// - One Redis key per record, `<prefix><scope length>:<scope><key>`, and
+///   every script touches only that key, so the layout needs no cross-slot
+///   access on Redis Cluster. The store itself talks to one server through a
+///   [`ConnectionManager`] (a single Redis, or a cluster proxy).
 /// - Leases and retention are the key's expiry (`PEXPIRE`, `PTTL`), on
 ///   Redis's clock: app servers with skewed clocks agree. Expired records
 ///   disappear by themselves.
@@ -196,8 +198,14 @@ fn unexpected(value: &Value) -> StoreError {
     StoreError::Corrupt(Box::new(Unexpected(format!("{value:?}"))))
 }
 
+/// A lease or TTL in milliseconds, at least 1 and at most 100 years: Redis
+/// refuses an expiry past its own range, and a script stopped by such an
+/// error halfway would leave its first writes behind.
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    const CENTURY_MS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
+    u64::try_from(d.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, CENTURY_MS)
 }
 
 fn bytes_of(value: &Value) -> Option<&[u8]> {
@@ -221,13 +229,13 @@ fn parse_claim(value: Value) -> Result<Claim, StoreError> {
     };
     match items.as_slice() {
         [tag, fingerprint, ttl] if bytes_of(tag) == Some(b"f") => {
-            let Value::Int(ttl) = ttl else {
+            // PTTL is -1 for a key without expiry, which this store never
+            // writes: such a claim would never lapse.
+            let Value::Int(ttl @ 0..) = ttl else {
                 return Err(unexpected(&value));
             };
             Ok(Claim::InFlight {
                 fingerprint: fingerprint_of(fingerprint)?,
-                // PTTL is -1 for a key without expiry (never written by this
-                // store) and -2 for a key gone since the script began.
                 lease_remaining: Duration::from_millis(u64::try_from(*ttl).unwrap_or(1).max(1)),
             })
         }
