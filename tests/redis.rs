@@ -20,7 +20,7 @@ use http::StatusCode;
 use http_body_util::BodyExt;
 use tower_idempotency::{
     IdempotencyLayer,
-    store::{RecordKey, RedisStore, conformance, conformance::Harness},
+    store::{RecordKey, RedisStore, conformance::Harness},
 };
 
 fn redis_url() -> Option<String> {
@@ -90,33 +90,7 @@ async fn harness(test: &str) -> Option<Redis> {
     Some(Redis { store })
 }
 
-macro_rules! redis_conformance {
-    ($($check:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $check() {
-                let Some(harness) = harness(stringify!($check)).await else { return };
-                conformance::$check(&harness).await;
-            }
-        )*
-    };
-}
-
-redis_conformance!(
-    first_claim_acquires,
-    racing_claims_acquire_exactly_once,
-    record_round_trips_byte_for_byte,
-    fingerprints_are_reported_not_compared,
-    scopes_and_keys_are_separate,
-    lease_lapse_allows_take_over,
-    racing_take_overs_acquire_exactly_once,
-    renew_extends_the_lease,
-    fencing_rejects_the_old_holder,
-    release_frees_the_key,
-    completed_records_expire_after_ttl,
-    completed_records_are_final,
-    corrupt_record_is_an_error,
-);
+tower_idempotency::store_conformance_tests!(optional: harness);
 
 /// Two servers sharing one Redis execute a request once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,13 +67,47 @@ pub trait Harness: Send + Sync + 'static {
     }
 }
 
-/// Generates one `#[tokio::test]` per conformance check, each running
-/// against `$harness` (an expression evaluated once per test).
+/// Generates one `#[tokio::test]` per conformance check.
+///
+/// - `store_conformance_tests!(harness_expression)` runs every check against
+///   the expression, evaluated once per test.
+/// - `store_conformance_tests!(optional: make_harness)` calls
+///   `make_harness("check_name").await`, an `Option` of a harness, and skips
+///   the check on `None` (for a store that needs a server which may be
+///   absent).
 ///
 /// The calling crate needs `tokio` with the `macros` and `rt-multi-thread`
 /// features.
 #[macro_export]
 macro_rules! store_conformance_tests {
+    (optional: $make:path) => {
+        $crate::store_conformance_tests!(@checks optional $make;
+            first_claim_acquires,
+            racing_claims_acquire_exactly_once,
+            record_round_trips_byte_for_byte,
+            fingerprints_are_reported_not_compared,
+            scopes_and_keys_are_separate,
+            lease_lapse_allows_take_over,
+            racing_take_overs_acquire_exactly_once,
+            renew_extends_the_lease,
+            fencing_rejects_the_old_holder,
+            release_frees_the_key,
+            completed_records_expire_after_ttl,
+            completed_records_are_final,
+            corrupt_record_is_an_error,
+        );
+    };
+    (@checks optional $make:path; $($check:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let Some(harness) = $make(stringify!($check)).await else {
+                    return;
+                };
+                $crate::store::conformance::$check(&harness).await;
+            }
+        )*
+    };
     ($harness:expr) => {
         $crate::store_conformance_tests!(@checks $harness;
             first_claim_acquires,
