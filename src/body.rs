@@ -8,6 +8,7 @@
 //! in the background.
 
 use std::{
+    any::Any,
     fmt,
     pin::Pin,
     task::{Context, Poll, ready},
@@ -196,7 +197,10 @@ impl<B> fmt::Debug for ResponseBody<B> {
     }
 }
 
-impl<B: Body> Body for ResponseBody<B> {
+impl<B: Body> Body for ResponseBody<B>
+where
+    B::Error: Send + 'static,
+{
     type Data = Bytes;
     type Error = B::Error;
 
@@ -301,6 +305,12 @@ pin_project! {
         recording: Option<Recording>,
         // The last frame, held back until the record is complete.
         held_back: Option<Frame<Bytes>>,
+        // A frame read ahead of the response head (see `poll_prefetch`), to
+        // go out first.
+        first: Option<Frame<Bytes>>,
+        // An error read ahead of the response head: the body's own error
+        // type, boxed because this struct does not name it.
+        failed: Option<Box<dyn Any + Send>>,
         // Set once the client has gone and the tee is being drained.
         detached: bool,
     }
@@ -331,6 +341,8 @@ impl<B> Tee<B> {
                 body: Source::Streaming { body },
                 recording: Some(recording),
                 held_back: None,
+                first: None,
+                failed: None,
                 detached: false,
             })),
             detach,
@@ -338,17 +350,51 @@ impl<B> Tee<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.state
-            .as_ref()
-            .is_none_or(|state| state.recording.is_none() && state.held_back.is_none())
+        self.state.as_ref().is_none_or(|state| {
+            state.recording.is_none()
+                && state.held_back.is_none()
+                && state.first.is_none()
+                && state.failed.is_none()
+        })
+    }
+
+    /// The boxed state, for reading ahead before the response goes out.
+    pub(crate) fn state(&mut self) -> Option<Pin<&mut TeeState<B>>> {
+        self.state.as_mut().map(|state| state.as_mut())
     }
 }
 
-impl<B: Body> Tee<B> {
+fn data_len(frame: &Option<Frame<Bytes>>) -> Option<u64> {
+    match frame {
+        None => Some(0),
+        Some(frame) => frame.data_ref().map(|d| d.len() as u64),
+    }
+}
+
+impl<B: Body> Tee<B>
+where
+    B::Error: Send + 'static,
+{
     fn size_hint(&self) -> SizeHint {
-        match self.state.as_ref().map(|state| &state.body) {
-            Some(Source::Streaming { body }) => body.size_hint(),
-            _ => SizeHint::default(),
+        let Some(state) = self.state.as_ref() else {
+            return SizeHint::with_exact(0);
+        };
+        // Frames read ahead count too; trailers make the length unknown.
+        let (Some(first), Some(last)) = (data_len(&state.first), data_len(&state.held_back)) else {
+            return SizeHint::default();
+        };
+        let ahead = first + last;
+        match &state.body {
+            Source::Streaming { body } => {
+                let inner = body.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + ahead);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + ahead);
+                }
+                hint
+            }
+            Source::Ended => SizeHint::with_exact(ahead),
         }
     }
 
@@ -369,12 +415,84 @@ enum Step<E> {
     Failed(E),
 }
 
-impl<B: Body> TeeState<B> {
+impl<B: Body> TeeState<B>
+where
+    B::Error: Send + 'static,
+{
+    /// Reads the service's body once, before the response head goes out,
+    /// without waiting on it. A body that is complete at once (most
+    /// responses of known length) is then recorded first, and head and body
+    /// leave together; otherwise what was read goes out first and the rest
+    /// streams as usual.
+    pub(crate) fn poll_prefetch(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let Some(recording) = this.recording.as_mut() else {
+            return Poll::Ready(());
+        };
+        if recording.completing.is_none() {
+            let SourceProj::Streaming { mut body } = this.body.as_mut().project() else {
+                return Poll::Ready(());
+            };
+            match body.as_mut().poll_frame(cx) {
+                Poll::Pending => {
+                    // A streaming body: renew from a task (see `poll_frame`).
+                    recording.renewer.renew_in_background();
+                    return Poll::Ready(());
+                }
+                Poll::Ready(None) => {
+                    this.body.set(Source::Ended);
+                    recording.finish();
+                }
+                Poll::Ready(Some(Err(err))) => {
+                    this.body.set(Source::Ended);
+                    recording.body_failed();
+                    *this.failed = Some(Box::new(err));
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let data = into_bytes(data);
+                        recording.push(&data);
+                        if body.is_end_stream() {
+                            this.body.set(Source::Ended);
+                            *this.held_back = Some(Frame::data(data));
+                            recording.finish();
+                        } else {
+                            recording.renewer.renew_in_background();
+                            *this.first = Some(Frame::data(data));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            recording.trailers(&trailers);
+                            this.body.set(Source::Ended);
+                            *this.held_back = Some(Frame::trailers(trailers));
+                            recording.finish();
+                        }
+                    }
+                },
+            }
+        }
+        if let Some(completing) = &mut recording.completing {
+            ready!(completing.as_mut().poll(cx));
+            *this.recording = None;
+        }
+        Poll::Ready(())
+    }
+
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
+        if let Some(failed) = this.failed.take() {
+            // Boxed from this very type by `poll_prefetch`.
+            if let Ok(err) = failed.downcast::<B::Error>() {
+                return Poll::Ready(Some(Err(*err)));
+            }
+        }
+        if let Some(frame) = this.first.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
         loop {
             let Some(recording) = this.recording.as_mut() else {
                 return Poll::Ready(this.held_back.take().map(Ok));
@@ -446,6 +564,7 @@ pub(crate) fn detach_tee<B>(mut state: Pin<Box<TeeState<B>>>)
 where
     B: Body + Send + 'static,
     B::Data: Send,
+    B::Error: Send + 'static,
 {
     let Ok(handle) = tokio::runtime::Handle::try_current() else {
         tracing::warn!("response dropped outside a tokio runtime; its claim ends with its lease");

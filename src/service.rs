@@ -72,6 +72,7 @@ where
     ReqB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     ResB: Body + Send + 'static,
     ResB::Data: Send,
+    ResB::Error: Send + 'static,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
@@ -117,6 +118,7 @@ where
         ReqB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         ResB: Body + Send + 'static,
         ResB::Data: Send,
+        ResB::Error: Send + 'static,
     {
         let config = &self.config;
         let (parts, body) = req.into_parts();
@@ -210,6 +212,7 @@ where
     ReqB::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     ResB: Body + Send + 'static,
     ResB::Data: Send,
+    ResB::Error: Send + 'static,
 {
     let (body, trailers) = match buffer(body, config.request_body_limit).await {
         Ok(buffered) => buffered,
@@ -273,7 +276,10 @@ where
         renewer.claim.complete(builder.finish(None)).await;
         return Ok(Response::from_parts(parts, ResponseBody::inner(body)));
     }
-    let tee = Tee::new(body, Recording::new(renewer, builder), detach_tee::<ResB>);
+    let mut tee = Tee::new(body, Recording::new(renewer, builder), detach_tee::<ResB>);
+    if let Some(mut state) = tee.state() {
+        poll_fn(|cx| state.as_mut().poll_prefetch(cx)).await;
+    }
     Ok(Response::from_parts(parts, ResponseBody::teed(tee)))
 }
 

@@ -636,3 +636,19 @@ async fn the_record_is_complete_when_the_last_frame_goes_out() {
     drop(body);
     assert_eq!(counter.get(), 1);
 }
+
+/// A body that is complete at once is recorded before the response head is
+/// even returned: a retry sent as soon as the head arrives is a replay.
+#[tokio::test]
+async fn a_ready_body_is_recorded_before_the_head_goes_out() {
+    let counter = Counter::default();
+    let app = app(&counter, layer());
+    let first = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
+    let retry = app.oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(
+        retry.extensions().get::<Outcome>(),
+        Some(&Outcome::Replayed)
+    );
+    assert_eq!(body_bytes(first).await, "booking 1: x");
+    assert_eq!(counter.get(), 1);
+}

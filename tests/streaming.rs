@@ -149,3 +149,34 @@ async fn a_failed_completion_is_retried_in_the_background() {
     assert_eq!(store.calls(Op::Complete), 2);
     assert_eq!(counter.get(), 1);
 }
+
+/// A body whose very first read fails: the client gets the error, and the
+/// record keeps status and headers only.
+#[tokio::test]
+async fn a_body_failing_at_once_reaches_the_client_and_is_not_retained() {
+    let counter = Counter::default();
+    let c = counter.clone();
+    let router = Router::new().route(
+        "/book",
+        post(move || {
+            let c = c.clone();
+            async move {
+                c.hit();
+                let failing = futures_util::stream::iter([Err::<Bytes, _>(std::io::Error::other(
+                    "disk gone",
+                ))]);
+                Body::from_stream(failing)
+            }
+        }),
+    );
+    let app = router.layer(IdempotencyLayer::new(MemoryStore::default()));
+    let response = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
+    let err = response.into_body().collect().await.unwrap_err();
+    assert!(err.to_string().contains("disk gone"), "{err}");
+    let (status, code, _) = problem(app.oneshot(post_with_key("k", "x")).await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::GONE, "response-not-retained")
+    );
+    assert_eq!(counter.get(), 1);
+}
