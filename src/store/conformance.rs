@@ -80,8 +80,10 @@ pub trait Harness: Send + Sync + 'static {
 /// features.
 #[macro_export]
 macro_rules! store_conformance_tests {
-    (optional: $make:path) => {
-        $crate::store_conformance_tests!(@checks optional $make;
+    // Internal arms first: an `expr` fragment that fails to parse is an
+    // error, not a fall-through.
+    (@all $mode:tt) => {
+        $crate::store_conformance_tests!(@each $mode;
             first_claim_acquires,
             racing_claims_acquire_exactly_once,
             record_round_trips_byte_for_byte,
@@ -97,7 +99,7 @@ macro_rules! store_conformance_tests {
             corrupt_record_is_an_error,
         );
     };
-    (@checks optional $make:path; $($check:ident),* $(,)?) => {
+    (@each (optional $make:path); $($check:ident),* $(,)?) => {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $check() {
@@ -108,30 +110,19 @@ macro_rules! store_conformance_tests {
             }
         )*
     };
-    ($harness:expr) => {
-        $crate::store_conformance_tests!(@checks $harness;
-            first_claim_acquires,
-            racing_claims_acquire_exactly_once,
-            record_round_trips_byte_for_byte,
-            fingerprints_are_reported_not_compared,
-            scopes_and_keys_are_separate,
-            lease_lapse_allows_take_over,
-            racing_take_overs_acquire_exactly_once,
-            renew_extends_the_lease,
-            fencing_rejects_the_old_holder,
-            release_frees_the_key,
-            completed_records_expire_after_ttl,
-            completed_records_are_final,
-            corrupt_record_is_an_error,
-        );
-    };
-    (@checks $harness:expr; $($check:ident),* $(,)?) => {
+    (@each (plain $harness:expr); $($check:ident),* $(,)?) => {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $check() {
                 $crate::store::conformance::$check(&$harness).await;
             }
         )*
+    };
+    (optional: $make:path) => {
+        $crate::store_conformance_tests!(@all (optional $make));
+    };
+    ($harness:expr) => {
+        $crate::store_conformance_tests!(@all (plain $harness));
     };
 }
 
