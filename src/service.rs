@@ -270,12 +270,6 @@ where
         config.response_body_limit,
         usize::try_from(expected).unwrap_or(usize::MAX),
     );
-    if body.is_end_stream() {
-        // No body to stream, and a server may never poll an empty one: record
-        // the response before its head goes out.
-        renewer.claim.complete(builder.finish(None)).await;
-        return Ok(Response::from_parts(parts, ResponseBody::inner(body)));
-    }
     let mut tee = Tee::new(body, Recording::new(renewer, builder), detach_tee::<ResB>);
     if let Some(mut state) = tee.state() {
         poll_fn(|cx| state.as_mut().poll_prefetch(cx)).await;
