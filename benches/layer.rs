@@ -31,7 +31,9 @@ fn handler<B>()
 }
 
 fn post(key: Option<&str>) -> Request<Full<Bytes>> {
-    let mut req = Request::post("/book").header("content-type", "application/json");
+    let mut req = Request::post("/book")
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer bench");
     if let Some(key) = key {
         req = req.header("idempotency-key", key);
     }

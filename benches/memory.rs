@@ -35,7 +35,7 @@ async fn store_overhead(record_len: usize) -> f64 {
     let key_bytes: usize = keys.iter().map(|k| k.as_str().len()).sum();
     let before = heap();
     for (key, record) in keys.iter().zip(records) {
-        let Ok(Claim::Acquired { token }) = store
+        let Ok(Claim::Acquired { token, .. }) = store
             .claim(
                 key,
                 Fingerprint::from_bytes([0; 32]),
@@ -83,6 +83,7 @@ async fn layer_overhead() -> f64 {
             + "location".len() + "/appointments/12345".len();
         let req = Request::post("/book")
             .header("idempotency-key", key)
+            .header("authorization", "Bearer bench")
             .body(Full::new(Bytes::from_static(b"{}")))
             .unwrap();
         let response = svc.clone().oneshot(req).await.unwrap();

@@ -5,6 +5,7 @@
 //! cargo run --example booking_server 127.0.0.1:4000
 //!
 //! curl -i http://127.0.0.1:3000/appointments \
+//!   -H 'Authorization: Bearer ada.v1' \
 //!   -H 'Idempotency-Key: 8e0f6c1a' -H 'Content-Type: application/json' \
 //!   -d '{"caller":"ada","slot":"2026-12-01T09:00","provider":"dr-who","delay_ms":2000}'
 //! curl http://127.0.0.1:3000/appointments      # every booking ever stored
@@ -12,30 +13,46 @@
 //!
 //! Send the POST twice with the same key: one booking, and the second answer
 //! is the first one replayed (`Idempotent-Replayed: true`). Interrupt the
-//! first curl during its delay and retry: still one booking.
+//! first curl during its delay and retry: still one booking. Retry with a
+//! refreshed token of the same caller (`Bearer ada.v2`): still a replay.
+//!
+//! Authentication, as a real app does it: a middleware maps the bearer token
+//! to a principal (the part before the first `.`, so `ada.v1` and `ada.v2`
+//! are two tokens of `ada`) and puts it into the request extensions; a POST
+//! without a bearer token gets 401. The idempotency layer sits inside that
+//! middleware, so keys are scoped per principal. The list of bookings is
+//! open, for inspecting the demo.
+//!
+//! The handler reads the [`IdempotencyContext`]: each booking row keeps the
+//! key of the intent that made it, and the table holds one row per intent
+//! (as a unique index would), so an execution that took over a stalled
+//! earlier one finds that one's row instead of booking again.
 //!
 //! Environment: `ADDR` (when no argument is given), `IDEMPOTENCY_TTL_SECS`,
 //! `IDEMPOTENCY_LEASE_SECS`, and `IDEMPOTENCY_STORE`: unset or `memory` for
 //! the in-memory store, a `redis://` URL (build with `--features redis`) or a
 //! `postgres://` URL (build with `--features postgres`) for a store that
-//! several instances of the server can share.
+//! several instances of the server can share, or `none` for the same API
+//! without the idempotency layer (to measure what the layer costs).
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use axum::{
-    Json, Router,
-    extract::State,
+    Extension, Json, Router,
+    extract::{Request, State},
     http::{StatusCode, header},
-    response::IntoResponse,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
     routing::post,
     serve::ListenerExt,
 };
 use serde::{Deserialize, Serialize};
-use tower_idempotency::{BoxStore, IdempotencyLayer, MemoryStore};
+use tower_idempotency::{BoxStore, IdempotencyContext, IdempotencyLayer, MemoryStore, Principal};
 
 /// What a client asks for.
 #[derive(Debug, Deserialize)]
@@ -56,26 +73,63 @@ struct Appointment {
     caller: String,
     slot: String,
     provider: String,
+    /// The key of the intent that made this booking (not shown to clients).
+    #[serde(skip)]
+    intent: String,
+}
+
+/// The bookings table: rows, and a unique index on the intent key.
+#[derive(Default)]
+struct Table {
+    rows: Vec<Appointment>,
+    by_intent: HashMap<String, usize>,
 }
 
 #[derive(Clone, Default)]
-struct Bookings(Arc<Mutex<Vec<Appointment>>>);
+struct Bookings(Arc<Mutex<Table>>);
+
+impl Bookings {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 async fn create(
     State(bookings): State<Bookings>,
+    Extension(intent): Extension<IdempotencyContext>,
     Json(new): Json<NewAppointment>,
 ) -> impl IntoResponse {
-    tokio::time::sleep(Duration::from_millis(new.delay_ms)).await;
+    if new.delay_ms > 0 {
+        // A zero-length sleep would still wait for the timer's next tick.
+        tokio::time::sleep(Duration::from_millis(new.delay_ms)).await;
+    }
+    let intent_key = intent.derive("booking");
     let appointment = {
-        let mut rows = bookings.0.lock().unwrap_or_else(|e| e.into_inner());
-        let appointment = Appointment {
-            id: rows.len() as u64 + 1,
-            caller: new.caller,
-            slot: new.slot,
-            provider: new.provider,
-        };
-        rows.push(appointment.clone());
-        appointment
+        let mut table = bookings.lock();
+        // An execution that took over a stalled one (or that one, finishing
+        // late) finds the row the other wrote, and books nothing.
+        match table.by_intent.get(&intent_key) {
+            Some(&row) => {
+                eprintln!(
+                    "booking_server: intent already booked (took over: {})",
+                    intent.took_over()
+                );
+                table.rows[row].clone()
+            }
+            None => {
+                let appointment = Appointment {
+                    id: table.rows.len() as u64 + 1,
+                    caller: new.caller,
+                    slot: new.slot,
+                    provider: new.provider,
+                    intent: intent_key.clone(),
+                };
+                let row = table.rows.len();
+                table.rows.push(appointment.clone());
+                table.by_intent.insert(intent_key, row);
+                appointment
+            }
+        }
     };
     (
         StatusCode::CREATED,
@@ -88,11 +142,46 @@ async fn create(
 }
 
 async fn list(State(bookings): State<Bookings>) -> Json<Vec<Appointment>> {
-    Json(bookings.0.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    Json(bookings.lock().rows.clone())
 }
 
-/// The layer as the demo configures it: keys required, scope from
-/// `Authorization` (the default).
+/// The principal a bearer token stands for: the part before the first `.`.
+fn principal_of(req: &Request) -> Option<Principal> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let id = token.trim().split('.').next()?;
+    (!id.is_empty()).then(|| Principal::new(id))
+}
+
+/// The authentication middleware: 401 without a bearer token, else the
+/// principal goes into the request extensions.
+async fn authenticate(mut req: Request, next: Next) -> Response {
+    let Some(principal) = principal_of(&req) else {
+        let problem = serde_json::json!({
+            "type": "about:blank",
+            "title": "Unauthorized",
+            "status": 401,
+            "detail": "Send `Authorization: Bearer <caller>.<anything>`.",
+        });
+        return (
+            StatusCode::UNAUTHORIZED,
+            [
+                (header::CONTENT_TYPE, "application/problem+json"),
+                (header::WWW_AUTHENTICATE, "Bearer"),
+            ],
+            problem.to_string(),
+        )
+            .into_response();
+    };
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+/// The layer as the demo configures it: keys required, scoped by the
+/// principal the authentication middleware found (the default scope).
 pub(crate) fn idempotency(
     store: BoxStore,
     ttl: Option<Duration>,
@@ -108,11 +197,54 @@ pub(crate) fn idempotency(
     layer
 }
 
-/// The booking API, with the layer on the POST route.
-pub(crate) fn app(layer: IdempotencyLayer<BoxStore>) -> Router {
+/// The booking API: the POST route behind authentication and then the
+/// layer (layers added later wrap those added earlier), or without the
+/// layer when `layer` is `None`.
+pub(crate) fn app(layer: Option<IdempotencyLayer<BoxStore>>) -> Router {
+    let book = match layer {
+        Some(layer) => post(create).layer(layer),
+        // Same contract, unprotected: every request books, under one
+        // intent per request.
+        None => post(create_unprotected),
+    };
     Router::new()
-        .route("/appointments", post(create).layer(layer).get(list))
+        .route(
+            "/appointments",
+            book.layer(middleware::from_fn(authenticate)).get(list),
+        )
         .with_state(Bookings::default())
+}
+
+/// The handler without the layer: each request is its own intent.
+async fn create_unprotected(
+    State(bookings): State<Bookings>,
+    Json(new): Json<NewAppointment>,
+) -> Response {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    if new.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(new.delay_ms)).await;
+    }
+    let mut table = bookings.lock();
+    let appointment = Appointment {
+        id: table.rows.len() as u64 + 1,
+        caller: new.caller,
+        slot: new.slot,
+        provider: new.provider,
+        intent: format!("unprotected-{n}"),
+    };
+    table.rows.push(appointment.clone());
+    drop(table);
+    (
+        StatusCode::CREATED,
+        [(
+            header::LOCATION,
+            format!("/appointments/{}", appointment.id),
+        )],
+        Json(appointment),
+    )
+        .into_response()
 }
 
 /// Reads a whole number of seconds from `var`, if set.
@@ -130,11 +262,15 @@ fn seconds_from_env(var: &str) -> Result<Option<Duration>, String> {
     }
 }
 
-/// The store named by `IDEMPOTENCY_STORE`, and a name for it.
-pub(crate) async fn store_from_env() -> Result<(BoxStore, &'static str), String> {
+/// The store named by `IDEMPOTENCY_STORE` (`None` for `none`: no layer),
+/// and a name for it.
+pub(crate) async fn store_from_env() -> Result<(Option<BoxStore>, &'static str), String> {
     let spec = std::env::var("IDEMPOTENCY_STORE").unwrap_or_default();
     if spec.is_empty() || spec == "memory" {
-        return Ok((BoxStore::new(MemoryStore::default()), "memory"));
+        return Ok((Some(BoxStore::new(MemoryStore::default())), "memory"));
+    }
+    if spec == "none" {
+        return Ok((None, "none (no idempotency layer)"));
     }
     if spec.starts_with("redis://") || spec.starts_with("rediss://") {
         #[cfg(feature = "redis")]
@@ -142,7 +278,7 @@ pub(crate) async fn store_from_env() -> Result<(BoxStore, &'static str), String>
             let store = tower_idempotency::store::RedisStore::connect(&spec)
                 .await
                 .map_err(|e| format!("IDEMPOTENCY_STORE: cannot connect to Redis: {e}"))?;
-            return Ok((BoxStore::new(store), "redis"));
+            return Ok((Some(BoxStore::new(store)), "redis"));
         }
         #[cfg(not(feature = "redis"))]
         return Err("IDEMPOTENCY_STORE is a Redis URL: build with `--features redis`".into());
@@ -158,7 +294,7 @@ pub(crate) async fn store_from_env() -> Result<(BoxStore, &'static str), String>
                 .migrate()
                 .await
                 .map_err(|e| format!("IDEMPOTENCY_STORE: cannot create the table: {e}"))?;
-            return Ok((BoxStore::new(store), "postgres"));
+            return Ok((Some(BoxStore::new(store)), "postgres"));
         }
         #[cfg(not(feature = "postgres"))]
         return Err(
@@ -166,7 +302,7 @@ pub(crate) async fn store_from_env() -> Result<(BoxStore, &'static str), String>
         );
     }
     Err(format!(
-        "IDEMPOTENCY_STORE must be `memory`, a redis:// URL or a postgres:// URL, got {spec:?}"
+        "IDEMPOTENCY_STORE must be `memory`, a redis:// URL, a postgres:// URL or `none`, got {spec:?}"
     ))
 }
 
@@ -209,7 +345,8 @@ async fn run() -> Result<(), String> {
     });
     println!("listening on http://{bound}");
     eprintln!("idempotency store: {store_name}");
-    axum::serve(listener, app(idempotency(store, ttl, lease)))
+    let layer = store.map(|store| idempotency(store, ttl, lease));
+    axum::serve(listener, app(layer))
         .await
         .map_err(|e| format!("server failed: {e}"))
 }

@@ -332,6 +332,9 @@ pub(crate) struct Tee<B> {
     state: Option<Pin<Box<TeeState<B>>>>,
     /// Moves an unfinished tee into a background task.
     detach: Detach<B>,
+    /// Set while the service's body is polled: still set at drop, the body
+    /// panicked (even if the panic was caught and the tee dropped later).
+    polling: bool,
 }
 
 impl<B> Tee<B> {
@@ -346,6 +349,7 @@ impl<B> Tee<B> {
                 detached: false,
             })),
             detach,
+            polling: false,
         }
     }
 
@@ -400,7 +404,12 @@ where
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match &mut self.state {
-            Some(state) => state.as_mut().poll_frame(cx),
+            Some(state) => {
+                self.polling = true;
+                let poll = state.as_mut().poll_frame(cx);
+                self.polling = false;
+                poll
+            }
             None => Poll::Ready(None),
         }
     }
@@ -589,7 +598,7 @@ impl<B> Drop for Tee<B> {
         let Some(mut recording) = this.recording.take() else {
             return;
         };
-        if std::thread::panicking() {
+        if self.polling || std::thread::panicking() {
             // The service's body panicked: never poll it again. The response
             // head went out, so keep status and headers as the record.
             recording.body_failed();

@@ -1,7 +1,8 @@
 //! The fingerprint: what makes two requests "the same request".
 //!
-//! SHA-256 over the method, path, query, `Content-Type`, any extra headers the
-//! layer is configured with, and the body. Every field is length-prefixed and
+//! SHA-256 over the method, the authority (`Host`), the full path and query,
+//! `Content-Type`, any extra headers the layer is configured with, and the
+//! body. A replay therefore never crosses hosts or routes. Every field is length-prefixed and
 //! optional fields carry a presence byte, so no two different requests can
 //! produce the same input by moving bytes from one field to the next.
 
@@ -12,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 /// Version tag hashed first, so a change to the layout changes every
 /// fingerprint rather than silently matching old records.
-const DOMAIN: &[u8] = b"tower-idempotency/fingerprint/v1";
+const DOMAIN: &[u8] = b"tower-idempotency/fingerprint/v2";
 
 /// A SHA-256 digest identifying a request's content.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,14 +32,22 @@ impl Fingerprint {
 
     /// Computes the fingerprint of a request from its head and buffered body.
     ///
+    /// The authority is the URI's (HTTP/2 `:authority`, or an absolute-form
+    /// HTTP/1 target), else the `Host` header, compared without regard to
+    /// ASCII case. The path and query are the request's full ones: with the
+    /// `axum` feature, those of axum's `OriginalUri` when a router nested
+    /// the service under a prefix it stripped.
+    ///
     /// `extra_headers` names headers whose values (all of them, in order) are
     /// part of the request's identity.
     pub fn compute(parts: &request::Parts, extra_headers: &[HeaderName], body: &[u8]) -> Self {
+        let uri = full_uri(parts);
         let mut hasher = Hasher(Sha256::new());
         hasher.0.update(DOMAIN);
         hasher.field(parts.method.as_str().as_bytes());
-        hasher.field(parts.uri.path().as_bytes());
-        hasher.optional(parts.uri.query().map(str::as_bytes));
+        hasher.authority(authority(parts));
+        hasher.field(uri.path().as_bytes());
+        hasher.optional(uri.query().map(str::as_bytes));
         hasher.optional(
             parts
                 .headers
@@ -61,6 +70,22 @@ impl fmt::Debug for Fingerprint {
     }
 }
 
+/// The URI the client sent, before any router stripped a prefix from it.
+fn full_uri(parts: &request::Parts) -> &http::Uri {
+    #[cfg(feature = "axum")]
+    if let Some(original) = parts.extensions.get::<axum::extract::OriginalUri>() {
+        return &original.0;
+    }
+    &parts.uri
+}
+
+fn authority(parts: &request::Parts) -> Option<&[u8]> {
+    match parts.uri.authority() {
+        Some(authority) => Some(authority.as_str().as_bytes()),
+        None => parts.headers.get(http::header::HOST).map(|v| v.as_bytes()),
+    }
+}
+
 struct Hasher(Sha256);
 
 impl Hasher {
@@ -80,6 +105,23 @@ impl Hasher {
                 self.0.update([1]);
                 self.field(bytes);
             }
+        }
+    }
+
+    /// An optional field hashed in ASCII lowercase, without allocating.
+    fn authority(&mut self, authority: Option<&[u8]>) {
+        let Some(authority) = authority else {
+            self.0.update([0]);
+            return;
+        };
+        self.0.update([1]);
+        self.len(authority.len());
+        let mut buf = [0u8; 64];
+        for chunk in authority.chunks(buf.len()) {
+            let lower = &mut buf[..chunk.len()];
+            lower.copy_from_slice(chunk);
+            lower.make_ascii_lowercase();
+            self.0.update(lower);
         }
     }
 
@@ -138,6 +180,33 @@ mod tests {
         for v in variants {
             assert_ne!(base, v);
         }
+    }
+
+    #[test]
+    fn hosts_differ_but_not_by_case_and_the_uri_authority_counts() {
+        let on = |host: &str| fp(post("/a").header("host", host).body(()).unwrap(), &[], b"");
+        assert_ne!(on("a.example"), on("b.example"));
+        assert_eq!(on("A.Example"), on("a.example"));
+        assert_ne!(on("a.example"), fp(post("/a").body(()).unwrap(), &[], b""));
+        let h2 = fp(post("https://a.example/a").body(()).unwrap(), &[], b"");
+        assert_eq!(h2, on("a.example"));
+        let long = "x".repeat(200);
+        assert_eq!(on(&long.to_uppercase()), on(&long));
+    }
+
+    #[cfg(feature = "axum")]
+    #[test]
+    fn a_nested_route_is_fingerprinted_by_its_full_path() {
+        let nested = |prefix: &str| {
+            let (mut parts, ()) = post("/book").body(()).unwrap().into_parts();
+            let original = format!("{prefix}/book").parse().unwrap();
+            parts
+                .extensions
+                .insert(axum::extract::OriginalUri(original));
+            Fingerprint::compute(&parts, &[], b"")
+        };
+        assert_ne!(nested("/v1"), nested("/v2"));
+        assert_eq!(nested(""), fp(post("/book").body(()).unwrap(), &[], b""));
     }
 
     #[test]

@@ -44,13 +44,28 @@ struct Keyed<B, E> {
     detach: fn(KeyedFuture<B, E>),
 }
 
+impl<B, E> Keyed<B, E> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<ResponseBody<B>>, E>> {
+        // Out of `self` while it is polled: if it panics, it is dropped as
+        // the panic unwinds (releasing its claim), and is never polled
+        // again, even when an outer layer such as tower-http's
+        // `CatchPanicLayer` catches the panic and drops this future later.
+        let mut future = self
+            .future
+            .take()
+            .expect("ResponseFuture polled after completion");
+        let poll = future.as_mut().poll(cx);
+        if poll.is_pending() {
+            self.future = Some(future);
+        }
+        poll
+    }
+}
+
 impl<B, E> Drop for Keyed<B, E> {
     fn drop(&mut self) {
-        // A future that panicked must not be polled again; what it held
-        // (the claim) is released as the panic unwinds through it.
-        if std::thread::panicking() {
-            return;
-        }
+        // Still here only if it never panicked: a panicking future is
+        // dropped by `poll` as the panic unwinds.
         if let Some(future) = self.future.take() {
             (self.detach)(future);
         }
@@ -135,15 +150,7 @@ where
             KindProj::Ready { response } => Poll::Ready(Ok(*response
                 .take()
                 .expect("ResponseFuture polled after completion"))),
-            KindProj::Keyed { keyed } => {
-                let future = keyed
-                    .future
-                    .as_mut()
-                    .expect("ResponseFuture polled after completion");
-                let output = std::task::ready!(future.as_mut().poll(cx));
-                keyed.future = None;
-                Poll::Ready(output)
-            }
+            KindProj::Keyed { keyed } => keyed.poll(cx),
         }
     }
 }

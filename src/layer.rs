@@ -1,9 +1,13 @@
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
 
 use http::{HeaderName, Method, StatusCode, response};
 use tower_layer::Layer;
 
-use crate::{AuthorizationScope, Idempotency, ProblemJson, RejectionResponse, ScopeExtractor};
+use crate::{Anonymous, DefaultScope, Idempotency, ProblemJson, RejectionResponse, ScopeExtractor};
 
 /// The default header carrying the key.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -53,6 +57,9 @@ pub(crate) struct Config<St> {
     pub(crate) methods: Vec<Method>,
     pub(crate) require_key: bool,
     pub(crate) scope: Arc<dyn ScopeExtractor>,
+    pub(crate) anonymous: Anonymous,
+    /// Set once the shared anonymous scope has been warned about.
+    pub(crate) anonymous_warned: Arc<AtomicBool>,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
     pub(crate) request_body_limit: usize,
     pub(crate) response_body_limit: usize,
@@ -61,6 +68,7 @@ pub(crate) struct Config<St> {
     pub(crate) record: Arc<dyn RecordPolicy>,
     pub(crate) mismatch_status: StatusCode,
     pub(crate) wait: Option<Duration>,
+    pub(crate) in_flight_retry_after: Duration,
     pub(crate) store_timeout: Duration,
     pub(crate) responder: Arc<dyn RejectionResponse>,
     pub(crate) replay_set_cookie: bool,
@@ -84,14 +92,15 @@ impl<St> Config<St> {
 /// | header | `Idempotency-Key` |
 /// | methods | `POST`, `PATCH` |
 /// | keys | optional |
-/// | scope | hash of `Authorization`, else global |
+/// | scope | [`DefaultScope`]: a [`Principal`](crate::Principal) from the auth layer, else a hash of `Authorization` |
+/// | anonymous keyed requests | rejected (401), see [`Anonymous`] |
 /// | fingerprint | method, path, query, `Content-Type`, body |
 /// | request / response body limit | 1 MiB / 1 MiB |
 /// | TTL of a completed record | 24 hours |
 /// | lease of an in-flight claim | 30 seconds, renewed every 10 while the request runs |
 /// | recorded responses | all but 408, 429, 503 |
 /// | key reused for a different request | 400 |
-/// | duplicate while in flight | 409 at once |
+/// | duplicate while in flight | 409 at once, `Retry-After: 1` |
 /// | store timeout | 5 seconds |
 /// | `Set-Cookie` replayed | no |
 /// | store failure | 503 (fail closed) |
@@ -133,7 +142,9 @@ impl<St> IdempotencyLayer<St> {
                 header: IDEMPOTENCY_KEY,
                 methods: vec![Method::POST, Method::PATCH],
                 require_key: false,
-                scope: Arc::new(AuthorizationScope),
+                scope: Arc::new(DefaultScope::new()),
+                anonymous: Anonymous::Reject,
+                anonymous_warned: Arc::new(AtomicBool::new(false)),
                 fingerprint_headers: Vec::new(),
                 request_body_limit: 1024 * 1024,
                 response_body_limit: 1024 * 1024,
@@ -142,6 +153,7 @@ impl<St> IdempotencyLayer<St> {
                 record: Arc::new(RecordUnlessRetryable),
                 mismatch_status: StatusCode::BAD_REQUEST,
                 wait: None,
+                in_flight_retry_after: Duration::from_secs(1),
                 store_timeout: Duration::from_secs(5),
                 responder: Arc::new(ProblemJson),
                 replay_set_cookie: false,
@@ -193,26 +205,40 @@ impl<St: Clone> IdempotencyLayer<St> {
         self.with(|c| c.require_key = required)
     }
 
-    /// How to choose a request's scope (default [`AuthorizationScope`]).
+    /// How to choose a request's scope (default [`DefaultScope`]: a
+    /// [`Scope`](crate::Scope) or [`Principal`](crate::Principal) an
+    /// authentication layer put into the extensions, else a hash of
+    /// `Authorization`). A request the extractor finds no scope for is
+    /// anonymous, and [`with_anonymous`](Self::with_anonymous) decides.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore, Scope};
     /// #[derive(Clone)]
-    /// struct UserId(String);
+    /// struct TenantId(String);
     ///
-    /// // Scope by the user an authentication layer put in the extensions.
+    /// // Scope by the tenant an earlier layer put in the extensions.
     /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_scope(
     ///     |parts: &http::request::Parts| {
-    ///         parts
-    ///             .extensions
-    ///             .get::<UserId>()
-    ///             .map_or_else(Scope::global, |user| Scope::new(user.0.clone()))
+    ///         let tenant = parts.extensions.get::<TenantId>()?;
+    ///         Some(Scope::new(format!("tenant:{}", tenant.0)))
     ///     },
     /// );
     /// ```
     pub fn with_scope(self, scope: impl ScopeExtractor) -> Self {
         let scope: Arc<dyn ScopeExtractor> = Arc::new(scope);
         self.with(|c| c.scope = scope)
+    }
+
+    /// What to do with a keyed request that has no scope (default
+    /// [`Anonymous::Reject`]: 401 `anonymous-request`).
+    ///
+    /// ```
+    /// # use tower_idempotency::{Anonymous, IdempotencyLayer, MemoryStore};
+    /// // A public endpoint with nothing private in its answers.
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_anonymous(Anonymous::Shared);
+    /// ```
+    pub fn with_anonymous(self, policy: Anonymous) -> Self {
+        self.with(|c| c.anonymous = policy)
     }
 
     /// Adds headers whose values are part of a request's fingerprint, beside
@@ -319,6 +345,20 @@ impl<St: Clone> IdempotencyLayer<St> {
     /// ```
     pub fn with_wait(self, bound: Duration) -> Self {
         self.with(|c| c.wait = Some(bound))
+    }
+
+    /// The `Retry-After` sent with 409 `request-in-flight` (default 1
+    /// second): a short hint, never past the end of the holder's lease, and
+    /// at least 1 (the header counts whole seconds).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// # use std::time::Duration;
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_in_flight_retry_after(Duration::from_secs(2));
+    /// ```
+    pub fn with_in_flight_retry_after(self, hint: Duration) -> Self {
+        self.with(|c| c.in_flight_retry_after = hint)
     }
 
     /// How long one store operation may take before the layer gives up on it

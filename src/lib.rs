@@ -95,6 +95,7 @@
 
 mod body;
 mod claim;
+mod context;
 mod fingerprint;
 mod future;
 mod key;
@@ -107,6 +108,9 @@ mod service;
 pub mod store;
 
 pub use body::{RequestBody, ResponseBody};
+pub use context::IdempotencyContext;
+#[cfg(feature = "axum")]
+pub use context::MissingContext;
 pub use fingerprint::Fingerprint;
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
@@ -115,7 +119,7 @@ pub use layer::{
 };
 pub use outcome::Outcome;
 pub use rejection::{PROBLEM_TYPE_BASE, ProblemJson, Rejection, RejectionKind, RejectionResponse};
-pub use scope::{AuthorizationScope, Scope, ScopeExtractor};
+pub use scope::{Anonymous, DefaultScope, Principal, Scope, ScopeExtractor};
 pub use service::Idempotency;
 pub use store::{BoxStore, MemoryStore, Store};
 

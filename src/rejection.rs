@@ -21,6 +21,10 @@ pub enum RejectionKind {
     /// The key was used before for a different request. 400, or 422 by
     /// option.
     KeyReused,
+    /// The request has neither a principal nor a credential to scope its key
+    /// by, and the layer's [`Anonymous`](crate::Anonymous) policy is to
+    /// reject it. 401.
+    AnonymousRequest,
     /// The key's first request is still running. 409, with `Retry-After`.
     RequestInFlight,
     /// The request body is over the configured limit. 413.
@@ -38,7 +42,8 @@ pub enum RejectionKind {
 
 impl RejectionKind {
     /// The stable short name, also the fragment of the problem `type`:
-    /// `missing-key`, `invalid-key`, `key-reused`, `request-in-flight`,
+    /// `missing-key`, `invalid-key`, `key-reused`, `anonymous-request`,
+    /// `request-in-flight`,
     /// `body-too-large`, `body-unreadable`, `response-not-retained`,
     /// `store-unavailable`.
     pub const fn code(self) -> &'static str {
@@ -46,6 +51,7 @@ impl RejectionKind {
             RejectionKind::MissingKey => "missing-key",
             RejectionKind::InvalidKey => "invalid-key",
             RejectionKind::KeyReused => "key-reused",
+            RejectionKind::AnonymousRequest => "anonymous-request",
             RejectionKind::RequestInFlight => "request-in-flight",
             RejectionKind::BodyTooLarge => "body-too-large",
             RejectionKind::BodyUnreadable => "body-unreadable",
@@ -60,6 +66,7 @@ impl RejectionKind {
             RejectionKind::MissingKey => "Idempotency key required",
             RejectionKind::InvalidKey => "Invalid idempotency key",
             RejectionKind::KeyReused => "Idempotency key reused for a different request",
+            RejectionKind::AnonymousRequest => "Caller not identified",
             RejectionKind::RequestInFlight => "Request with this idempotency key is in progress",
             RejectionKind::BodyTooLarge => "Request body too large",
             RejectionKind::BodyUnreadable => "Request body could not be read",

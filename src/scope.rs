@@ -1,16 +1,21 @@
 //! Scopes: the server-side namespace of a key.
 //!
 //! The client chooses the key; the server chooses the scope, from something
-//! the client cannot forge (its credentials, its tenant). The record is looked
-//! up by `(scope, key)`, so two callers who pick the same key never see each
-//! other's responses.
+//! the client cannot forge (who the authentication layer says it is, its
+//! credential). The record is looked up by `(scope, key)`, so two callers who
+//! pick the same key never see each other's responses.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
+use hmac::{Hmac, Mac};
 use http::{header, request};
 use sha2::{Digest, Sha256};
 
 /// A scope, as a string. The empty scope is global.
+///
+/// An application that knows the namespace itself (a tenant, an account)
+/// can put a `Scope` into the request extensions before the layer runs; the
+/// [`DefaultScope`] uses it as it is.
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
 pub struct Scope(String);
 
@@ -37,53 +42,189 @@ impl fmt::Debug for Scope {
     }
 }
 
-/// Chooses the scope of a request from its head (method, URI, headers and
-/// extensions, such as an authenticated user put there by an earlier layer).
+/// Who the caller is, as the application's authentication layer decided:
+/// a user id, an API client id, a certificate subject.
 ///
-/// Implemented for closures `Fn(&request::Parts) -> Scope`:
+/// Insert it into the request extensions in the authentication middleware,
+/// and put the idempotency layer *inside* that middleware (so it runs after
+/// it). The [`DefaultScope`] then scopes keys by principal, which stays the
+/// same when the caller's token is refreshed between two retries.
+///
+/// ```
+/// use axum::{Router, extract::Request, middleware::{self, Next}, response::Response, routing::post};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Principal};
+///
+/// async fn authenticate(mut req: Request, next: Next) -> Response {
+///     // Look the session cookie, API key or token up; here, a fixed user.
+///     req.extensions_mut().insert(Principal::new("user-42"));
+///     next.run(req).await
+/// }
+///
+/// let app: Router = Router::new()
+///     .route("/payments", post(|| async { "paid" }))
+///     // Layers added later wrap the earlier ones: authentication runs first.
+///     .layer(IdempotencyLayer::new(MemoryStore::default()))
+///     .layer(middleware::from_fn(authenticate));
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Principal(Arc<str>);
+
+impl Principal {
+    /// The principal with this stable id.
+    pub fn new(id: impl Into<String>) -> Self {
+        Principal(Arc::from(id.into()))
+    }
+
+    /// The principal's id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Principal").field(&&*self.0).finish()
+    }
+}
+
+/// Chooses the scope of a request from its head (method, URI, headers and
+/// extensions, such as a [`Principal`] an authentication layer put there).
+///
+/// `None` means the request is anonymous: the layer then applies its
+/// [`Anonymous`] policy (by default, it rejects the request).
+///
+/// Implemented for closures `Fn(&request::Parts) -> Option<Scope>`:
 ///
 /// ```
 /// use tower_idempotency::{IdempotencyLayer, MemoryStore, Scope};
 ///
 /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_scope(
-///     |parts: &http::request::Parts| match parts.headers.get("x-tenant-id") {
-///         Some(tenant) => Scope::new(String::from_utf8_lossy(tenant.as_bytes())),
-///         None => Scope::global(),
+///     |parts: &http::request::Parts| {
+///         let tenant = parts.headers.get("x-tenant-id")?;
+///         Some(Scope::new(String::from_utf8_lossy(tenant.as_bytes())))
 ///     },
 /// );
 /// ```
 pub trait ScopeExtractor: Send + Sync + 'static {
-    /// The scope of the request whose head is `parts`.
-    fn scope(&self, parts: &request::Parts) -> Scope;
+    /// The scope of the request whose head is `parts`, or `None` when the
+    /// request is anonymous.
+    fn scope(&self, parts: &request::Parts) -> Option<Scope>;
 }
 
 impl<F> ScopeExtractor for F
 where
-    F: Fn(&request::Parts) -> Scope + Send + Sync + 'static,
+    F: Fn(&request::Parts) -> Option<Scope> + Send + Sync + 'static,
 {
-    fn scope(&self, parts: &request::Parts) -> Scope {
+    fn scope(&self, parts: &request::Parts) -> Option<Scope> {
         self(parts)
     }
 }
 
-/// The default scope: a hash of the `Authorization` header when the request
-/// has one, else global.
-///
-/// The credential itself is never stored, only `auth:` and the first 16 bytes
-/// of its SHA-256 in hex.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AuthorizationScope;
+/// What the layer does with a keyed request that has no scope: no
+/// principal, no credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Anonymous {
+    /// Answer 401 `anonymous-request` and run nothing (the default). An
+    /// endpoint that moves money or books a slot has callers it knows; a
+    /// keyed request that reaches it without an identity means the layer
+    /// sits outside the authentication layer, or the route was left open by
+    /// mistake, and sharing one namespace would let any caller who learns
+    /// another's key and body receive that caller's response.
+    #[default]
+    Reject,
+    /// Put every anonymous request into one global scope. Right only for an
+    /// endpoint that is public by design and whose responses hold nothing
+    /// private. The layer logs one warning the first time it does so.
+    Shared,
+}
 
-impl ScopeExtractor for AuthorizationScope {
-    fn scope(&self, parts: &request::Parts) -> Scope {
-        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
-            return Scope::global();
+/// The default scope, in this order:
+///
+/// 1. a [`Scope`] in the request extensions, as it is;
+/// 2. a [`Principal`] in the request extensions: `principal:` and a hash of
+///    its id;
+/// 3. the `Authorization` header: `credential:` and a hash of its value;
+/// 4. else none: the request is anonymous (see [`Anonymous`]).
+///
+/// Ids and credentials are never stored, only 128 bits of their hash. With a
+/// [secret](Self::with_secret) the hash is HMAC-SHA-256, so someone who can
+/// read the store cannot test guessed passwords or tokens against it;
+/// without one it is plain SHA-256.
+///
+/// A scope taken from the credential changes when the credential does: a
+/// client whose token is refreshed between two retries of one payment lands
+/// in a new scope, and the retry executes again. A principal from the
+/// authentication layer does not change; prefer it.
+#[derive(Clone, Default)]
+pub struct DefaultScope {
+    secret: Option<Arc<[u8]>>,
+}
+
+impl DefaultScope {
+    /// The default scope, hashing without a secret.
+    pub fn new() -> Self {
+        DefaultScope::default()
+    }
+
+    /// Hash principals and credentials with HMAC-SHA-256 under `secret`
+    /// (32 random bytes or more, kept like any other server secret and the
+    /// same on every server sharing a store).
+    ///
+    /// ```
+    /// use tower_idempotency::{DefaultScope, IdempotencyLayer, MemoryStore};
+    ///
+    /// let secret = std::env::var("IDEMPOTENCY_SCOPE_SECRET").unwrap_or_default();
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_scope(DefaultScope::new().with_secret(secret));
+    /// ```
+    #[must_use]
+    pub fn with_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.secret = Some(Arc::from(secret.as_ref()));
+        self
+    }
+
+    fn hashed(&self, prefix: &str, value: &[u8]) -> Scope {
+        let digest: [u8; 32] = match &self.secret {
+            Some(secret) => {
+                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+                    .expect("HMAC takes a key of any length");
+                mac.update(prefix.as_bytes());
+                mac.update(value);
+                mac.finalize().into_bytes().into()
+            }
+            None => {
+                let mut hasher = Sha256::new();
+                hasher.update(prefix.as_bytes());
+                hasher.update(value);
+                hasher.finalize().into()
+            }
         };
-        let digest = Sha256::digest(value.as_bytes());
-        let mut name = String::with_capacity(5 + 32);
-        name.push_str("auth:");
+        let mut name = String::with_capacity(prefix.len() + 32);
+        name.push_str(prefix);
         push_hex(&mut name, &digest[..16]);
         Scope(name)
+    }
+}
+
+impl fmt::Debug for DefaultScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DefaultScope")
+            .field("secret", &self.secret.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl ScopeExtractor for DefaultScope {
+    fn scope(&self, parts: &request::Parts) -> Option<Scope> {
+        if let Some(scope) = parts.extensions.get::<Scope>() {
+            return Some(scope.clone());
+        }
+        if let Some(principal) = parts.extensions.get::<Principal>() {
+            return Some(self.hashed("principal:", principal.as_str().as_bytes()));
+        }
+        let credential = parts.headers.get(header::AUTHORIZATION)?;
+        Some(self.hashed("credential:", credential.as_bytes()))
     }
 }
 
@@ -99,23 +240,75 @@ pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
 mod tests {
     use super::*;
 
-    fn scope_of(auth: Option<&str>) -> Scope {
+    fn parts(auth: Option<&str>, principal: Option<&str>) -> request::Parts {
         let mut req = http::Request::post("/");
         if let Some(auth) = auth {
             req = req.header("authorization", auth);
         }
-        let (parts, ()) = req.body(()).unwrap().into_parts();
-        AuthorizationScope.scope(&parts)
+        let (mut parts, ()) = req.body(()).unwrap().into_parts();
+        if let Some(id) = principal {
+            parts.extensions.insert(Principal::new(id));
+        }
+        parts
+    }
+
+    fn scope_of(auth: Option<&str>) -> Option<Scope> {
+        DefaultScope::new().scope(&parts(auth, None))
     }
 
     #[test]
-    fn authorization_scopes_differ_and_hide_the_credential() {
-        let alice = scope_of(Some("Bearer alice"));
-        let bob = scope_of(Some("Bearer bob"));
+    fn credential_scopes_differ_and_hide_the_credential() {
+        let alice = scope_of(Some("Bearer alice")).unwrap();
+        let bob = scope_of(Some("Bearer bob")).unwrap();
         assert_ne!(alice, bob);
-        assert_eq!(alice, scope_of(Some("Bearer alice")));
+        assert_eq!(Some(&alice), scope_of(Some("Bearer alice")).as_ref());
         assert!(!alice.as_str().contains("alice"));
-        assert!(alice.as_str().starts_with("auth:"));
-        assert_eq!(scope_of(None), Scope::global());
+        assert!(alice.as_str().starts_with("credential:"));
+        assert_eq!(scope_of(None), None);
+    }
+
+    #[test]
+    fn a_principal_wins_over_the_credential_and_an_explicit_scope_over_both() {
+        let scope = DefaultScope::new();
+        let v1 = scope.scope(&parts(Some("Bearer alice.v1"), Some("alice")));
+        let v2 = scope.scope(&parts(Some("Bearer alice.v2"), Some("alice")));
+        let none = scope.scope(&parts(None, Some("alice")));
+        assert_eq!(v1, v2);
+        assert_eq!(v1, none);
+        let id = v1.unwrap();
+        assert!(id.as_str().starts_with("principal:"));
+        assert!(!id.as_str().contains("alice"));
+        assert_ne!(Some(id), scope.scope(&parts(None, Some("bob"))));
+
+        let mut explicit = parts(Some("Bearer x"), Some("alice"));
+        explicit.extensions.insert(Scope::new("tenant-7"));
+        assert_eq!(scope.scope(&explicit), Some(Scope::new("tenant-7")));
+    }
+
+    #[test]
+    fn a_secret_changes_every_hash_and_is_not_printed() {
+        let plain = DefaultScope::new();
+        let keyed = DefaultScope::new().with_secret("s3cret");
+        let other = DefaultScope::new().with_secret("other");
+        for request in [parts(Some("Bearer a"), None), parts(None, Some("a"))] {
+            let (p, k, o) = (
+                plain.scope(&request).unwrap(),
+                keyed.scope(&request).unwrap(),
+                other.scope(&request).unwrap(),
+            );
+            assert_ne!(p, k);
+            assert_ne!(k, o);
+            assert_eq!(k.as_str().len(), p.as_str().len());
+        }
+        assert!(!format!("{keyed:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_principal_and_a_credential_with_the_same_text_differ() {
+        let scope = DefaultScope::new();
+        assert_ne!(
+            scope.scope(&parts(Some("alice"), None)),
+            scope.scope(&parts(None, Some("alice")))
+        );
     }
 }

@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::{
-    Fingerprint, KeyError, Outcome, Rejection, RejectionKind, RequestBody, ResponseBody,
-    ResponseFuture,
+    Anonymous, Fingerprint, IdempotencyContext, KeyError, Outcome, Rejection, RejectionKind,
+    RequestBody, ResponseBody, ResponseFuture, Scope,
     body::{Recording, Tee, detach_tee},
     claim::{Held, KeyHash, Renewer, bounded},
     key,
@@ -134,7 +134,14 @@ where
         if body.size_hint().lower() > config.request_body_limit as u64 {
             return ResponseFuture::ready(reject(config, body_too_large(config)));
         }
-        let record_key = RecordKey::new(config.scope.scope(&parts).as_str(), &key);
+        let scope = match config.scope.scope(&parts) {
+            Some(scope) => scope,
+            None => match anonymous_scope(config) {
+                Some(scope) => scope,
+                None => return ResponseFuture::ready(reject(config, anonymous(config))),
+            },
+        };
+        let record_key = RecordKey::new(scope.as_str(), &key);
         // The clone that `poll_ready` did not reserve stays behind for the
         // next call.
         let clone = self.inner.clone();
@@ -201,7 +208,7 @@ async fn buffer<B: Body>(
 async fn keyed<S, St, ReqB, ResB>(
     config: Arc<Config<St>>,
     mut inner: S,
-    parts: Box<request::Parts>,
+    mut parts: Box<request::Parts>,
     body: ReqB,
     record_key: RecordKey,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
@@ -220,23 +227,28 @@ where
         Err(Buffering::Unreadable(err)) => {
             let err = err.into();
             tracing::debug!(key = %KeyHash(&record_key), error = %err, "request body unreadable");
-            return Ok(reject(&config, body_unreadable(&err)));
+            return Ok(reject(&config, body_unreadable()));
         }
     };
     let fingerprint = Fingerprint::compute(&parts, &config.fingerprint_headers, &body);
 
-    let token = match claim(&config, &record_key, fingerprint).await {
-        Claimed::Acquired(token) => token,
+    let (token, took_over) = match claim(&config, &record_key, fingerprint).await {
+        Claimed::Acquired { token, took_over } => (token, took_over),
         Claimed::Answered(response) => return Ok(response),
         Claimed::FailOpen => {
+            // Unprotected, but the handler's own downstream keys still hold.
+            let context = IdempotencyContext::new(record_key, fingerprint, false);
+            parts.extensions.insert(context);
             let req = Request::from_parts(*parts, RequestBody::buffered(body, trailers));
             let mut response = inner.call(req).await?.map(ResponseBody::inner);
             response.extensions_mut().insert(Outcome::FailedOpen);
             return Ok(response);
         }
     };
-    tracing::debug!(key = %KeyHash(&record_key), "key claimed; executing");
+    tracing::debug!(key = %KeyHash(&record_key), took_over, "key claimed; executing");
 
+    let context = IdempotencyContext::new(record_key.clone(), fingerprint, took_over);
+    parts.extensions.insert(context);
     let held = Held::new(config.clone(), record_key, token);
     let mut renewer = Renewer::new(Box::new(held));
     let req = Request::from_parts(*parts, RequestBody::buffered(body, trailers));
@@ -281,7 +293,10 @@ where
 // allocation on every replay.
 #[allow(clippy::large_enum_variant)]
 enum Claimed<B> {
-    Acquired(crate::store::Token),
+    Acquired {
+        token: crate::store::Token,
+        took_over: bool,
+    },
     Answered(Response<ResponseBody<B>>),
     FailOpen,
 }
@@ -304,11 +319,13 @@ async fn claim<St: Store, B>(
             }
             Err(err) => {
                 tracing::error!(key = %KeyHash(key), error = %err, "store failed; rejecting");
-                return Claimed::Answered(reject(config, store_unavailable(&err)));
+                return Claimed::Answered(reject(config, store_unavailable()));
             }
         };
         let rejection = match found {
-            Claim::Acquired { token } => return Claimed::Acquired(token),
+            Claim::Acquired { token, took_over } => {
+                return Claimed::Acquired { token, took_over };
+            }
             Claim::InFlight {
                 fingerprint: held, ..
             }
@@ -332,7 +349,7 @@ async fn claim<St: Store, B>(
                         continue;
                     }
                 }
-                in_flight(lease_remaining)
+                in_flight(config, lease_remaining)
             }
         };
         tracing::debug!(key = %KeyHash(key), rejection = %rejection.kind(), "rejected");
@@ -346,10 +363,7 @@ fn replay<St, B>(config: &Config<St>, key: &RecordKey, record: Bytes) -> Respons
         Ok(recorded) => recorded,
         Err(record::Corrupt) => {
             tracing::error!(key = %KeyHash(key), "stored record is unreadable");
-            return reject(
-                config,
-                store_unavailable(&"the stored record for this key is unreadable"),
-            );
+            return reject(config, store_unavailable());
         }
     };
     let Some(body) = recorded.body else {
@@ -410,12 +424,41 @@ fn body_too_large<St>(config: &Config<St>) -> Rejection {
     )
 }
 
-fn body_unreadable(err: &dyn std::fmt::Display) -> Rejection {
+fn body_unreadable() -> Rejection {
     Rejection::new(
         RejectionKind::BodyUnreadable,
         StatusCode::BAD_REQUEST,
+        "The request body could not be read to its end. Nothing was executed; send the request again with the same key.",
+    )
+}
+
+/// The scope of a request without one, when the policy allows it.
+fn anonymous_scope<St>(config: &Config<St>) -> Option<Scope> {
+    match config.anonymous {
+        Anonymous::Reject => None,
+        Anonymous::Shared => {
+            if !config
+                .anonymous_warned
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    "a keyed request without a principal or credential was put into the \
+                     shared anonymous scope (`with_anonymous(Anonymous::Shared)`): any caller \
+                     who sends its key and body receives its response"
+                );
+            }
+            Some(Scope::global())
+        }
+    }
+}
+
+fn anonymous<St>(config: &Config<St>) -> Rejection {
+    Rejection::new(
+        RejectionKind::AnonymousRequest,
+        StatusCode::UNAUTHORIZED,
         format!(
-            "The request body could not be read to its end: {err}. Nothing was executed; send the request again with the same key."
+            "A request with an `{}` header must come from an identified caller: authenticate, then send it again with the same key.",
+            config.header
         ),
     )
 }
@@ -424,12 +467,16 @@ fn key_reused<St>(config: &Config<St>) -> Rejection {
     Rejection::new(
         RejectionKind::KeyReused,
         config.mismatch_status,
-        "This idempotency key was already used for a different request (method, path, query, content type or body differ). Use a new key for a new operation, or resend the original request unchanged.",
+        "This idempotency key was already used for a different request (method, host, path, query, content type or body differ). Use a new key for a new operation, or resend the original request unchanged.",
     )
 }
 
-fn in_flight(lease_remaining: Duration) -> Rejection {
-    let seconds = lease_remaining.as_secs() + u64::from(lease_remaining.subsec_nanos() > 0);
+/// 409, with a short `Retry-After` hint: the configured one, but never past
+/// the end of the holder's lease (and at least one second, the header's
+/// unit).
+fn in_flight<St>(config: &Config<St>, lease_remaining: Duration) -> Rejection {
+    let wait = config.in_flight_retry_after.min(lease_remaining);
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     Rejection::new(
         RejectionKind::RequestInFlight,
         StatusCode::CONFLICT,
@@ -449,11 +496,13 @@ fn not_retained(original: StatusCode) -> Rejection {
     )
 }
 
-fn store_unavailable(err: &dyn std::fmt::Display) -> Rejection {
+/// The store's own error goes to the log (with the hashed key), never to the
+/// client: it can name hosts, users, tables and driver internals.
+fn store_unavailable() -> Rejection {
     Rejection::new(
         RejectionKind::StoreUnavailable,
         StatusCode::SERVICE_UNAVAILABLE,
-        format!("Idempotency could not be guaranteed, so the request was not executed ({err}). Retry with the same key."),
+        "Idempotency could not be guaranteed, so the request was not executed. Retry with the same key.",
     )
     .with_retry_after(1)
 }

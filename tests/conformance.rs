@@ -116,7 +116,10 @@ mod broken {
                 .lock()
                 .unwrap()
                 .insert(key.clone(), (fingerprint, token, None));
-            Ok(Claim::Acquired { token })
+            Ok(Claim::Acquired {
+                token,
+                took_over: false,
+            })
         }
 
         async fn renew(
@@ -208,7 +211,7 @@ async fn memory_store_makes_room_by_bytes_without_evicting_the_new_record() {
     let mut keys = Vec::new();
     for i in 0..3 {
         let key = RecordKey::new("", &format!("k{i}"));
-        let Ok(Claim::Acquired { token }) = store
+        let Ok(Claim::Acquired { token, .. }) = store
             .claim(&key, Fingerprint::from_bytes([0; 32]), lease)
             .await
         else {
@@ -231,7 +234,7 @@ async fn memory_store_makes_room_by_bytes_without_evicting_the_new_record() {
     }
     // A record that can never fit is refused, not stored and evicted.
     let huge = RecordKey::new("", "huge");
-    let Ok(Claim::Acquired { token }) = store
+    let Ok(Claim::Acquired { token, .. }) = store
         .claim(&huge, Fingerprint::from_bytes([0; 32]), lease)
         .await
     else {

@@ -16,16 +16,20 @@ async fn start() -> (String, HttpClient) {
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move {
         let store = tower_idempotency::BoxStore::new(tower_idempotency::MemoryStore::default());
-        axum::serve(listener, demo::app(demo::idempotency(store, None, None)))
-            .await
-            .unwrap();
+        axum::serve(
+            listener,
+            demo::app(Some(demo::idempotency(store, None, None))),
+        )
+        .await
+        .unwrap();
     });
     (base, Client::builder(TokioExecutor::new()).build_http())
 }
 
 fn book(base: &str, key: Option<&str>, json: &'static str) -> Request<Full<Bytes>> {
-    let mut req =
-        Request::post(format!("{base}/appointments")).header("content-type", "application/json");
+    let mut req = Request::post(format!("{base}/appointments"))
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer ada.v1");
     if let Some(key) = key {
         req = req.header("idempotency-key", key);
     }

@@ -140,8 +140,11 @@ async fn a_long_request_keeps_its_claim_by_renewing() {
 async fn an_abandoned_claim_is_taken_over_after_its_lease() {
     let counter = Counter::default();
     let store = MemoryStore::default();
-    let app = common::booking_router(counter.clone())
-        .layer(IdempotencyLayer::new(store.clone()).with_lease(Duration::from_secs(10)));
+    let app = common::booking_router(counter.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .with_lease(Duration::from_secs(10))
+            .with_scope(|_: &http::request::Parts| Some(tower_idempotency::Scope::global())),
+    );
     // Claim as the layer would, for the same request, then "crash".
     let (parts, ()) = http::Request::post("/book").body(()).unwrap().into_parts();
     let fingerprint = Fingerprint::compute(&parts, &[], b"x");

@@ -63,6 +63,7 @@ async fn connect(addr: std::net::SocketAddr) -> (Sender, JoinHandle<()>) {
 fn booking(key: &str, body: &'static str) -> Request<Full<Bytes>> {
     Request::post("/book")
         .header("host", "localhost")
+        .header("authorization", "Bearer tcp")
         .header("idempotency-key", key)
         .body(Full::new(Bytes::from_static(body.as_bytes())))
         .unwrap()

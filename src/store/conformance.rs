@@ -158,6 +158,7 @@ fn ttl<H: Harness>(h: &H) -> Duration {
     h.lease() * TTL_LEASES
 }
 
+/// Claims a key nobody holds: it must be acquired, and not as a take-over.
 async fn acquire<S: Store>(
     store: &S,
     key: &RecordKey,
@@ -165,8 +166,32 @@ async fn acquire<S: Store>(
     lease: Duration,
 ) -> Token {
     match store.claim(key, fingerprint, lease).await {
-        Ok(Claim::Acquired { token }) => token,
-        other => panic!("a claim on a free key must acquire it, got {other:?}"),
+        Ok(Claim::Acquired {
+            token,
+            took_over: false,
+        }) => token,
+        other => {
+            panic!("a claim on a free key must acquire it, and not as a take-over, got {other:?}")
+        }
+    }
+}
+
+/// Claims a key whose holder's lease ran out: it must be acquired, and
+/// reported as a take-over.
+async fn take_over<S: Store>(
+    store: &S,
+    key: &RecordKey,
+    fingerprint: Fingerprint,
+    lease: Duration,
+) -> Token {
+    match store.claim(key, fingerprint, lease).await {
+        Ok(Claim::Acquired {
+            token,
+            took_over: true,
+        }) => token,
+        other => panic!(
+            "a claim on a key whose lease lapsed must acquire it with `took_over: true`, got {other:?}"
+        ),
     }
 }
 
@@ -297,7 +322,7 @@ pub async fn scopes_and_keys_are_separate<H: Harness>(h: &H) {
 }
 
 /// An in-flight claim whose lease has passed counts as absent: the next
-/// claim takes it over with a new token.
+/// claim takes it over with a new token, and says it took it over.
 pub async fn lease_lapse_allows_take_over<H: Harness>(h: &H) {
     let store = h.store();
     let key = fresh_key("lapse");
@@ -311,7 +336,7 @@ pub async fn lease_lapse_allows_take_over<H: Harness>(h: &H) {
         "the lease must hold before it ends"
     );
     h.advance(h.lease()).await;
-    let second = acquire(&store, &key, fp(4), h.lease()).await;
+    let second = take_over(&store, &key, fp(4), h.lease()).await;
     assert_ne!(first, second, "a take-over must issue a new token");
 }
 
@@ -359,7 +384,7 @@ pub async fn fencing_rejects_the_old_holder<H: Harness>(h: &H) {
     let key = fresh_key("fence");
     let old = acquire(&store, &key, fp(6), h.lease()).await;
     h.advance(h.lease() + h.lease() / 2).await;
-    let new = acquire(&store, &key, fp(6), h.lease()).await;
+    let new = take_over(&store, &key, fp(6), h.lease()).await;
     assert!(
         matches!(
             store.renew(&key, old, h.lease()).await,

@@ -442,7 +442,8 @@ impl Inner {
                     if reserved {
                         self.entries.fetch_sub(1, Ordering::AcqRel);
                     }
-                    return Ok(Claim::Acquired { token });
+                    let took_over = matches!(old, Record::InFlight { .. });
+                    return Ok(Claim::Acquired { token, took_over });
                 }
                 Entry::Vacant(entry) if reserved => {
                     let token = self.new_token();
@@ -452,7 +453,10 @@ impl Inner {
                         token,
                     });
                     self.bytes.fetch_add(key.as_str().len(), Ordering::AcqRel);
-                    return Ok(Claim::Acquired { token });
+                    return Ok(Claim::Acquired {
+                        token,
+                        took_over: false,
+                    });
                 }
                 Entry::Vacant(entry) => {
                     // Room must be made without holding the shard lock, since

@@ -125,6 +125,11 @@ pub enum Claim {
     Acquired {
         /// Fences every later call about this claim.
         token: Token,
+        /// The key was in flight under an earlier claim whose lease had run
+        /// out: its holder stopped renewing (died, stalled) and may have done
+        /// part of the work. `false` for an absent key or an expired
+        /// completed record.
+        took_over: bool,
     },
     /// Another request holds the key and its lease is still running.
     InFlight {
@@ -207,7 +212,8 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// Atomically:
     /// - absent (or expired): write *in flight* with a new token and a lease of
-    ///   `lease` from now; return [`Claim::Acquired`]. Of any number of
+    ///   `lease` from now; return [`Claim::Acquired`], with `took_over` set
+    ///   when what expired was an in-flight claim. Of any number of
     ///   concurrent claims on an absent key, exactly one acquires it;
     /// - in flight: return [`Claim::InFlight`] with the holder's fingerprint
     ///   and the time left on its lease, changing nothing;

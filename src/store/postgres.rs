@@ -21,7 +21,8 @@ use crate::Fingerprint;
 ///     fingerprint bytea       NOT NULL,     -- SHA-256 of the request
 ///     token       bigint,                   -- fencing token, while in flight
 ///     record      bytea,                    -- the response, once completed
-///     expires_at  timestamptz NOT NULL      -- lease end, then retention end
+///     expires_at  timestamptz NOT NULL,     -- lease end, then retention end
+///     took_over   boolean     NOT NULL DEFAULT false -- claimed from a lapsed claim
 /// );
 /// CREATE INDEX IF NOT EXISTS idempotency_records_expires_at
 ///     ON idempotency_records (expires_at);
@@ -79,15 +80,16 @@ impl Statements {
                     VALUES ($1, $2, $3, NULL, now() + $4 * interval '1 millisecond')
                     ON CONFLICT (key) DO UPDATE
                         SET fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
-                            record = NULL, expires_at = EXCLUDED.expires_at
+                            record = NULL, expires_at = EXCLUDED.expires_at,
+                            took_over = t.record IS NULL
                         WHERE t.expires_at <= now()
-                    RETURNING 1
+                    RETURNING took_over
                 )
-                SELECT true AS acquired, NULL::bytea AS fingerprint, NULL::bytea AS record,
-                       NULL::bigint AS remaining_ms
+                SELECT true AS acquired, took_over, NULL::bytea AS fingerprint,
+                       NULL::bytea AS record, NULL::bigint AS remaining_ms
                 FROM claimed
                 UNION ALL
-                SELECT false, fingerprint, record,
+                SELECT false, false, fingerprint, record,
                        ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint
                 FROM {table}
                 WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM claimed)"
@@ -214,8 +216,9 @@ impl PostgresStore {
         Ok(self)
     }
 
-    /// The SQL that creates the table and its index, for those who manage
-    /// their schema themselves.
+    /// The SQL that creates the table and its index (and adds a column a
+    /// table made by an earlier version lacks), for those who manage their
+    /// schema themselves.
     pub fn create_table_sql(&self) -> String {
         let table = &self.sql.table;
         // An index lives in its table's schema and takes an unqualified name,
@@ -228,13 +231,16 @@ impl PostgresStore {
                 fingerprint bytea NOT NULL,
                 token bigint,
                 record bytea,
-                expires_at timestamptz NOT NULL
+                expires_at timestamptz NOT NULL,
+                took_over boolean NOT NULL DEFAULT false
             );
+            ALTER TABLE {table} ADD COLUMN IF NOT EXISTS took_over boolean NOT NULL DEFAULT false;
             CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);"
         )
     }
 
-    /// Creates the table and its index if they do not exist.
+    /// Creates the table and its index if they do not exist, and adds the
+    /// `took_over` column to a table made before it existed.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::raw_sql(AssertSqlSafe(self.create_table_sql()))
             .execute(&self.pool)
@@ -289,7 +295,8 @@ impl PostgresStore {
 fn parse_claim(row: &PgRow, token: Token) -> Result<Claim, StoreError> {
     let acquired: bool = row.try_get("acquired").map_err(undecodable)?;
     if acquired {
-        return Ok(Claim::Acquired { token });
+        let took_over: bool = row.try_get("took_over").map_err(undecodable)?;
+        return Ok(Claim::Acquired { token, took_over });
     }
     let fingerprint: Vec<u8> = row.try_get("fingerprint").map_err(undecodable)?;
     let fingerprint = <[u8; 32]>::try_from(fingerprint.as_slice())

@@ -16,36 +16,54 @@ use crate::Fingerprint;
 // Each record is one Redis hash under one key, so every script touches a
 // single key and runs unchanged on Redis Cluster. Fields: `s` (state: `f` in
 // flight, `c` completed), `fp` (fingerprint), `tok` (fencing token, while in
-// flight) and `rec` (the record, once completed). Leases and retention are
-// the key's own expiry, on Redis's clock.
+// flight), `lu` (end of the lease, in milliseconds of Redis's `TIME`, while in
+// flight) and `rec` (the record, once completed). Time is Redis's clock.
+//
+// A lease that runs out does not remove the claim: its holder may still renew
+// and complete it until another claim takes it over. The key of an in-flight
+// record expires only `lapsed retention` after its lease; a completed record's
+// key expires with its TTL.
 
-/// ARGV: fingerprint, token, lease in ms.
+/// ARGV: fingerprint, token, lease in ms, lapsed retention in ms.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 's', 'f', 'fp', ARGV[1], 'tok', ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return {'a'}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local took = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local f = redis.call('HMGET', KEYS[1], 's', 'fp', 'rec', 'lu')
+  local lu = tonumber(f[4])
+  if f[1] == 'f' and f[2] and lu then
+    if lu > now then
+      return {'f', f[2], lu - now}
+    end
+    took = 1
+  elseif f[1] == 'c' and f[2] and f[3] then
+    return {'c', f[2], f[3]}
+  else
+    return redis.error_reply('CORRUPT unreadable idempotency record')
+  end
+  redis.call('DEL', KEYS[1])
 end
-local f = redis.call('HMGET', KEYS[1], 's', 'fp', 'rec')
-if f[1] == 'f' and f[2] then
-  return {'f', f[2], redis.call('PTTL', KEYS[1])}
-elseif f[1] == 'c' and f[2] and f[3] then
-  return {'c', f[2], f[3]}
-end
-return redis.error_reply('CORRUPT unreadable idempotency record')
+redis.call('HSET', KEYS[1], 's', 'f', 'fp', ARGV[1], 'tok', ARGV[2],
+  'lu', string.format('%d', now + tonumber(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], string.format('%d', tonumber(ARGV[3]) + tonumber(ARGV[4])))
+return {'a', took}
 ",
     )
 });
 
-/// ARGV: token, lease in ms.
+/// ARGV: token, lease in ms, lapsed retention in ms.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local f = redis.call('HMGET', KEYS[1], 's', 'tok')
 if f[1] == 'f' and f[2] == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('HSET', KEYS[1], 'lu', string.format('%d', now + tonumber(ARGV[2])))
+  redis.call('PEXPIRE', KEYS[1], string.format('%d', tonumber(ARGV[2]) + tonumber(ARGV[3])))
   return 1
 end
 return 0
@@ -93,9 +111,12 @@ return 0
 ///   every script touches only that key, so the layout needs no cross-slot
 ///   access on Redis Cluster. The store itself talks to one server through a
 ///   [`ConnectionManager`] (a single Redis, or a cluster proxy).
-/// - Leases and retention are the key's expiry (`PEXPIRE`, `PTTL`), on
-///   Redis's clock: app servers with skewed clocks agree. Expired records
-///   disappear by themselves.
+/// - Leases are a deadline inside the record and retention is the key's
+///   expiry (`PEXPIRE`), both on Redis's clock (`TIME`): app servers with
+///   skewed clocks agree. A claim whose lease ran out stays until another
+///   claim takes it over (its holder may still renew and complete it), or
+///   until [lapsed retention](Self::with_lapsed_retention) (24 hours by
+///   default) after its lease. Expired records disappear by themselves.
 /// - A key holding something else (a string, a hash without the expected
 ///   fields) is [`StoreError::Corrupt`], never a panic or a fresh claim.
 ///
@@ -111,6 +132,7 @@ return 0
 pub struct RedisStore {
     connection: ConnectionManager,
     prefix: Arc<str>,
+    lapsed_retention: Duration,
 }
 
 impl fmt::Debug for RedisStore {
@@ -125,12 +147,17 @@ impl RedisStore {
     /// The default key prefix.
     pub const DEFAULT_PREFIX: &'static str = "idempotency:";
 
+    /// How long a claim whose lease ran out is kept by default, for its
+    /// holder to renew or complete it if nobody takes it over: 24 hours.
+    pub const DEFAULT_LAPSED_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+
     /// A store on a connection manager the application already has (it
     /// reconnects by itself after a failure).
     pub fn new(connection: ConnectionManager) -> Self {
         RedisStore {
             connection,
             prefix: Arc::from(Self::DEFAULT_PREFIX),
+            lapsed_retention: Self::DEFAULT_LAPSED_RETENTION,
         }
     }
 
@@ -148,6 +175,16 @@ impl RedisStore {
     #[must_use]
     pub fn with_prefix(mut self, prefix: &str) -> Self {
         self.prefix = Arc::from(prefix);
+        self
+    }
+
+    /// How long after its lease ends a claim nobody took over is kept
+    /// (default [`DEFAULT_LAPSED_RETENTION`](Self::DEFAULT_LAPSED_RETENTION)).
+    /// Until then its holder, stalled or cut off from Redis for a while, can
+    /// still renew it and record its response; after it, the key is free.
+    #[must_use]
+    pub fn with_lapsed_retention(mut self, retention: Duration) -> Self {
+        self.lapsed_retention = retention;
         self
     }
 
@@ -223,20 +260,24 @@ fn fingerprint_of(value: &Value) -> Result<Fingerprint, StoreError> {
         .ok_or_else(|| unexpected(value))
 }
 
-fn parse_claim(value: Value) -> Result<Claim, StoreError> {
+fn parse_claim(value: Value, token: Token) -> Result<Claim, StoreError> {
     let Value::Array(items) = &value else {
         return Err(unexpected(&value));
     };
     match items.as_slice() {
-        [tag, fingerprint, ttl] if bytes_of(tag) == Some(b"f") => {
-            // PTTL is -1 for a key without expiry, which this store never
-            // writes: such a claim would never lapse.
-            let Value::Int(ttl @ 0..) = ttl else {
+        [tag, Value::Int(took_over @ 0..=1)] if bytes_of(tag) == Some(b"a") => {
+            Ok(Claim::Acquired {
+                token,
+                took_over: *took_over == 1,
+            })
+        }
+        [tag, fingerprint, left] if bytes_of(tag) == Some(b"f") => {
+            let Value::Int(left @ 1..) = left else {
                 return Err(unexpected(&value));
             };
             Ok(Claim::InFlight {
                 fingerprint: fingerprint_of(fingerprint)?,
-                lease_remaining: Duration::from_millis(u64::try_from(*ttl).unwrap_or(1).max(1)),
+                lease_remaining: Duration::from_millis(u64::try_from(*left).unwrap_or(1)),
             })
         }
         [tag, fingerprint, record] if bytes_of(tag) == Some(b"c") => Ok(Claim::Completed {
@@ -269,13 +310,9 @@ impl Store for RedisStore {
             invocation
                 .arg(&fingerprint.as_bytes()[..])
                 .arg(token.0.to_string())
-                .arg(millis(lease));
-            let value = self.run(invocation).await?;
-            if matches!(&value, Value::Array(items) if items.len() == 1 && bytes_of(&items[0]) == Some(b"a"))
-            {
-                return Ok(Claim::Acquired { token });
-            }
-            parse_claim(value)
+                .arg(millis(lease))
+                .arg(millis(self.lapsed_retention));
+            parse_claim(self.run(invocation).await?, token)
         }
     }
 
@@ -288,7 +325,10 @@ impl Store for RedisStore {
         let redis_key = self.redis_key(key);
         async move {
             let mut invocation = RENEW.key(redis_key);
-            invocation.arg(token.0.to_string()).arg(millis(lease));
+            invocation
+                .arg(token.0.to_string())
+                .arg(millis(lease))
+                .arg(millis(self.lapsed_retention));
             fenced_unless_one(self.run(invocation).await?)
         }
     }

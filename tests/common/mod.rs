@@ -45,8 +45,12 @@ pub fn booking_router(counter: Counter) -> Router {
     )
 }
 
+/// The credential test requests carry, so the default scope has a caller.
+pub const AUTH: &str = "Bearer test-caller";
+
 pub fn post_with_key(key: &str, body: &'static str) -> Request<Body> {
     Request::post("/book")
+        .header("authorization", AUTH)
         .header("idempotency-key", key)
         .body(Body::from(body))
         .unwrap()
@@ -144,8 +148,12 @@ pub mod fleet {
         base
     }
 
+    /// Every server of the fleet is reached under one public name, as
+    /// behind a load balancer: the host is part of the fingerprint.
     pub fn booking(base: &str, key: &str) -> Request<Full<Bytes>> {
         Request::post(format!("{base}/book"))
+            .header("host", "api.example")
+            .header("authorization", super::AUTH)
             .header("idempotency-key", key)
             .body(Full::new(Bytes::from_static(b"slot 9")))
             .unwrap()
@@ -310,6 +318,8 @@ pub mod fleet {
 
         let slow = || {
             Request::post(format!("{base}/book"))
+                .header("host", "api.example")
+                .header("authorization", super::AUTH)
                 .header("idempotency-key", "rt-slow")
                 .body(Full::new(Bytes::from_static(b"slow")))
                 .unwrap()
