@@ -7,8 +7,10 @@
 //! TARGET=http://127.0.0.1:3000 cargo bench --bench load
 //! ```
 //!
-//! `scripts/load.sh` runs it against the memory, Redis and PostgreSQL stores
-//! in turn. Settings: `TARGET` (default `http://127.0.0.1:3000`),
+//! Each connection books as its own principal (`Bearer load<N>.v1`).
+//! `scripts/load.sh` runs it against the demo without the layer
+//! (`IDEMPOTENCY_STORE=none`), then on the memory, Redis and PostgreSQL
+//! stores, in turn. Settings: `TARGET` (default `http://127.0.0.1:3000`),
 //! `CONNECTIONS` (32), `LOAD_SECONDS` (10), `MAX_REQUESTS` (2 000 000).
 
 use std::time::{Duration, Instant};
@@ -65,6 +67,7 @@ fn main() {
                     }
                     let req = Request::post(format!("{target}/appointments"))
                         .header("content-type", "application/json")
+                        .header("authorization", format!("Bearer load{worker}.v1"))
                         .header(
                             "idempotency-key",
                             format!("load-{}-{worker}-{n}", std::process::id()),

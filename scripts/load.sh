@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Load run against the demo server on loopback, once per store:
+# Load run against the demo server on loopback: first the same API without
+# the idempotency layer (`none`), then once per store:
 #   bash scripts/load.sh
 # Needs Redis and PostgreSQL for their rows (REDIS_URL, DATABASE_URL, with the
 # defaults below). Each run is bounded by LOAD_SECONDS (default 10).
@@ -10,7 +11,7 @@ database_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 cargo build --release --all-features --example booking_server
 cargo bench --all-features --bench load --no-run
 port=39127
-for store in memory "$redis_url" "$database_url"; do
+for store in none memory "$redis_url" "$database_url"; do
   IDEMPOTENCY_STORE=$store ./target/release/examples/booking_server "127.0.0.1:$port" >/dev/null 2>&1 &
   server=$!
   for _ in $(seq 1 100); do curl -s -o /dev/null "http://127.0.0.1:$port/appointments" && break; sleep 0.1; done
