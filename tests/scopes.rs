@@ -5,8 +5,9 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
+#[cfg(feature = "axum")]
+use axum::Router;
 use axum::{
-    Router,
     body::Body,
     extract::Request as AxumRequest,
     middleware::{self, Next},

@@ -119,6 +119,7 @@ pub fn gated_stream_router(counter: &Counter) -> (Router, watch::Sender<bool>) {
 }
 
 /// Helpers for stores shared by several servers (Redis, PostgreSQL).
+#[cfg(feature = "test-util")]
 pub mod fleet {
     use std::time::Duration;
 
