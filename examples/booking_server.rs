@@ -103,7 +103,12 @@ async fn create(
         // A zero-length sleep would still wait for the timer's next tick.
         tokio::time::sleep(Duration::from_millis(new.delay_ms)).await;
     }
-    let intent_key = intent.derive("booking");
+    // The intent: this key in this scope, for this very booking request.
+    let fingerprint: String = intent.fingerprint().as_bytes()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let intent_key = format!("{}-{fingerprint}", intent.derive("booking"));
     let appointment = {
         let mut table = bookings.lock();
         // An execution that took over a stalled one (or that one, finishing

@@ -313,6 +313,12 @@ pin_project! {
         failed: Option<Box<dyn Any + Send>>,
         // Set once the client has gone and the tee is being drained.
         detached: bool,
+        // Set while the service's body, or the store's completion, is
+        // polled: still set when the tee is dropped, that one panicked
+        // (even if the panic was caught and the tee dropped later), and it
+        // is never polled again.
+        in_body: bool,
+        in_store: bool,
     }
 }
 
@@ -332,9 +338,6 @@ pub(crate) struct Tee<B> {
     state: Option<Pin<Box<TeeState<B>>>>,
     /// Moves an unfinished tee into a background task.
     detach: Detach<B>,
-    /// Set while the service's body is polled: still set at drop, the body
-    /// panicked (even if the panic was caught and the tee dropped later).
-    polling: bool,
 }
 
 impl<B> Tee<B> {
@@ -347,9 +350,10 @@ impl<B> Tee<B> {
                 first: None,
                 failed: None,
                 detached: false,
+                in_body: false,
+                in_store: false,
             })),
             detach,
-            polling: false,
         }
     }
 
@@ -404,12 +408,7 @@ where
 
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match &mut self.state {
-            Some(state) => {
-                self.polling = true;
-                let poll = state.as_mut().poll_frame(cx);
-                self.polling = false;
-                poll
-            }
+            Some(state) => state.as_mut().poll_frame(cx),
             None => Poll::Ready(None),
         }
     }
@@ -442,7 +441,10 @@ where
             let SourceProj::Streaming { mut body } = this.body.as_mut().project() else {
                 return Poll::Ready(());
             };
-            match body.as_mut().poll_frame(cx) {
+            *this.in_body = true;
+            let polled = body.as_mut().poll_frame(cx);
+            *this.in_body = false;
+            match polled {
                 Poll::Pending => {
                     // A streaming body: renew from a task (see `poll_frame`).
                     recording.renewer.renew_in_background();
@@ -482,7 +484,10 @@ where
             }
         }
         if let Some(completing) = &mut recording.completing {
-            ready!(completing.as_mut().poll(cx));
+            *this.in_store = true;
+            let completed = completing.as_mut().poll(cx);
+            *this.in_store = false;
+            ready!(completed);
             *this.recording = None;
         }
         Poll::Ready(())
@@ -507,7 +512,10 @@ where
                 return Poll::Ready(this.held_back.take().map(Ok));
             };
             if let Some(completing) = &mut recording.completing {
-                ready!(completing.as_mut().poll(cx));
+                *this.in_store = true;
+                let completed = completing.as_mut().poll(cx);
+                *this.in_store = false;
+                ready!(completed);
                 *this.recording = None;
                 continue;
             }
@@ -515,7 +523,10 @@ where
                 recording.finish();
                 continue;
             };
-            let step = match body.as_mut().poll_frame(cx) {
+            *this.in_body = true;
+            let polled = body.as_mut().poll_frame(cx);
+            *this.in_body = false;
+            let step = match polled {
                 Poll::Pending => {
                     // A streaming body: the server may stop polling it while
                     // the client is slow to read, so the lease is renewed
@@ -568,6 +579,27 @@ where
     }
 }
 
+impl<B> TeeState<B> {
+    /// After a panic in the body or the store: nothing here is polled again.
+    /// A panicked body leaves its status and headers as the record (the
+    /// head went out; a retry learns the outcome, and nothing runs twice),
+    /// whose completion is returned to be run. A panicked store completion
+    /// is dropped, and the claim ends with its lease.
+    fn settle_after_panic(self: Pin<&mut Self>) -> Option<BoxFuture<()>> {
+        let this = self.project();
+        let mut recording = this.recording.take()?;
+        if *this.in_store {
+            return None;
+        }
+        recording.body_failed();
+        recording.completing.take()
+    }
+
+    fn panicked(&self) -> bool {
+        self.in_body || self.in_store
+    }
+}
+
 /// Drives a tee the client abandoned to its end, in the background.
 pub(crate) fn detach_tee<B>(mut state: Pin<Box<TeeState<B>>>)
 where
@@ -581,11 +613,30 @@ where
     };
     *state.as_mut().project().detached = true;
     handle.spawn(async move {
-        // Every frame is copied into the record inside `poll_frame`.
-        while std::future::poll_fn(|cx| state.as_mut().poll_frame(cx))
-            .await
-            .is_some()
-        {}
+        // Every frame is copied into the record inside `poll_frame`. A
+        // panic is caught here, so that the tee settles as it would in the
+        // client's connection, rather than dropping (and releasing) the
+        // claim of work that was done.
+        let panicked = std::future::poll_fn(|cx| {
+            let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                state.as_mut().poll_frame(cx)
+            }));
+            match polled {
+                Ok(Poll::Pending) => Poll::Pending,
+                Ok(Poll::Ready(Some(_))) => {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+                Ok(Poll::Ready(None)) => Poll::Ready(false),
+                Err(_) => Poll::Ready(true),
+            }
+        })
+        .await;
+        if panicked {
+            if let Some(completing) = state.as_mut().settle_after_panic() {
+                completing.await;
+            }
+        }
     });
 }
 
@@ -594,23 +645,20 @@ impl<B> Drop for Tee<B> {
         let Some(mut state) = self.state.take() else {
             return;
         };
-        let this = state.as_mut().project();
-        let Some(mut recording) = this.recording.take() else {
+        if state.recording.is_none() {
             return;
-        };
-        if self.polling || std::thread::panicking() {
-            // The service's body panicked: never poll it again. The response
-            // head went out, so keep status and headers as the record.
-            recording.body_failed();
+        }
+        if state.panicked() || std::thread::panicking() {
+            // The service's body (or the store) panicked: never poll it
+            // again.
             if let (Some(completing), Ok(handle)) = (
-                recording.completing.take(),
+                state.as_mut().settle_after_panic(),
                 tokio::runtime::Handle::try_current(),
             ) {
                 handle.spawn(completing);
             }
             return;
         }
-        *this.recording = Some(recording);
         (self.detach)(state);
     }
 }

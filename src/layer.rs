@@ -94,7 +94,7 @@ impl<St> Config<St> {
 /// | keys | optional |
 /// | scope | [`DefaultScope`]: a [`Principal`](crate::Principal) from the auth layer, else a hash of `Authorization` |
 /// | anonymous keyed requests | rejected (401), see [`Anonymous`] |
-/// | fingerprint | method, path, query, `Content-Type`, body |
+/// | fingerprint | method, host, full path, query, `Content-Type`, body |
 /// | request / response body limit | 1 MiB / 1 MiB |
 /// | TTL of a completed record | 24 hours |
 /// | lease of an in-flight claim | 30 seconds, renewed every 10 while the request runs |
@@ -242,7 +242,7 @@ impl<St: Clone> IdempotencyLayer<St> {
     }
 
     /// Adds headers whose values are part of a request's fingerprint, beside
-    /// method, path, query, `Content-Type` and body.
+    /// method, host, full path, query, `Content-Type` and body.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
@@ -385,6 +385,7 @@ impl<St: Clone> IdempotencyLayer<St> {
     ///         let code = match rejection.kind() {
     ///             RejectionKind::RequestInFlight => "10", // ABORTED
     ///             RejectionKind::StoreUnavailable => "14", // UNAVAILABLE
+    ///             RejectionKind::AnonymousRequest => "16", // UNAUTHENTICATED
     ///             _ => "3",                                // INVALID_ARGUMENT
     ///         };
     ///         http::Response::builder()

@@ -57,7 +57,8 @@
 //! The client picks the key; the server picks the namespace it is looked up
 //! in. The default, [`DefaultScope`], takes in order:
 //!
-//! 1. a [`Scope`] the application put into the request extensions;
+//! 1. a [`Scope`] the application put into the request extensions
+//!    (prefixed with `scope:`, so it never equals a hashed one);
 //! 2. a [`Principal`] an authentication layer put there: the caller's
 //!    stable identity. Put the idempotency layer *inside* the
 //!    authentication layer (added before it with axum's `Router::layer`, or

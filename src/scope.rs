@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 ///
 /// An application that knows the namespace itself (a tenant, an account)
 /// can put a `Scope` into the request extensions before the layer runs; the
-/// [`DefaultScope`] uses it as it is.
+/// [`DefaultScope`] uses it, prefixed with `scope:`.
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
 pub struct Scope(String);
 
@@ -93,15 +93,21 @@ impl fmt::Debug for Principal {
 /// `None` means the request is anonymous: the layer then applies its
 /// [`Anonymous`] policy (by default, it rejects the request).
 ///
-/// Implemented for closures `Fn(&request::Parts) -> Option<Scope>`:
+/// Implemented for closures `Fn(&request::Parts) -> Option<Scope>`. Build
+/// the scope from what the server established (never from a header the
+/// client chooses freely):
 ///
 /// ```
 /// use tower_idempotency::{IdempotencyLayer, MemoryStore, Scope};
 ///
+/// /// Put into the extensions by the app's authentication.
+/// #[derive(Clone)]
+/// struct Account(u64);
+///
 /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_scope(
 ///     |parts: &http::request::Parts| {
-///         let tenant = parts.headers.get("x-tenant-id")?;
-///         Some(Scope::new(String::from_utf8_lossy(tenant.as_bytes())))
+///         let account = parts.extensions.get::<Account>()?;
+///         Some(Scope::new(format!("account:{}", account.0)))
 ///     },
 /// );
 /// ```
@@ -141,7 +147,7 @@ pub enum Anonymous {
 
 /// The default scope, in this order:
 ///
-/// 1. a [`Scope`] in the request extensions, as it is;
+/// 1. a [`Scope`] in the request extensions: `scope:` and its name;
 /// 2. a [`Principal`] in the request extensions: `principal:` and a hash of
 ///    its id;
 /// 3. the `Authorization` header: `credential:` and a hash of its value;
@@ -218,7 +224,8 @@ impl fmt::Debug for DefaultScope {
 impl ScopeExtractor for DefaultScope {
     fn scope(&self, parts: &request::Parts) -> Option<Scope> {
         if let Some(scope) = parts.extensions.get::<Scope>() {
-            return Some(scope.clone());
+            // Prefixed, so no app scope can equal a hashed one.
+            return Some(Scope(format!("scope:{}", scope.0)));
         }
         if let Some(principal) = parts.extensions.get::<Principal>() {
             return Some(self.hashed("principal:", principal.as_str().as_bytes()));
@@ -282,7 +289,7 @@ mod tests {
 
         let mut explicit = parts(Some("Bearer x"), Some("alice"));
         explicit.extensions.insert(Scope::new("tenant-7"));
-        assert_eq!(scope.scope(&explicit), Some(Scope::new("tenant-7")));
+        assert_eq!(scope.scope(&explicit), Some(Scope::new("scope:tenant-7")));
     }
 
     #[test]

@@ -329,3 +329,128 @@ async fn a_panic_caught_by_an_outer_layer_runs_once_and_frees_the_key() {
     assert_eq!(again.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(polls.load(Ordering::SeqCst), 2);
 }
+
+/// A response body that is not ready at first, then panics when polled.
+struct PanickingBody(Arc<AtomicUsize>);
+
+impl http_body::Body for PanickingBody {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Infallible>>> {
+        if self.0.fetch_add(1, Ordering::SeqCst) == 0 {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        panic!("body bug");
+    }
+}
+
+#[tokio::test]
+async fn a_body_whose_panic_was_caught_is_never_polled_again_and_keeps_its_outcome() {
+    let polls = Arc::new(AtomicUsize::new(0));
+    let p = polls.clone();
+    let store = MemoryStore::default();
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(store.clone()))
+        .service(service_fn(move |_req: Request<_>| {
+            let body = PanickingBody(p.clone());
+            async move { Ok::<_, Infallible>(Response::new(body)) }
+        }));
+    let response = svc.clone().oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = Box::pin(response.into_body());
+    // A server (or an outer layer) catches the body's panic, and drops the
+    // body only later.
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let _ = http_body::Body::poll_frame(body.as_mut(), &mut cx);
+    }));
+    assert!(caught.is_err());
+    drop(body);
+    let metrics = tokio::runtime::Handle::current().metrics();
+    while metrics.num_alive_tasks() > 0 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        polls.load(Ordering::SeqCst),
+        2,
+        "never polled after its panic"
+    );
+    // The head went out, so the outcome is kept (without the body).
+    let retry = svc.oneshot(post_with_key("k", "x")).await.unwrap();
+    let (status, code, _) = problem(retry).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::GONE, "response-not-retained")
+    );
+}
+
+/// A response body that sends one frame, is then not ready, then panics.
+struct FrameThenPanic(Arc<AtomicUsize>);
+
+impl http_body::Body for FrameThenPanic {
+    type Data = bytes::Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Infallible>>> {
+        match self.0.fetch_add(1, Ordering::SeqCst) {
+            0 => Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                b"part",
+            ))))),
+            1 => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            _ => panic!("body bug after the client left"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_panics_after_the_client_left_keeps_its_outcome() {
+    let polls = Arc::new(AtomicUsize::new(0));
+    let executions = Arc::new(AtomicUsize::new(0));
+    let (p, e) = (polls.clone(), executions.clone());
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(MemoryStore::default()))
+        .service(service_fn(move |_req: Request<_>| {
+            e.fetch_add(1, Ordering::SeqCst);
+            let body = FrameThenPanic(p.clone());
+            async move { Ok::<_, Infallible>(Response::new(body)) }
+        }));
+    let response = svc.clone().oneshot(post_with_key("k", "x")).await.unwrap();
+    let mut body = response.into_body();
+    let first = http_body_util::BodyExt::frame(&mut body)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), "part");
+    // The client goes away; the rest is drained in the background, and
+    // panics there.
+    drop(body);
+    let metrics = tokio::runtime::Handle::current().metrics();
+    while metrics.num_alive_tasks() > 0 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        polls.load(Ordering::SeqCst),
+        3,
+        "never polled after its panic"
+    );
+    let retry = svc.oneshot(post_with_key("k", "x")).await.unwrap();
+    let (status, code, _) = problem(retry).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::GONE, "response-not-retained")
+    );
+    assert_eq!(
+        executions.load(Ordering::SeqCst),
+        1,
+        "the work is not done twice"
+    );
+}

@@ -5,12 +5,11 @@ mod common;
 use std::{
     convert::Infallible,
     pin::Pin,
-    sync::{Arc, Mutex},
     task::{Context, Poll},
 };
 
 use bytes::Bytes;
-use common::{body_bytes, post_with_key};
+use common::{Captured, body_bytes, post_with_key};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
@@ -183,29 +182,10 @@ async fn an_unreadable_record_is_503_and_never_a_second_execution() {
     assert_eq!(counter.get(), 1);
 }
 
-/// A `tracing` writer that keeps everything written to it.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[test]
 fn logs_carry_a_hash_of_the_key_never_the_key_or_body() {
     let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
+    let subscriber = captured.subscriber(tracing::Level::TRACE);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -220,7 +200,7 @@ fn logs_carry_a_hash_of_the_key_never_the_key_or_body() {
             }
         });
     });
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(logs.contains("key="), "events carry a key hash:\n{logs}");
     assert!(logs.contains("replaying"), "{logs}");
     assert!(logs.contains("key-reused"), "{logs}");

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-
 #[cfg(feature = "axum")]
 use axum::Router;
 use axum::{
@@ -13,7 +11,7 @@ use axum::{
     middleware::{self, Next},
     response::Response as AxumResponse,
 };
-use common::{Counter, body_bytes, booking_router, problem};
+use common::{Captured, Counter, body_bytes, booking_router, problem};
 use http::{Request, StatusCode, header};
 use tower::ServiceExt;
 use tower_idempotency::{
@@ -172,30 +170,10 @@ async fn anonymous_keyed_requests_are_rejected_by_default() {
     assert_eq!(counter.get(), 1);
 }
 
-/// Collects what `tracing` writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn the_shared_anonymous_scope_is_explicit_and_warned_about_once() {
     let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = tracing::subscriber::set_default(captured.subscriber(tracing::Level::WARN));
 
     let counter = Counter::default();
     let app = booking_router(counter.clone())
@@ -208,7 +186,7 @@ async fn the_shared_anonymous_scope_is_explicit_and_warned_about_once() {
         assert_eq!(again.headers()["idempotent-replayed"], "true");
     }
     assert_eq!(counter.get(), 1);
-    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let log = captured.text();
     assert_eq!(
         log.matches("with_anonymous(Anonymous::Shared)").count(),
         1,

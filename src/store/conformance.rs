@@ -165,15 +165,7 @@ async fn acquire<S: Store>(
     fingerprint: Fingerprint,
     lease: Duration,
 ) -> Token {
-    match store.claim(key, fingerprint, lease).await {
-        Ok(Claim::Acquired {
-            token,
-            took_over: false,
-        }) => token,
-        other => {
-            panic!("a claim on a free key must acquire it, and not as a take-over, got {other:?}")
-        }
-    }
+    acquire_as(store, key, fingerprint, lease, false).await
 }
 
 /// Claims a key whose holder's lease ran out: it must be acquired, and
@@ -184,13 +176,21 @@ async fn take_over<S: Store>(
     fingerprint: Fingerprint,
     lease: Duration,
 ) -> Token {
+    acquire_as(store, key, fingerprint, lease, true).await
+}
+
+async fn acquire_as<S: Store>(
+    store: &S,
+    key: &RecordKey,
+    fingerprint: Fingerprint,
+    lease: Duration,
+    take_over: bool,
+) -> Token {
     match store.claim(key, fingerprint, lease).await {
-        Ok(Claim::Acquired {
-            token,
-            took_over: true,
-        }) => token,
+        Ok(Claim::Acquired { token, took_over }) if took_over == take_over => token,
         other => panic!(
-            "a claim on a key whose lease lapsed must acquire it with `took_over: true`, got {other:?}"
+            "this claim must acquire the key with `took_over: {take_over}` \
+             (a free key is no take-over; a key whose lease lapsed is), got {other:?}"
         ),
     }
 }
@@ -321,8 +321,10 @@ pub async fn scopes_and_keys_are_separate<H: Harness>(h: &H) {
     }
 }
 
-/// An in-flight claim whose lease has passed counts as absent: the next
-/// claim takes it over with a new token, and says it took it over.
+/// An in-flight claim whose lease has passed counts as absent for the same
+/// request: its next claim takes it over with a new token, and says it took
+/// it over. A different request sees the lapsed claim in flight, with the
+/// holder's fingerprint, and takes nothing over.
 pub async fn lease_lapse_allows_take_over<H: Harness>(h: &H) {
     let store = h.store();
     let key = fresh_key("lapse");
@@ -336,6 +338,14 @@ pub async fn lease_lapse_allows_take_over<H: Harness>(h: &H) {
         "the lease must hold before it ends"
     );
     h.advance(h.lease()).await;
+    match store.claim(&key, fp(44), h.lease()).await {
+        Ok(Claim::InFlight { fingerprint, .. }) => assert_eq!(
+            fingerprint,
+            fp(4),
+            "a lapsed claim must report its holder's fingerprint"
+        ),
+        other => panic!("a different request must not take over a lapsed claim, got {other:?}"),
+    }
     let second = take_over(&store, &key, fp(4), h.lease()).await;
     assert_ne!(first, second, "a take-over must issue a new token");
 }

@@ -405,7 +405,7 @@ impl Inner {
         // Reading a live record is enough to answer; only a miss or an
         // expired record goes on to the write path below.
         let absent = match self.map.get(key) {
-            Some(record) => match observe(&record, now) {
+            Some(record) => match observe(&record, now, fingerprint) {
                 Some(found) => return Ok(found),
                 None => false,
             },
@@ -421,7 +421,7 @@ impl Inner {
         loop {
             match self.map.entry(key.clone()) {
                 Entry::Occupied(mut entry) => {
-                    if let Some(found) = observe(entry.get(), now) {
+                    if let Some(found) = observe(entry.get(), now, fingerprint) {
                         drop(entry);
                         if reserved {
                             self.entries.fetch_sub(1, Ordering::AcqRel);
@@ -549,9 +549,21 @@ impl Inner {
 }
 
 /// The answer a live record gives a claim; `None` if it has expired.
-fn observe(record: &Record, now: Nanos) -> Option<Claim> {
+/// What a claim with `fingerprint` finds in `record`, or `None` when it may
+/// take the record over.
+fn observe(record: &Record, now: Nanos, fingerprint: Fingerprint) -> Option<Claim> {
     if record.is_expired(now) {
-        return None;
+        // A lapsed claim is taken over only by the same request: another
+        // one learns the key is taken (and is told `key-reused`).
+        return match record {
+            Record::InFlight {
+                fingerprint: held, ..
+            } if *held != fingerprint => Some(Claim::InFlight {
+                fingerprint: *held,
+                lease_remaining: Duration::ZERO,
+            }),
+            _ => None,
+        };
     }
     Some(match record {
         Record::InFlight {

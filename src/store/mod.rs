@@ -215,12 +215,17 @@ pub trait Store: Send + Sync + 'static {
     ///   `lease` from now; return [`Claim::Acquired`], with `took_over` set
     ///   when what expired was an in-flight claim. Of any number of
     ///   concurrent claims on an absent key, exactly one acquires it;
+    /// - in flight with a lapsed lease, claimed with a different fingerprint:
+    ///   return [`Claim::InFlight`] with the holder's fingerprint and no time
+    ///   left, changing nothing. Only the same request takes a lapsed claim
+    ///   over, so a different one never inherits its half-done work;
     /// - in flight: return [`Claim::InFlight`] with the holder's fingerprint
     ///   and the time left on its lease, changing nothing;
     /// - completed: return [`Claim::Completed`] with its fingerprint and the
     ///   record bytes, changing nothing.
     ///
-    /// The store does not compare fingerprints; the layer does.
+    /// Apart from lapsed claims, the store does not compare fingerprints;
+    /// the layer does.
     fn claim(
         &self,
         key: &RecordKey,

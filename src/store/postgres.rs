@@ -69,8 +69,9 @@ impl Statements {
     fn new(table: &str) -> Self {
         Statements {
             table: table.to_owned(),
-            // The CTE claims a free or expired key; the second SELECT reads
-            // what holds the key otherwise. Under READ COMMITTED a row
+            // The CTE claims a free or expired key (a lapsed claim only for
+            // the same request); the second SELECT reads what holds the key
+            // otherwise, a lapsed claim of another request included. Under READ COMMITTED a row
             // committed by a racing claim after this statement's snapshot is
             // invisible to the SELECT, and no row comes back: the caller then
             // runs the statement again.
@@ -83,6 +84,7 @@ impl Statements {
                             record = NULL, expires_at = EXCLUDED.expires_at,
                             took_over = t.record IS NULL
                         WHERE t.expires_at <= now()
+                          AND (t.record IS NOT NULL OR t.fingerprint = EXCLUDED.fingerprint)
                     RETURNING took_over
                 )
                 SELECT true AS acquired, took_over, NULL::bytea AS fingerprint,
@@ -90,9 +92,10 @@ impl Statements {
                 FROM claimed
                 UNION ALL
                 SELECT false, false, fingerprint, record,
-                       ceil(extract(epoch FROM expires_at - now()) * 1000)::bigint
+                       greatest(ceil(extract(epoch FROM expires_at - now()) * 1000), 0)::bigint
                 FROM {table}
-                WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM claimed)"
+                WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)
+                  AND (expires_at > now() OR (record IS NULL AND fingerprint <> $2))"
             )),
             renew: Arc::from(format!(
                 "UPDATE {table} SET expires_at = now() + $3 * interval '1 millisecond'
@@ -234,7 +237,13 @@ impl PostgresStore {
                 expires_at timestamptz NOT NULL,
                 took_over boolean NOT NULL DEFAULT false
             );
-            ALTER TABLE {table} ADD COLUMN IF NOT EXISTS took_over boolean NOT NULL DEFAULT false;
+            DO $$ BEGIN
+                IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                               WHERE attrelid = '{table}'::regclass
+                                 AND attname = 'took_over' AND NOT attisdropped) THEN
+                    ALTER TABLE {table} ADD COLUMN took_over boolean NOT NULL DEFAULT false;
+                END IF;
+            END $$;
             CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);"
         )
     }
@@ -313,10 +322,7 @@ fn parse_claim(row: &PgRow, token: Token) -> Result<Claim, StoreError> {
             Claim::InFlight {
                 fingerprint,
                 lease_remaining: Duration::from_millis(
-                    remaining
-                        .and_then(|ms| u64::try_from(ms).ok())
-                        .unwrap_or(1)
-                        .max(1),
+                    remaining.and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0),
                 ),
             }
         }

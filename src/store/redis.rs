@@ -34,9 +34,15 @@ local took = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then
   local f = redis.call('HMGET', KEYS[1], 's', 'fp', 'rec', 'lu')
   local lu = tonumber(f[4])
-  if f[1] == 'f' and f[2] and lu then
+  if f[1] == 'f' and f[2] and not f[4] then
+    -- Written by a version that kept the lease as the key's expiry.
+    return {'f', f[2], math.max(redis.call('PTTL', KEYS[1]), 1)}
+  elseif f[1] == 'f' and f[2] and lu then
     if lu > now then
       return {'f', f[2], lu - now}
+    elseif f[2] ~= ARGV[1] then
+      -- Lapsed, but only the same request may take it over.
+      return {'f', f[2], 0}
     end
     took = 1
   elseif f[1] == 'c' and f[2] and f[3] then
@@ -47,8 +53,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('DEL', KEYS[1])
 end
 redis.call('HSET', KEYS[1], 's', 'f', 'fp', ARGV[1], 'tok', ARGV[2],
-  'lu', string.format('%d', now + tonumber(ARGV[3])))
-redis.call('PEXPIRE', KEYS[1], string.format('%d', tonumber(ARGV[3]) + tonumber(ARGV[4])))
+  'lu', string.format('%.0f', now + tonumber(ARGV[3])))
+redis.call('PEXPIRE', KEYS[1], string.format('%.0f', tonumber(ARGV[3]) + tonumber(ARGV[4])))
 return {'a', took}
 ",
     )
@@ -62,8 +68,8 @@ local f = redis.call('HMGET', KEYS[1], 's', 'tok')
 if f[1] == 'f' and f[2] == ARGV[1] then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('HSET', KEYS[1], 'lu', string.format('%d', now + tonumber(ARGV[2])))
-  redis.call('PEXPIRE', KEYS[1], string.format('%d', tonumber(ARGV[2]) + tonumber(ARGV[3])))
+  redis.call('HSET', KEYS[1], 'lu', string.format('%.0f', now + tonumber(ARGV[2])))
+  redis.call('PEXPIRE', KEYS[1], string.format('%.0f', tonumber(ARGV[2]) + tonumber(ARGV[3])))
   return 1
 end
 return 0
@@ -272,7 +278,8 @@ fn parse_claim(value: Value, token: Token) -> Result<Claim, StoreError> {
             })
         }
         [tag, fingerprint, left] if bytes_of(tag) == Some(b"f") => {
-            let Value::Int(left @ 1..) = left else {
+            // 0: lapsed, and held for a different request.
+            let Value::Int(left @ 0..) = left else {
                 return Err(unexpected(&value));
             };
             Ok(Claim::InFlight {
