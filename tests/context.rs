@@ -330,6 +330,28 @@ async fn a_panic_caught_by_an_outer_layer_runs_once_and_frees_the_key() {
     assert_eq!(polls.load(Ordering::SeqCst), 2);
 }
 
+/// Lets every task of the (current-thread) runtime run to its end.
+async fn every_task_done() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    while metrics.num_alive_tasks() > 0 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The answer to a retry of a request whose response head went out but
+/// whose body failed: its outcome, without the body.
+async fn assert_not_retained<B>(retry: Response<B>)
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let (status, code, _) = problem(retry).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::GONE, "response-not-retained")
+    );
+}
+
 /// A response body that is not ready at first, then panics when polled.
 struct PanickingBody(Arc<AtomicUsize>);
 
@@ -370,10 +392,7 @@ async fn a_body_whose_panic_was_caught_is_never_polled_again_and_keeps_its_outco
     }));
     assert!(caught.is_err());
     drop(body);
-    let metrics = tokio::runtime::Handle::current().metrics();
-    while metrics.num_alive_tasks() > 0 {
-        tokio::task::yield_now().await;
-    }
+    every_task_done().await;
     assert_eq!(
         polls.load(Ordering::SeqCst),
         2,
@@ -381,11 +400,7 @@ async fn a_body_whose_panic_was_caught_is_never_polled_again_and_keeps_its_outco
     );
     // The head went out, so the outcome is kept (without the body).
     let retry = svc.oneshot(post_with_key("k", "x")).await.unwrap();
-    let (status, code, _) = problem(retry).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::GONE, "response-not-retained")
-    );
+    assert_not_retained(retry).await;
 }
 
 /// A response body that sends one frame, is then not ready, then panics.
@@ -433,21 +448,14 @@ async fn a_body_that_panics_after_the_client_left_keeps_its_outcome() {
     // The client goes away; the rest is drained in the background, and
     // panics there.
     drop(body);
-    let metrics = tokio::runtime::Handle::current().metrics();
-    while metrics.num_alive_tasks() > 0 {
-        tokio::task::yield_now().await;
-    }
+    every_task_done().await;
     assert_eq!(
         polls.load(Ordering::SeqCst),
         3,
         "never polled after its panic"
     );
     let retry = svc.oneshot(post_with_key("k", "x")).await.unwrap();
-    let (status, code, _) = problem(retry).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (StatusCode::GONE, "response-not-retained")
-    );
+    assert_not_retained(retry).await;
     assert_eq!(
         executions.load(Ordering::SeqCst),
         1,
