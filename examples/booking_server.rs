@@ -37,6 +37,7 @@
 
 use std::{
     collections::HashMap,
+    fmt::Write as _,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -104,11 +105,11 @@ async fn create(
         tokio::time::sleep(Duration::from_millis(new.delay_ms)).await;
     }
     // The intent: this key in this scope, for this very booking request.
-    let fingerprint: String = intent.fingerprint().as_bytes()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let intent_key = format!("{}-{fingerprint}", intent.derive("booking"));
+    let mut intent_key = intent.derive("booking");
+    intent_key.push('-');
+    for b in &intent.fingerprint().as_bytes()[..8] {
+        let _ = write!(intent_key, "{b:02x}");
+    }
     let appointment = {
         let mut table = bookings.lock();
         // An execution that took over a stalled one (or that one, finishing

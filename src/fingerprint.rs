@@ -2,9 +2,10 @@
 //!
 //! SHA-256 over the method, the authority (`Host`), the full path and query,
 //! `Content-Type`, any extra headers the layer is configured with, and the
-//! body. A replay therefore never crosses hosts or routes. Every field is length-prefixed and
-//! optional fields carry a presence byte, so no two different requests can
-//! produce the same input by moving bytes from one field to the next.
+//! body, so a replay never crosses hosts or routes. Every field is
+//! length-prefixed and optional fields carry a presence byte, so no two
+//! different requests can produce the same input by moving bytes from one
+//! field to the next.
 
 use std::fmt;
 

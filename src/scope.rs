@@ -164,7 +164,9 @@ pub enum Anonymous {
 /// authentication layer does not change; prefer it.
 #[derive(Clone, Default)]
 pub struct DefaultScope {
-    secret: Option<Arc<[u8]>>,
+    /// HMAC-SHA-256 already keyed with the secret: each request clones it
+    /// rather than hashing the key again.
+    keyed: Option<Hmac<Sha256>>,
 }
 
 impl DefaultScope {
@@ -186,15 +188,17 @@ impl DefaultScope {
     /// ```
     #[must_use]
     pub fn with_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
-        self.secret = Some(Arc::from(secret.as_ref()));
+        self.keyed = Some(
+            <Hmac<Sha256> as Mac>::new_from_slice(secret.as_ref())
+                .expect("HMAC takes a key of any length"),
+        );
         self
     }
 
     fn hashed(&self, prefix: &str, value: &[u8]) -> Scope {
-        let digest: [u8; 32] = match &self.secret {
-            Some(secret) => {
-                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
-                    .expect("HMAC takes a key of any length");
+        let digest: [u8; 32] = match &self.keyed {
+            Some(keyed) => {
+                let mut mac = keyed.clone();
                 mac.update(prefix.as_bytes());
                 mac.update(value);
                 mac.finalize().into_bytes().into()
@@ -216,7 +220,7 @@ impl DefaultScope {
 impl fmt::Debug for DefaultScope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DefaultScope")
-            .field("secret", &self.secret.as_ref().map(|_| "<set>"))
+            .field("secret", &self.keyed.as_ref().map(|_| "<set>"))
             .finish()
     }
 }

@@ -437,9 +437,10 @@ fn anonymous_scope<St>(config: &Config<St>) -> Option<Scope> {
     match config.anonymous {
         Anonymous::Reject => None,
         Anonymous::Shared => {
-            if !config
-                .anonymous_warned
-                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            // Read first: after the one warning, no request writes the flag.
+            let warned = &config.anonymous_warned;
+            if !warned.load(std::sync::atomic::Ordering::Relaxed)
+                && !warned.swap(true, std::sync::atomic::Ordering::Relaxed)
             {
                 tracing::warn!(
                     "a keyed request without a principal or credential was put into the \
