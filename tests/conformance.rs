@@ -22,6 +22,10 @@ impl Harness for Memory {
     async fn advance(&self, by: Duration) {
         self.0.advance(by);
     }
+
+    async fn sweep(&self, store: &MemoryStore) {
+        store.remove_expired();
+    }
 }
 
 tower_idempotency::store_conformance_tests!(Memory::default());
@@ -30,6 +34,59 @@ tower_idempotency::store_conformance_tests!(Memory::default());
 async fn memory_store_bounded_by_entries_never_evicts_in_flight() {
     let store = MemoryStore::builder().max_entries(8).build();
     conformance::bounded_store_never_evicts_in_flight(&store, 8, Duration::from_secs(10)).await;
+}
+
+/// A lapsed claim survives the sweeper and eviction until its lapsed
+/// retention is over; then it is removed, and any request may claim the key
+/// afresh.
+#[tokio::test]
+async fn memory_store_keeps_a_lapsed_claim_for_its_retention() {
+    use tower_idempotency::{
+        Fingerprint, Store,
+        store::{Claim, RecordKey},
+    };
+    let clock = ManualClock::new();
+    let store = MemoryStore::builder()
+        .clock(clock.clone())
+        .max_entries(1)
+        .lapsed_retention(Duration::from_secs(60))
+        .build();
+    let lease = Duration::from_secs(10);
+    let key = RecordKey::new("s", "k");
+    let (a, b) = (
+        Fingerprint::from_bytes([1; 32]),
+        Fingerprint::from_bytes([2; 32]),
+    );
+    assert!(matches!(
+        store.claim(&key, a, lease).await,
+        Ok(Claim::Acquired { .. })
+    ));
+    clock.advance(Duration::from_secs(69));
+    assert_eq!(store.remove_expired(), 0, "lapsed 59 s ago: kept");
+    let other = RecordKey::new("s", "other");
+    assert!(
+        matches!(
+            store.claim(&other, a, lease).await,
+            Err(tower_idempotency::store::StoreError::Full)
+        ),
+        "a lapsed claim is not evicted to make room before its retention is over"
+    );
+    assert!(matches!(
+        store.claim(&key, b, lease).await,
+        Ok(Claim::InFlight {
+            lease_remaining: Duration::ZERO,
+            ..
+        })
+    ));
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(store.remove_expired(), 1, "lapsed 60 s ago: removed");
+    assert!(matches!(
+        store.claim(&key, b, lease).await,
+        Ok(Claim::Acquired {
+            took_over: false,
+            ..
+        })
+    ));
 }
 
 #[tokio::test]

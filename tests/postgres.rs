@@ -74,6 +74,10 @@ impl Harness for Postgres {
         Duration::from_millis(300)
     }
 
+    async fn sweep(&self, store: &PostgresStore) {
+        store.remove_expired().await.unwrap();
+    }
+
     async fn corrupt(&self, _store: &PostgresStore, key: &RecordKey) -> bool {
         let sql = format!(
             "UPDATE {} SET fingerprint = '\\x00' WHERE key = $1",
@@ -129,7 +133,8 @@ async fn a_crashed_holder_is_taken_over_and_fenced_out() {
     drop_table(&pool, &table).await;
 }
 
-/// Expired rows are deleted by `remove_expired`, and only those.
+/// Expired rows are deleted by `remove_expired`, and only those: a lapsed
+/// claim once its lapsed retention is over too.
 #[tokio::test]
 async fn remove_expired_deletes_only_expired_rows() {
     use tower_idempotency::{Fingerprint, Store, store::Claim};
@@ -148,6 +153,12 @@ async fn remove_expired_deletes_only_expired_rows() {
         Ok(Claim::Acquired { .. })
     ));
     tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        store.remove_expired().await.unwrap(),
+        0,
+        "a lapsed claim stays for the lapsed retention (24 hours by default)"
+    );
+    let store = store.with_lapsed_retention(Duration::from_millis(100));
     assert_eq!(store.remove_expired().await.unwrap(), 1);
     assert!(matches!(
         store.claim(&long, fp, Duration::from_secs(60)).await,

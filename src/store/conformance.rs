@@ -65,6 +65,15 @@ pub trait Harness: Send + Sync + 'static {
         let _ = (store, key);
         async { false }
     }
+
+    /// Runs the store's own cleanup of expired records once (a sweeper's
+    /// pass, a `DELETE` of expired rows), if it has one; the default does
+    /// nothing. The suite checks that cleanup never removes a lapsed claim
+    /// that nobody took over.
+    fn sweep(&self, store: &Self::Store) -> impl Future<Output = ()> + Send {
+        let _ = store;
+        async {}
+    }
 }
 
 /// Generates one `#[tokio::test]` per conformance check.
@@ -90,6 +99,8 @@ macro_rules! store_conformance_tests {
             fingerprints_are_reported_not_compared,
             scopes_and_keys_are_separate,
             lease_lapse_allows_take_over,
+            lapsed_claim_nobody_took_over_completes,
+            lapsed_claim_taken_over_is_fenced,
             racing_take_overs_acquire_exactly_once,
             renew_extends_the_lease,
             fencing_rejects_the_old_holder,
@@ -134,6 +145,8 @@ pub async fn run_all<H: Harness>(harness: &H) {
     fingerprints_are_reported_not_compared(harness).await;
     scopes_and_keys_are_separate(harness).await;
     lease_lapse_allows_take_over(harness).await;
+    lapsed_claim_nobody_took_over_completes(harness).await;
+    lapsed_claim_taken_over_is_fenced(harness).await;
     racing_take_overs_acquire_exactly_once(harness).await;
     renew_extends_the_lease(harness).await;
     fencing_rejects_the_old_holder(harness).await;
@@ -348,6 +361,80 @@ pub async fn lease_lapse_allows_take_over<H: Harness>(h: &H) {
     }
     let second = take_over(&store, &key, fp(4), h.lease()).await;
     assert_ne!(first, second, "a take-over must issue a new token");
+}
+
+/// A lease that runs out while nobody claims the key is only lapsed: the
+/// store's cleanup keeps the claim, its holder can still renew it, and after
+/// lapsing again can complete it. Every later claim replays that record.
+pub async fn lapsed_claim_nobody_took_over_completes<H: Harness>(h: &H) {
+    let store = h.store();
+    let key = fresh_key("lapsed-untaken");
+    let token = acquire(&store, &key, fp(40), h.lease()).await;
+    h.advance(h.lease() * 2).await;
+    h.sweep(&store).await;
+    store
+        .renew(&key, token, h.lease())
+        .await
+        .expect("a lapsed claim nobody took over must survive cleanup and stay renewable");
+    h.advance(h.lease() * 2).await;
+    h.sweep(&store).await;
+    store
+        .complete(&key, token, Bytes::from_static(b"late"), ttl(h))
+        .await
+        .expect("a lapsed claim nobody took over must stay completable");
+    for fingerprint in [fp(40), fp(41)] {
+        match store.claim(&key, fingerprint, h.lease()).await {
+            Ok(Claim::Completed {
+                fingerprint: held,
+                record,
+            }) => {
+                assert_eq!(held, fp(40));
+                assert_eq!(&record[..], b"late", "the late holder's record must stand");
+            }
+            other => panic!("a late completion must be recorded, got {other:?}"),
+        }
+    }
+}
+
+/// A lapsed claim that another claim took over is fenced: the late holder
+/// can neither renew nor complete, even after cleanup, and the new holder's
+/// record stands.
+pub async fn lapsed_claim_taken_over_is_fenced<H: Harness>(h: &H) {
+    let store = h.store();
+    let key = fresh_key("lapsed-taken");
+    let late = acquire(&store, &key, fp(42), h.lease()).await;
+    h.advance(h.lease() * 2).await;
+    h.sweep(&store).await;
+    let current = take_over(&store, &key, fp(42), h.lease()).await;
+    h.sweep(&store).await;
+    assert!(
+        matches!(
+            store.renew(&key, late, h.lease()).await,
+            Err(StoreError::Fenced)
+        ),
+        "a holder whose lapsed claim was taken over must not renew"
+    );
+    assert!(
+        matches!(
+            store
+                .complete(&key, late, Bytes::from_static(b"late"), ttl(h))
+                .await,
+            Err(StoreError::Fenced)
+        ),
+        "a holder whose lapsed claim was taken over must not complete"
+    );
+    match store.claim(&key, fp(42), h.lease()).await {
+        Ok(Claim::InFlight { .. }) => {}
+        other => panic!("the new holder's claim must stand, got {other:?}"),
+    }
+    store
+        .complete(&key, current, Bytes::from_static(b"current"), ttl(h))
+        .await
+        .expect("the new holder completes");
+    match store.claim(&key, fp(42), h.lease()).await {
+        Ok(Claim::Completed { record, .. }) => assert_eq!(&record[..], b"current"),
+        other => panic!("expected the new holder's record, got {other:?}"),
+    }
 }
 
 /// 64 tasks racing to take over one lapsed claim: exactly one does.

@@ -84,9 +84,13 @@ impl Clock for ManualClock {
 ///   expiry: expired ones first, then the ones closest to expiring, which
 ///   with one TTL are the oldest completed. It never evicts a live in-flight
 ///   record; full of them, [`Store::claim`] fails with [`StoreError::Full`]
-///   and the layer answers 503. In-flight records whose lease has passed
-///   (their holder stopped renewing) are removed once no completed record is
-///   left to evict, by a scan of the map run at most once a second.
+///   and the layer answers 503. An in-flight record whose lease has passed
+///   (its holder stopped renewing) is only *lapsed*: its holder may still
+///   renew and complete it until another claim takes it over, so it is
+///   removed (by the sweeper, or by eviction once no completed record is left,
+///   in a scan of the map run at most once a second) only after
+///   [lapsed retention](MemoryStoreBuilder::lapsed_retention) has also
+///   passed.
 /// - Every method is a single `dashmap` entry operation under the key's
 ///   shard lock, so claims are atomic without any read-then-write.
 /// - Cloning is cheap and clones share the records.
@@ -125,6 +129,8 @@ struct Inner {
     token_salt: u64,
     max_entries: usize,
     max_bytes: usize,
+    /// How long a lapsed claim is kept after its lease, in nanoseconds.
+    lapsed_retention: Nanos,
     clock: Arc<dyn Clock>,
 }
 
@@ -145,9 +151,22 @@ enum Record {
 }
 
 impl Record {
+    /// Past its lease (a lapsed claim) or past its retention (a completed
+    /// record).
     fn is_expired(&self, now: Nanos) -> bool {
         match self {
             Record::InFlight { lease_until, .. } => *lease_until <= now,
+            Record::Completed { expires_at, .. } => *expires_at <= now,
+        }
+    }
+
+    /// Gone for good: a completed record past its retention, or a claim past
+    /// its lease and the lapsed retention after it.
+    fn is_removable(&self, now: Nanos, lapsed_retention: Nanos) -> bool {
+        match self {
+            Record::InFlight { lease_until, .. } => {
+                lease_until.saturating_add(lapsed_retention) <= now
+            }
             Record::Completed { expires_at, .. } => *expires_at <= now,
         }
     }
@@ -166,6 +185,7 @@ impl Record {
 pub struct MemoryStoreBuilder {
     max_entries: usize,
     max_bytes: usize,
+    lapsed_retention: Duration,
     clock: Arc<dyn Clock>,
 }
 
@@ -182,6 +202,16 @@ impl MemoryStoreBuilder {
     /// [`StoreError::Full`]; the layer then keeps it as "not retained".
     pub fn max_bytes(mut self, max: usize) -> Self {
         self.max_bytes = max;
+        self
+    }
+
+    /// How long after its lease ends a claim nobody took over is kept
+    /// (default 24 hours). Until then its holder, stalled for a while, can
+    /// still renew it and record its response, and only the same request may
+    /// take it over; after it, the key is free for any request. Lapsed
+    /// claims count against `max_entries` and are never evicted before this.
+    pub fn lapsed_retention(mut self, retention: Duration) -> Self {
+        self.lapsed_retention = retention;
         self
     }
 
@@ -205,6 +235,7 @@ impl MemoryStoreBuilder {
                 token_salt: crate::random_u64(),
                 max_entries: self.max_entries,
                 max_bytes: self.max_bytes,
+                lapsed_retention: nanos(self.lapsed_retention),
                 clock: self.clock,
             }),
         }
@@ -239,6 +270,7 @@ impl MemoryStore {
         MemoryStoreBuilder {
             max_entries: 100_000,
             max_bytes: 256 * 1024 * 1024,
+            lapsed_retention: Duration::from_secs(24 * 60 * 60),
             clock: Arc::new(TokioClock),
         }
     }
@@ -260,7 +292,8 @@ impl MemoryStore {
     }
 
     /// Removes every expired record (completed past its TTL, or in flight
-    /// past its lease) and returns how many it removed.
+    /// past its lease and the lapsed retention after it) and returns how
+    /// many it removed.
     pub fn remove_expired(&self) -> usize {
         self.inner.remove_expired()
     }
@@ -371,7 +404,7 @@ impl Inner {
     fn remove_expired_in(&self, now: Nanos) -> usize {
         let mut removed = 0;
         self.map.retain(|key, record| {
-            if record.is_expired(now) {
+            if record.is_removable(now, self.lapsed_retention) {
                 self.forget(key, record);
                 removed += 1;
                 false
@@ -405,7 +438,7 @@ impl Inner {
         // Reading a live record is enough to answer; only a miss or an
         // expired record goes on to the write path below.
         let absent = match self.map.get(key) {
-            Some(record) => match observe(&record, now, fingerprint) {
+            Some(record) => match observe(&record, now, self.lapsed_retention, fingerprint) {
                 Some(found) => return Ok(found),
                 None => false,
             },
@@ -421,14 +454,19 @@ impl Inner {
         loop {
             match self.map.entry(key.clone()) {
                 Entry::Occupied(mut entry) => {
-                    if let Some(found) = observe(entry.get(), now, fingerprint) {
+                    if let Some(found) =
+                        observe(entry.get(), now, self.lapsed_retention, fingerprint)
+                    {
                         drop(entry);
                         if reserved {
                             self.entries.fetch_sub(1, Ordering::AcqRel);
                         }
                         return Ok(found);
                     }
-                    // Expired: take it over in place.
+                    // Expired: take it over in place. A claim past its lapsed
+                    // retention is gone, so claiming it takes nothing over.
+                    let took_over = matches!(entry.get(), Record::InFlight { .. })
+                        && !entry.get().is_removable(now, self.lapsed_retention);
                     let token = self.new_token();
                     let old = entry.insert(Record::InFlight {
                         fingerprint,
@@ -442,7 +480,6 @@ impl Inner {
                     if reserved {
                         self.entries.fetch_sub(1, Ordering::AcqRel);
                     }
-                    let took_over = matches!(old, Record::InFlight { .. });
                     return Ok(Claim::Acquired { token, took_over });
                 }
                 Entry::Vacant(entry) if reserved => {
@@ -548,20 +585,27 @@ impl Inner {
     }
 }
 
-/// The answer a live record gives a claim; `None` if it has expired.
 /// What a claim with `fingerprint` finds in `record`, or `None` when it may
 /// take the record over.
-fn observe(record: &Record, now: Nanos, fingerprint: Fingerprint) -> Option<Claim> {
+fn observe(
+    record: &Record,
+    now: Nanos,
+    lapsed_retention: Nanos,
+    fingerprint: Fingerprint,
+) -> Option<Claim> {
     if record.is_expired(now) {
         // A lapsed claim is taken over only by the same request: another
-        // one learns the key is taken (and is told `key-reused`).
+        // one learns the key is taken (and is told `key-reused`), until the
+        // lapsed retention is over too.
         return match record {
             Record::InFlight {
                 fingerprint: held, ..
-            } if *held != fingerprint => Some(Claim::InFlight {
-                fingerprint: *held,
-                lease_remaining: Duration::ZERO,
-            }),
+            } if *held != fingerprint && !record.is_removable(now, lapsed_retention) => {
+                Some(Claim::InFlight {
+                    fingerprint: *held,
+                    lease_remaining: Duration::ZERO,
+                })
+            }
             _ => None,
         };
     }

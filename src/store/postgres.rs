@@ -51,6 +51,7 @@ use crate::Fingerprint;
 pub struct PostgresStore {
     pool: PgPool,
     sql: Arc<Statements>,
+    lapsed_retention: Duration,
 }
 
 /// SQL with the table name in it. The name is validated by
@@ -83,8 +84,10 @@ impl Statements {
                         SET fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
                             record = NULL, expires_at = EXCLUDED.expires_at,
                             took_over = t.record IS NULL
+                                AND t.expires_at > now() - $5 * interval '1 millisecond'
                         WHERE t.expires_at <= now()
-                          AND (t.record IS NOT NULL OR t.fingerprint = EXCLUDED.fingerprint)
+                          AND (t.record IS NOT NULL OR t.fingerprint = EXCLUDED.fingerprint
+                               OR t.expires_at <= now() - $5 * interval '1 millisecond')
                     RETURNING took_over
                 )
                 SELECT true AS acquired, took_over, NULL::bytea AS fingerprint,
@@ -95,7 +98,8 @@ impl Statements {
                        greatest(ceil(extract(epoch FROM expires_at - now()) * 1000), 0)::bigint
                 FROM {table}
                 WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)
-                  AND (expires_at > now() OR (record IS NULL AND fingerprint <> $2))"
+                  AND (expires_at > now() OR (record IS NULL AND fingerprint <> $2
+                       AND expires_at > now() - $5 * interval '1 millisecond'))"
             )),
             renew: Arc::from(format!(
                 "UPDATE {table} SET expires_at = now() + $3 * interval '1 millisecond'
@@ -109,7 +113,13 @@ impl Statements {
             release: Arc::from(format!(
                 "DELETE FROM {table} WHERE key = $1 AND token = $2 AND record IS NULL"
             )),
-            remove_expired: Arc::from(format!("DELETE FROM {table} WHERE expires_at <= now()")),
+            // A lapsed claim stays for the lapsed retention ($1 ms) after its
+            // lease: its holder may still renew and complete it.
+            remove_expired: Arc::from(format!(
+                "DELETE FROM {table} WHERE expires_at <= now()
+                   AND (record IS NOT NULL
+                        OR expires_at <= now() - $1 * interval '1 millisecond')"
+            )),
         }
     }
 }
@@ -198,12 +208,29 @@ impl PostgresStore {
     /// The default table name.
     pub const DEFAULT_TABLE: &'static str = "idempotency_records";
 
+    /// How long a claim whose lease ran out is kept by default, for its
+    /// holder to renew or complete it if nobody takes it over: 24 hours.
+    pub const DEFAULT_LAPSED_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+
     /// A store in the default table, `idempotency_records`.
     pub fn new(pool: PgPool) -> Self {
         PostgresStore {
             pool,
             sql: Arc::new(Statements::new(&quoted(&[Self::DEFAULT_TABLE]))),
+            lapsed_retention: Self::DEFAULT_LAPSED_RETENTION,
         }
+    }
+
+    /// How long after its lease ends a claim nobody took over is kept
+    /// (default [`DEFAULT_LAPSED_RETENTION`](Self::DEFAULT_LAPSED_RETENTION)).
+    /// Until then its holder, stalled or cut off from the database for a
+    /// while, can still renew it and record its response, only the same
+    /// request may take it over, and [`remove_expired`](Self::remove_expired)
+    /// keeps it; after it, the key is free for any request.
+    #[must_use]
+    pub fn with_lapsed_retention(mut self, retention: Duration) -> Self {
+        self.lapsed_retention = retention;
+        self
     }
 
     /// Uses another table: `table` or `schema.table`, each part 1 to 63
@@ -258,9 +285,12 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Deletes every expired row and returns how many it deleted.
+    /// Deletes every expired row (a completed record past its TTL, a claim
+    /// past its lease and the lapsed retention after it) and returns how
+    /// many it deleted.
     pub async fn remove_expired(&self) -> Result<u64, StoreError> {
         let done = sqlx::query(AssertSqlSafe(self.sql.remove_expired.clone()))
+            .bind(millis(self.lapsed_retention))
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
@@ -346,6 +376,7 @@ impl Store for PostgresStore {
                     .bind(&fingerprint.as_bytes()[..])
                     .bind(token_sql(token))
                     .bind(millis(lease))
+                    .bind(millis(self.lapsed_retention))
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(unavailable)?;
