@@ -20,7 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::{
-    claim::{BoxFuture, Renewer},
+    claim::{BoxFuture, HeldClaim},
     record::RecordBuilder,
 };
 
@@ -238,16 +238,16 @@ where
 
 /// The state of a response on its way into the record.
 pub(crate) struct Recording {
-    renewer: Renewer,
+    claim: Box<dyn HeldClaim>,
     builder: Option<RecordBuilder>,
     record: Option<Bytes>,
     completing: Option<BoxFuture<()>>,
 }
 
 impl Recording {
-    pub(crate) fn new(renewer: Renewer, builder: RecordBuilder) -> Self {
+    pub(crate) fn new(claim: Box<dyn HeldClaim>, builder: RecordBuilder) -> Self {
         Recording {
-            renewer,
+            claim,
             builder: Some(builder),
             record: None,
             completing: None,
@@ -291,8 +291,7 @@ impl Recording {
             (None, Some(builder)) => builder.finish(None),
             (None, None) => return,
         };
-        self.renewer.stop();
-        self.completing = Some(self.renewer.claim.complete(record));
+        self.completing = Some(self.claim.complete(record));
     }
 }
 
@@ -446,8 +445,7 @@ where
             *this.in_body = false;
             match polled {
                 Poll::Pending => {
-                    // A streaming body: renew from a task (see `poll_frame`).
-                    recording.renewer.renew_in_background();
+                    recording.claim.keep_alive();
                     return Poll::Ready(());
                 }
                 Poll::Ready(None) => {
@@ -468,7 +466,7 @@ where
                             *this.held_back = Some(Frame::data(data));
                             recording.finish();
                         } else {
-                            recording.renewer.renew_in_background();
+                            recording.claim.keep_alive();
                             *this.first = Some(Frame::data(data));
                         }
                     }
@@ -528,10 +526,7 @@ where
             *this.in_body = false;
             let step = match polled {
                 Poll::Pending => {
-                    // A streaming body: the server may stop polling it while
-                    // the client is slow to read, so the lease is renewed
-                    // from a task of its own.
-                    recording.renewer.renew_in_background();
+                    recording.claim.keep_alive();
                     return Poll::Pending;
                 }
                 Poll::Ready(None) => Step::Last(None),
@@ -547,7 +542,7 @@ where
                             // rather than drain a long or endless stream.
                             Step::Last(None)
                         } else {
-                            recording.renewer.renew_in_background();
+                            recording.claim.keep_alive();
                             Step::Frame(Frame::data(data))
                         }
                     }
@@ -580,12 +575,14 @@ where
 }
 
 impl<B> TeeState<B> {
-    /// After a panic in the body or the store: nothing here is polled again.
-    /// A panicked body leaves its status and headers as the record (the
-    /// head went out; a retry learns the outcome, and nothing runs twice),
-    /// whose completion is returned to be run. A panicked store completion
-    /// is dropped, and the claim ends with its lease.
-    fn settle_after_panic(self: Pin<&mut Self>) -> Option<BoxFuture<()>> {
+    /// Ends the recording early: after a panic in the body or the store
+    /// (nothing here is polled again), or once a detached body runs past the
+    /// maximum execution time. The body's status and headers become the
+    /// record (the head went out; a retry learns the outcome, and nothing
+    /// runs twice), and the completion is returned to be run; one already
+    /// under way goes on. A panicked store completion is dropped, and the
+    /// claim ends with its lease.
+    fn settle_unfinished(self: Pin<&mut Self>) -> Option<BoxFuture<()>> {
         let this = self.project();
         let mut recording = this.recording.take()?;
         if *this.in_store {
@@ -600,24 +597,29 @@ impl<B> TeeState<B> {
     }
 }
 
-/// Drives a tee the client abandoned to its end, in the background.
+/// Drives a tee the client abandoned to its end, in the background, until
+/// the request's maximum execution time (or a drain's deadline).
 pub(crate) fn detach_tee<B>(mut state: Pin<Box<TeeState<B>>>)
 where
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Send + 'static,
 {
-    let Ok(handle) = tokio::runtime::Handle::try_current() else {
-        tracing::warn!("response dropped outside a tokio runtime; its claim ends with its lease");
+    let Some(recording) = state.recording.as_ref() else {
         return;
     };
+    let (background, deadline) = (
+        recording.claim.background().clone(),
+        recording.claim.deadline(),
+    );
     *state.as_mut().project().detached = true;
-    handle.spawn(async move {
+    let shared = background.clone();
+    let work = async move {
         // Every frame is copied into the record inside `poll_frame`. A
         // panic is caught here, so that the tee settles as it would in the
         // client's connection, rather than dropping (and releasing) the
         // claim of work that was done.
-        let panicked = std::future::poll_fn(|cx| {
+        let drained = std::future::poll_fn(|cx| {
             let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 state.as_mut().poll_frame(cx)
             }));
@@ -627,17 +629,25 @@ where
                     cx.waker().wake_by_ref();
                     Poll::Pending
                 }
-                Ok(Poll::Ready(None)) => Poll::Ready(false),
-                Err(_) => Poll::Ready(true),
+                Ok(Poll::Ready(None)) => Poll::Ready(true),
+                Err(_) => Poll::Ready(false),
             }
-        })
-        .await;
-        if panicked {
-            if let Some(completing) = state.as_mut().settle_after_panic() {
+        });
+        let finished = tokio::select! {
+            biased;
+            finished = drained => finished,
+            () = tokio::time::sleep_until(deadline) => false,
+            () = shared.abandoned() => false,
+        };
+        if !finished {
+            if let Some(completing) = state.as_mut().settle_unfinished() {
                 completing.await;
             }
         }
-    });
+    };
+    if !background.spawn_detached(work) {
+        tracing::warn!("response dropped outside a tokio runtime; its claim ends with its lease");
+    }
 }
 
 impl<B> Drop for Tee<B> {
@@ -652,7 +662,7 @@ impl<B> Drop for Tee<B> {
             // The service's body (or the store) panicked: never poll it
             // again.
             if let (Some(completing), Ok(handle)) = (
-                state.as_mut().settle_after_panic(),
+                state.as_mut().settle_unfinished(),
                 tokio::runtime::Handle::try_current(),
             ) {
                 handle.spawn(completing);

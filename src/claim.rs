@@ -6,7 +6,7 @@ use std::{
     future::{Future, poll_fn},
     pin::{Pin, pin},
     sync::Arc,
-    task::{Context, Poll, ready},
+    task::{Poll, ready},
     time::Duration,
 };
 
@@ -14,6 +14,7 @@ use bytes::Bytes;
 use tokio::time::{Instant, Sleep};
 
 use crate::{
+    background::Background,
     layer::Config,
     record::RecordBuilder,
     scope::push_hex,
@@ -72,34 +73,56 @@ impl fmt::Display for KeyHash<'_> {
 
 /// The store operations on one held claim, without the store's type.
 pub(crate) trait HeldClaim: Send {
-    /// How often the lease is renewed.
-    fn renew_every(&self) -> Duration;
-    fn renew(&self) -> BoxFuture<()>;
-    /// Renews every [`renew_every`](Self::renew_every), until dropped.
-    fn renew_forever(&self) -> BoxFuture<()>;
+    /// Starts renewing the lease from a task of its own, once, until the
+    /// claim is completed, released or dropped. Called whenever the work the
+    /// claim guards waits, so work that never waits costs no task.
+    fn keep_alive(&mut self);
     /// Completes the claim with `record`; the claim is no longer held after.
     fn complete(&mut self, record: Bytes) -> BoxFuture<()>;
     /// Releases the claim; the claim is no longer held after.
     fn release(&mut self) -> BoxFuture<()>;
+    /// When the work must be settled: claimed at plus the maximum execution
+    /// time.
+    fn deadline(&self) -> Instant;
+    /// The layer's background work, for detaching.
+    fn background(&self) -> &Arc<Background>;
 }
 
-/// A claim held by this process. Dropped while still held (a panic in the
-/// service, or a runtime shutting down), it releases the claim in the
+/// A claim held by this process.
+///
+/// All store traffic about a claim after it is taken lives here, in three
+/// pieces: [`keep_alive`](HeldClaim::keep_alive) renews the lease every third
+/// of it from a task; [`complete`](HeldClaim::complete) stops that, tries
+/// once, and on a store failure keeps trying (renewing between attempts) in a
+/// background task until the record lands, the claim is fenced, or the
+/// completion retry limit passes; dropped while still held (a panic in the
+/// service, or a runtime shutting down), the claim is released in the
 /// background so the key does not stay blocked until the lease runs out.
 pub(crate) struct Held<St: Store> {
     config: Arc<Config<St>>,
     key: RecordKey,
     token: Token,
+    deadline: Instant,
+    renewal: Option<tokio::task::AbortHandle>,
     armed: bool,
 }
 
 impl<St: Store> Held<St> {
     pub(crate) fn new(config: Arc<Config<St>>, key: RecordKey, token: Token) -> Self {
+        let deadline = Instant::now() + config.max_execution;
         Held {
             config,
             key,
             token,
+            deadline,
+            renewal: None,
             armed: true,
+        }
+    }
+
+    fn stop_renewing(&mut self) {
+        if let Some(task) = self.renewal.take() {
+            task.abort();
         }
     }
 
@@ -118,71 +141,93 @@ impl<St: Store> Held<St> {
 }
 
 impl<St: Store> HeldClaim for Held<St> {
-    fn renew_every(&self) -> Duration {
-        self.config.lease / 3
-    }
-
-    fn renew(&self) -> BoxFuture<()> {
-        let (config, key, token) = (self.config.clone(), self.key.clone(), self.token);
-        Box::pin(async move {
-            let op = config.store.renew(&key, token, config.lease);
-            if let Err(err) = bounded(op, config.store_timeout).await {
-                tracing::warn!(key = %KeyHash(&key), error = %err, "could not renew lease");
-            }
-        })
-    }
-
-    fn renew_forever(&self) -> BoxFuture<()> {
-        let (config, key, token) = (self.config.clone(), self.key.clone(), self.token);
-        Box::pin(async move {
-            let every = config.lease / 3;
-            loop {
-                tokio::time::sleep(every).await;
-                let op = config.store.renew(&key, token, config.lease);
-                if let Err(err) = bounded(op, config.store_timeout).await {
-                    tracing::warn!(key = %KeyHash(&key), error = %err, "could not renew lease");
-                }
-            }
-        })
+    fn keep_alive(&mut self) {
+        if self.renewal.is_some() || !self.armed {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let (config, key, token) = (self.config.clone(), self.key.clone(), self.token);
+            let task = handle.spawn(renew_until_fenced(config, key, token));
+            self.renewal = Some(task.abort_handle());
+        }
     }
 
     fn complete(&mut self, record: Bytes) -> BoxFuture<()> {
         self.armed = false;
+        self.stop_renewing();
         let (config, key, token) = (self.config.clone(), self.key.clone(), self.token);
         Box::pin(async move {
-            if complete_once(&config, &key, token, &record).await {
+            if complete_once(&config, &key, token, &record).await != Attempt::Failed {
                 return;
             }
-            // The store failed. The work is done, so the record must land:
-            // keep trying in the background (holding the lease meanwhile)
-            // and let the response end now. Until it lands, retries see the
-            // key in flight.
-            match tokio::runtime::Handle::try_current() {
-                Ok(handle) => {
-                    handle.spawn(complete_with_retries(config, key, token, record));
-                }
-                Err(_) => tracing::error!(
+            // The work is done, so the record must land: keep trying in the
+            // background and let the response end now. Until it lands,
+            // retries see the key in flight.
+            let background = config.background.clone();
+            let retries = complete_until_done(config, key.clone(), token, record);
+            if !background.spawn_completion(retries) {
+                tracing::error!(
                     key = %KeyHash(&key),
-                    "response not recorded; the key stays claimed until its lease ends"
-                ),
+                    "response not recorded outside a tokio runtime; the key stays claimed until its lease ends"
+                );
             }
         })
     }
 
     fn release(&mut self) -> BoxFuture<()> {
         self.armed = false;
+        self.stop_renewing();
         self.release_future()
+    }
+
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn background(&self) -> &Arc<Background> {
+        &self.config.background
     }
 }
 
-/// One attempt to complete; `true` when there is nothing left to try (done,
-/// or fenced out by a newer claim).
+/// Renews the lease every third of it, until fenced (or aborted by the
+/// claim's holder). A failed renewal is logged and tried again next time:
+/// the lease has two more thirds to go.
+async fn renew_until_fenced<St: Store>(config: Arc<Config<St>>, key: RecordKey, token: Token) {
+    let every = (config.lease / 3).max(Duration::from_millis(1));
+    loop {
+        tokio::time::sleep(every).await;
+        let op = config.store.renew(&key, token, config.lease);
+        match bounded(op, config.store_timeout).await {
+            Ok(()) => {}
+            Err(StoreError::Fenced) => {
+                tracing::warn!(
+                    key = %KeyHash(&key),
+                    "lease lost: another request took the key over; no longer renewing"
+                );
+                return;
+            }
+            Err(err) => tracing::warn!(key = %KeyHash(&key), error = %err, "could not renew lease"),
+        }
+    }
+}
+
+/// How one attempt to complete went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    Recorded,
+    /// Another request took the key over: nothing left to try.
+    Fenced,
+    /// The store failed; worth trying again.
+    Failed,
+}
+
+/// One attempt to complete.
 async fn complete_once<St: Store>(
     config: &Config<St>,
     key: &RecordKey,
     token: Token,
     record: &Bytes,
-) -> bool {
+) -> Attempt {
     let (store, limit, ttl) = (&config.store, config.store_timeout, config.ttl);
     let mut result = bounded(store.complete(key, token, record.clone(), ttl), limit).await;
     if let Err(StoreError::Full) = result {
@@ -195,34 +240,49 @@ async fn complete_once<St: Store>(
     match result {
         Ok(()) => {
             tracing::debug!(key = %KeyHash(key), "response recorded");
-            true
+            Attempt::Recorded
         }
         Err(StoreError::Fenced) => {
             tracing::warn!(
                 key = %KeyHash(key),
                 "response not recorded: the lease lapsed and another request took the key over"
             );
-            true
+            Attempt::Fenced
         }
         Err(err) => {
             tracing::warn!(key = %KeyHash(key), error = %err, "could not record response; retrying");
-            false
+            Attempt::Failed
         }
     }
 }
 
-/// Attempts at completing after a failure: backing off from 100 ms to 5 s,
-/// about a minute in all, renewing the lease before each.
-async fn complete_with_retries<St: Store>(
+/// Attempts at completing after a failure, backing off from 100 ms to a
+/// third of the lease (at most 5 s) and renewing the lease after each failed
+/// one, until the record lands, the claim is fenced, or the completion retry
+/// limit passes.
+async fn complete_until_done<St: Store>(
     config: Arc<Config<St>>,
     key: RecordKey,
     token: Token,
     record: Bytes,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    for _ in 0..16 {
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+    let give_up = Instant::now() + config.completion_retry;
+    let longest = (config.lease / 3).clamp(Duration::from_millis(1), Duration::from_secs(5));
+    let mut pause = Duration::from_millis(100).min(longest);
+    loop {
+        if Instant::now() + pause > give_up {
+            config.background.completion_abandoned();
+            tracing::error!(
+                key = %KeyHash(&key),
+                "response not recorded within the completion retry limit; the claim lapses, and only the same request may take it over"
+            );
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(longest);
+        if complete_once(&config, &key, token, &record).await != Attempt::Failed {
+            return;
+        }
         let renewal = config.store.renew(&key, token, config.lease);
         if let Err(StoreError::Fenced) = bounded(renewal, config.store_timeout).await {
             tracing::warn!(
@@ -231,18 +291,12 @@ async fn complete_with_retries<St: Store>(
             );
             return;
         }
-        if complete_once(&config, &key, token, &record).await {
-            return;
-        }
     }
-    tracing::error!(
-        key = %KeyHash(&key),
-        "response not recorded after repeated store failures; the key stays claimed until its lease ends"
-    );
 }
 
 impl<St: Store> Drop for Held<St> {
     fn drop(&mut self) {
+        self.stop_renewing();
         if !self.armed {
             return;
         }
@@ -255,77 +309,5 @@ impl<St: Store> Drop for Held<St> {
                 "claim dropped outside a tokio runtime; it ends with its lease"
             ),
         }
-    }
-}
-
-/// Keeps a held claim's lease alive while the request runs and while its
-/// response streams.
-///
-/// While the service works on the request, the server polls its future
-/// whenever woken, so a timer polled alongside it is enough. A streaming
-/// response is different: the server stops polling the body while the
-/// client is slow to read, so renewal moves to a task of its own.
-pub(crate) struct Renewer {
-    pub(crate) claim: Box<dyn HeldClaim>,
-    timer: Option<Pin<Box<Sleep>>>,
-    renewing: Option<BoxFuture<()>>,
-    background: Option<tokio::task::AbortHandle>,
-}
-
-impl Renewer {
-    pub(crate) fn new(claim: Box<dyn HeldClaim>) -> Self {
-        Renewer {
-            claim,
-            timer: None,
-            renewing: None,
-            background: None,
-        }
-    }
-
-    /// Moves renewal into a task (once), for as long as this renewer lives
-    /// or until [`stop`](Self::stop).
-    pub(crate) fn renew_in_background(&mut self) {
-        if self.background.is_some() {
-            return;
-        }
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let task = handle.spawn(self.claim.renew_forever());
-            self.background = Some(task.abort_handle());
-        }
-    }
-
-    /// Stops background renewal: the claim is being completed or released.
-    pub(crate) fn stop(&mut self) {
-        if let Some(task) = self.background.take() {
-            task.abort();
-        }
-    }
-
-    /// Drives renewal; call it whenever the work it guards is pending. The
-    /// timer starts on the first call, so work that never waits costs none.
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) {
-        loop {
-            if let Some(renewing) = &mut self.renewing {
-                if renewing.as_mut().poll(cx).is_pending() {
-                    return;
-                }
-                self.renewing = None;
-            }
-            let every = self.claim.renew_every();
-            let timer = self
-                .timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(every)));
-            if timer.as_mut().poll(cx).is_pending() {
-                return;
-            }
-            timer.as_mut().reset(Instant::now() + every);
-            self.renewing = Some(self.claim.renew());
-        }
-    }
-}
-
-impl Drop for Renewer {
-    fn drop(&mut self) {
-        self.stop();
     }
 }

@@ -4,13 +4,17 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
 };
 
 use http::Response;
 use pin_project_lite::pin_project;
 
-use crate::{ResponseBody, claim::BoxFuture};
+use crate::{ResponseBody, background::Background, claim::BoxFuture};
 
 type KeyedFuture<B, E> = BoxFuture<Result<Response<ResponseBody<B>>, E>>;
 
@@ -18,10 +22,13 @@ pin_project! {
     /// The future returned by [`Idempotency`](crate::Idempotency).
     ///
     /// Requests the layer does not protect poll the inner future directly.
-    /// A protected request, once it has claimed its key, runs to completion
-    /// even if this future is dropped (the client went away): the rest of the
-    /// work moves into a background task, and its response is recorded for the
-    /// retry that will follow.
+    /// A protected request, once it has started claiming its key, runs to
+    /// completion even if this future is dropped (the client went away): the
+    /// rest of the work moves into a background task (bounded by the maximum
+    /// execution time, and drained on shutdown), and its response is recorded
+    /// for the retry that will follow. Dropped before that (while its body is
+    /// read, or while it waits for another request with its key), it simply
+    /// ends.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
@@ -38,10 +45,14 @@ pin_project! {
 }
 
 /// The boxed request path of a protected request; moves into a task if
-/// dropped before it finishes.
+/// dropped once its key is being claimed.
 struct Keyed<B, E> {
     future: Option<KeyedFuture<B, E>>,
-    detach: fn(KeyedFuture<B, E>),
+    /// Set by the request path while it claims its key and from the moment
+    /// it holds it.
+    detachable: Arc<AtomicBool>,
+    background: Arc<Background>,
+    detach: fn(KeyedFuture<B, E>, &Arc<Background>),
 }
 
 impl<B, E> Keyed<B, E> {
@@ -67,29 +78,33 @@ impl<B, E> Drop for Keyed<B, E> {
         // Still here only if it never panicked: a panicking future is
         // dropped by `poll` as the panic unwinds.
         if let Some(future) = self.future.take() {
-            (self.detach)(future);
+            if self.detachable.load(Ordering::Acquire) {
+                (self.detach)(future, &self.background);
+            }
         }
     }
 }
 
 /// Finishes an abandoned request in the background. Its response is dropped
 /// there, which in turn drains and records a teed body.
-fn detach_keyed<B, E>(future: KeyedFuture<B, E>)
+fn detach_keyed<B, E>(mut future: KeyedFuture<B, E>, background: &Arc<Background>)
 where
     B: Send + 'static,
     E: Send + 'static,
 {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => {
-            handle.spawn(async move {
-                let _ = future.await;
-            });
+    let shared = background.clone();
+    let work = async move {
+        tokio::select! {
+            biased;
+            _ = &mut future => return,
+            () = shared.abandoned() => {}
         }
-        Err(_) => {
-            tracing::warn!(
-                "request dropped outside a tokio runtime; its claim ends with its lease"
-            );
-        }
+        // Past a drain's deadline: polled once more, the path sees it and
+        // settles.
+        let _ = future.await;
+    };
+    if !background.spawn_detached(work) {
+        tracing::warn!("request dropped outside a tokio runtime; its claim ends with its lease");
     }
 }
 
@@ -110,7 +125,11 @@ impl<F, B, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn keyed(future: KeyedFuture<B, E>) -> Self
+    pub(crate) fn keyed(
+        future: KeyedFuture<B, E>,
+        detachable: Arc<AtomicBool>,
+        background: Arc<Background>,
+    ) -> Self
     where
         B: Send + 'static,
         E: Send + 'static,
@@ -119,6 +138,8 @@ impl<F, B, E> ResponseFuture<F, B, E> {
             kind: Kind::Keyed {
                 keyed: Keyed {
                     future: Some(future),
+                    detachable,
+                    background,
                     detach: detach_keyed::<B, E>,
                 },
             },

@@ -1,5 +1,6 @@
 use std::{
     fmt,
+    future::Future,
     sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
@@ -7,7 +8,10 @@ use std::{
 use http::{HeaderName, Method, StatusCode, response};
 use tower_layer::Layer;
 
-use crate::{Anonymous, DefaultScope, Idempotency, ProblemJson, RejectionResponse, ScopeExtractor};
+use crate::{
+    Anonymous, BackgroundStats, DefaultScope, Drained, Idempotency, ProblemJson, RejectionResponse,
+    ScopeExtractor, background::Background,
+};
 
 /// The default header carrying the key.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -73,6 +77,10 @@ pub(crate) struct Config<St> {
     pub(crate) responder: Arc<dyn RejectionResponse>,
     pub(crate) replay_set_cookie: bool,
     pub(crate) fail_open: bool,
+    pub(crate) max_execution: Duration,
+    pub(crate) completion_retry: Duration,
+    /// Shared by every clone of the layer and every service it built.
+    pub(crate) background: Arc<Background>,
 }
 
 impl<St> Config<St> {
@@ -104,6 +112,8 @@ impl<St> Config<St> {
 /// | store timeout | 5 seconds |
 /// | `Set-Cookie` replayed | no |
 /// | store failure | 503 (fail closed) |
+/// | maximum execution time | 5 minutes, then the key is settled as `outcome-unknown` |
+/// | completion retried after a store failure | for up to 1 hour |
 ///
 /// ```
 /// use std::time::Duration;
@@ -158,8 +168,64 @@ impl<St> IdempotencyLayer<St> {
                 responder: Arc::new(ProblemJson),
                 replay_set_cookie: false,
                 fail_open: false,
+                max_execution: Duration::from_secs(5 * 60),
+                completion_retry: Duration::from_secs(60 * 60),
+                background: Arc::default(),
             }),
         }
+    }
+}
+
+impl<St> IdempotencyLayer<St> {
+    /// The layer's background work right now: requests finishing after their
+    /// client went away, completions being retried, and what was given up.
+    /// Cheap (a few atomic loads), for a metrics layer or a health check.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default());
+    /// assert_eq!(layer.stats().detached_running, 0);
+    /// ```
+    pub fn stats(&self) -> BackgroundStats {
+        self.config.background.stats()
+    }
+
+    /// Waits for the layer's background work to finish, for a graceful
+    /// shutdown: call it after the server has stopped accepting connections
+    /// and its open connections are done (with axum, once
+    /// `axum::serve(...).with_graceful_shutdown(...)` has returned).
+    ///
+    /// Resolves when every detached request (one whose client went away
+    /// after its key was claimed) and every completion being retried has
+    /// finished, or once `within` has passed. Then, every detached request
+    /// still running is stopped and settled as the
+    /// [maximum execution time](Self::with_max_execution) settles it, and
+    /// the store gets up to the [store timeout](Self::with_store_timeout) to
+    /// take those records. The result says what was settled and what was
+    /// abandoned; abandoned keys end as lapsed claims, which only the same
+    /// request may take over (its handler then sees
+    /// [`IdempotencyContext::took_over`](crate::IdempotencyContext::took_over)).
+    ///
+    /// Call it once per process: a drained layer keeps serving, but does not
+    /// wait for work that starts afterwards, and settles it at once.
+    ///
+    /// ```no_run
+    /// # async fn run(listener: tokio::net::TcpListener, app: axum::Router) {
+    /// # use std::time::Duration;
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default());
+    /// let app = app.layer(layer.clone());
+    /// axum::serve(listener, app)
+    ///     .with_graceful_shutdown(async { tokio::signal::ctrl_c().await.unwrap() })
+    ///     .await
+    ///     .unwrap();
+    /// let drained = layer.drain(Duration::from_secs(20)).await;
+    /// println!("{drained}");
+    /// # }
+    /// ```
+    pub fn drain(&self, within: Duration) -> impl Future<Output = Drained> + Send + 'static {
+        let background = self.config.background.clone();
+        background.drain(within, self.config.store_timeout)
     }
 }
 
@@ -411,6 +477,47 @@ impl<St: Clone> IdempotencyLayer<St> {
     /// ```
     pub fn with_replay_set_cookie(self, enabled: bool) -> Self {
         self.with(|c| c.replay_set_cookie = enabled)
+    }
+
+    /// The longest a request may run, from the moment its key is claimed
+    /// until its response is recorded (default 5 minutes).
+    ///
+    /// A handler still running then is stopped (its future dropped) and the
+    /// key is settled: its record becomes a 500 problem of type
+    /// `outcome-unknown`, which the client (if still connected) and every
+    /// retry receive. The intent is never executed a second time: the
+    /// handler may or may not have taken effect, and the client is told to
+    /// check before starting a new intent with a new key. A response whose
+    /// body is still streaming to a client that went away is cut at the same
+    /// moment and recorded with status and headers only (retries get 410
+    /// `response-not-retained`, naming the status). A body streaming to a
+    /// connected client is the client's to end and is not cut.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// # use std::time::Duration;
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_max_execution(Duration::from_secs(60));
+    /// ```
+    pub fn with_max_execution(self, limit: Duration) -> Self {
+        self.with(|c| c.max_execution = limit)
+    }
+
+    /// How long a completion is retried after the store failed to take the
+    /// record (default 1 hour). Until it lands, the lease is renewed between
+    /// attempts and retries of the key are answered 409 in flight; past the
+    /// limit the record is given up (logged, and counted in
+    /// [`BackgroundStats::completions_abandoned`](crate::BackgroundStats::completions_abandoned))
+    /// and the key ends as a lapsed claim.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// # use std::time::Duration;
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_completion_retry_limit(Duration::from_secs(10 * 60));
+    /// ```
+    pub fn with_completion_retry_limit(self, limit: Duration) -> Self {
+        self.with(|c| c.completion_retry = limit)
     }
 
     /// **Unsafe for writes that must not repeat.** When the store fails, call

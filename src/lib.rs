@@ -161,6 +161,7 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod background;
 mod body;
 mod claim;
 mod context;
@@ -175,6 +176,7 @@ mod scope;
 mod service;
 pub mod store;
 
+pub use background::{BackgroundStats, Drained};
 pub use body::{RequestBody, ResponseBody};
 pub use context::IdempotencyContext;
 #[cfg(feature = "axum")]

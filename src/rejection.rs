@@ -38,6 +38,11 @@ pub enum RejectionKind {
     /// The store failed, timed out, or holds an unreadable record. 503, with
     /// `Retry-After`.
     StoreUnavailable,
+    /// The key's request ran past the layer's maximum execution time (or
+    /// past a shutdown's drain deadline) and was stopped: it may or may not
+    /// have taken effect, and it will not run again under this key. 500. It
+    /// is recorded, so every retry gets it too.
+    OutcomeUnknown,
 }
 
 impl RejectionKind {
@@ -45,7 +50,7 @@ impl RejectionKind {
     /// `missing-key`, `invalid-key`, `key-reused`, `anonymous-request`,
     /// `request-in-flight`,
     /// `body-too-large`, `body-unreadable`, `response-not-retained`,
-    /// `store-unavailable`.
+    /// `store-unavailable`, `outcome-unknown`.
     pub const fn code(self) -> &'static str {
         match self {
             RejectionKind::MissingKey => "missing-key",
@@ -57,6 +62,7 @@ impl RejectionKind {
             RejectionKind::BodyUnreadable => "body-unreadable",
             RejectionKind::ResponseNotRetained => "response-not-retained",
             RejectionKind::StoreUnavailable => "store-unavailable",
+            RejectionKind::OutcomeUnknown => "outcome-unknown",
         }
     }
 
@@ -72,6 +78,7 @@ impl RejectionKind {
             RejectionKind::BodyUnreadable => "Request body could not be read",
             RejectionKind::ResponseNotRetained => "Original response not retained",
             RejectionKind::StoreUnavailable => "Idempotency store unavailable",
+            RejectionKind::OutcomeUnknown => "Outcome of the original request unknown",
         }
     }
 }

@@ -3,8 +3,11 @@
 use std::{
     fmt,
     future::poll_fn,
-    pin::pin,
-    sync::Arc,
+    pin::{Pin, pin},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -12,14 +15,14 @@ use std::{
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, request};
 use http_body::Body;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use crate::{
     Anonymous, Fingerprint, IdempotencyContext, KeyError, Outcome, Rejection, RejectionKind,
     RequestBody, ResponseBody, ResponseFuture, Scope,
     body::{Recording, Tee, detach_tee},
-    claim::{Held, KeyHash, Renewer, bounded},
+    claim::{Held, HeldClaim, KeyHash, bounded},
     key,
     layer::{Config, IDEMPOTENT_REPLAYED},
     record::{self, RecordBuilder},
@@ -149,8 +152,16 @@ where
         // The head is boxed: it would otherwise sit in the request path's
         // state twice over, pushing that state out of the allocator's fast
         // size classes.
-        let path = keyed(config.clone(), inner, Box::new(parts), body, record_key);
-        ResponseFuture::keyed(Box::pin(path))
+        let detachable = Arc::new(AtomicBool::new(false));
+        let path = keyed(
+            config.clone(),
+            inner,
+            Box::new(parts),
+            body,
+            record_key,
+            detachable.clone(),
+        );
+        ResponseFuture::keyed(Box::pin(path), detachable, config.background.clone())
     }
 }
 
@@ -211,6 +222,7 @@ async fn keyed<S, St, ReqB, ResB>(
     mut parts: Box<request::Parts>,
     body: ReqB,
     record_key: RecordKey,
+    detachable: Arc<AtomicBool>,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
@@ -232,7 +244,7 @@ where
     };
     let fingerprint = Fingerprint::compute(&parts, &config.fingerprint_headers, &body);
 
-    let (token, took_over) = match claim(&config, &record_key, fingerprint).await {
+    let (token, took_over) = match claim(&config, &record_key, fingerprint, &detachable).await {
         Claimed::Acquired { token, took_over } => (token, took_over),
         Claimed::Answered(response) => return Ok(response),
         Claimed::FailOpen => {
@@ -249,29 +261,45 @@ where
 
     let context = IdempotencyContext::new(record_key.clone(), fingerprint, took_over);
     parts.extensions.insert(context);
-    let held = Held::new(config.clone(), record_key, token);
-    let mut renewer = Renewer::new(Box::new(held));
+    let mut held: Box<dyn HeldClaim> = Box::new(Held::new(config.clone(), record_key, token));
     let req = Request::from_parts(*parts, RequestBody::buffered(body, trailers));
-    let mut call = pin!(inner.call(req));
-    let result = poll_fn(|cx| {
-        let poll = call.as_mut().poll(cx);
-        if poll.is_pending() {
-            renewer.poll(cx);
-        }
-        poll
-    })
-    .await;
+    let result = {
+        let mut call = pin!(inner.call(req));
+        // Boxed, and only once the service makes us wait: see `bounded`.
+        let mut timer: Option<Pin<Box<Sleep>>> = None;
+        poll_fn(|cx| {
+            if config.background.abandoning() {
+                return Poll::Ready(None);
+            }
+            if let Poll::Ready(result) = call.as_mut().poll(cx) {
+                return Poll::Ready(Some(result));
+            }
+            held.keep_alive();
+            let deadline = held.deadline();
+            let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            match timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+        // The service's future is dropped here: a handler past its time
+        // stops before its key is settled.
+    };
+    let Some(result) = result else {
+        return Ok(settle_unfinished(&config, held).await);
+    };
 
     let (mut parts, body) = match result {
         Ok(response) => response.into_parts(),
         Err(err) => {
-            renewer.claim.release().await;
+            held.release().await;
             return Err(err);
         }
     };
     parts.extensions.insert(Outcome::Executed);
     if !config.record.should_record(&parts) {
-        renewer.claim.release().await;
+        held.release().await;
         return Ok(Response::from_parts(parts, ResponseBody::inner(body)));
     }
     let expected = body.size_hint().exact().unwrap_or(0);
@@ -282,7 +310,7 @@ where
         config.response_body_limit,
         usize::try_from(expected).unwrap_or(usize::MAX),
     );
-    let mut tee = Tee::new(body, Recording::new(renewer, builder), detach_tee::<ResB>);
+    let mut tee = Tee::new(body, Recording::new(held, builder), detach_tee::<ResB>);
     if let Some(mut state) = tee.state() {
         poll_fn(|cx| state.as_mut().poll_prefetch(cx)).await;
     }
@@ -301,15 +329,50 @@ enum Claimed<B> {
     FailOpen,
 }
 
+/// The request ran past the maximum execution time, or past a drain's
+/// deadline, and its service was stopped: record `outcome-unknown`, so that
+/// neither this client nor any retry sees the intent run again, and answer
+/// with it.
+async fn settle_unfinished<St: Store, B>(
+    config: &Config<St>,
+    mut held: Box<dyn HeldClaim>,
+) -> Response<ResponseBody<B>> {
+    config.background.settled_unfinished();
+    let rejection = outcome_unknown();
+    let (mut parts, body) = config.responder.response(&rejection).into_parts();
+    let mut builder = RecordBuilder::new(
+        parts.status,
+        &parts.headers,
+        config.replay_set_cookie,
+        config.response_body_limit,
+        body.len(),
+    );
+    builder.push(&body);
+    tracing::warn!(
+        stopped_by_drain = config.background.abandoning(),
+        "request stopped past its maximum execution time; recorded as outcome-unknown"
+    );
+    held.complete(builder.finish(None)).await;
+    parts
+        .extensions
+        .insert(Outcome::Rejected(RejectionKind::OutcomeUnknown));
+    Response::from_parts(parts, ResponseBody::buffered(body, None))
+}
+
 /// Claims the key, or answers the request from what the store holds: a
-/// replay, or a rejection.
+/// replay, or a rejection. While a claim is under way the request is
+/// `detachable`: dropped then, it finishes in the background, so a claim
+/// that lands is never left behind. Between the claims of wait mode it is
+/// not, and dropping it ends it.
 async fn claim<St: Store, B>(
     config: &Config<St>,
     key: &RecordKey,
     fingerprint: Fingerprint,
+    detachable: &AtomicBool,
 ) -> Claimed<B> {
     let mut waited: Option<(Instant, Duration)> = None;
     loop {
+        detachable.store(true, Ordering::Release);
         let op = config.store.claim(key, fingerprint, config.lease);
         let found = match bounded(op, config.store_timeout).await {
             Ok(found) => found,
@@ -343,6 +406,7 @@ async fn claim<St: Store, B>(
                         waited.get_or_insert((Instant::now(), Duration::from_millis(5)));
                     let left = bound.saturating_sub(start.elapsed());
                     if !left.is_zero() {
+                        detachable.store(false, Ordering::Release);
                         // Boxed to keep a timer out of every request's state.
                         Box::pin(tokio::time::sleep((*backoff).min(left))).await;
                         *backoff = (*backoff * 2).min(Duration::from_millis(250));
@@ -494,6 +558,14 @@ fn not_retained(original: StatusCode) -> Rejection {
             "The request with this idempotency key was already processed and answered with status {}, but its response was too large to keep, so it cannot be replayed. It will not be executed again.",
             original.as_u16()
         ),
+    )
+}
+
+fn outcome_unknown() -> Rejection {
+    Rejection::new(
+        RejectionKind::OutcomeUnknown,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "The request with this idempotency key ran past the server's time limit and was stopped. It may or may not have taken effect, and it will not be executed again under this key: check the state of what it changes before sending a new request with a new key.",
     )
 }
 
