@@ -7,7 +7,7 @@ use std::{
     future::Future,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU8, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -45,11 +45,6 @@ impl Background {
         F: Future<Output = ()> + Send + 'static,
     {
         spawn(&self.completions, work)
-    }
-
-    /// Whether every detached request is to settle now.
-    pub(crate) fn abandoning(&self) -> bool {
-        self.abandon.is_cancelled()
     }
 
     /// Resolves once detached requests are to settle.
@@ -102,6 +97,42 @@ impl Background {
             "idempotency drain deadline passed"
         );
         drained
+    }
+}
+
+/// Where a protected request stands, shared by its path and its future: may
+/// it move into the background if its client goes away, and must it settle
+/// now.
+#[derive(Debug, Default)]
+pub(crate) struct Lifeline(AtomicU8);
+
+const ENDS_WITH_CLIENT: u8 = 0;
+const DETACHABLE: u8 = 1;
+const SETTLE: u8 = 2;
+
+impl Lifeline {
+    /// Set while the key is being claimed and from the moment it is held;
+    /// cleared between the claims of wait mode.
+    pub(crate) fn set_detachable(&self, detachable: bool) {
+        let stage = if detachable {
+            DETACHABLE
+        } else {
+            ENDS_WITH_CLIENT
+        };
+        self.0.store(stage, Ordering::Release);
+    }
+
+    pub(crate) fn is_detachable(&self) -> bool {
+        self.0.load(Ordering::Acquire) != ENDS_WITH_CLIENT
+    }
+
+    /// A drain's deadline has passed while the request ran detached.
+    pub(crate) fn settle(&self) {
+        self.0.store(SETTLE, Ordering::Release);
+    }
+
+    pub(crate) fn must_settle(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == SETTLE
     }
 }
 

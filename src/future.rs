@@ -4,17 +4,18 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use http::Response;
 use pin_project_lite::pin_project;
 
-use crate::{ResponseBody, background::Background, claim::BoxFuture};
+use crate::{
+    ResponseBody,
+    background::{Background, Lifeline},
+    claim::BoxFuture,
+};
 
 type KeyedFuture<B, E> = BoxFuture<Result<Response<ResponseBody<B>>, E>>;
 
@@ -48,11 +49,9 @@ pin_project! {
 /// dropped once its key is being claimed.
 struct Keyed<B, E> {
     future: Option<KeyedFuture<B, E>>,
-    /// Set by the request path while it claims its key and from the moment
-    /// it holds it.
-    detachable: Arc<AtomicBool>,
+    lifeline: Arc<Lifeline>,
     background: Arc<Background>,
-    detach: fn(KeyedFuture<B, E>, &Arc<Background>),
+    detach: fn(KeyedFuture<B, E>, Arc<Lifeline>, &Arc<Background>),
 }
 
 impl<B, E> Keyed<B, E> {
@@ -78,8 +77,8 @@ impl<B, E> Drop for Keyed<B, E> {
         // Still here only if it never panicked: a panicking future is
         // dropped by `poll` as the panic unwinds.
         if let Some(future) = self.future.take() {
-            if self.detachable.load(Ordering::Acquire) {
-                (self.detach)(future, &self.background);
+            if self.lifeline.is_detachable() {
+                (self.detach)(future, self.lifeline.clone(), &self.background);
             }
         }
     }
@@ -87,8 +86,11 @@ impl<B, E> Drop for Keyed<B, E> {
 
 /// Finishes an abandoned request in the background. Its response is dropped
 /// there, which in turn drains and records a teed body.
-fn detach_keyed<B, E>(mut future: KeyedFuture<B, E>, background: &Arc<Background>)
-where
+fn detach_keyed<B, E>(
+    mut future: KeyedFuture<B, E>,
+    lifeline: Arc<Lifeline>,
+    background: &Arc<Background>,
+) where
     B: Send + 'static,
     E: Send + 'static,
 {
@@ -101,6 +103,7 @@ where
         }
         // Past a drain's deadline: polled once more, the path sees it and
         // settles.
+        lifeline.settle();
         let _ = future.await;
     };
     if !background.spawn_detached(work) {
@@ -127,7 +130,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
 
     pub(crate) fn keyed(
         future: KeyedFuture<B, E>,
-        detachable: Arc<AtomicBool>,
+        lifeline: Arc<Lifeline>,
         background: Arc<Background>,
     ) -> Self
     where
@@ -138,7 +141,7 @@ impl<F, B, E> ResponseFuture<F, B, E> {
             kind: Kind::Keyed {
                 keyed: Keyed {
                     future: Some(future),
-                    detachable,
+                    lifeline,
                     background,
                     detach: detach_keyed::<B, E>,
                 },

@@ -4,10 +4,7 @@ use std::{
     fmt,
     future::poll_fn,
     pin::{Pin, pin},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
@@ -21,6 +18,7 @@ use tower_service::Service;
 use crate::{
     Anonymous, Fingerprint, IdempotencyContext, KeyError, Outcome, Rejection, RejectionKind,
     RequestBody, ResponseBody, ResponseFuture, Scope,
+    background::Lifeline,
     body::{Recording, Tee, detach_tee},
     claim::{Held, HeldClaim, KeyHash, bounded},
     key,
@@ -152,16 +150,16 @@ where
         // The head is boxed: it would otherwise sit in the request path's
         // state twice over, pushing that state out of the allocator's fast
         // size classes.
-        let detachable = Arc::new(AtomicBool::new(false));
+        let lifeline = Arc::new(Lifeline::default());
         let path = keyed(
             config.clone(),
             inner,
             Box::new(parts),
             body,
             record_key,
-            detachable.clone(),
+            lifeline.clone(),
         );
-        ResponseFuture::keyed(Box::pin(path), detachable, config.background.clone())
+        ResponseFuture::keyed(Box::pin(path), lifeline, config.background.clone())
     }
 }
 
@@ -222,7 +220,7 @@ async fn keyed<S, St, ReqB, ResB>(
     mut parts: Box<request::Parts>,
     body: ReqB,
     record_key: RecordKey,
-    detachable: Arc<AtomicBool>,
+    lifeline: Arc<Lifeline>,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
@@ -244,7 +242,7 @@ where
     };
     let fingerprint = Fingerprint::compute(&parts, &config.fingerprint_headers, &body);
 
-    let (token, took_over) = match claim(&config, &record_key, fingerprint, &detachable).await {
+    let (token, took_over) = match claim(&config, &record_key, fingerprint, &lifeline).await {
         Claimed::Acquired { token, took_over } => (token, took_over),
         Claimed::Answered(response) => return Ok(response),
         Claimed::FailOpen => {
@@ -268,7 +266,7 @@ where
         // Boxed, and only once the service makes us wait: see `bounded`.
         let mut timer: Option<Pin<Box<Sleep>>> = None;
         poll_fn(|cx| {
-            if config.background.abandoning() {
+            if lifeline.must_settle() {
                 return Poll::Ready(None);
             }
             if let Poll::Ready(result) = call.as_mut().poll(cx) {
@@ -287,7 +285,7 @@ where
         // stops before its key is settled.
     };
     let Some(result) = result else {
-        return Ok(settle_unfinished(&config, held).await);
+        return Ok(settle_unfinished(&config, held, lifeline.must_settle()).await);
     };
 
     let (mut parts, body) = match result {
@@ -336,6 +334,7 @@ enum Claimed<B> {
 async fn settle_unfinished<St: Store, B>(
     config: &Config<St>,
     mut held: Box<dyn HeldClaim>,
+    by_drain: bool,
 ) -> Response<ResponseBody<B>> {
     config.background.settled_unfinished();
     let rejection = outcome_unknown();
@@ -348,10 +347,13 @@ async fn settle_unfinished<St: Store, B>(
         body.len(),
     );
     builder.push(&body);
-    tracing::warn!(
-        stopped_by_drain = config.background.abandoning(),
-        "request stopped past its maximum execution time; recorded as outcome-unknown"
-    );
+    if by_drain {
+        tracing::warn!("request stopped at the drain deadline; recorded as outcome-unknown");
+    } else {
+        tracing::warn!(
+            "request stopped past its maximum execution time; recorded as outcome-unknown"
+        );
+    }
     held.complete(builder.finish(None)).await;
     parts
         .extensions
@@ -361,18 +363,18 @@ async fn settle_unfinished<St: Store, B>(
 
 /// Claims the key, or answers the request from what the store holds: a
 /// replay, or a rejection. While a claim is under way the request is
-/// `detachable`: dropped then, it finishes in the background, so a claim
+/// detachable: dropped then, it finishes in the background, so a claim
 /// that lands is never left behind. Between the claims of wait mode it is
 /// not, and dropping it ends it.
 async fn claim<St: Store, B>(
     config: &Config<St>,
     key: &RecordKey,
     fingerprint: Fingerprint,
-    detachable: &AtomicBool,
+    lifeline: &Lifeline,
 ) -> Claimed<B> {
     let mut waited: Option<(Instant, Duration)> = None;
     loop {
-        detachable.store(true, Ordering::Release);
+        lifeline.set_detachable(true);
         let op = config.store.claim(key, fingerprint, config.lease);
         let found = match bounded(op, config.store_timeout).await {
             Ok(found) => found,
@@ -406,7 +408,7 @@ async fn claim<St: Store, B>(
                         waited.get_or_insert((Instant::now(), Duration::from_millis(5)));
                     let left = bound.saturating_sub(start.elapsed());
                     if !left.is_zero() {
-                        detachable.store(false, Ordering::Release);
+                        lifeline.set_detachable(false);
                         // Boxed to keep a timer out of every request's state.
                         Box::pin(tokio::time::sleep((*backoff).min(left))).await;
                         *backoff = (*backoff * 2).min(Duration::from_millis(250));

@@ -201,12 +201,17 @@ async fn a_connected_client_of_a_hung_handler_gets_outcome_unknown() {
         (StatusCode::INTERNAL_SERVER_ERROR, "outcome-unknown")
     );
     assert!(handler_dropped.load(Ordering::SeqCst));
-    let (status, code, _) = problem(app.oneshot(post_with_key("k", "x")).await.unwrap()).await;
+    let (status, code, _) =
+        problem(app.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
     assert_eq!(
         (status, code.as_str()),
         (StatusCode::INTERNAL_SERVER_ERROR, "outcome-unknown")
     );
     assert_eq!(counter.get(), 1);
+    // A drained layer still serves: a request arriving afterwards runs.
+    let mut later = Box::pin(app.oneshot(post_with_key("k2", "x")));
+    assert!((&mut later).now_or_never().is_none());
+    assert_eq!(counter.get(), 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -265,12 +270,17 @@ async fn drain_settles_what_outlives_its_deadline() {
         "{drained}"
     );
     assert!(handler_dropped.load(Ordering::SeqCst));
-    let (status, code, _) = problem(app.oneshot(post_with_key("k", "x")).await.unwrap()).await;
+    let (status, code, _) =
+        problem(app.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
     assert_eq!(
         (status, code.as_str()),
         (StatusCode::INTERNAL_SERVER_ERROR, "outcome-unknown")
     );
     assert_eq!(counter.get(), 1);
+    // A drained layer still serves: a request arriving afterwards runs.
+    let mut later = Box::pin(app.oneshot(post_with_key("k2", "x")));
+    assert!((&mut later).now_or_never().is_none());
+    assert_eq!(counter.get(), 2);
 }
 
 /// The store refuses completions for ten minutes: the response still goes
@@ -328,6 +338,36 @@ async fn a_completion_is_given_up_after_the_retry_limit() {
         store.calls(Op::Complete),
         attempts,
         "no attempts after the limit"
+    );
+    assert_eq!(counter.get(), 1);
+}
+
+/// A response body still streaming when its client goes away is drained in
+/// the background, but only until the maximum execution time: then it is cut
+/// and recorded with status and headers, and no task is left.
+#[tokio::test(start_paused = true)]
+async fn a_detached_body_is_cut_at_the_maximum_execution_time() {
+    use http_body_util::BodyExt;
+    let counter = Counter::default();
+    let (router, _gate) = common::gated_stream_router(&counter);
+    let layer = IdempotencyLayer::new(MemoryStore::default())
+        .with_max_execution(Duration::from_secs(60));
+    let app = router.layer(layer.clone());
+    let response = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"head;");
+    drop(body);
+    assert_eq!(layer.stats().detached_running, 1);
+
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    until(|| layer.stats().detached_running == 0).await;
+    let (status, code, doc) = problem(app.oneshot(post_with_key("k", "x")).await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::GONE, "response-not-retained"),
+        "{doc}"
     );
     assert_eq!(counter.get(), 1);
 }
