@@ -28,8 +28,15 @@
 //! (as a unique index would), so an execution that took over a stalled
 //! earlier one finds that one's row instead of booking again.
 //!
+//! Shutdown: on Ctrl-C or SIGTERM the server stops accepting connections,
+//! lets open ones finish, then drains the layer: a booking whose client went
+//! away is still recorded before the process exits (for up to
+//! `IDEMPOTENCY_DRAIN_SECS`, default 20), so a retry sent to another instance
+//! replays it. It prints `drained: ...` and exits 0.
+//!
 //! Environment: `ADDR` (when no argument is given), `IDEMPOTENCY_TTL_SECS`,
-//! `IDEMPOTENCY_LEASE_SECS`, and `IDEMPOTENCY_STORE`: unset or `memory` for
+//! `IDEMPOTENCY_LEASE_SECS`, `IDEMPOTENCY_DRAIN_SECS`, and
+//! `IDEMPOTENCY_STORE`: unset or `memory` for
 //! the in-memory store, a `redis://` URL (build with `--features redis`) or a
 //! `postgres://` URL (build with `--features postgres`) for a store that
 //! several instances of the server can share, or `none` for the same API
@@ -336,6 +343,8 @@ async fn run() -> Result<(), String> {
     let addr = bind_address()?;
     let ttl = seconds_from_env("IDEMPOTENCY_TTL_SECS")?;
     let lease = seconds_from_env("IDEMPOTENCY_LEASE_SECS")?;
+    let drain_within =
+        seconds_from_env("IDEMPOTENCY_DRAIN_SECS")?.unwrap_or(Duration::from_secs(20));
     let (store, store_name) = store_from_env().await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -352,7 +361,44 @@ async fn run() -> Result<(), String> {
     println!("listening on http://{bound}");
     eprintln!("idempotency store: {store_name}");
     let layer = store.map(|store| idempotency(store, ttl, lease));
-    axum::serve(listener, app(layer))
+    axum::serve(listener, app(layer.clone()))
+        .with_graceful_shutdown(shutdown_signal())
         .await
-        .map_err(|e| format!("server failed: {e}"))
+        .map_err(|e| format!("server failed: {e}"))?;
+    // No connection is left; what runs now runs for clients that went away.
+    if let Some(layer) = layer {
+        let drained = layer.drain(drain_within).await;
+        println!("drained: {drained}");
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C, or on SIGTERM (what a deploy sends) where there is
+/// one.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            eprintln!("booking_server: cannot listen for Ctrl-C: {err}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                eprintln!("booking_server: cannot listen for SIGTERM: {err}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    eprintln!("shutting down: no new connections; draining");
 }

@@ -350,8 +350,8 @@ async fn a_detached_body_is_cut_at_the_maximum_execution_time() {
     use http_body_util::BodyExt;
     let counter = Counter::default();
     let (router, _gate) = common::gated_stream_router(&counter);
-    let layer = IdempotencyLayer::new(MemoryStore::default())
-        .with_max_execution(Duration::from_secs(60));
+    let layer =
+        IdempotencyLayer::new(MemoryStore::default()).with_max_execution(Duration::from_secs(60));
     let app = router.layer(layer.clone());
     let response = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
