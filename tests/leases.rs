@@ -268,3 +268,29 @@ async fn eviction_never_drops_an_in_flight_record() {
         );
     }
 }
+
+/// The holder's renewals all fail while its lease lapses many times over,
+/// and nobody else claims the key: when it finishes, its response is still
+/// recorded and replayed, and nothing executes twice.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_holder_nobody_took_over_still_records() {
+    let counter = Counter::default();
+    let (router, mut started, gate) = gated(&counter);
+    let store = FaultyStore::new(MemoryStore::default());
+    store.set_fault(Op::Renew, Some(Fault::Unavailable));
+    let app =
+        router.layer(IdempotencyLayer::new(store.clone()).with_lease(Duration::from_secs(30)));
+    let first = tokio::spawn(app.clone().oneshot(post_with_key("k", "x")));
+    started.recv().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert!(
+        store.calls(Op::Renew) >= 9,
+        "renewals were attempted and lost"
+    );
+    gate.send(true).unwrap();
+    assert_eq!(body_bytes(first.await.unwrap().unwrap()).await, "booking 1");
+    let replay = app.oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(body_bytes(replay).await, "booking 1");
+    assert_eq!(counter.get(), 1);
+}

@@ -125,6 +125,23 @@ async fn a_crashed_holder_is_taken_over_and_fenced_out() {
     fleet::a_lapsed_holder_is_fenced_out([a, b], Duration::from_millis(300)).await;
 }
 
+/// A holder that stalls past its lease while nobody retries still records
+/// its response, and the other instance replays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_holder_still_records_its_response() {
+    let Some(url) = redis_url() else { return };
+    let prefix = prefix("stall");
+    let a = RedisStore::connect(&url)
+        .await
+        .unwrap()
+        .with_prefix(&prefix);
+    let b = RedisStore::connect(&url)
+        .await
+        .unwrap()
+        .with_prefix(&prefix);
+    fleet::a_stalled_holder_still_records([a, b], Duration::from_millis(300)).await;
+}
+
 /// A `redis-server` of the test's own, on a free loopback port, keeping an
 /// append-only file so that a restart remembers what it held.
 struct OwnRedis {

@@ -309,6 +309,68 @@ pub mod fleet {
         );
     }
 
+    /// The instance holding a claim stalls past its lease (its renewals are
+    /// dropped, as in a long pause or a store failover) while nobody retries;
+    /// then it finishes. Its response is recorded all the same, and a retry
+    /// on the other instance replays it: one execution.
+    pub async fn a_stalled_holder_still_records<St: Store + Clone>(
+        stores: [St; 2],
+        lease: Duration,
+    ) {
+        let counter = Counter::default();
+        let (started_tx, mut started) = mpsc::unbounded_channel();
+        let (gate, gate_rx) = watch::channel(false);
+        let c = counter.clone();
+        let router = Router::new().route(
+            "/book",
+            axum::routing::post(move || {
+                let (c, started, mut gate) = (c.clone(), started_tx.clone(), gate_rx.clone());
+                async move {
+                    let n = c.hit();
+                    started.send(n).unwrap();
+                    gate.wait_for(|open| *open).await.unwrap();
+                    (StatusCode::CREATED, format!("booking {n}"))
+                }
+            }),
+        );
+        let [first, second] = stores;
+        let stalled = FaultyStore::new(first);
+        stalled.set_fault(Op::Renew, Some(Fault::Unavailable));
+        let base_a = serve(
+            router
+                .clone()
+                .layer(IdempotencyLayer::new(stalled.clone()).with_lease(lease)),
+        )
+        .await;
+        let base_b = serve(router.layer(IdempotencyLayer::new(second).with_lease(lease))).await;
+        let client = client();
+
+        let holder = {
+            let (client, req) = (client.clone(), booking(&base_a, "stall-key"));
+            tokio::spawn(async move { send(&client, req).await })
+        };
+        assert_eq!(started.recv().await, Some(1));
+        // The lease lapses on the store's clock, several times over, with
+        // every renewal lost.
+        tokio::time::sleep(lease * 4).await;
+        assert!(stalled.calls(Op::Renew) > 0, "renewals were attempted");
+        gate.send(true).unwrap();
+        let (status, replayed, body) = holder.await.unwrap();
+        assert_eq!(
+            (status, replayed, &body[..]),
+            (StatusCode::CREATED, false, &b"booking 1"[..])
+        );
+        for base in [&base_b, &base_a] {
+            let (status, replayed, body) = send(&client, booking(base, "stall-key")).await;
+            assert_eq!(
+                (status, replayed, &body[..]),
+                (StatusCode::CREATED, true, &b"booking 1"[..]),
+                "the late holder's response is recorded and replayed"
+            );
+        }
+        assert_eq!(counter.get(), 1, "one execution");
+    }
+
     /// Store operations per request (each one round trip for the shipped
     /// stores): two for a first execution (claim, complete), one for a
     /// replay, one for a rejected in-flight duplicate.
