@@ -15,11 +15,20 @@
 //!
 //! Decoding is zero-copy: the body and header values are slices of the
 //! stored bytes.
+//!
+//! During a rolling deploy, instances of two versions of the crate read each
+//! other's records. A record in an encoding version this build does not know
+//! is an error ([`Corrupt::UnknownVersion`], answered 503
+//! `store-unavailable`): never decoded with the wrong layout, never taken for
+//! an absent record and executed again. A new encoding version therefore
+//! ships first as a reader only, and is written only by a later release.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 
-const MAGIC: &[u8; 3] = b"TI\x01";
+const MAGIC: &[u8; 2] = b"TI";
+/// The encoding version this build writes, and the only one it reads.
+const VERSION: u8 = 1;
 const RETAINED: u8 = 1;
 const HAS_TRAILERS: u8 = 2;
 
@@ -33,9 +42,27 @@ pub(crate) struct Recorded {
     pub(crate) trailers: Option<HeaderMap>,
 }
 
-/// The record could not be read: written by another version, or damaged.
+/// The record could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Corrupt;
+pub(crate) enum Corrupt {
+    /// Written in an encoding version this build does not know (by a newer
+    /// release, during a rolling deploy).
+    UnknownVersion(u8),
+    /// Not a record of this crate, or damaged.
+    Damaged,
+}
+
+impl std::fmt::Display for Corrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Corrupt::UnknownVersion(v) => write!(
+                f,
+                "record encoding version {v} is unknown to this build (which reads version {VERSION})"
+            ),
+            Corrupt::Damaged => f.write_str("not a record of this crate, or damaged"),
+        }
+    }
+}
 
 /// Whether a response header is kept in the record.
 ///
@@ -89,9 +116,10 @@ impl RecordBuilder {
     ) -> Self {
         let retained = expected_body <= limit;
         let keep = |name: &HeaderName| is_replayable(name, headers, keep_cookies);
-        let head_len = MAGIC.len() + 2 + 1 + headers_len(headers, keep) + 8;
+        let head_len = MAGIC.len() + 1 + 2 + 1 + headers_len(headers, keep) + 8;
         let mut buf = BytesMut::with_capacity(head_len + if retained { expected_body } else { 0 });
         buf.put_slice(MAGIC);
+        buf.put_u8(VERSION);
         buf.put_u16(status.as_u16());
         let flags_at = buf.len();
         buf.put_u8(0);
@@ -196,14 +224,22 @@ fn put_headers(buf: &mut BytesMut, headers: &HeaderMap, keep: impl Fn(&HeaderNam
 
 /// Reads a record written by [`RecordBuilder`].
 pub(crate) fn decode(mut bytes: Bytes) -> Result<Recorded, Corrupt> {
-    if bytes.len() < MAGIC.len() + 3 || &bytes[..3] != MAGIC {
-        return Err(Corrupt);
+    if !bytes.starts_with(MAGIC) {
+        return Err(Corrupt::Damaged);
     }
-    bytes.advance(3);
-    let status = StatusCode::from_u16(bytes.get_u16()).map_err(|_| Corrupt)?;
+    match bytes.get(MAGIC.len()) {
+        Some(&VERSION) => {}
+        Some(&other) => return Err(Corrupt::UnknownVersion(other)),
+        None => return Err(Corrupt::Damaged),
+    }
+    if bytes.len() < MAGIC.len() + 1 + 3 {
+        return Err(Corrupt::Damaged);
+    }
+    bytes.advance(MAGIC.len() + 1);
+    let status = StatusCode::from_u16(bytes.get_u16()).map_err(|_| Corrupt::Damaged)?;
     let flags = bytes.get_u8();
     if flags & !(RETAINED | HAS_TRAILERS) != 0 {
-        return Err(Corrupt);
+        return Err(Corrupt::Damaged);
     }
     let headers = take_headers(&mut bytes)?;
     let body = if flags & RETAINED != 0 {
@@ -218,7 +254,7 @@ pub(crate) fn decode(mut bytes: Bytes) -> Result<Recorded, Corrupt> {
         None
     };
     if bytes.has_remaining() {
-        return Err(Corrupt);
+        return Err(Corrupt::Damaged);
     }
     Ok(Recorded {
         status,
@@ -231,16 +267,16 @@ pub(crate) fn decode(mut bytes: Bytes) -> Result<Recorded, Corrupt> {
 /// Reads a length of `width` bytes and checks that many bytes follow it.
 fn take_len(bytes: &mut Bytes, width: usize) -> Result<usize, Corrupt> {
     if bytes.remaining() < width {
-        return Err(Corrupt);
+        return Err(Corrupt::Damaged);
     }
     let len = match width {
         2 => u64::from(bytes.get_u16()),
         4 => u64::from(bytes.get_u32()),
         _ => bytes.get_u64(),
     };
-    let len = usize::try_from(len).map_err(|_| Corrupt)?;
+    let len = usize::try_from(len).map_err(|_| Corrupt::Damaged)?;
     if bytes.remaining() < len {
-        return Err(Corrupt);
+        return Err(Corrupt::Damaged);
     }
     Ok(len)
 }
@@ -250,15 +286,16 @@ fn take_headers(bytes: &mut Bytes) -> Result<HeaderMap, Corrupt> {
     // Each header takes at least 6 bytes: refuse counts the input cannot hold
     // before reserving room for them.
     if count > bytes.remaining() / 6 {
-        return Err(Corrupt);
+        return Err(Corrupt::Damaged);
     }
     // One spare slot: a replay adds `Idempotent-Replayed`.
     let mut headers = HeaderMap::with_capacity(count + 1);
     for _ in 0..count {
         let len = take_len(bytes, 2)?;
-        let name = HeaderName::from_bytes(&bytes.split_to(len)).map_err(|_| Corrupt)?;
+        let name = HeaderName::from_bytes(&bytes.split_to(len)).map_err(|_| Corrupt::Damaged)?;
         let len = take_len(bytes, 4)?;
-        let value = HeaderValue::from_maybe_shared(bytes.split_to(len)).map_err(|_| Corrupt)?;
+        let value =
+            HeaderValue::from_maybe_shared(bytes.split_to(len)).map_err(|_| Corrupt::Damaged)?;
         headers.append(name, value);
     }
     Ok(headers)
@@ -266,7 +303,7 @@ fn take_headers(bytes: &mut Bytes) -> Result<HeaderMap, Corrupt> {
 
 fn take_count(bytes: &mut Bytes) -> Result<usize, Corrupt> {
     if bytes.remaining() < 4 {
-        return Err(Corrupt);
+        return Err(Corrupt::Damaged);
     }
     Ok(bytes.get_u32() as usize)
 }
@@ -343,7 +380,11 @@ mod tests {
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
         let full = b.finish(Some(&trailers));
         for cut in 0..full.len() {
-            assert_eq!(decode(full.slice(..cut)).unwrap_err(), Corrupt, "cut {cut}");
+            assert_eq!(
+                decode(full.slice(..cut)).unwrap_err(),
+                Corrupt::Damaged,
+                "cut {cut}"
+            );
         }
         let mut extended = full.to_vec();
         extended.push(0);
@@ -355,5 +396,27 @@ mod tests {
         let mut huge_count = full.to_vec();
         huge_count[6..10].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(decode(huge_count.into()).is_err());
+    }
+
+    #[test]
+    fn a_record_in_another_encoding_version_is_refused_never_misread() {
+        let mut b = RecordBuilder::new(StatusCode::CREATED, &sample_headers(), false, 100, 0);
+        b.push(b"booking 1");
+        let written = b.finish(None);
+        assert_eq!(&written[..3], b"TI\x01", "magic, then the version byte");
+        assert!(decode(written.clone()).is_ok());
+        for version in [0u8, 2, 3, 0x7f, 0xff] {
+            let mut other = written.to_vec();
+            other[2] = version;
+            assert_eq!(
+                decode(other.into()).unwrap_err(),
+                Corrupt::UnknownVersion(version),
+                "version {version}"
+            );
+        }
+        // A body that would decode with this layout does not change that.
+        let mut newer = written.to_vec();
+        newer[2] = 2;
+        assert!(RecordBuilder::without_body(&newer.into()).is_err());
     }
 }

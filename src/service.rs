@@ -427,8 +427,8 @@ async fn claim<St: Store, B>(
 fn replay<St, B>(config: &Config<St>, key: &RecordKey, record: Bytes) -> Response<ResponseBody<B>> {
     let recorded = match record::decode(record) {
         Ok(recorded) => recorded,
-        Err(record::Corrupt) => {
-            tracing::error!(key = %KeyHash(key), "stored record is unreadable");
+        Err(why) => {
+            tracing::error!(key = %KeyHash(key), reason = %why, "stored record is unreadable");
             return reject(config, store_unavailable());
         }
     };

@@ -270,3 +270,81 @@ proptest! {
         prop_assert_eq!(parse(value.as_bytes()), Err(KeyError::BadQuoting));
     }
 }
+
+/// A store shared with a newer release of the crate, during a rolling
+/// deploy: every record it completes comes back in encoding version 2.
+#[derive(Clone, Default)]
+struct WrittenByANewerRelease(MemoryStore);
+
+impl tower_idempotency::Store for WrittenByANewerRelease {
+    fn claim(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        fingerprint: tower_idempotency::Fingerprint,
+        lease: std::time::Duration,
+    ) -> impl std::future::Future<
+        Output = Result<tower_idempotency::store::Claim, tower_idempotency::store::StoreError>,
+    > + Send {
+        self.0.claim(key, fingerprint, lease)
+    }
+
+    fn renew(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        token: tower_idempotency::store::Token,
+        lease: std::time::Duration,
+    ) -> impl std::future::Future<Output = Result<(), tower_idempotency::store::StoreError>> + Send
+    {
+        self.0.renew(key, token, lease)
+    }
+
+    fn complete(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        token: tower_idempotency::store::Token,
+        record: Bytes,
+        ttl: std::time::Duration,
+    ) -> impl std::future::Future<Output = Result<(), tower_idempotency::store::StoreError>> + Send
+    {
+        let mut newer = record.to_vec();
+        assert_eq!(&newer[..3], b"TI\x01", "this build writes version 1");
+        newer[2] = 2;
+        self.0.complete(key, token, Bytes::from(newer), ttl)
+    }
+
+    fn release(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        token: tower_idempotency::store::Token,
+    ) -> impl std::future::Future<Output = Result<(), tower_idempotency::store::StoreError>> + Send
+    {
+        self.0.release(key, token)
+    }
+}
+
+/// A record in an encoding version this build does not know is 503
+/// `store-unavailable` on every retry: never misread, never executed again.
+#[tokio::test]
+async fn a_record_in_an_unknown_encoding_version_is_503_never_a_second_execution() {
+    let counter = common::Counter::default();
+    let app = common::booking_router(counter.clone())
+        .layer(IdempotencyLayer::new(WrittenByANewerRelease::default()));
+    let first = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    body_bytes(first).await;
+    for _ in 0..3 {
+        let retry = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
+        assert_eq!(
+            retry.extensions().get::<Outcome>(),
+            Some(&Outcome::Rejected(
+                tower_idempotency::RejectionKind::StoreUnavailable
+            ))
+        );
+        let (status, code, _) = common::problem(retry).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable")
+        );
+    }
+    assert_eq!(counter.get(), 1, "the intent ran once");
+}
