@@ -95,11 +95,14 @@ impl Harness for Postgres {
 /// One table per check, with a fixed name: dropped and created anew at the
 /// start, so runs leave at most one small table per check behind.
 async fn harness(check: &str) -> Option<Postgres> {
-    let url = database_url()?;
-    let pool = PgPool::connect(&url)
-        .await
-        .unwrap_or_else(|e| panic!("DATABASE_URL is set but PostgreSQL is not reachable: {e}"));
-    let table = format!("idem_conformance_{}", &check[..check.len().min(40)]);
+    harness_on(check, "conformance", &[]).await
+}
+
+/// The same, on sessions that use `settings`, in tables named after `tag`.
+async fn harness_on(check: &str, tag: &str, settings: &[(&str, &str)]) -> Option<Postgres> {
+    database_url()?;
+    let pool = pool_with(settings).await;
+    let table = format!("idem_{tag}_{}", &check[..check.len().min(40)]);
     drop_table(&pool, &table).await;
     let store = PostgresStore::new(pool.clone()).with_table(&table).unwrap();
     store.migrate().await.unwrap();
@@ -107,6 +110,40 @@ async fn harness(check: &str) -> Option<Postgres> {
 }
 
 tower_idempotency::store_conformance_tests!(optional: harness);
+
+/// The suite on sessions whose transactions are SERIALIZABLE by default:
+/// serialization failures between racing claims are retried by the store,
+/// never surfaced as `Unavailable`.
+mod serializable {
+    use super::*;
+
+    async fn harness(check: &str) -> Option<Postgres> {
+        harness_on(
+            check,
+            "ser",
+            &[("default_transaction_isolation", "serializable")],
+        )
+        .await
+    }
+
+    tower_idempotency::store_conformance_tests!(optional: harness);
+}
+
+/// The suite on sessions whose transactions are REPEATABLE READ by default.
+mod repeatable_read {
+    use super::*;
+
+    async fn harness(check: &str) -> Option<Postgres> {
+        harness_on(
+            check,
+            "rr",
+            &[("default_transaction_isolation", "repeatable read")],
+        )
+        .await
+    }
+
+    tower_idempotency::store_conformance_tests!(optional: harness);
+}
 
 /// Two servers sharing one PostgreSQL execute a request once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,4 +234,105 @@ async fn a_reserved_word_is_a_usable_table_name() {
         .await;
     assert!(matches!(claim, Ok(Claim::Acquired { .. })), "{claim:?}");
     drop_table(&pool, "\"order\"").await;
+}
+
+/// A pool whose sessions use `settings` (`-c name=value` at connect).
+async fn pool_with(settings: &[(&str, &str)]) -> PgPool {
+    let options: sqlx::postgres::PgConnectOptions = database_url().unwrap().parse().unwrap();
+    PgPool::connect_with(options.options(settings.iter().copied()))
+        .await
+        .unwrap_or_else(|e| panic!("DATABASE_URL is set but PostgreSQL is not reachable: {e}"))
+}
+
+/// The row's `xmax`: a transaction that updated or locked the row leaves
+/// its id there.
+async fn xmax(pool: &PgPool, table: &str, key: &RecordKey) -> String {
+    let sql = format!("SELECT xmax::text FROM {table} WHERE key = $1");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(key.as_str())
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// A replay and an in-flight answer are reads: they neither write nor lock
+/// the row, so they never queue behind the holder's `complete` or `renew`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_and_in_flight_answers_take_no_row_lock() {
+    use sqlx::Acquire;
+    use tower_idempotency::{Fingerprint, Store, store::Claim};
+    let Some((store, pool, table)) = store("no_lock").await else {
+        return;
+    };
+    let fp = Fingerprint::from_bytes([7; 32]);
+    let done = RecordKey::new("s", "done");
+    let busy = RecordKey::new("s", "busy");
+    let Ok(Claim::Acquired { token, .. }) = store.claim(&done, fp, Duration::from_secs(60)).await
+    else {
+        panic!("a new key is acquired");
+    };
+    store
+        .complete(
+            &done,
+            token,
+            bytes::Bytes::from_static(b"r"),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(&busy, fp, Duration::from_secs(60)).await,
+        Ok(Claim::Acquired { .. })
+    ));
+
+    // Nothing writes the rows' xmax: no update, no row lock.
+    let before = (
+        xmax(&pool, &table, &done).await,
+        xmax(&pool, &table, &busy).await,
+    );
+    for _ in 0..3 {
+        assert!(matches!(
+            store.claim(&done, fp, Duration::from_secs(60)).await,
+            Ok(Claim::Completed { .. })
+        ));
+        assert!(matches!(
+            store.claim(&busy, fp, Duration::from_secs(60)).await,
+            Ok(Claim::InFlight { .. })
+        ));
+    }
+    let after = (
+        xmax(&pool, &table, &done).await,
+        xmax(&pool, &table, &busy).await,
+    );
+    assert_eq!(
+        before, after,
+        "a replay or an in-flight answer locked or wrote the row"
+    );
+
+    // While another transaction holds both rows locked (a holder's
+    // `complete` under way), answers still come: on a pool that gives up on
+    // any row lock after 2 s, a claim that waited for one would fail.
+    let impatient = PostgresStore::new(pool_with(&[("lock_timeout", "2s")]).await)
+        .with_table(&table)
+        .unwrap();
+    let mut holder = pool.acquire().await.unwrap();
+    let mut tx = holder.begin().await.unwrap();
+    let lock = format!("SELECT key FROM {table} WHERE key IN ($1, $2) FOR UPDATE");
+    let locked: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(lock))
+        .bind(done.as_str())
+        .bind(busy.as_str())
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(locked.len(), 2);
+    let replay = impatient.claim(&done, fp, Duration::from_secs(60)).await;
+    assert!(matches!(replay, Ok(Claim::Completed { .. })), "{replay:?}");
+    let in_flight = impatient.claim(&busy, fp, Duration::from_secs(60)).await;
+    assert!(
+        matches!(in_flight, Ok(Claim::InFlight { .. })),
+        "{in_flight:?}"
+    );
+    tx.rollback().await.unwrap();
+    drop(holder);
+    drop_table(&pool, &table).await;
 }

@@ -7,7 +7,7 @@
 //!
 //! | method | Redis | PostgreSQL | [`MemoryStore`] |
 //! |---|---|---|---|
-//! | [`claim`](Store::claim) | Lua script (or `SET NX PX` + read) | `INSERT ... ON CONFLICT DO UPDATE ... WHERE expired RETURNING` | `DashMap::entry` |
+//! | [`claim`](Store::claim) | Lua script | a read, and only for a free or expired key `INSERT ... ON CONFLICT DO UPDATE ... WHERE expired RETURNING`, in one statement | `DashMap::entry` |
 //! | [`complete`](Store::complete) | Lua compare-token-and-set | `UPDATE ... WHERE token = $1` | entry under its shard lock |
 //! | [`renew`](Store::renew) | Lua compare-token-and-`PEXPIRE` | `UPDATE ... WHERE token = $1` | entry under its shard lock |
 //! | [`release`](Store::release) | Lua compare-token-and-`DEL` | `DELETE ... WHERE token = $1` | `remove_if` |

@@ -28,9 +28,17 @@ use crate::Fingerprint;
 ///     ON idempotency_records (expires_at);
 /// ```
 ///
-/// - `claim` is one `INSERT ... ON CONFLICT DO UPDATE ... WHERE expires_at
-///   <= now() RETURNING` statement; `renew`, `complete` and `release` are one
+/// - `claim` is one statement: a plain read of what holds the key, and only
+///   when nothing does, an `INSERT ... ON CONFLICT DO UPDATE ... WHERE
+///   expires_at <= now() RETURNING`. A replay or an in-flight answer is a
+///   read: it writes nothing and takes no row lock, so it never waits for
+///   the holder's `complete`. `renew`, `complete` and `release` are one
 ///   `UPDATE` or `DELETE` each, fenced by `token`. One round trip apiece.
+/// - Every statement is a transaction of its own. Under
+///   `default_transaction_isolation = serializable` or `repeatable read`,
+///   one that loses a race to a concurrent claim fails with a
+///   serialization error; the store runs it again (up to 8 times in all)
+///   rather than answer `Unavailable`.
 /// - Time is the database's `now()`, so app servers with skewed clocks
 ///   agree.
 /// - Expired rows are ignored by every statement and replaced by the next
@@ -70,16 +78,26 @@ impl Statements {
     fn new(table: &str) -> Self {
         Statements {
             table: table.to_owned(),
-            // The CTE claims a free or expired key (a lapsed claim only for
-            // the same request); the second SELECT reads what holds the key
-            // otherwise, a lapsed claim of another request included. Under READ COMMITTED a row
+            // `held` reads what holds the key (a live claim or record, or a
+            // lapsed claim of another request) with a plain read: a replay or
+            // an in-flight answer writes nothing and takes no row lock, so it
+            // never queues behind the holder's `complete` or `renew`. Only
+            // when nothing holds the key does `claimed` insert, or take an
+            // expired row over under its row lock. Under READ COMMITTED a row
             // committed by a racing claim after this statement's snapshot is
-            // invisible to the SELECT, and no row comes back: the caller then
-            // runs the statement again.
+            // invisible to `held` and not taken over by `claimed`: no row
+            // comes back, and the caller runs the statement again.
             claim: Arc::from(format!(
-                "WITH claimed AS (
+                "WITH held AS (
+                    SELECT fingerprint, record, expires_at FROM {table}
+                    WHERE key = $1
+                      AND (expires_at > now() OR (record IS NULL AND fingerprint <> $2
+                           AND expires_at > now() - $5 * interval '1 millisecond'))
+                ),
+                claimed AS (
                     INSERT INTO {table} AS t (key, fingerprint, token, record, expires_at)
-                    VALUES ($1, $2, $3, NULL, now() + $4 * interval '1 millisecond')
+                    SELECT $1, $2, $3, NULL, now() + $4 * interval '1 millisecond'
+                    WHERE NOT EXISTS (SELECT 1 FROM held)
                     ON CONFLICT (key) DO UPDATE
                         SET fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
                             record = NULL, expires_at = EXCLUDED.expires_at,
@@ -96,10 +114,7 @@ impl Statements {
                 UNION ALL
                 SELECT false, false, fingerprint, record,
                        greatest(ceil(extract(epoch FROM expires_at - now()) * 1000), 0)::bigint
-                FROM {table}
-                WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)
-                  AND (expires_at > now() OR (record IS NULL AND fingerprint <> $2
-                       AND expires_at > now() - $5 * interval '1 millisecond'))"
+                FROM held"
             )),
             renew: Arc::from(format!(
                 "UPDATE {table} SET expires_at = now() + $3 * interval '1 millisecond'
@@ -289,11 +304,12 @@ impl PostgresStore {
     /// past its lease and the lapsed retention after it) and returns how
     /// many it deleted.
     pub async fn remove_expired(&self) -> Result<u64, StoreError> {
-        let done = sqlx::query(AssertSqlSafe(self.sql.remove_expired.clone()))
-            .bind(millis(self.lapsed_retention))
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        let done = retry_serialization(|| {
+            sqlx::query(AssertSqlSafe(self.sql.remove_expired.clone()))
+                .bind(millis(self.lapsed_retention))
+                .execute(&self.pool)
+        })
+        .await?;
         Ok(done.rows_affected())
     }
 
@@ -319,14 +335,52 @@ impl PostgresStore {
         })
     }
 
-    async fn fenced_update(
+    /// Runs a fenced `UPDATE` or `DELETE` (rebuilt by `query` per attempt):
+    /// exactly one row is the claim's own, none means it was fenced.
+    async fn fenced_update<'q>(
         &self,
-        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        query: impl Fn() -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> Result<(), StoreError> {
-        let done = query.execute(&self.pool).await.map_err(unavailable)?;
+        let done = retry_serialization(|| query().execute(&self.pool)).await?;
         match done.rows_affected() {
             1 => Ok(()),
             _ => Err(StoreError::Fenced),
+        }
+    }
+}
+
+/// How many times a statement is run when it keeps losing serialization
+/// races (under `default_transaction_isolation = serializable` or
+/// `repeatable read`) before the store reports itself unavailable.
+const SERIALIZATION_ATTEMPTS: usize = 8;
+
+/// A statement that lost a race under a strict isolation level: running it
+/// again, in a new snapshot, decides it.
+fn is_serialization_failure(err: &sqlx::Error) -> bool {
+    // 40001 serialization_failure, 40P01 deadlock_detected.
+    matches!(err, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01")))
+}
+
+/// Runs `statement`, again when it lost a serialization race, at most
+/// [`SERIALIZATION_ATTEMPTS`] times. Every statement of this store is a
+/// transaction of its own, so running it again is always safe: a claim
+/// finds what the winner wrote, a fenced update finds its token gone or not.
+async fn retry_serialization<T, F>(mut statement: impl FnMut() -> F) -> Result<T, StoreError>
+where
+    F: Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match statement().await {
+            Err(err) if attempt < SERIALIZATION_ATTEMPTS && is_serialization_failure(&err) => {
+                attempt += 1;
+                tracing::debug!(
+                    attempt,
+                    "idempotency statement lost a serialization race; running it again"
+                );
+                tokio::task::yield_now().await;
+            }
+            done => return done.map_err(unavailable),
         }
     }
 }
@@ -371,15 +425,16 @@ impl Store for PostgresStore {
             // Almost always one round trip; see `Statements::claim` for when
             // a second is needed.
             for _ in 0..3 {
-                let row = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
-                    .bind(key.as_str())
-                    .bind(&fingerprint.as_bytes()[..])
-                    .bind(token_sql(token))
-                    .bind(millis(lease))
-                    .bind(millis(self.lapsed_retention))
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(unavailable)?;
+                let row = retry_serialization(|| {
+                    sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
+                        .bind(key.as_str())
+                        .bind(&fingerprint.as_bytes()[..])
+                        .bind(token_sql(token))
+                        .bind(millis(lease))
+                        .bind(millis(self.lapsed_retention))
+                        .fetch_optional(&self.pool)
+                })
+                .await?;
                 if let Some(row) = row {
                     return parse_claim(&row, token);
                 }
@@ -396,11 +451,13 @@ impl Store for PostgresStore {
         token: Token,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        let query = sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
-            .bind(key.as_str())
-            .bind(token_sql(token))
-            .bind(millis(lease));
-        self.fenced_update(query).await
+        self.fenced_update(|| {
+            sqlx::query(AssertSqlSafe(self.sql.renew.clone()))
+                .bind(key.as_str())
+                .bind(token_sql(token))
+                .bind(millis(lease))
+        })
+        .await
     }
 
     async fn complete(
@@ -410,19 +467,23 @@ impl Store for PostgresStore {
         record: Bytes,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let query = sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
-            .bind(key.as_str())
-            .bind(token_sql(token))
-            .bind(&record[..])
-            .bind(millis(ttl));
-        self.fenced_update(query).await
+        self.fenced_update(|| {
+            sqlx::query(AssertSqlSafe(self.sql.complete.clone()))
+                .bind(key.as_str())
+                .bind(token_sql(token))
+                .bind(&record[..])
+                .bind(millis(ttl))
+        })
+        .await
     }
 
     async fn release(&self, key: &RecordKey, token: Token) -> Result<(), StoreError> {
-        let query = sqlx::query(AssertSqlSafe(self.sql.release.clone()))
-            .bind(key.as_str())
-            .bind(token_sql(token));
-        self.fenced_update(query).await
+        self.fenced_update(|| {
+            sqlx::query(AssertSqlSafe(self.sql.release.clone()))
+                .bind(key.as_str())
+                .bind(token_sql(token))
+        })
+        .await
     }
 }
 
