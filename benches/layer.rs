@@ -184,7 +184,8 @@ fn postgres_store(c: &mut Criterion, rt: &Runtime) {
             }
         })
     });
-    bench_store(c, rt, "postgres", store);
+    bench_store(c, rt, "postgres", store.clone());
+    contended(c, rt, &url, &store, &table);
     rt.block_on(
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "DROP TABLE {table}; DROP TABLE {floor}"
@@ -192,6 +193,156 @@ fn postgres_store(c: &mut Criterion, rt: &Runtime) {
         .execute(&pool),
     )
     .unwrap();
+}
+
+/// The claim statement of earlier releases, whose `ON CONFLICT DO UPDATE ...
+/// WHERE` locked the row even when it updated nothing: kept here only as the
+/// baseline the current statement is measured against.
+#[cfg(feature = "postgres")]
+fn locking_claim(table: &str) -> String {
+    format!(
+        "WITH claimed AS (
+            INSERT INTO {table} AS t (key, fingerprint, token, record, expires_at)
+            VALUES ($1, $2, $3, NULL, now() + $4 * interval '1 millisecond')
+            ON CONFLICT (key) DO UPDATE
+                SET fingerprint = EXCLUDED.fingerprint, token = EXCLUDED.token,
+                    record = NULL, expires_at = EXCLUDED.expires_at,
+                    took_over = t.record IS NULL
+                        AND t.expires_at > now() - $5 * interval '1 millisecond'
+                WHERE t.expires_at <= now()
+                  AND (t.record IS NOT NULL OR t.fingerprint = EXCLUDED.fingerprint
+                       OR t.expires_at <= now() - $5 * interval '1 millisecond')
+            RETURNING took_over
+        )
+        SELECT true AS acquired, took_over, NULL::bytea AS fingerprint,
+               NULL::bytea AS record, NULL::bigint AS remaining_ms
+        FROM claimed
+        UNION ALL
+        SELECT false, false, fingerprint, record,
+               greatest(ceil(extract(epoch FROM expires_at - now()) * 1000), 0)::bigint
+        FROM {table}
+        WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM claimed)
+          AND (expires_at > now() OR (record IS NULL AND fingerprint <> $2
+               AND expires_at > now() - $5 * interval '1 millisecond'))"
+    )
+}
+
+/// Eight duplicates of one key at once, answered from a completed record
+/// (replays) and from a claim whose holder keeps renewing, each renewal a
+/// transaction that holds the row for 2 ms (in-flight answers): the current
+/// claim beside the earlier locking statement, in the same run. One
+/// iteration is one batch of eight.
+#[cfg(feature = "postgres")]
+fn contended(
+    c: &mut Criterion,
+    rt: &Runtime,
+    url: &str,
+    store: &tower_idempotency::store::PostgresStore,
+    table: &str,
+) {
+    use std::{sync::Arc, time::Duration};
+    use tower_idempotency::store::{Claim, RecordKey};
+
+    let pool = rt
+        .block_on(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(9)
+                .connect(url),
+        )
+        .unwrap();
+    let store = store.clone();
+    let fp = Fingerprint::from_bytes([9; 32]);
+    let done = RecordKey::new("bench", "done");
+    let busy = RecordKey::new("bench", "busy");
+    let Ok(Claim::Acquired { token, .. }) =
+        rt.block_on(store.claim(&done, fp, Duration::from_secs(60)))
+    else {
+        panic!("a fresh key is acquired");
+    };
+    rt.block_on(store.complete(
+        &done,
+        token,
+        Bytes::from_static(KIB),
+        Duration::from_secs(3600),
+    ))
+    .unwrap();
+    let Ok(Claim::Acquired { .. }) = rt.block_on(store.claim(&busy, fp, Duration::from_secs(3600)))
+    else {
+        panic!("a fresh key is acquired");
+    };
+
+    // The holder of `busy`, renewing in a loop on a runtime of its own.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holder = {
+        let (stop, url, table, key) =
+            (stop.clone(), url.to_owned(), table.to_owned(), busy.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+                let renew = format!(
+                    "UPDATE {table} SET expires_at = now() + interval '1 hour' WHERE key = $1"
+                );
+                while !stop.load(Ordering::Relaxed) {
+                    let mut tx = conn.begin().await.unwrap();
+                    sqlx::query(sqlx::AssertSqlSafe(renew.clone()))
+                        .bind(key.as_str())
+                        .execute(&mut *tx)
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    tx.commit().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        })
+    };
+
+    let old: Arc<str> = locking_claim(table).into();
+    let mut group = c.benchmark_group("postgres/8 duplicates at once");
+    group.throughput(Throughput::Elements(8));
+    for (case, key) in [
+        ("replays", &done),
+        ("in-flight answers, holder renewing", &busy),
+    ] {
+        group.bench_function(format!("{case}: locking statement (earlier)"), |b| {
+            b.to_async(rt).iter(|| {
+                let (pool, old) = (pool.clone(), old.clone());
+                async move {
+                    let claims = (0..8).map(|_| {
+                        sqlx::query(sqlx::AssertSqlSafe(old.clone()))
+                            .bind(key.as_str())
+                            .bind(&fp.as_bytes()[..])
+                            .bind(1i64)
+                            .bind(60_000i64)
+                            .bind(86_400_000i64)
+                            .fetch_optional(&pool)
+                    });
+                    for row in futures_util::future::join_all(claims).await {
+                        assert!(row.unwrap().is_some());
+                    }
+                }
+            })
+        });
+        group.bench_function(format!("{case}: PostgresStore::claim"), |b| {
+            b.to_async(rt).iter(|| {
+                let store = store.clone();
+                async move {
+                    let claims = (0..8).map(|_| store.claim(key, fp, Duration::from_secs(60)));
+                    for claim in futures_util::future::join_all(claims).await {
+                        assert!(!matches!(claim.unwrap(), Claim::Acquired { .. }));
+                    }
+                }
+            })
+        });
+    }
+    group.finish();
+    stop.store(true, Ordering::Relaxed);
+    holder.join().unwrap();
 }
 
 fn fingerprint(c: &mut Criterion) {
