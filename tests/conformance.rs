@@ -309,3 +309,145 @@ async fn memory_store_makes_room_by_bytes_without_evicting_the_new_record() {
 async fn memory_store_round_trips_per_request() {
     common::fleet::round_trips_per_request(MemoryStore::default()).await;
 }
+
+mod fair_eviction {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tower_idempotency::{
+        Fingerprint, MemoryStore, Store,
+        store::{Claim, RecordKey, StoreError},
+    };
+
+    const LEASE: Duration = Duration::from_secs(10);
+    const TTL: Duration = Duration::from_secs(3600);
+
+    fn fp() -> Fingerprint {
+        Fingerprint::from_bytes([5; 32])
+    }
+
+    /// Claims and completes `scope`'s key `i` with a record of `size` bytes.
+    async fn record(
+        store: &MemoryStore,
+        scope: &str,
+        i: usize,
+        size: usize,
+    ) -> Result<(), StoreError> {
+        let key = RecordKey::new(scope, &format!("k{i}"));
+        let Claim::Acquired { token, .. } = store.claim(&key, fp(), LEASE).await? else {
+            panic!("{scope}/k{i} was already held");
+        };
+        store
+            .complete(&key, token, Bytes::from(vec![1u8; size]), TTL)
+            .await
+    }
+
+    async fn replayed(store: &MemoryStore, scope: &str, i: usize) -> bool {
+        let key = RecordKey::new(scope, &format!("k{i}"));
+        matches!(
+            store.claim(&key, fp(), LEASE).await,
+            Ok(Claim::Completed { .. })
+        )
+    }
+
+    /// One scope sends ten times the store's size in keyed requests: it
+    /// evicts its own records, never those of the scopes that came before.
+    #[tokio::test]
+    async fn a_flood_from_one_scope_never_evicts_another_scopes_records() {
+        let store = MemoryStore::builder().max_entries(100).build();
+        for victim in ["alice", "bob"] {
+            for i in 0..10 {
+                record(&store, victim, i, 64).await.unwrap();
+            }
+        }
+        for i in 0..1000 {
+            record(&store, "mallory", i, 64)
+                .await
+                .expect("the flood makes room from itself");
+        }
+        assert!(store.len() <= 100, "{} records held", store.len());
+        assert_eq!(
+            store.evicted_live(),
+            1000 - 80,
+            "every eviction was of a live record of the flood"
+        );
+        for victim in ["alice", "bob"] {
+            for i in 0..10 {
+                assert!(
+                    replayed(&store, victim, i).await,
+                    "{victim}/k{i} was evicted by the flood"
+                );
+            }
+        }
+        assert!(
+            replayed(&store, "mallory", 999).await,
+            "the flood's newest record is kept"
+        );
+        assert!(
+            !replayed(&store, "mallory", 0).await,
+            "the flood's oldest records made room"
+        );
+    }
+
+    /// The same under the byte bound: a scope sending large responses evicts
+    /// its own, not the small records of others.
+    #[tokio::test]
+    async fn a_flood_of_large_records_never_evicts_another_scopes_records() {
+        let store = MemoryStore::builder().max_bytes(64 * 1024).build();
+        for i in 0..20 {
+            record(&store, "alice", i, 256).await.unwrap();
+        }
+        for i in 0..200 {
+            record(&store, "mallory", i, 8 * 1024).await.unwrap();
+        }
+        assert!(store.bytes() <= 64 * 1024, "{} bytes held", store.bytes());
+        for i in 0..20 {
+            assert!(replayed(&store, "alice", i).await, "alice/k{i} was evicted");
+        }
+        assert!(store.evicted_live() > 0);
+    }
+
+    /// A scope that arrives at a store the flood filled takes its room from
+    /// the flood.
+    #[tokio::test]
+    async fn a_newcomer_takes_room_from_the_heaviest_scope() {
+        let store = MemoryStore::builder().max_entries(50).build();
+        for i in 0..50 {
+            record(&store, "mallory", i, 64).await.unwrap();
+        }
+        for i in 0..10 {
+            record(&store, "carol", i, 64).await.unwrap();
+        }
+        for i in 0..10 {
+            assert!(replayed(&store, "carol", i).await, "carol/k{i} was evicted");
+        }
+        assert_eq!(store.len(), 50);
+        assert_eq!(store.evicted_live(), 10);
+    }
+
+    /// A scope holding claims that never complete cannot evict a lighter
+    /// scope's records for more: it is refused (`Full`, a 503) instead.
+    #[tokio::test]
+    async fn in_flight_claims_of_one_scope_never_evict_a_lighter_scopes_records() {
+        let store = MemoryStore::builder().max_entries(30).build();
+        for i in 0..10 {
+            record(&store, "alice", i, 64).await.unwrap();
+        }
+        for i in 0..20 {
+            let key = RecordKey::new("mallory", &format!("slow{i}"));
+            assert!(matches!(
+                store.claim(&key, fp(), LEASE).await,
+                Ok(Claim::Acquired { .. })
+            ));
+        }
+        let key = RecordKey::new("mallory", "slow-one-more");
+        assert!(matches!(
+            store.claim(&key, fp(), LEASE).await,
+            Err(StoreError::Full)
+        ));
+        for i in 0..10 {
+            assert!(replayed(&store, "alice", i).await, "alice/k{i} was evicted");
+        }
+        assert_eq!(store.evicted_live(), 0);
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::{
     cmp::Reverse,
-    collections::BinaryHeap,
+    collections::{BTreeSet, BinaryHeap, HashMap},
     fmt,
     future::{Future, ready},
     sync::{
@@ -13,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use dashmap::{DashMap, mapref::entry::Entry};
+use dashmap::{DashMap, mapref::entry::Entry, try_result::TryResult};
 use tokio::time::Instant;
 
 use super::{Claim, RecordKey, Store, StoreError, Token};
@@ -80,11 +80,23 @@ impl Clock for ManualClock {
 /// A bounded, in-process [`Store`] for a single server.
 ///
 /// - Bounded by entries and by bytes (keys plus records). When a new claim or
-///   a completed record needs room, it evicts completed records in order of
-///   expiry: expired ones first, then the ones closest to expiring, which
-///   with one TTL are the oldest completed. It never evicts a live in-flight
-///   record; full of them, [`Store::claim`] fails with [`StoreError::Full`]
-///   and the layer answers 503. An in-flight record whose lease has passed
+///   a completed record needs room, it evicts a completed record past its
+///   TTL if there is one. Otherwise it takes from the *heaviest scope*: the
+///   one holding the largest share of the store (the larger of its share of
+///   the entries and its share of the bytes, in flight and completed), and
+///   within it the completed record closest to expiry (with one TTL, its
+///   oldest). A scope never makes room by evicting a lighter scope's
+///   records: when the requester is heavier than every scope with
+///   something to evict, the claim fails with [`StoreError::Full`] (503)
+///   instead. So a caller flooding the store with keyed requests evicts its
+///   own records and can never push another scope's records out before
+///   their TTL while that scope holds less than the flood does; a newcomer
+///   to a full store takes its room from the heaviest scope.
+///   [`evicted_live`](MemoryStore::evicted_live) counts the records evicted
+///   before their TTL.
+/// - It never evicts a live in-flight record; full of them, [`Store::claim`]
+///   fails with [`StoreError::Full`] and the layer answers 503. An in-flight
+///   record whose lease has passed
 ///   (its holder stopped renewing) is only *lapsed*: its holder may still
 ///   renew and complete it until another claim takes it over, so it is
 ///   removed (by the sweeper, or by eviction once no completed record is left,
@@ -118,6 +130,12 @@ struct Inner {
     /// its record is replaced or removed; it then no longer matches a
     /// completed record with the same expiry.
     expiry: Mutex<BinaryHeap<Reverse<(Nanos, RecordKey)>>>,
+    /// What each scope holds, for eviction that takes from the heaviest
+    /// scope. Always the innermost lock: taken while holding a map guard
+    /// sometimes, and never held while taking one.
+    scopes: Mutex<Scopes>,
+    /// Records evicted before their TTL.
+    evicted_live: AtomicU64,
     /// Instants are kept as nanoseconds since this one: half the size.
     epoch: Instant,
     /// When eviction last scanned the whole map for expired in-flight
@@ -179,6 +197,119 @@ impl Record {
     }
 }
 
+/// What one scope holds.
+#[derive(Default)]
+struct ScopeUse {
+    /// Records, in flight and completed.
+    entries: usize,
+    /// Bytes of keys and recorded responses.
+    bytes: usize,
+    /// Completed records: the ones eviction may take.
+    completed: usize,
+    /// This scope's completed records by expiry. An entry goes stale, as in
+    /// `Inner::expiry`, when its record is replaced or removed.
+    queue: BinaryHeap<Reverse<(Nanos, RecordKey)>>,
+}
+
+/// A change to what a scope holds.
+#[derive(Clone, Copy, Default)]
+struct Delta {
+    entries: isize,
+    bytes: isize,
+    completed: isize,
+}
+
+/// What every scope holds, and the scopes ordered by weight: a scope's
+/// dominant share of the store, the larger of its share of `max_entries`
+/// and its share of `max_bytes`.
+struct Scopes {
+    by_name: HashMap<Arc<str>, ScopeUse>,
+    /// `(weight, scope)` of every scope holding a record.
+    by_weight: BTreeSet<(u128, Arc<str>)>,
+    max_entries: u128,
+    max_bytes: u128,
+}
+
+impl Scopes {
+    fn new(max_entries: usize, max_bytes: usize) -> Self {
+        Scopes {
+            by_name: HashMap::new(),
+            by_weight: BTreeSet::new(),
+            max_entries: max_entries as u128,
+            max_bytes: max_bytes as u128,
+        }
+    }
+
+    /// Shares compared without division: entries / max_entries against
+    /// bytes / max_bytes, both scaled by max_entries * max_bytes.
+    fn weight(&self, used: &ScopeUse) -> u128 {
+        (used.entries as u128 * self.max_bytes).max(used.bytes as u128 * self.max_entries)
+    }
+
+    /// Applies `delta` to `scope`, queueing `completed` (a record it just
+    /// completed) for eviction. `live` tells whether a queued entry still
+    /// names a completed record, to drop stale ones.
+    fn update(
+        &mut self,
+        scope: &str,
+        delta: Delta,
+        completed: Option<(Nanos, RecordKey)>,
+        live: impl Fn(&(Nanos, RecordKey)) -> bool,
+    ) {
+        let (name, mut used) = match self.by_name.remove_entry(scope) {
+            Some((name, used)) => {
+                self.by_weight.remove(&(self.weight(&used), name.clone()));
+                (name, used)
+            }
+            None => (Arc::from(scope), ScopeUse::default()),
+        };
+        used.entries = used.entries.saturating_add_signed(delta.entries);
+        used.bytes = used.bytes.saturating_add_signed(delta.bytes);
+        used.completed = used.completed.saturating_add_signed(delta.completed);
+        if let Some(entry) = completed {
+            used.queue.push(Reverse(entry));
+            if used.queue.len() > 2 * used.completed + 16 {
+                used.queue.retain(|Reverse(entry)| live(entry));
+            }
+        }
+        if used.entries == 0 {
+            // Nothing left: every queued entry is stale.
+            return;
+        }
+        self.by_weight.insert((self.weight(&used), name.clone()));
+        self.by_name.insert(name, used);
+    }
+
+    /// The record to evict to make room for a record of `requester`: the
+    /// one closest to expiry of the heaviest scope holding completed
+    /// records (`requester` itself on a tie), or none when every such scope
+    /// is lighter than `requester`, so that no scope makes room by evicting
+    /// a lighter one.
+    fn victim(&mut self, requester: &str) -> Option<(Nanos, RecordKey)> {
+        let (heaviest_weight, heaviest) = self
+            .by_weight
+            .iter()
+            .rev()
+            .find(|(_, name)| {
+                self.by_name
+                    .get(name)
+                    .is_some_and(|used| used.completed > 0 && !used.queue.is_empty())
+            })
+            .map(|(weight, name)| (*weight, name.clone()))?;
+        let own = self.by_name.get(requester).map(|used| {
+            let evictable = used.completed > 0 && !used.queue.is_empty();
+            (self.weight(used), evictable)
+        });
+        let chosen: &str = match own {
+            Some((weight, true)) if weight >= heaviest_weight => requester,
+            Some((weight, _)) if weight > heaviest_weight => return None,
+            _ => &heaviest,
+        };
+        let Reverse(entry) = self.by_name.get_mut(chosen)?.queue.pop()?;
+        Some(entry)
+    }
+}
+
 /// Configures a [`MemoryStore`].
 #[derive(Debug)]
 #[must_use]
@@ -227,6 +358,8 @@ impl MemoryStoreBuilder {
             inner: Arc::new(Inner {
                 map: DashMap::new(),
                 expiry: Mutex::default(),
+                scopes: Mutex::new(Scopes::new(self.max_entries, self.max_bytes)),
+                evicted_live: AtomicU64::new(0),
                 epoch: self.clock.now(),
                 last_scan: AtomicU64::new(0),
                 entries: AtomicUsize::new(0),
@@ -286,6 +419,14 @@ impl MemoryStore {
         self.len() == 0
     }
 
+    /// How many records were evicted before their TTL ran out, to make room
+    /// (records past their TTL that eviction removed are not counted). A
+    /// steady rise means the store is too small for its traffic: retries of
+    /// those requests execute again.
+    pub fn evicted_live(&self) -> u64 {
+        self.inner.evicted_live.load(Ordering::Relaxed)
+    }
+
     /// Bytes of keys and recorded responses held.
     pub fn bytes(&self) -> usize {
         self.inner.bytes.load(Ordering::Acquire)
@@ -340,8 +481,8 @@ impl Inner {
         Token(self.next.fetch_add(1, Ordering::Relaxed) ^ self.token_salt)
     }
 
-    /// Takes one entry slot, evicting to make room.
-    fn reserve_entry(&self, now: Nanos) -> Result<(), StoreError> {
+    /// Takes one entry slot for a record of `scope`, evicting to make room.
+    fn reserve_entry(&self, now: Nanos, scope: &str) -> Result<(), StoreError> {
         loop {
             let held = self.entries.load(Ordering::Acquire);
             if held < self.max_entries {
@@ -354,47 +495,109 @@ impl Inner {
                 }
                 continue;
             }
-            if !self.evict_one(now) {
+            if !self.evict_one(now, scope) {
                 return Err(StoreError::Full);
             }
         }
     }
 
     fn forget(&self, key: &RecordKey, record: &Record) {
+        let bytes = key.as_str().len() + record.record_len();
         self.entries.fetch_sub(1, Ordering::AcqRel);
-        self.bytes
-            .fetch_sub(key.as_str().len() + record.record_len(), Ordering::AcqRel);
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        let completed = matches!(record, Record::Completed { .. });
+        self.account(
+            key,
+            Delta {
+                entries: -1,
+                bytes: -(bytes as isize),
+                completed: -isize::from(completed),
+            },
+            None,
+        );
     }
 
-    /// Evicts the completed record closest to (or furthest past) expiry.
-    /// With none left, falls back to removing in-flight records whose lease
-    /// has passed, scanning the map at most once a second so that a store
-    /// full of live claims answers `Full` cheaply. Must not be called while
-    /// holding a map guard.
-    fn evict_one(&self, now: Nanos) -> bool {
-        loop {
-            let next = self.expiry.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let Some(Reverse((expiry, key))) = next else {
-                let last = self.last_scan.load(Ordering::Acquire);
-                let due = last == 0 || now.saturating_sub(last) >= 1_000_000_000;
-                if !due
-                    || self
-                        .last_scan
-                        .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Acquire)
-                        .is_err()
-                {
-                    return false;
-                }
-                return self.remove_expired_in(now) > 0;
-            };
-            let removed = self.map.remove_if(&key, |_, record| {
-                matches!(record, Record::Completed { expires_at, .. } if *expires_at == expiry)
-            });
-            if let Some((key, record)) = removed {
-                self.forget(&key, &record);
-                return true;
+    /// Changes what `key`'s scope holds. Called under the key's map guard
+    /// when a record appears or grows, so that no removal is counted before
+    /// it; it takes no map guard itself, only tries them.
+    fn account(&self, key: &RecordKey, delta: Delta, completed: Option<Nanos>) {
+        let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+        let completed = completed.map(|expiry| (expiry, key.clone()));
+        scopes.update(key.scope(), delta, completed, |(expiry, key)| {
+            match self.map.try_get(key) {
+                TryResult::Present(record) => matches!(
+                    &*record,
+                    Record::Completed { expires_at, .. } if expires_at == expiry
+                ),
+                TryResult::Absent => false,
+                // Busy: keep it; a stale entry only costs a pop later.
+                TryResult::Locked => true,
             }
+        });
+    }
+
+    /// Makes room for a record of `requester`'s scope: evicts a completed
+    /// record past its TTL if there is one, else the completed record
+    /// closest to expiry of the heaviest scope, never of a scope lighter
+    /// than `requester`'s (see [`Scopes::victim`]). With none left, falls
+    /// back to removing in-flight records whose lapsed retention has passed,
+    /// scanning the map at most once a second so that a store full of live
+    /// claims answers `Full` cheaply. Must not be called while holding a map
+    /// guard.
+    fn evict_one(&self, now: Nanos, requester: &str) -> bool {
+        loop {
+            let expired = {
+                let mut queue = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+                match queue.peek() {
+                    Some(Reverse((expiry, _))) if *expiry <= now => queue.pop(),
+                    _ => None,
+                }
+            };
+            if let Some(Reverse((expiry, key))) = expired {
+                if self.evict(&key, expiry, now) {
+                    return true;
+                }
+                continue;
+            }
+            let victim = self
+                .scopes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .victim(requester);
+            if let Some((expiry, key)) = victim {
+                if self.evict(&key, expiry, now) {
+                    return true;
+                }
+                continue;
+            }
+            let last = self.last_scan.load(Ordering::Acquire);
+            let due = last == 0 || now.saturating_sub(last) >= 1_000_000_000;
+            if !due
+                || self
+                    .last_scan
+                    .compare_exchange(last, now.max(1), Ordering::AcqRel, Ordering::Acquire)
+                    .is_err()
+            {
+                return false;
+            }
+            return self.remove_expired_in(now) > 0;
         }
+    }
+
+    /// Removes `key` if it is still the completed record queued with
+    /// `expiry`.
+    fn evict(&self, key: &RecordKey, expiry: Nanos, now: Nanos) -> bool {
+        let removed = self.map.remove_if(key, |_, record| {
+            matches!(record, Record::Completed { expires_at, .. } if *expires_at == expiry)
+        });
+        let Some((key, record)) = removed else {
+            return false;
+        };
+        self.forget(&key, &record);
+        if expiry > now {
+            self.evicted_live.fetch_add(1, Ordering::Relaxed);
+        }
+        true
     }
 
     fn remove_expired(&self) -> usize {
@@ -448,7 +651,7 @@ impl Inner {
         // since eviction locks other keys' shards. An expired record is taken
         // over in place and needs none.
         if absent {
-            self.reserve_entry(now)?;
+            self.reserve_entry(now, key.scope())?;
         }
         let mut reserved = absent;
         loop {
@@ -476,6 +679,14 @@ impl Inner {
                     // Counters change under the shard lock, so that no
                     // concurrent removal of this record subtracts first.
                     self.bytes.fetch_sub(old.record_len(), Ordering::AcqRel);
+                    if let Record::Completed { record, .. } = &old {
+                        let delta = Delta {
+                            bytes: -(record.len() as isize),
+                            completed: -1,
+                            ..Delta::default()
+                        };
+                        self.account(key, delta, None);
+                    }
                     drop(entry);
                     if reserved {
                         self.entries.fetch_sub(1, Ordering::AcqRel);
@@ -490,6 +701,12 @@ impl Inner {
                         token,
                     });
                     self.bytes.fetch_add(key.as_str().len(), Ordering::AcqRel);
+                    let delta = Delta {
+                        entries: 1,
+                        bytes: key.as_str().len() as isize,
+                        completed: 0,
+                    };
+                    self.account(key, delta, None);
                     return Ok(Claim::Acquired {
                         token,
                         took_over: false,
@@ -499,7 +716,7 @@ impl Inner {
                     // Room must be made without holding the shard lock, since
                     // eviction locks other keys' shards; then look again.
                     drop(entry);
-                    self.reserve_entry(now)?;
+                    self.reserve_entry(now, key.scope())?;
                     reserved = true;
                 }
             }
@@ -537,7 +754,7 @@ impl Inner {
         // be the record evicted. Concurrent completions may overshoot the
         // bound by their own sizes, briefly.
         while self.bytes.load(Ordering::Acquire) + size > self.max_bytes {
-            if !self.evict_one(now) {
+            if !self.evict_one(now, key.scope()) {
                 return Err(StoreError::Full);
             }
         }
@@ -558,6 +775,12 @@ impl Inner {
                 expires_at,
             };
             self.bytes.fetch_add(size, Ordering::AcqRel);
+            let delta = Delta {
+                bytes: size as isize,
+                completed: 1,
+                ..Delta::default()
+            };
+            self.account(key, delta, Some(expires_at));
         }
         let queued = {
             let mut queue = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
@@ -664,5 +887,65 @@ impl Store for MemoryStore {
         token: Token,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         ready(self.inner.release(key, token))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Racing claims, completions, releases and evictions across scopes
+    /// leave every scope's counts equal to what the map holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scope_accounting_matches_the_map_after_a_race() {
+        let store = MemoryStore::builder()
+            .max_entries(64)
+            .max_bytes(64 * 300)
+            .build();
+        let tasks: Vec<_> = (0..8u64)
+            .map(|task| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    for i in 0..400u64 {
+                        let scope = format!("s{}", (task + i) % 4);
+                        let key = RecordKey::new(&scope, &format!("k{}", i % 97));
+                        let fp = Fingerprint::from_bytes([(i % 3) as u8; 32]);
+                        let claim = store.claim(&key, fp, Duration::from_secs(5)).await;
+                        if let Ok(Claim::Acquired { token, .. }) = claim {
+                            tokio::task::yield_now().await;
+                            if i % 5 == 0 {
+                                let _ = store.release(&key, token).await;
+                            } else {
+                                let size = 50 + (i as usize * 37) % 400;
+                                let record = Bytes::from(vec![0u8; size]);
+                                let ttl = Duration::from_secs(60);
+                                let _ = store.complete(&key, token, record, ttl).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let mut held: HashMap<String, (usize, usize, usize)> = HashMap::new();
+        for entry in store.inner.map.iter() {
+            let used = held.entry(entry.key().scope().to_owned()).or_default();
+            used.0 += 1;
+            used.1 += entry.key().as_str().len() + entry.value().record_len();
+            used.2 += usize::from(matches!(entry.value(), Record::Completed { .. }));
+        }
+        let scopes = store.inner.scopes.lock().unwrap();
+        let counted: HashMap<String, (usize, usize, usize)> = scopes
+            .by_name
+            .iter()
+            .map(|(name, used)| (name.to_string(), (used.entries, used.bytes, used.completed)))
+            .collect();
+        assert_eq!(counted, held);
+        assert_eq!(scopes.by_weight.len(), scopes.by_name.len());
+        assert_eq!(store.len(), held.values().map(|u| u.0).sum::<usize>());
+        assert_eq!(store.bytes(), held.values().map(|u| u.1).sum::<usize>());
+        assert!(store.evicted_live() > 0, "the race made the store evict");
     }
 }
