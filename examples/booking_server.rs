@@ -37,8 +37,9 @@
 //! Environment: `ADDR` (when no argument is given), `IDEMPOTENCY_TTL_SECS`,
 //! `IDEMPOTENCY_LEASE_SECS`, `IDEMPOTENCY_DRAIN_SECS`, and
 //! `IDEMPOTENCY_STORE`: unset or `memory` for
-//! the in-memory store, a `redis://` URL (build with `--features redis`) or a
-//! `postgres://` URL (build with `--features postgres`) for a store that
+//! the in-memory store, a `redis://` URL or a Redis Cluster as
+//! `redis+cluster://HOST:PORT[,HOST:PORT...]` (build with `--features redis`)
+//! or a `postgres://` URL (build with `--features postgres`) for a store that
 //! several instances of the server can share, or `none` for the same API
 //! without the idempotency layer (to measure what the layer costs).
 
@@ -285,13 +286,21 @@ pub(crate) async fn store_from_env() -> Result<(Option<BoxStore>, &'static str),
     if spec == "none" {
         return Ok((None, "none (no idempotency layer)"));
     }
-    if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+    if spec.starts_with("redis://")
+        || spec.starts_with("rediss://")
+        || spec.starts_with("redis+cluster://")
+    {
         #[cfg(feature = "redis")]
         {
             let store = tower_idempotency::store::RedisStore::connect(&spec)
                 .await
                 .map_err(|e| format!("IDEMPOTENCY_STORE: cannot connect to Redis: {e}"))?;
-            return Ok((Some(BoxStore::new(store)), "redis"));
+            let name = if spec.starts_with("redis+cluster://") {
+                "redis cluster"
+            } else {
+                "redis"
+            };
+            return Ok((Some(BoxStore::new(store)), name));
         }
         #[cfg(not(feature = "redis"))]
         return Err("IDEMPOTENCY_STORE is a Redis URL: build with `--features redis`".into());
@@ -315,7 +324,7 @@ pub(crate) async fn store_from_env() -> Result<(Option<BoxStore>, &'static str),
         );
     }
     Err(format!(
-        "IDEMPOTENCY_STORE must be `memory`, a redis:// URL, a postgres:// URL or `none`, got {spec:?}"
+        "IDEMPOTENCY_STORE must be `memory`, a redis:// URL, redis+cluster://HOST:PORT[,HOST:PORT...], a postgres:// URL or `none`, got {spec:?}"
     ))
 }
 

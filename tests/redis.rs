@@ -147,14 +147,20 @@ async fn a_stalled_holder_still_records_its_response() {
 struct OwnRedis {
     port: u16,
     dir: std::path::PathBuf,
+    extra: Vec<&'static str>,
     child: Option<Child>,
 }
 
 impl OwnRedis {
     fn start(port: u16, dir: std::path::PathBuf) -> Self {
+        Self::start_with(port, dir, Vec::new())
+    }
+
+    fn start_with(port: u16, dir: std::path::PathBuf, extra: Vec<&'static str>) -> Self {
         let mut redis = OwnRedis {
             port,
             dir,
+            extra,
             child: None,
         };
         redis.restart();
@@ -172,6 +178,7 @@ impl OwnRedis {
                 "",
             ])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(&self.extra)
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())
@@ -318,4 +325,57 @@ async fn huge_leases_and_ttls_are_clamped() {
         store.claim(&key, fp, Duration::MAX).await,
         Ok(Claim::Completed { .. })
     ));
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A Redis that may evict keys under memory pressure is named in a warning
+/// at connect; one with `noeviction` is not.
+#[test]
+fn connect_warns_when_redis_may_evict_records() {
+    if redis_url().is_none() {
+        return;
+    }
+    for (policy, warned) in [
+        ("allkeys-lru", true),
+        ("volatile-ttl", true),
+        ("noeviction", false),
+    ] {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("tower-idempotency-policy-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let redis = OwnRedis::start_with(port, dir, vec!["--maxmemory-policy", policy]);
+        let captured = common::Captured::default();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tracing::subscriber::with_default(captured.subscriber(tracing::Level::WARN), || {
+            runtime.block_on(async {
+                redis.wait_until_up().await;
+                let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    store.eviction_policies().await,
+                    Some(vec![policy.to_owned()])
+                );
+            })
+        });
+        let text = captured.text();
+        assert_eq!(
+            text.contains("may evict idempotency records"),
+            warned,
+            "{policy}: {text}"
+        );
+        if warned {
+            assert!(
+                text.contains(policy),
+                "the warning names the policy: {text}"
+            );
+        }
+    }
 }

@@ -1,9 +1,10 @@
 //! A deploy, through real processes: two instances of the demo server share
-//! one Redis; a booking whose client has gone is still running on the first
-//! when it gets SIGTERM. It exits only after recording the booking, and a
-//! retry sent to the second instance replays it.
+//! one Redis (or one Redis Cluster); a booking whose client has gone is still
+//! running on the first when it gets SIGTERM. It exits only after recording
+//! the booking, and a retry sent to the second instance replays it.
 //!
-//! Needs `REDIS_URL`; without it the test says it skipped and passes. Uses
+//! Needs `REDIS_URL` (and `REDIS_CLUSTER_URLS` for the cluster run); without
+//! it a test says it skipped and passes. Uses
 //! the demo binary that `cargo test --all-features` builds (built here if it
 //! is missing).
 
@@ -134,13 +135,64 @@ async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> (StatusCode, bo
     )
 }
 
+/// The demo's `IDEMPOTENCY_STORE` for the cluster in `REDIS_CLUSTER_URLS`.
+fn cluster_store() -> Option<String> {
+    let Ok(urls) = std::env::var("REDIS_CLUSTER_URLS") else {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: REDIS_CLUSTER_URLS is not set (bash scripts/redis-cluster.sh start prints it)"
+        );
+        return None;
+    };
+    let nodes: Vec<&str> = urls
+        .split(',')
+        .map(|url| url.trim().trim_start_matches("redis://"))
+        .collect();
+    Some(format!("redis+cluster://{}", nodes.join(",")))
+}
+
+/// Whether a Redis key ending in `key` exists on the server, or on any node
+/// of the cluster, that `store` names.
+async fn holds(store: &str, key: &str) -> bool {
+    let nodes: Vec<String> = match store.strip_prefix("redis+cluster://") {
+        Some(nodes) => nodes.split(',').map(|n| format!("redis://{n}")).collect(),
+        None => vec![store.to_owned()],
+    };
+    for node in nodes {
+        let client = redis::Client::open(node.as_str()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let found: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("*{key}"))
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if !found.is_empty() {
+            return true;
+        }
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_records_a_detached_booking_before_exiting() {
     let Some(redis) = redis_url() else {
         return;
     };
-    let a = Server::start(&redis);
-    let b = Server::start(&redis);
+    a_detached_booking_survives_sigterm(&redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_records_a_detached_booking_before_exiting_on_a_redis_cluster() {
+    let Some(cluster) = cluster_store() else {
+        return;
+    };
+    a_detached_booking_survives_sigterm(&cluster).await;
+}
+
+async fn a_detached_booking_survives_sigterm(redis: &str) {
+    let a = Server::start(redis);
+    let b = Server::start(redis);
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
     let nonce = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -161,21 +213,8 @@ async fn sigterm_records_a_detached_booking_before_exiting() {
     );
     stream.write_all(raw.as_bytes()).await.unwrap();
     // Wait until A holds the claim, read straight from Redis.
-    let redis_client = redis::Client::open(redis.as_str()).unwrap();
-    let mut connection = redis_client
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     let mut attempts = 0;
-    loop {
-        let found: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("*{key}"))
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        if !found.is_empty() {
-            break;
-        }
+    while !holds(redis, &key).await {
         attempts += 1;
         assert!(attempts < 500, "A never claimed the key");
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -8,13 +8,17 @@ use std::{
 };
 
 use bytes::Bytes;
-use redis::{Script, Value, aio::ConnectionManager};
+use redis::{Script, Value, aio::ConnectionManager, cluster_async::ClusterConnection};
+use sha2::{Digest, Sha256};
 
 use super::{Claim, RecordKey, Store, StoreError, Token};
 use crate::Fingerprint;
 
 // Each record is one Redis hash under one key, so every script touches a
-// single key and runs unchanged on Redis Cluster. Fields: `s` (state: `f` in
+// single key and runs unchanged on Redis Cluster. The key is
+// `<prefix>{<digest>}<scope length>:<scope><key>`: the hash tag is the first
+// 16 hex digits of SHA-256 over scope and key, so the slot follows from the
+// digest, and braces inside a client's key cannot choose it. Fields: `s` (state: `f` in
 // flight, `c` completed), `fp` (fingerprint), `tok` (fencing token, while in
 // flight), `lu` (end of the lease, in milliseconds of Redis's `TIME`, while in
 // flight) and `rec` (the record, once completed). Time is Redis's clock.
@@ -107,16 +111,25 @@ return 0
     )
 });
 
-/// A [`Store`] in Redis: every server of a fleet that shares one Redis
-/// (or one Redis Cluster) shares its records.
+/// A [`Store`] in Redis: every server of a fleet that shares one Redis, or
+/// one Redis Cluster, shares its records.
 ///
 /// - Every method is one Lua script, so one round trip, atomic on the
 ///   server. (The first call of each script after Redis restarts costs one
 ///   more, to load it.)
-/// - One Redis key per record, `<prefix><scope length>:<scope><key>`, and
-///   every script touches only that key, so the layout needs no cross-slot
-///   access on Redis Cluster. The store itself talks to one server through a
-///   [`ConnectionManager`] (a single Redis, or a cluster proxy).
+/// - One Redis key per record, `<prefix>{<digest>}<scope length>:<scope><key>`,
+///   and every script touches only that key. The `{<digest>}` hash tag is
+///   16 hex digits of SHA-256 over scope and key: on a cluster, the slot
+///   (and so the node) a record lands on follows from that digest, and a
+///   client cannot choose it by putting braces in its key. (A prefix with a
+///   `{...}` of its own puts every record in that one slot: it works, on one
+///   node.)
+/// - One server through a [`ConnectionManager`] ([`connect`](Self::connect),
+///   [`new`](Self::new)), or a Redis Cluster through the `redis` crate's
+///   async cluster client ([`connect_cluster`](Self::connect_cluster),
+///   [`new_cluster`](Self::new_cluster)), which follows `MOVED` and `ASK`
+///   redirections and slot migrations. The scripts and guarantees are the
+///   same.
 /// - Leases are a deadline inside the record and retention is the key's
 ///   expiry (`PEXPIRE`), both on Redis's clock (`TIME`): app servers with
 ///   skewed clocks agree. A claim whose lease ran out stays until another
@@ -126,28 +139,76 @@ return 0
 /// - A key holding something else (a string, a hash without the expected
 ///   fields) is [`StoreError::Corrupt`], never a panic or a fresh claim.
 ///
+/// # What Redis must guarantee
+///
+/// - **`maxmemory-policy noeviction`.** Every key of this store has an
+///   expiry, so any other policy (`allkeys-*` and `volatile-*` alike) lets
+///   Redis delete a live claim or record under memory pressure, and the
+///   next retry executes again. With `noeviction` a full Redis refuses
+///   writes instead: claims fail and the layer answers 503. `connect` and
+///   `connect_cluster` log a warning when the server reports another
+///   policy (when `CONFIG` is allowed to answer).
+/// - **Replication is asynchronous.** A claim or record acknowledged by a
+///   primary that fails before its replica received it is lost when the
+///   replica is promoted: a retry in that window executes again. Redis
+///   Cluster failover has the same window (and a partitioned minority
+///   primary keeps accepting writes for up to `cluster-node-timeout`).
+///   Where that window matters, run with persistence (`appendonly yes`,
+///   `appendfsync always`) and no replicas, or use the PostgreSQL store
+///   with synchronous replication.
+///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// use tower_idempotency::{IdempotencyLayer, store::RedisStore};
 ///
 /// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
 /// let layer = IdempotencyLayer::new(store.with_prefix("bookings:idem:"));
+///
+/// // Or a Redis Cluster, from any of its nodes:
+/// let cluster = RedisStore::connect("redis+cluster://127.0.0.1:7101,127.0.0.1:7102").await?;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: Connection,
     prefix: Arc<str>,
     lapsed_retention: Duration,
 }
 
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mode = match self.connection {
+            Connection::Single(_) => "single",
+            Connection::Cluster(_) => "cluster",
+        };
         f.debug_struct("RedisStore")
+            .field("mode", &mode)
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
 }
+
+/// A `redis+cluster://` address [`RedisStore::connect`] could not read.
+#[derive(Debug)]
+struct InvalidClusterUrl(String);
+
+impl fmt::Display for InvalidClusterUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid Redis Cluster address {:?}: expected redis+cluster://HOST:PORT[,HOST:PORT...]",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for InvalidClusterUrl {}
 
 impl RedisStore {
     /// The default key prefix.
@@ -157,9 +218,7 @@ impl RedisStore {
     /// holder to renew or complete it if nobody takes it over: 24 hours.
     pub const DEFAULT_LAPSED_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
-    /// A store on a connection manager the application already has (it
-    /// reconnects by itself after a failure).
-    pub fn new(connection: ConnectionManager) -> Self {
+    fn with_connection(connection: Connection) -> Self {
         RedisStore {
             connection,
             prefix: Arc::from(Self::DEFAULT_PREFIX),
@@ -167,13 +226,86 @@ impl RedisStore {
         }
     }
 
-    /// Connects to the Redis at `url` (`redis://host:port/db`).
+    /// A store on a connection manager the application already has (it
+    /// reconnects by itself after a failure).
+    pub fn new(connection: ConnectionManager) -> Self {
+        Self::with_connection(Connection::Single(connection))
+    }
+
+    /// A store on a Redis Cluster connection the application already has
+    /// (from `redis::cluster::ClusterClient::get_async_connection`).
+    pub fn new_cluster(connection: ClusterConnection) -> Self {
+        Self::with_connection(Connection::Cluster(connection))
+    }
+
+    /// Connects to the Redis at `url` (`redis://host:port/db`), or to the
+    /// Redis Cluster at `redis+cluster://host:port[,host:port...]` (any of
+    /// its nodes; the rest are discovered). Warns (through `tracing`) when
+    /// the server's `maxmemory-policy` may evict records.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        if let Some(nodes) = url.strip_prefix("redis+cluster://") {
+            let nodes: Vec<String> = nodes
+                .split(',')
+                .map(|node| format!("redis://{}", node.trim()))
+                .collect();
+            if nodes.iter().any(|node| node.len() == "redis://".len()) {
+                return Err(StoreError::unavailable(InvalidClusterUrl(url.to_owned())));
+            }
+            return Self::connect_cluster(&nodes).await;
+        }
         let client = redis::Client::open(url).map_err(StoreError::unavailable)?;
         let connection = ConnectionManager::new(client)
             .await
             .map_err(StoreError::unavailable)?;
-        Ok(Self::new(connection))
+        let store = Self::new(connection);
+        store.warn_if_evicting().await;
+        Ok(store)
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes (`redis://host:port`
+    /// each). Warns (through `tracing`) when a node's `maxmemory-policy` may
+    /// evict records.
+    pub async fn connect_cluster(nodes: &[impl AsRef<str>]) -> Result<Self, StoreError> {
+        let nodes: Vec<&str> = nodes.iter().map(AsRef::as_ref).collect();
+        let client = redis::cluster::ClusterClient::new(nodes).map_err(StoreError::unavailable)?;
+        let connection = client
+            .get_async_connection()
+            .await
+            .map_err(StoreError::unavailable)?;
+        let store = Self::new_cluster(connection);
+        store.warn_if_evicting().await;
+        Ok(store)
+    }
+
+    /// The server's `maxmemory-policy` (on a cluster, as each node that
+    /// answered reports it), or `None` when `CONFIG` is disabled or refused.
+    pub async fn eviction_policies(&self) -> Option<Vec<String>> {
+        let mut command = redis::cmd("CONFIG");
+        command.arg("GET").arg("maxmemory-policy");
+        let answer: Result<Value, _> = match &self.connection {
+            Connection::Single(c) => command.query_async(&mut c.clone()).await,
+            Connection::Cluster(c) => command.query_async(&mut c.clone()).await,
+        };
+        match answer {
+            Ok(value) => Some(policies_in(&value)),
+            Err(err) => {
+                tracing::debug!(error = %err, "could not read Redis's maxmemory-policy");
+                None
+            }
+        }
+    }
+
+    async fn warn_if_evicting(&self) {
+        for policy in self.eviction_policies().await.unwrap_or_default() {
+            if policy != "noeviction" {
+                tracing::warn!(
+                    policy = %policy,
+                    "Redis may evict idempotency records under memory pressure (maxmemory-policy \
+                     is not noeviction): a retry of an evicted request executes again"
+                );
+                return;
+            }
+        }
     }
 
     /// Puts every key under `prefix` (default `idempotency:`), so several
@@ -194,21 +326,51 @@ impl RedisStore {
         self
     }
 
-    /// The Redis key of a record.
+    /// The Redis key of a record: `<prefix>{<digest>}<scope length>:<scope><key>`.
     pub fn redis_key(&self, key: &RecordKey) -> String {
-        let mut redis_key = String::with_capacity(self.prefix.len() + key.as_str().len());
+        let joined = key.as_str();
+        let digest = Sha256::digest(joined.as_bytes());
+        let mut redis_key = String::with_capacity(self.prefix.len() + 18 + joined.len());
         redis_key.push_str(&self.prefix);
-        redis_key.push_str(key.as_str());
+        redis_key.push('{');
+        crate::scope::push_hex(&mut redis_key, &digest[..8]);
+        redis_key.push('}');
+        redis_key.push_str(joined);
         redis_key
     }
 
     async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Value, StoreError> {
-        let mut connection = self.connection.clone();
-        invocation
-            .invoke_async(&mut connection)
-            .await
-            .map_err(store_error)
+        let answer = match &self.connection {
+            Connection::Single(c) => invocation.invoke_async(&mut c.clone()).await,
+            Connection::Cluster(c) => invocation.invoke_async(&mut c.clone()).await,
+        };
+        answer.map_err(store_error)
     }
+}
+
+/// The policy values in a `CONFIG GET maxmemory-policy` answer: a map or a
+/// flat name-value list, or on a cluster one such answer per node.
+fn policies_in(value: &Value) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut collect = |v: &Value| {
+        if let Some(text) = bytes_of(v).and_then(|b| std::str::from_utf8(b).ok())
+            && text != "maxmemory-policy"
+        {
+            found.push(text.to_owned());
+        }
+    };
+    fn walk(value: &Value, collect: &mut dyn FnMut(&Value)) {
+        match value {
+            Value::Array(items) | Value::Set(items) => items.iter().for_each(|v| walk(v, collect)),
+            Value::Map(pairs) => pairs.iter().for_each(|(k, v)| {
+                walk(k, collect);
+                walk(v, collect);
+            }),
+            other => collect(other),
+        }
+    }
+    walk(value, &mut collect);
+    found
 }
 
 fn store_error(err: redis::RedisError) -> StoreError {
