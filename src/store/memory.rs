@@ -85,22 +85,25 @@ impl Clock for ManualClock {
 ///   one holding the largest share of the store (the larger of its share of
 ///   the entries and its share of the bytes, in flight and completed), and
 ///   within it the completed record closest to expiry (with one TTL, its
-///   oldest). A scope never makes room by evicting a lighter scope's
-///   records: when the requester is heavier than every scope with
-///   something to evict, the claim fails with [`StoreError::Full`] (503)
-///   instead. So a caller flooding the store with keyed requests evicts its
-///   own records and can never push another scope's records out before
-///   their TTL while that scope holds less than the flood does; a newcomer
-///   to a full store takes its room from the heaviest scope.
-///   [`evicted_live`](MemoryStore::evicted_live) counts the records evicted
-///   before their TTL.
+///   oldest). A scope makes room from its own records when it is the
+///   heaviest, and never by evicting a lighter or equally heavy scope's: a
+///   requester with nothing of its own to evict that weighs at least as
+///   much as every scope with something to evict is refused with
+///   [`StoreError::Full`] (a claim is then answered 503; a completion is
+///   kept as status and headers only, "not retained"). So a caller flooding
+///   the store with keyed requests evicts its own records, and another
+///   scope loses a record before its TTL only while it holds more than the
+///   flood does; a newcomer to a full store takes its room from the
+///   heaviest scope. [`evicted_live`](MemoryStore::evicted_live) counts the
+///   records evicted before their TTL. The bookkeeping (per-scope counts
+///   and queues) is not counted against `max_bytes`.
 /// - It never evicts a live in-flight record; full of them, [`Store::claim`]
 ///   fails with [`StoreError::Full`] and the layer answers 503. An in-flight
-///   record whose lease has passed
-///   (its holder stopped renewing) is only *lapsed*: its holder may still
-///   renew and complete it until another claim takes it over, so it is
-///   removed (by the sweeper, or by eviction once no completed record is left,
-///   in a scan of the map run at most once a second) only after
+///   record whose lease has passed (its holder stopped renewing) is only
+///   *lapsed*: its holder may still renew and complete it until another
+///   claim takes it over, so it is removed (by the sweeper, or by eviction
+///   once no completed record is left, in a scan of the map run at most once
+///   a second) only after
 ///   [lapsed retention](MemoryStoreBuilder::lapsed_retention) has also
 ///   passed.
 /// - Every method is a single `dashmap` entry operation under the key's
@@ -131,8 +134,8 @@ struct Inner {
     /// completed record with the same expiry.
     expiry: Mutex<BinaryHeap<Reverse<(Nanos, RecordKey)>>>,
     /// What each scope holds, for eviction that takes from the heaviest
-    /// scope. Always the innermost lock: taken while holding a map guard
-    /// sometimes, and never held while taking one.
+    /// scope. Always the innermost lock: sometimes taken while holding a
+    /// map guard, and never held while waiting for one (it only tries them).
     scopes: Mutex<Scopes>,
     /// Records evicted before their TTL.
     evicted_live: AtomicU64,
@@ -219,13 +222,13 @@ struct Delta {
     completed: isize,
 }
 
-/// What every scope holds, and the scopes ordered by weight: a scope's
-/// dominant share of the store, the larger of its share of `max_entries`
-/// and its share of `max_bytes`.
+/// What every scope holds, and the scopes that have something to evict
+/// ordered by weight: a scope's dominant share of the store, the larger of
+/// its share of `max_entries` and its share of `max_bytes`.
 struct Scopes {
     by_name: HashMap<Arc<str>, ScopeUse>,
-    /// `(weight, scope)` of every scope holding a record.
-    by_weight: BTreeSet<(u128, Arc<str>)>,
+    /// `(weight, scope)` of every scope holding a completed record.
+    evictable: BTreeSet<(u128, Arc<str>)>,
     max_entries: u128,
     max_bytes: u128,
 }
@@ -234,7 +237,7 @@ impl Scopes {
     fn new(max_entries: usize, max_bytes: usize) -> Self {
         Scopes {
             by_name: HashMap::new(),
-            by_weight: BTreeSet::new(),
+            evictable: BTreeSet::new(),
             max_entries: max_entries as u128,
             max_bytes: max_bytes as u128,
         }
@@ -247,54 +250,60 @@ impl Scopes {
     }
 
     /// Applies `delta` to `scope`, queueing `completed` (a record it just
-    /// completed) for eviction. `live` tells whether a queued entry still
-    /// names a completed record, to drop stale ones.
-    fn update(
-        &mut self,
-        scope: &str,
-        delta: Delta,
-        completed: Option<(Nanos, RecordKey)>,
-        live: impl Fn(&(Nanos, RecordKey)) -> bool,
-    ) {
+    /// completed) for eviction. Returns whether the scope's queue has grown
+    /// stale enough to be pruned (see [`Scopes::prune`]).
+    fn update(&mut self, scope: &str, delta: Delta, completed: Option<(Nanos, RecordKey)>) -> bool {
         let (name, mut used) = match self.by_name.remove_entry(scope) {
             Some((name, used)) => {
-                self.by_weight.remove(&(self.weight(&used), name.clone()));
+                if used.completed > 0 {
+                    self.evictable.remove(&(self.weight(&used), name.clone()));
+                }
                 (name, used)
             }
             None => (Arc::from(scope), ScopeUse::default()),
         };
-        used.entries = used.entries.saturating_add_signed(delta.entries);
-        used.bytes = used.bytes.saturating_add_signed(delta.bytes);
-        used.completed = used.completed.saturating_add_signed(delta.completed);
+        let apply = |count: usize, by: isize| {
+            let changed = count.checked_add_signed(by);
+            debug_assert!(changed.is_some(), "scope accounting went below zero");
+            changed.unwrap_or(0)
+        };
+        used.entries = apply(used.entries, delta.entries);
+        used.bytes = apply(used.bytes, delta.bytes);
+        used.completed = apply(used.completed, delta.completed);
         if let Some(entry) = completed {
             used.queue.push(Reverse(entry));
-            if used.queue.len() > 2 * used.completed + 16 {
-                used.queue.retain(|Reverse(entry)| live(entry));
-            }
         }
         if used.entries == 0 {
-            // Nothing left: every queued entry is stale.
-            return;
+            // Nothing left, so every queued entry is stale.
+            debug_assert!(used.bytes == 0 && used.completed == 0);
+            return false;
         }
-        self.by_weight.insert((self.weight(&used), name.clone()));
+        let stale = used.queue.len() > 2 * used.completed + 16;
+        if used.completed > 0 {
+            self.evictable.insert((self.weight(&used), name.clone()));
+        }
         self.by_name.insert(name, used);
+        stale
+    }
+
+    /// Drops the queue entries of `scope` that `live` says no longer name a
+    /// completed record.
+    fn prune(&mut self, scope: &str, live: impl Fn(&(Nanos, RecordKey)) -> bool) {
+        if let Some(used) = self.by_name.get_mut(scope) {
+            used.queue.retain(|Reverse(entry)| live(entry));
+        }
     }
 
     /// The record to evict to make room for a record of `requester`: the
     /// one closest to expiry of the heaviest scope holding completed
-    /// records (`requester` itself on a tie), or none when every such scope
-    /// is lighter than `requester`, so that no scope makes room by evicting
-    /// a lighter one.
+    /// records, or of `requester` itself when it has some and weighs as
+    /// much. None when the heaviest such scope is not heavier than a
+    /// `requester` with nothing to give: no scope makes room by evicting a
+    /// lighter or equal one.
     fn victim(&mut self, requester: &str) -> Option<(Nanos, RecordKey)> {
         let (heaviest_weight, heaviest) = self
-            .by_weight
-            .iter()
-            .rev()
-            .find(|(_, name)| {
-                self.by_name
-                    .get(name)
-                    .is_some_and(|used| used.completed > 0 && !used.queue.is_empty())
-            })
+            .evictable
+            .last()
             .map(|(weight, name)| (*weight, name.clone()))?;
         let own = self.by_name.get(requester).map(|used| {
             let evictable = used.completed > 0 && !used.queue.is_empty();
@@ -302,7 +311,7 @@ impl Scopes {
         });
         let chosen: &str = match own {
             Some((weight, true)) if weight >= heaviest_weight => requester,
-            Some((weight, _)) if weight > heaviest_weight => return None,
+            Some((weight, _)) if weight >= heaviest_weight => return None,
             _ => &heaviest,
         };
         let Reverse(entry) = self.by_name.get_mut(chosen)?.queue.pop()?;
@@ -517,22 +526,31 @@ impl Inner {
         );
     }
 
-    /// Changes what `key`'s scope holds. Called under the key's map guard
-    /// when a record appears or grows, so that no removal is counted before
-    /// it; it takes no map guard itself, only tries them.
-    fn account(&self, key: &RecordKey, delta: Delta, completed: Option<Nanos>) {
+    /// Changes what `key`'s scope holds. Every increase is made under the
+    /// key's map guard, before the record can be removed, so that no
+    /// decrease is counted before it. Returns whether the scope's eviction
+    /// queue should be pruned, which the caller does with
+    /// [`prune_scope`](Self::prune_scope) once it holds no map guard.
+    fn account(&self, key: &RecordKey, delta: Delta, completed: Option<Nanos>) -> bool {
         let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
         let completed = completed.map(|expiry| (expiry, key.clone()));
-        scopes.update(key.scope(), delta, completed, |(expiry, key)| {
-            match self.map.try_get(key) {
-                TryResult::Present(record) => matches!(
-                    &*record,
-                    Record::Completed { expires_at, .. } if expires_at == expiry
-                ),
-                TryResult::Absent => false,
-                // Busy: keep it; a stale entry only costs a pop later.
-                TryResult::Locked => true,
-            }
+        scopes.update(key.scope(), delta, completed)
+    }
+
+    /// Drops stale entries from a scope's eviction queue: amortised, since
+    /// it runs once the queue holds twice the scope's completed records.
+    /// Must not be called while holding a map guard; it holds the scope lock
+    /// throughout and only tries map guards, never waits for one.
+    fn prune_scope(&self, scope: &str) {
+        let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+        scopes.prune(scope, |(expiry, key)| match self.map.try_get(key) {
+            TryResult::Present(record) => matches!(
+                &*record,
+                Record::Completed { expires_at, .. } if expires_at == expiry
+            ),
+            TryResult::Absent => false,
+            // Busy: keep it; a stale entry only costs a pop later.
+            TryResult::Locked => true,
         });
     }
 
@@ -759,7 +777,7 @@ impl Inner {
             }
         }
         let expires_at = now.saturating_add(nanos(ttl));
-        {
+        let stale = {
             let mut guard = self.map.get_mut(key).ok_or(StoreError::Fenced)?;
             let fingerprint = match &*guard {
                 Record::InFlight {
@@ -780,7 +798,10 @@ impl Inner {
                 completed: 1,
                 ..Delta::default()
             };
-            self.account(key, delta, Some(expires_at));
+            self.account(key, delta, Some(expires_at))
+        };
+        if stale {
+            self.prune_scope(key.scope());
         }
         let queued = {
             let mut queue = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
@@ -943,9 +964,42 @@ mod tests {
             .map(|(name, used)| (name.to_string(), (used.entries, used.bytes, used.completed)))
             .collect();
         assert_eq!(counted, held);
-        assert_eq!(scopes.by_weight.len(), scopes.by_name.len());
+        assert_eq!(
+            scopes.evictable.len(),
+            held.values().filter(|u| u.2 > 0).count()
+        );
         assert_eq!(store.len(), held.values().map(|u| u.0).sum::<usize>());
         assert_eq!(store.bytes(), held.values().map(|u| u.1).sum::<usize>());
         assert!(store.evicted_live() > 0, "the race made the store evict");
+    }
+
+    /// A scope whose records keep expiring and being claimed again does not
+    /// grow its eviction queue without bound.
+    #[tokio::test(start_paused = true)]
+    async fn a_scope_queue_is_pruned_as_its_records_turn_over() {
+        let store = MemoryStore::default();
+        let fp = Fingerprint::from_bytes([1; 32]);
+        for i in 0..5000 {
+            let key = RecordKey::new("busy", &format!("k{}", i % 10));
+            let Ok(Claim::Acquired { token, .. }) =
+                store.claim(&key, fp, Duration::from_secs(5)).await
+            else {
+                panic!("an expired record is claimed afresh");
+            };
+            let record = Bytes::from_static(b"r");
+            store
+                .complete(&key, token, record, Duration::from_millis(1))
+                .await
+                .unwrap();
+            tokio::time::advance(Duration::from_millis(2)).await;
+        }
+        let scopes = store.inner.scopes.lock().unwrap();
+        let used = &scopes.by_name["busy"];
+        assert_eq!(used.completed, 10);
+        assert!(
+            used.queue.len() <= 2 * 10 + 17,
+            "{} queued",
+            used.queue.len()
+        );
     }
 }
