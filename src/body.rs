@@ -11,16 +11,18 @@ use std::{
     any::Any,
     fmt,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
 };
 
 use bytes::{Buf, Bytes};
-use http::HeaderMap;
+use http::{HeaderMap, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::{
     claim::{BoxFuture, HeldClaim},
+    layer::RecordPolicy,
     record::RecordBuilder,
 };
 
@@ -242,15 +244,34 @@ pub(crate) struct Recording {
     builder: Option<RecordBuilder>,
     record: Option<Bytes>,
     completing: Option<BoxFuture<()>>,
+    /// The policy that decides at the end of the body, with the response's
+    /// status, when its head left the decision there.
+    deferred: Option<(Arc<dyn RecordPolicy>, StatusCode)>,
+    /// That decision was to release the claim rather than record.
+    release: bool,
 }
 
 impl Recording {
-    pub(crate) fn new(claim: Box<dyn HeldClaim>, builder: RecordBuilder) -> Self {
+    pub(crate) fn new(
+        claim: Box<dyn HeldClaim>,
+        builder: RecordBuilder,
+        deferred: Option<(Arc<dyn RecordPolicy>, StatusCode)>,
+    ) -> Self {
         Recording {
             claim,
             builder: Some(builder),
             record: None,
             completing: None,
+            deferred,
+            release: false,
+        }
+    }
+
+    /// Makes a deferred decision, once, from the trailers the body ended
+    /// with.
+    fn decide(&mut self, trailers: Option<&HeaderMap>) {
+        if let Some((policy, status)) = self.deferred.take() {
+            self.release = !policy.should_record_at_end(status, trailers);
         }
     }
 
@@ -266,6 +287,7 @@ impl Recording {
     }
 
     fn trailers(&mut self, trailers: &HeaderMap) {
+        self.decide(Some(trailers));
         if let Some(builder) = self.builder.take() {
             self.record = Some(builder.finish(Some(trailers)));
         }
@@ -275,6 +297,8 @@ impl Recording {
     /// status and headers only. A retry learns the outcome and nothing runs
     /// twice.
     fn body_failed(&mut self) {
+        self.deferred = None;
+        self.release = false;
         if let Some(builder) = &mut self.builder {
             builder.give_up_body();
         }
@@ -284,6 +308,15 @@ impl Recording {
     /// Starts completing the record (once).
     fn finish(&mut self) {
         if self.completing.is_some() {
+            return;
+        }
+        self.decide(None);
+        if self.release {
+            // The policy read the end of the response and said "not done,
+            // try again": free the key for the retry.
+            self.builder = None;
+            self.record = None;
+            self.completing = Some(self.claim.release());
             return;
         }
         let record = match (self.record.take(), self.builder.take()) {

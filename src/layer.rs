@@ -5,7 +5,7 @@ use std::{
     time::Duration,
 };
 
-use http::{HeaderName, Method, StatusCode, response};
+use http::{HeaderMap, HeaderName, Method, StatusCode, response};
 use tower_layer::Layer;
 
 use crate::{
@@ -22,10 +22,36 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 /// Decides whether a final response is recorded (and replayed to retries) or
 /// its claim released (so a retry executes again).
 ///
-/// Implemented for closures `Fn(&http::response::Parts) -> bool`.
+/// The head decides, through [`should_record`](Self::should_record). A
+/// policy for a protocol that puts its outcome in the trailers (gRPC, see
+/// [`GrpcRecordPolicy`](crate::grpc::GrpcRecordPolicy)) can leave the
+/// decision to the end of the body instead: when
+/// [`decides_at_end`](Self::decides_at_end) says so for a head that
+/// `should_record` accepted, [`should_record_at_end`](Self::should_record_at_end)
+/// decides once the body has ended, before its last frame goes out.
+///
+/// Implemented for closures `Fn(&http::response::Parts) -> bool`, which
+/// decide from the head alone.
 pub trait RecordPolicy: Send + Sync + 'static {
-    /// Whether to record the response whose head is `parts`.
+    /// Whether to record the response whose head is `parts`; `false`
+    /// releases the claim at once.
     fn should_record(&self, parts: &response::Parts) -> bool;
+
+    /// Whether the decision for the response whose head is `parts` waits
+    /// for the end of its body (default: never).
+    fn decides_at_end(&self, parts: &response::Parts) -> bool {
+        let _ = parts;
+        false
+    }
+
+    /// For a response whose decision waited: whether to record it, given
+    /// its status and the trailers its body ended with (`None` when it ended
+    /// without). Default: record. A body that failed midway is recorded
+    /// (status and headers) without asking.
+    fn should_record_at_end(&self, status: StatusCode, trailers: Option<&HeaderMap>) -> bool {
+        let _ = (status, trailers);
+        true
+    }
 }
 
 impl<F> RecordPolicy for F
@@ -59,6 +85,8 @@ pub(crate) struct Config<St> {
     pub(crate) store: St,
     pub(crate) header: HeaderName,
     pub(crate) methods: Vec<Method>,
+    /// The exact paths protected; every path when `None`.
+    pub(crate) paths: Option<Arc<[Box<str>]>>,
     pub(crate) require_key: bool,
     pub(crate) scope: Arc<dyn ScopeExtractor>,
     pub(crate) anonymous: Anonymous,
@@ -84,8 +112,12 @@ pub(crate) struct Config<St> {
 }
 
 impl<St> Config<St> {
-    pub(crate) fn protects(&self, method: &Method) -> bool {
-        self.methods.iter().any(|m| m == method)
+    pub(crate) fn protects<B>(&self, req: &http::Request<B>) -> bool {
+        self.methods.iter().any(|m| m == req.method())
+            && self
+                .paths
+                .as_ref()
+                .is_none_or(|paths| paths.iter().any(|p| **p == *req.uri().path()))
     }
 }
 
@@ -151,6 +183,7 @@ impl<St> IdempotencyLayer<St> {
                 store,
                 header: IDEMPOTENCY_KEY,
                 methods: vec![Method::POST, Method::PATCH],
+                paths: None,
                 require_key: false,
                 scope: Arc::new(DefaultScope::new()),
                 anonymous: Anonymous::Reject,
@@ -257,6 +290,47 @@ impl<St: Clone> IdempotencyLayer<St> {
     /// ```
     pub fn with_methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
         self.with(|c| c.methods = methods.into_iter().collect())
+    }
+
+    /// Protects only requests to these exact paths (default: every path);
+    /// requests to other paths pass through untouched, like requests with
+    /// unprotected methods. The path is the request's URI path as the layer
+    /// sees it (under a router that strips a prefix, without it).
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_paths(["/payments", "/refunds"]);
+    /// ```
+    pub fn with_paths(self, paths: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        let paths: Arc<[Box<str>]> = paths
+            .into_iter()
+            .map(|p| p.into().into_boxed_str())
+            .collect();
+        self.with(|c| c.paths = Some(paths))
+    }
+
+    /// Sets the layer up for a gRPC service in one call (see the
+    /// [`grpc`](crate::grpc) module): protects `POST` calls to exactly the
+    /// `methods` given (full paths, `/package.Service/Method`; name unary
+    /// methods, since streaming calls would be buffered whole), decides what
+    /// to record from `grpc-status` ([`GrpcRecordPolicy`](crate::grpc::GrpcRecordPolicy))
+    /// and answers rejections with gRPC statuses
+    /// ([`GrpcRejections`](crate::grpc::GrpcRejections)). The key comes from
+    /// the `idempotency-key` metadata (the layer's header, lowercase as gRPC
+    /// metadata is). Calls to any other method pass through unprotected.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_grpc(["/booking.v1.Bookings/Book"])
+    ///     .with_required_key(true);
+    /// ```
+    pub fn with_grpc(self, methods: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.with_methods([Method::POST])
+            .with_paths(methods)
+            .with_record_policy(crate::grpc::GrpcRecordPolicy::default())
+            .with_rejection_response(crate::grpc::GrpcRejections)
     }
 
     /// Whether a protected request without a key is rejected with 400

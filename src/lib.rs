@@ -167,6 +167,7 @@ mod claim;
 mod context;
 mod fingerprint;
 mod future;
+pub mod grpc;
 mod key;
 mod layer;
 mod outcome;

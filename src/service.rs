@@ -85,7 +85,7 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let config = &self.config;
-        if !config.protects(req.method()) {
+        if !config.protects(&req) {
             return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::streaming)));
         }
         if !req.headers().contains_key(&config.header) {
@@ -308,7 +308,12 @@ where
         config.response_body_limit,
         usize::try_from(expected).unwrap_or(usize::MAX),
     );
-    let mut tee = Tee::new(body, Recording::new(held, builder), detach_tee::<ResB>);
+    let deferred = config
+        .record
+        .decides_at_end(&parts)
+        .then(|| (config.record.clone(), parts.status));
+    let recording = Recording::new(held, builder, deferred);
+    let mut tee = Tee::new(body, recording, detach_tee::<ResB>);
     if let Some(mut state) = tee.state() {
         poll_fn(|cx| state.as_mut().poll_prefetch(cx)).await;
     }
