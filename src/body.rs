@@ -498,6 +498,67 @@ where
                             this.body.set(Source::Ended);
                             *this.held_back = Some(Frame::data(data));
                             recording.finish();
+                        } else if recording.deferred.is_some() {
+                            // The outcome is in the trailers (gRPC): a unary
+                            // response is one message and its trailers,
+                            // usually ready together. Look once more, so
+                            // that they are recorded first and leave with
+                            // the head.
+                            *this.in_body = true;
+                            let next = body.as_mut().poll_frame(cx);
+                            *this.in_body = false;
+                            match next {
+                                Poll::Ready(Some(Ok(frame))) => match frame.into_trailers() {
+                                    Ok(trailers) => {
+                                        recording.trailers(&trailers);
+                                        this.body.set(Source::Ended);
+                                        *this.first = Some(Frame::data(data));
+                                        *this.held_back = Some(Frame::trailers(trailers));
+                                        recording.finish();
+                                    }
+                                    Err(frame) => {
+                                        // More data (joined into one frame)
+                                        // or a frame kind this crate does
+                                        // not know (dropped, as later on).
+                                        let data = match frame.into_data() {
+                                            Ok(more) => {
+                                                let more = into_bytes(more);
+                                                recording.push(&more);
+                                                let mut joined = bytes::BytesMut::with_capacity(
+                                                    data.len() + more.len(),
+                                                );
+                                                joined.extend_from_slice(&data);
+                                                joined.extend_from_slice(&more);
+                                                joined.freeze()
+                                            }
+                                            Err(_) => data,
+                                        };
+                                        if body.is_end_stream() {
+                                            this.body.set(Source::Ended);
+                                            *this.held_back = Some(Frame::data(data));
+                                            recording.finish();
+                                        } else {
+                                            recording.claim.keep_alive();
+                                            *this.first = Some(Frame::data(data));
+                                        }
+                                    }
+                                },
+                                Poll::Ready(None) => {
+                                    this.body.set(Source::Ended);
+                                    *this.held_back = Some(Frame::data(data));
+                                    recording.finish();
+                                }
+                                Poll::Ready(Some(Err(err))) => {
+                                    this.body.set(Source::Ended);
+                                    *this.first = Some(Frame::data(data));
+                                    recording.body_failed();
+                                    *this.failed = Some(Box::new(err));
+                                }
+                                Poll::Pending => {
+                                    recording.claim.keep_alive();
+                                    *this.first = Some(Frame::data(data));
+                                }
+                            }
                         } else {
                             recording.claim.keep_alive();
                             *this.first = Some(Frame::data(data));
@@ -529,14 +590,15 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
+        // What was read ahead goes out first, in the order it was read.
+        if let Some(frame) = this.first.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
         if let Some(failed) = this.failed.take() {
             // Boxed from this very type by `poll_prefetch`.
             if let Ok(err) = failed.downcast::<B::Error>() {
                 return Poll::Ready(Some(Err(*err)));
             }
-        }
-        if let Some(frame) = this.first.take() {
-            return Poll::Ready(Some(Ok(frame)));
         }
         loop {
             let Some(recording) = this.recording.as_mut() else {

@@ -19,8 +19,7 @@ use std::{
 };
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, transport::server::TcpIncoming};
 use tower_idempotency::{IdempotencyLayer, Principal, Store};
 
 /// The generated `booking.v1` messages, client and server.
@@ -137,7 +136,9 @@ pub fn authenticate<B>(mut request: http::Request<B>) -> http::Request<B> {
 }
 
 /// Serves `bookings` on `listener` behind `layer` until `shutdown`
-/// resolves, then returns (the caller drains the layer).
+/// resolves, then returns (the caller drains the layer). Connections use
+/// `TCP_NODELAY`, as gRPC servers should: a response written in more than
+/// one piece must not wait for the client's delayed ACK.
 pub async fn serve<St>(
     listener: TcpListener,
     layer: IdempotencyLayer<St>,
@@ -151,6 +152,9 @@ where
         .layer(tower::util::MapRequestLayer::new(authenticate))
         .layer(layer)
         .add_service(BookingsServer::new(bookings))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
 }

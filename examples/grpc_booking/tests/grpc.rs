@@ -16,8 +16,10 @@ use grpc_booking::{
 use http_body::Frame;
 use http_body_util::BodyExt;
 use tokio::{net::TcpListener, sync::oneshot};
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::{Code, Status, transport::Channel};
+use tonic::{
+    Code, Status,
+    transport::{Channel, server::TcpIncoming},
+};
 use tower_idempotency::{
     BoxStore, IdempotencyLayer, MemoryStore,
     store::{Fault, FaultyStore, Op},
@@ -70,9 +72,12 @@ where
             .layer(layer)
             .layer(inner)
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stopped.await;
-            })
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = stopped.await;
+                },
+            )
             .await
             .unwrap();
     });
