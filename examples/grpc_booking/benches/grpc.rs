@@ -93,5 +93,69 @@ fn unary(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, unary);
+/// A unary `Book` as the HTTP/2 request the tonic client sends.
+fn http_request(key: Option<&str>) -> http::Request<tonic::body::Body> {
+    use prost::Message;
+    let message = BookRequest {
+        caller: "ada".into(),
+        slot: "2026-12-01T09:00".into(),
+        provider: "dr-who".into(),
+        delay_ms: 0,
+    }
+    .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let mut request = http::Request::post(grpc_booking::BOOK)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", "Bearer bench.v1");
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    request
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            bytes::Bytes::from(framed),
+        )))
+        .unwrap()
+}
+
+/// The same call without the network: the tonic service called in
+/// process, bare and behind the layer, its response body read to the end.
+fn in_process(c: &mut Criterion) {
+    use http_body_util::BodyExt;
+    use tower::{Layer, ServiceExt};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let routes = tonic::service::Routes::new(BookingsServer::new(Bookings::default()));
+    let bare = tower::util::MapRequestLayer::new(authenticate).layer(routes.clone());
+    let protected = tower::util::MapRequestLayer::new(authenticate)
+        .layer(idempotency(MemoryStore::default()).layer(routes));
+    let mut group = c.benchmark_group("grpc/unary Book, in process");
+    group.bench_function("bare tonic service", |b| {
+        b.to_async(&rt).iter(|| {
+            let svc = bare.clone();
+            async move {
+                let response = svc.oneshot(http_request(None)).await.unwrap();
+                response.into_body().collect().await.unwrap()
+            }
+        })
+    });
+    let next = AtomicU64::new(0);
+    group.bench_function("protected, first execution", |b| {
+        b.to_async(&rt).iter(|| {
+            let svc = protected.clone();
+            let key = format!("bench-{}", next.fetch_add(1, Ordering::Relaxed));
+            async move {
+                let response = svc.oneshot(http_request(Some(&key))).await.unwrap();
+                response.into_body().collect().await.unwrap()
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, unary, in_process);
 criterion_main!(benches);
