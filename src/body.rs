@@ -2,8 +2,10 @@
 //!
 //! The response body of an executed request is *teed*: each frame goes to the
 //! client as the service produces it, and a copy goes into the record. When
-//! the stream ends (trailers included) the record is completed before the
-//! client sees the end, so a retry that follows the response always finds it.
+//! the stream ends (trailers included) the record is completed (or, when the
+//! record policy reads the end and says "not done", the key released) before
+//! the client sees the end, so a retry that follows the response always
+//! finds it (or finds the key free).
 //! If the client goes away first, the rest of the body is drained and recorded
 //! in the background.
 
@@ -268,11 +270,40 @@ impl Recording {
     }
 
     /// Makes a deferred decision, once, from the trailers the body ended
-    /// with.
+    /// with. A policy that panics is taken to record: the work ran.
     fn decide(&mut self, trailers: Option<&HeaderMap>) {
-        if let Some((policy, status)) = self.deferred.take() {
-            self.release = !policy.should_record_at_end(status, trailers);
+        let Some((policy, status)) = self.deferred.take() else {
+            return;
+        };
+        let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            policy.should_record_at_end(status, trailers)
+        }));
+        self.release = match decided {
+            Ok(record) => !record,
+            Err(_) => {
+                tracing::error!(
+                    "the record policy panicked at the end of a response; recording it"
+                );
+                false
+            }
+        };
+        if self.release {
+            let grpc_status = trailers
+                .and_then(|t| t.get("grpc-status"))
+                .and_then(|v| v.to_str().ok());
+            tracing::debug!(
+                ?grpc_status,
+                "the response's end says not done; releasing the key"
+            );
         }
+    }
+
+    /// The body was cut short on purpose (its client gone and the body past
+    /// the response limit): record status and headers, without asking the
+    /// policy about an end it never saw.
+    fn cut(&mut self) {
+        self.deferred = None;
+        self.release = false;
     }
 
     fn push(&mut self, chunk: &[u8]) {
@@ -288,6 +319,9 @@ impl Recording {
 
     fn trailers(&mut self, trailers: &HeaderMap) {
         self.decide(Some(trailers));
+        if self.release {
+            return;
+        }
         if let Some(builder) = self.builder.take() {
             self.record = Some(builder.finish(Some(trailers)));
         }
@@ -335,7 +369,8 @@ pin_project! {
         #[pin]
         body: Source<B>,
         recording: Option<Recording>,
-        // The last frame, held back until the record is complete.
+        // The last frame, held back until the record is complete (or the
+        // key released).
         held_back: Option<Frame<Bytes>>,
         // A frame read ahead of the response head (see `poll_prefetch`), to
         // go out first.
@@ -419,6 +454,10 @@ where
         let Some(state) = self.state.as_ref() else {
             return SizeHint::with_exact(0);
         };
+        if state.failed.is_some() {
+            // An error follows what was read: no length is exact.
+            return SizeHint::default();
+        }
         // Frames read ahead count too; trailers make the length unknown.
         let (Some(first), Some(last)) = (data_len(&state.first), data_len(&state.held_back)) else {
             return SizeHint::default();
@@ -459,11 +498,13 @@ impl<B: Body> TeeState<B>
 where
     B::Error: Send + 'static,
 {
-    /// Reads the service's body once, before the response head goes out,
-    /// without waiting on it. A body that is complete at once (most
-    /// responses of known length) is then recorded first, and head and body
-    /// leave together; otherwise what was read goes out first and the rest
-    /// streams as usual.
+    /// Reads the service's body once (twice when the record policy waits for
+    /// the trailers, so that a message and its trailers ready together are
+    /// both read), before the response head goes out, without waiting on it.
+    /// A body that is complete at once (most responses of known length, a
+    /// unary gRPC response) is then recorded first, and head and body leave
+    /// together; otherwise what was read goes out first and the rest streams
+    /// as usual.
     pub(crate) fn poll_prefetch(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         let Some(recording) = this.recording.as_mut() else {
@@ -635,6 +676,7 @@ where
                         } else if *this.detached && recording.gave_up_body() {
                             // Nobody reads it and it is not kept: stop here
                             // rather than drain a long or endless stream.
+                            recording.cut();
                             Step::Last(None)
                         } else {
                             recording.claim.keep_alive();

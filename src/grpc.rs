@@ -208,12 +208,15 @@ impl RejectionResponse for GrpcRejections {
 /// `grpc-message` is percent-encoded: every byte outside printable ASCII,
 /// and `%` itself.
 fn percent_encode(text: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut out = String::with_capacity(text.len());
     for byte in text.bytes() {
         if (0x20..=0x7e).contains(&byte) && byte != b'%' {
             out.push(char::from(byte));
         } else {
-            out.push_str(&format!("%{byte:02X}"));
+            out.push('%');
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
         }
     }
     out
@@ -226,8 +229,11 @@ fn percent_encode(text: &str) -> String {
 /// It releases the key (a retry executes) for the codes it is built with,
 /// by default `UNAVAILABLE`, `RESOURCE_EXHAUSTED`, `ABORTED` and
 /// `DEADLINE_EXCEEDED`, and records every other status. A response that is
-/// not gRPC at all (no `application/grpc` content type, no `grpc-status`)
-/// is decided as HTTP is by default (408, 429 and 503 released). A gRPC
+/// not a gRPC answer (an HTTP status other than 200, or neither an
+/// `application/grpc` content type nor a `grpc-status`) is decided as HTTP
+/// is by default (408, 429 and 503 released). gRPC-Web responses carry
+/// their status in the body, which this policy does not read: they are
+/// recorded unless their head says otherwise. A gRPC
 /// response whose body ends without a `grpc-status` is recorded: the call
 /// may have taken effect.
 ///
@@ -285,25 +291,36 @@ impl GrpcRecordPolicy {
     }
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
+/// A gRPC response over HTTP/2: status 200 and `application/grpc` (with or
+/// without `+proto` and the like). gRPC-Web, which carries its status in
+/// the body, is not one.
+fn is_grpc(parts: &response::Parts) -> bool {
+    parts.status == StatusCode::OK
+        && parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.starts_with("application/grpc") && !v.starts_with("application/grpc-web")
+            })
 }
 
 impl RecordPolicy for GrpcRecordPolicy {
     fn should_record(&self, parts: &response::Parts) -> bool {
+        if parts.status != StatusCode::OK {
+            // Not a gRPC answer (a proxy's 503, say): HTTP's rule.
+            return crate::RecordUnlessRetryable.should_record(parts);
+        }
         match parts.headers.get(GRPC_STATUS) {
             // Trailers-only: the status is already here.
             Some(status) => self.records_status(status),
-            None if is_grpc(&parts.headers) => true,
+            None if is_grpc(parts) => true,
             None => crate::RecordUnlessRetryable.should_record(parts),
         }
     }
 
     fn decides_at_end(&self, parts: &response::Parts) -> bool {
-        !parts.headers.contains_key(GRPC_STATUS) && is_grpc(&parts.headers)
+        !parts.headers.contains_key(GRPC_STATUS) && is_grpc(parts)
     }
 
     fn should_record_at_end(&self, _status: StatusCode, trailers: Option<&HeaderMap>) -> bool {
@@ -371,6 +388,12 @@ mod tests {
         assert!(!policy.decides_at_end(&trailers_only));
         let failed = head(&[("content-type", "application/grpc"), ("grpc-status", "3")]);
         assert!(policy.should_record(&failed));
+
+        let mut proxy = head(&[("content-type", "application/grpc")]);
+        proxy.status = StatusCode::SERVICE_UNAVAILABLE;
+        assert!(!policy.should_record(&proxy) && !policy.decides_at_end(&proxy));
+        let web = head(&[("content-type", "application/grpc-web+proto")]);
+        assert!(policy.should_record(&web) && !policy.decides_at_end(&web));
 
         let mut http = head(&[("content-type", "application/json")]);
         assert!(policy.should_record(&http) && !policy.decides_at_end(&http));

@@ -28,7 +28,8 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 /// decision to the end of the body instead: when
 /// [`decides_at_end`](Self::decides_at_end) says so for a head that
 /// `should_record` accepted, [`should_record_at_end`](Self::should_record_at_end)
-/// decides once the body has ended, before its last frame goes out.
+/// decides once the body has ended, before its last frame goes out (and
+/// before the head, when the whole body is ready at once).
 ///
 /// Implemented for closures `Fn(&http::response::Parts) -> bool`, which
 /// decide from the head alone.
@@ -46,8 +47,10 @@ pub trait RecordPolicy: Send + Sync + 'static {
 
     /// For a response whose decision waited: whether to record it, given
     /// its status and the trailers its body ended with (`None` when it ended
-    /// without). Default: record. A body that failed midway is recorded
-    /// (status and headers) without asking.
+    /// without). Default: record. A body that failed midway, or was cut
+    /// short (past the maximum execution time, or past the response limit
+    /// with its client gone), is recorded (status and headers) without
+    /// asking, and so is a response whose policy panics here.
     fn should_record_at_end(&self, status: StatusCode, trailers: Option<&HeaderMap>) -> bool {
         let _ = (status, trailers);
         true
@@ -295,7 +298,8 @@ impl<St: Clone> IdempotencyLayer<St> {
     /// Protects only requests to these exact paths (default: every path);
     /// requests to other paths pass through untouched, like requests with
     /// unprotected methods. The path is the request's URI path as the layer
-    /// sees it (under a router that strips a prefix, without it).
+    /// sees it (under a router that strips a prefix, without it). Each call
+    /// replaces the list; an empty list protects nothing.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
@@ -313,12 +317,17 @@ impl<St: Clone> IdempotencyLayer<St> {
     /// Sets the layer up for a gRPC service in one call (see the
     /// [`grpc`](crate::grpc) module): protects `POST` calls to exactly the
     /// `methods` given (full paths, `/package.Service/Method`; name unary
-    /// methods, since streaming calls would be buffered whole), decides what
+    /// methods, since a request stream is read whole before the service is
+    /// called, and a response stream is kept only up to the response
+    /// limit), decides what
     /// to record from `grpc-status` ([`GrpcRecordPolicy`](crate::grpc::GrpcRecordPolicy))
     /// and answers rejections with gRPC statuses
     /// ([`GrpcRejections`](crate::grpc::GrpcRejections)). The key comes from
     /// the `idempotency-key` metadata (the layer's header, lowercase as gRPC
     /// metadata is). Calls to any other method pass through unprotected.
+    /// It sets methods, paths, record policy and rejection responses: a
+    /// later `with_methods`, `with_paths`, `with_record_policy` or
+    /// `with_rejection_response` replaces that part.
     ///
     /// ```
     /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};

@@ -235,3 +235,40 @@ async fn unnamed_methods_pass_through() {
     }
     assert_eq!(counter.get(), 2);
 }
+
+/// A unary response that says `UNAVAILABLE`, message and trailers ready
+/// together: the key is released before the head goes out, so a retry sent
+/// at once executes instead of meeting the first call in flight.
+#[tokio::test]
+async fn a_ready_message_with_unavailable_trailers_is_released_before_the_head() {
+    let counter = Counter::default();
+    let svc = layer().layer(service(
+        counter.clone(),
+        vec![Step::Data(b"partial"), Step::Trailers("14")],
+    ));
+    let first = svc.clone().oneshot(call("k")).await.unwrap();
+    let retry = svc.clone().oneshot(call("k")).await.unwrap();
+    assert_eq!(
+        retry.extensions().get::<Outcome>(),
+        Some(&Outcome::Executed)
+    );
+    assert_eq!(counter.get(), 2, "the retry executed");
+    let (_, trailers) = frames(first).await;
+    assert_eq!(
+        trailers.unwrap()["grpc-status"],
+        "14",
+        "the client still gets the status"
+    );
+}
+
+/// A body that broke after the message it sent announces no exact length,
+/// so no HTTP/1 `content-length` promises a complete response.
+#[tokio::test]
+async fn a_body_that_broke_after_a_message_announces_no_length() {
+    let svc = layer().layer(service(
+        Counter::default(),
+        vec![Step::Data(b"msg"), Step::Fail],
+    ));
+    let response = svc.oneshot(call("k")).await.unwrap();
+    assert_eq!(response.body().size_hint().exact(), None);
+}
