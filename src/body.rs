@@ -511,109 +511,81 @@ where
             return Poll::Ready(());
         };
         if recording.completing.is_none() {
-            let SourceProj::Streaming { mut body } = this.body.as_mut().project() else {
-                return Poll::Ready(());
-            };
-            *this.in_body = true;
-            let polled = body.as_mut().poll_frame(cx);
-            *this.in_body = false;
-            match polled {
-                Poll::Pending => {
-                    recording.claim.keep_alive();
+            // One frame; two when the decision waits for the trailers, so
+            // that a message and its trailers ready together (a unary gRPC
+            // response) are both recorded before the head.
+            let reads = if recording.deferred.is_some() { 2 } else { 1 };
+            let mut ahead: Option<Bytes> = None;
+            let mut ended = false;
+            for _ in 0..reads {
+                let SourceProj::Streaming { mut body } = this.body.as_mut().project() else {
                     return Poll::Ready(());
-                }
-                Poll::Ready(None) => {
-                    this.body.set(Source::Ended);
-                    recording.finish();
-                }
-                Poll::Ready(Some(Err(err))) => {
-                    this.body.set(Source::Ended);
-                    recording.body_failed();
-                    *this.failed = Some(Box::new(err));
-                }
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        let data = into_bytes(data);
-                        recording.push(&data);
-                        if body.is_end_stream() {
-                            this.body.set(Source::Ended);
-                            *this.held_back = Some(Frame::data(data));
-                            recording.finish();
-                        } else if recording.deferred.is_some() {
-                            // The outcome is in the trailers (gRPC): a unary
-                            // response is one message and its trailers,
-                            // usually ready together. Look once more, so
-                            // that they are recorded first and leave with
-                            // the head.
-                            *this.in_body = true;
-                            let next = body.as_mut().poll_frame(cx);
-                            *this.in_body = false;
-                            match next {
-                                Poll::Ready(Some(Ok(frame))) => match frame.into_trailers() {
-                                    Ok(trailers) => {
-                                        recording.trailers(&trailers);
-                                        this.body.set(Source::Ended);
-                                        *this.first = Some(Frame::data(data));
-                                        *this.held_back = Some(Frame::trailers(trailers));
-                                        recording.finish();
-                                    }
-                                    Err(frame) => {
-                                        // More data (joined into one frame)
-                                        // or a frame kind this crate does
-                                        // not know (dropped, as later on).
-                                        let data = match frame.into_data() {
-                                            Ok(more) => {
-                                                let more = into_bytes(more);
-                                                recording.push(&more);
-                                                let mut joined = bytes::BytesMut::with_capacity(
-                                                    data.len() + more.len(),
-                                                );
-                                                joined.extend_from_slice(&data);
-                                                joined.extend_from_slice(&more);
-                                                joined.freeze()
-                                            }
-                                            Err(_) => data,
-                                        };
-                                        if body.is_end_stream() {
-                                            this.body.set(Source::Ended);
-                                            *this.held_back = Some(Frame::data(data));
-                                            recording.finish();
-                                        } else {
-                                            recording.claim.keep_alive();
-                                            *this.first = Some(Frame::data(data));
-                                        }
-                                    }
-                                },
-                                Poll::Ready(None) => {
-                                    this.body.set(Source::Ended);
-                                    *this.held_back = Some(Frame::data(data));
-                                    recording.finish();
+                };
+                *this.in_body = true;
+                let polled = body.as_mut().poll_frame(cx);
+                *this.in_body = false;
+                ended = true;
+                match polled {
+                    Poll::Pending => {
+                        ended = false;
+                        break;
+                    }
+                    Poll::Ready(None) => {
+                        this.body.set(Source::Ended);
+                        *this.held_back = ahead.take().map(Frame::data);
+                        recording.finish();
+                    }
+                    Poll::Ready(Some(Err(err))) => {
+                        this.body.set(Source::Ended);
+                        recording.body_failed();
+                        *this.failed = Some(Box::new(err));
+                    }
+                    Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                        Ok(data) => {
+                            let data = into_bytes(data);
+                            recording.push(&data);
+                            let data = match ahead.take() {
+                                None => data,
+                                // Two ready messages: one frame, joined.
+                                Some(earlier) => {
+                                    let mut joined =
+                                        bytes::BytesMut::with_capacity(earlier.len() + data.len());
+                                    joined.extend_from_slice(&earlier);
+                                    joined.extend_from_slice(&data);
+                                    joined.freeze()
                                 }
-                                Poll::Ready(Some(Err(err))) => {
-                                    this.body.set(Source::Ended);
-                                    *this.first = Some(Frame::data(data));
-                                    recording.body_failed();
-                                    *this.failed = Some(Box::new(err));
-                                }
-                                Poll::Pending => {
-                                    recording.claim.keep_alive();
-                                    *this.first = Some(Frame::data(data));
-                                }
+                            };
+                            if body.is_end_stream() {
+                                this.body.set(Source::Ended);
+                                *this.held_back = Some(Frame::data(data));
+                                recording.finish();
+                            } else {
+                                ahead = Some(data);
+                                ended = false;
                             }
-                        } else {
-                            recording.claim.keep_alive();
-                            *this.first = Some(Frame::data(data));
                         }
-                    }
-                    Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
-                            recording.trailers(&trailers);
-                            this.body.set(Source::Ended);
-                            *this.held_back = Some(Frame::trailers(trailers));
-                            recording.finish();
-                        }
-                    }
-                },
+                        Err(frame) => match frame.into_trailers() {
+                            Ok(trailers) => {
+                                recording.trailers(&trailers);
+                                this.body.set(Source::Ended);
+                                *this.held_back = Some(Frame::trailers(trailers));
+                                recording.finish();
+                            }
+                            // A frame kind this crate does not know:
+                            // nothing to forward or record.
+                            Err(_) => ended = false,
+                        },
+                    },
+                }
+                if ended {
+                    break;
+                }
+            }
+            // What was read goes out first, the rest (if any) streams.
+            *this.first = ahead.map(Frame::data);
+            if !ended {
+                recording.claim.keep_alive();
+                return Poll::Ready(());
             }
         }
         if let Some(completing) = &mut recording.completing {
