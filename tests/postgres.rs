@@ -267,19 +267,7 @@ async fn replays_and_in_flight_answers_take_no_row_lock() {
     let fp = Fingerprint::from_bytes([7; 32]);
     let done = RecordKey::new("s", "done");
     let busy = RecordKey::new("s", "busy");
-    let Ok(Claim::Acquired { token, .. }) = store.claim(&done, fp, Duration::from_secs(60)).await
-    else {
-        panic!("a new key is acquired");
-    };
-    store
-        .complete(
-            &done,
-            token,
-            bytes::Bytes::from_static(b"r"),
-            Duration::from_secs(60),
-        )
-        .await
-        .unwrap();
+    common::record_directly(&store, &done, fp, b"r").await;
     assert!(matches!(
         store.claim(&busy, fp, Duration::from_secs(60)).await,
         Ok(Claim::Acquired { .. })

@@ -76,6 +76,30 @@ pub fn booking_router(counter: Counter) -> Router {
     )
 }
 
+/// Claims `key` afresh and completes it with `record`, straight on a store.
+pub async fn record_directly<St: tower_idempotency::Store>(
+    store: &St,
+    key: &tower_idempotency::store::RecordKey,
+    fingerprint: tower_idempotency::Fingerprint,
+    record: &'static [u8],
+) {
+    use std::time::Duration;
+    use tower_idempotency::store::Claim;
+    let claim = store.claim(key, fingerprint, Duration::from_secs(60)).await;
+    let Ok(Claim::Acquired { token, .. }) = claim else {
+        panic!("a fresh key is acquired, got {claim:?}");
+    };
+    store
+        .complete(
+            key,
+            token,
+            Bytes::from_static(record),
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+}
+
 /// The credential test requests carry, so the default scope has a caller.
 pub const AUTH: &str = "Bearer test-caller";
 
