@@ -164,6 +164,7 @@
 mod background;
 mod body;
 mod claim;
+pub mod client;
 mod context;
 mod fingerprint;
 mod future;
