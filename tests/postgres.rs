@@ -324,3 +324,13 @@ async fn replays_and_in_flight_answers_take_no_row_lock() {
     drop(holder);
     drop_table(&pool, &table).await;
 }
+
+/// At-most-once work on PostgreSQL: racing calls with one key run it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_once_racing_calls_run_once() {
+    let Some((store, pool, table)) = store("once").await else {
+        return;
+    };
+    common::at_most_once_races(store, "tools").await;
+    drop_table(&pool, &table).await;
+}

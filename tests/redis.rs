@@ -379,3 +379,14 @@ fn connect_warns_when_redis_may_evict_records() {
         }
     }
 }
+
+/// At-most-once work on Redis: racing calls with one key run it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_once_racing_calls_run_once() {
+    let Some(url) = redis_url() else { return };
+    let store = RedisStore::connect(&url)
+        .await
+        .unwrap()
+        .with_prefix(&prefix("once"));
+    common::at_most_once_races(store, "tools").await;
+}

@@ -211,3 +211,10 @@ async fn connect_reads_cluster_addresses() {
         );
     }
 }
+
+/// At-most-once work on the cluster: racing calls with one key run it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_once_racing_calls_run_once() {
+    let Some(urls) = cluster_urls() else { return };
+    common::at_most_once_races(connect(&urls, &prefix("once")).await, "tools").await;
+}

@@ -7,6 +7,5 @@
 
 mod intent;
 
-#[allow(unused_imports)]
 pub(crate) use intent::canonical_json;
 pub use intent::{IntentKey, IntentKeyError};

@@ -460,3 +460,36 @@ pub mod fleet {
         assert_eq!(counter.get(), 2);
     }
 }
+
+/// At-most-once on a store: 64 racing calls with one key run the work
+/// once, and every one of them gets its output.
+pub async fn at_most_once_races<St: tower_idempotency::Store + Clone>(store: St, scope: &str) {
+    use std::time::Duration;
+    use tower_idempotency::once::AtMostOnce;
+    let once = AtMostOnce::new(store).with_wait(Duration::from_secs(20));
+    let counter = Counter::default();
+    let input = serde_json::json!({"caller": "ada", "slot": "09:00"});
+    let calls: Vec<_> = (0..64)
+        .map(|_| {
+            let (once, counter, input, scope) = (
+                once.clone(),
+                counter.clone(),
+                input.clone(),
+                scope.to_owned(),
+            );
+            tokio::spawn(async move {
+                once.run(&scope, "race", &input, |_ctx| async move {
+                    let n = counter.hit();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok::<_, std::io::Error>(format!("booking {n}"))
+                })
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), "booking 1");
+    }
+    assert_eq!(counter.get(), 1, "one execution");
+}

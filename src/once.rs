@@ -1,0 +1,519 @@
+//! [`AtMostOnce`]: the layer's guarantee for work that is not an HTTP
+//! request: tool calls, queue messages, scheduled jobs.
+//!
+//! Given a scope, a key, the input and an async closure, the closure runs at
+//! most once per key (within the retention), and every duplicate gets the
+//! output it recorded. It runs on the same [`Store`]s as the layer, with the
+//! same rules, which the store conformance suite checks: an atomic claim,
+//! a lease renewed while the closure runs, fencing tokens, the take-over
+//! flag for a claim whose holder stopped renewing, and only the same input
+//! taking a lapsed claim over.
+
+use std::{
+    fmt,
+    future::Future,
+    panic::{AssertUnwindSafe, catch_unwind, resume_unwind},
+    pin::pin,
+    task::Poll,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use serde::{Serialize, de::DeserializeOwned};
+use sha2::{Digest, Sha256};
+use tokio::time::{Instant, timeout};
+
+use crate::{
+    Fingerprint, IdempotencyContext,
+    client::{IntentKeyError, canonical_json},
+    store::{Claim, RecordKey, Store, StoreError, Token},
+};
+
+/// Runs work at most once per key and hands its recorded output to every
+/// duplicate.
+///
+/// | setting | default |
+/// |---|---|
+/// | lease of a running claim | 30 s, renewed every 10 s while the closure runs |
+/// | retention of an output | 24 hours |
+/// | duplicate while the first runs | [`OnceError::InFlight`] at once, or wait up to a bound ([`with_wait`](Self::with_wait)) |
+/// | the closure's `Err` | releases the key: the next duplicate runs again ([`run_recording_errors`](Self::run_recording_errors) records it instead) |
+/// | store timeout | 5 s per operation |
+/// | completion retried after a store failure | for up to 1 hour, in the background |
+///
+/// The future `run` returns must be driven to its end. Dropped while the
+/// closure runs, the closure is dropped with it and the claim is left to
+/// lapse; a duplicate with the same input then takes it over and sees
+/// [`IdempotencyContext::took_over`].
+///
+/// ```
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_idempotency::{MemoryStore, once::AtMostOnce};
+///
+/// let once = AtMostOnce::new(MemoryStore::default());
+/// let message = serde_json::json!({"caller": "ada", "slot": "09:00"});
+/// for _delivery in 0..3 {
+///     // A queue redelivers the same message: it is booked once.
+///     let booking: u64 = once
+///         .run("bookings-queue", "msg-4711", &message, |_ctx| async {
+///             Ok::<_, std::io::Error>(42) // book, return the booking id
+///         })
+///         .await?;
+///     assert_eq!(booking, 42);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct AtMostOnce<St> {
+    store: St,
+    lease: Duration,
+    ttl: Duration,
+    wait: Option<Duration>,
+    store_timeout: Duration,
+    completion_retry: Duration,
+}
+
+/// Why [`AtMostOnce::run`] did not return an output.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum OnceError<E> {
+    /// The closure returned this error (this call's, or with
+    /// [`run_recording_errors`](AtMostOnce::run_recording_errors) the one
+    /// recorded by the first call).
+    Failed(E),
+    /// The key was used before with a different input.
+    InputMismatch,
+    /// The key's first call is still running; try again after about
+    /// `retry_after`.
+    InFlight {
+        /// A short hint, never past the holder's lease.
+        retry_after: Duration,
+    },
+    /// The store failed or timed out before anything ran: nothing ran.
+    Store(StoreError),
+    /// The recorded output could not be read as the type asked for (another
+    /// type, or a record of another kind under this key).
+    Unreadable(Box<dyn std::error::Error + Send + Sync>),
+    /// The input does not serialise to canonical JSON.
+    Input(IntentKeyError),
+}
+
+impl<E: fmt::Display> fmt::Display for OnceError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OnceError::Failed(e) => write!(f, "the work failed: {e}"),
+            OnceError::InputMismatch => {
+                f.write_str("the key was used before with a different input")
+            }
+            OnceError::InFlight { retry_after } => write!(
+                f,
+                "the key's first call is still running; retry in {} ms",
+                retry_after.as_millis()
+            ),
+            OnceError::Store(e) => write!(f, "nothing ran: {e}"),
+            OnceError::Unreadable(e) => write!(f, "the recorded output is unreadable: {e}"),
+            OnceError::Input(e) => write!(f, "the input is not canonical JSON: {e}"),
+        }
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for OnceError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            OnceError::Failed(e) => Some(e),
+            OnceError::Store(e) => Some(e),
+            OnceError::Unreadable(e) => Some(&**e),
+            OnceError::Input(e) => Some(e),
+            OnceError::InputMismatch | OnceError::InFlight { .. } => None,
+        }
+    }
+}
+
+/// Record layout: magic `TO`, version 1, then `0` and the output's JSON, or
+/// `1` and the recorded error's JSON.
+const MAGIC: &[u8; 3] = b"TO\x01";
+
+#[derive(Debug)]
+struct Unreadable(&'static str);
+
+impl fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for Unreadable {}
+
+fn encode<V: Serialize>(tag: u8, value: &V) -> Result<Bytes, serde_json::Error> {
+    let mut out = MAGIC.to_vec();
+    out.push(tag);
+    serde_json::to_writer(&mut out, value)?;
+    Ok(Bytes::from(out))
+}
+
+/// What a record holds: an output or a recorded error.
+enum Recorded<T, E> {
+    Output(T),
+    Error(E),
+}
+
+fn decode<T: DeserializeOwned, E: DeserializeOwned>(
+    record: &[u8],
+) -> Result<Recorded<T, E>, Box<dyn std::error::Error + Send + Sync>> {
+    let Some(rest) = record.strip_prefix(MAGIC) else {
+        return Err(Box::new(Unreadable(
+            "not an at-most-once record, or one of another version",
+        )));
+    };
+    match rest.split_first() {
+        Some((0, json)) => Ok(Recorded::Output(serde_json::from_slice(json)?)),
+        Some((1, json)) => Ok(Recorded::Error(serde_json::from_slice(json)?)),
+        _ => Err(Box::new(Unreadable("a record of an unknown kind"))),
+    }
+}
+
+/// A never-recorded error type, for calls whose errors release the key.
+#[derive(Debug, serde::Deserialize)]
+enum NoRecordedError {}
+
+impl<St: Store + Clone> AtMostOnce<St> {
+    /// At-most-once over `store`, with the defaults above.
+    pub fn new(store: St) -> Self {
+        AtMostOnce {
+            store,
+            lease: Duration::from_secs(30),
+            ttl: Duration::from_secs(24 * 60 * 60),
+            wait: None,
+            store_timeout: Duration::from_secs(5),
+            completion_retry: Duration::from_secs(60 * 60),
+        }
+    }
+
+    /// How long a running claim is honoured without renewal (default 30 s);
+    /// renewed every third of it while the closure runs.
+    #[must_use]
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(3));
+        self
+    }
+
+    /// How long an output is kept for duplicates (default 24 hours).
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Instead of [`OnceError::InFlight`] at once, a duplicate waits up to
+    /// `bound` for the first call to finish and returns its output.
+    #[must_use]
+    pub fn with_wait(mut self, bound: Duration) -> Self {
+        self.wait = Some(bound);
+        self
+    }
+
+    /// How long one store operation may take (default 5 s).
+    #[must_use]
+    pub fn with_store_timeout(mut self, limit: Duration) -> Self {
+        self.store_timeout = limit;
+        self
+    }
+
+    /// How long a completion the store refused is retried in the background
+    /// (default 1 hour), renewing the lease between attempts.
+    #[must_use]
+    pub fn with_completion_retry_limit(mut self, limit: Duration) -> Self {
+        self.completion_retry = limit;
+        self
+    }
+
+    /// Runs `work` unless `key` (within `scope`) already ran with this
+    /// `input`, and returns its output; every duplicate gets the recorded
+    /// output without running anything.
+    ///
+    /// - A duplicate with a different input: [`OnceError::InputMismatch`].
+    /// - A duplicate while the first runs: [`OnceError::InFlight`], or the
+    ///   output once it lands with [`with_wait`](Self::with_wait).
+    /// - `work` returning `Err(e)`: the key is released, so the next
+    ///   duplicate runs again, and this call returns [`OnceError::Failed`].
+    ///   A panic in `work` releases the key too, then resumes.
+    /// - The store failing before `work` runs: [`OnceError::Store`], and
+    ///   nothing ran. Failing after: the output is returned, and the
+    ///   completion retried in the background.
+    ///
+    /// `work` receives the [`IdempotencyContext`] of this execution: its
+    /// `took_over()` says an earlier execution of the same input stopped
+    /// renewing (its process died) and may have done part of the work, and
+    /// `derive(label)` gives keys for the calls it makes downstream.
+    pub async fn run<I, T, E, F, Fut>(
+        &self,
+        scope: &str,
+        key: &str,
+        input: &I,
+        work: F,
+    ) -> Result<T, OnceError<E>>
+    where
+        I: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(IdempotencyContext) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let result = self
+            .execute::<I, T, E, NoRecordedError, _, _>(scope, key, input, work, |_| None)
+            .await;
+        result.map_err(|err| match err {
+            OnceError::Failed(Ok(e)) => OnceError::Failed(e),
+            OnceError::Failed(Err(never)) => match never {},
+            OnceError::InputMismatch => OnceError::InputMismatch,
+            OnceError::InFlight { retry_after } => OnceError::InFlight { retry_after },
+            OnceError::Store(e) => OnceError::Store(e),
+            OnceError::Unreadable(e) => OnceError::Unreadable(e),
+            OnceError::Input(e) => OnceError::Input(e),
+        })
+    }
+
+    /// Like [`run`](Self::run), but an `Err` of `work` is recorded like an
+    /// output: every duplicate gets the same [`OnceError::Failed`] and
+    /// nothing runs again. For errors that say the work was refused for
+    /// good (a declined payment), not for failures worth retrying.
+    pub async fn run_recording_errors<I, T, E, F, Fut>(
+        &self,
+        scope: &str,
+        key: &str,
+        input: &I,
+        work: F,
+    ) -> Result<T, OnceError<E>>
+    where
+        I: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        E: Serialize + DeserializeOwned,
+        F: FnOnce(IdempotencyContext) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let result = self
+            .execute::<I, T, E, E, _, _>(scope, key, input, work, |e| Some(encode(1, e)))
+            .await;
+        result.map_err(|err| match err {
+            OnceError::Failed(Ok(e) | Err(e)) => OnceError::Failed(e),
+            OnceError::InputMismatch => OnceError::InputMismatch,
+            OnceError::InFlight { retry_after } => OnceError::InFlight { retry_after },
+            OnceError::Store(e) => OnceError::Store(e),
+            OnceError::Unreadable(e) => OnceError::Unreadable(e),
+            OnceError::Input(e) => OnceError::Input(e),
+        })
+    }
+
+    /// The claim loop and the execution. `Failed(Ok(e))` is this call's
+    /// error, `Failed(Err(r))` a recorded one; `record_error` encodes an
+    /// error for the record, or says it releases the key (`None`).
+    async fn execute<I, T, E, R, F, Fut>(
+        &self,
+        scope: &str,
+        key: &str,
+        input: &I,
+        work: F,
+        record_error: impl Fn(&E) -> Option<Result<Bytes, serde_json::Error>>,
+    ) -> Result<T, OnceError<Result<E, R>>>
+    where
+        I: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        R: DeserializeOwned,
+        F: FnOnce(IdempotencyContext) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let fingerprint = fingerprint(input).map_err(OnceError::Input)?;
+        let record_key = RecordKey::new(scope, key);
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(5);
+        let (token, took_over) = loop {
+            let claim = self
+                .bounded(self.store.claim(&record_key, fingerprint, self.lease))
+                .await
+                .map_err(OnceError::Store)?;
+            match claim {
+                Claim::Acquired { token, took_over } => break (token, took_over),
+                Claim::Completed {
+                    fingerprint: held, ..
+                }
+                | Claim::InFlight {
+                    fingerprint: held, ..
+                } if held != fingerprint => return Err(OnceError::InputMismatch),
+                Claim::Completed { record, .. } => {
+                    return match decode::<T, R>(&record).map_err(OnceError::Unreadable)? {
+                        Recorded::Output(output) => Ok(output),
+                        Recorded::Error(recorded) => Err(OnceError::Failed(Err(recorded))),
+                    };
+                }
+                Claim::InFlight {
+                    lease_remaining, ..
+                } => {
+                    let left = self.wait.map_or(Duration::ZERO, |bound| {
+                        bound.saturating_sub(started.elapsed())
+                    });
+                    if left.is_zero() {
+                        let retry_after =
+                            lease_remaining.clamp(Duration::from_millis(1), Duration::from_secs(1));
+                        return Err(OnceError::InFlight { retry_after });
+                    }
+                    tokio::time::sleep(backoff.min(left)).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
+                }
+            }
+        };
+        let context = IdempotencyContext::new(record_key.clone(), fingerprint, took_over);
+        let finished = self.run_renewing(&record_key, token, work(context)).await;
+        let outcome = match finished {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                self.release(&record_key, token).await;
+                resume_unwind(panic);
+            }
+        };
+        match outcome {
+            Ok(output) => {
+                match encode(0, &output) {
+                    Ok(record) => self.complete(record_key, token, record).await,
+                    Err(err) => {
+                        // An output that cannot be recorded cannot be
+                        // replayed: free the key rather than hold it.
+                        tracing::error!(error = %err, "at-most-once output does not serialise; key released");
+                        self.release(&record_key, token).await;
+                    }
+                }
+                Ok(output)
+            }
+            Err(err) => {
+                match record_error(&err) {
+                    Some(Ok(record)) => self.complete(record_key, token, record).await,
+                    Some(Err(serialise)) => {
+                        tracing::error!(error = %serialise, "at-most-once error does not serialise; key released");
+                        self.release(&record_key, token).await;
+                    }
+                    None => self.release(&record_key, token).await,
+                }
+                Err(OnceError::Failed(Ok(err)))
+            }
+        }
+    }
+
+    async fn bounded<V>(
+        &self,
+        op: impl Future<Output = Result<V, StoreError>>,
+    ) -> Result<V, StoreError> {
+        match timeout(self.store_timeout, op).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::unavailable(Unreadable(
+                "the store did not answer within the store timeout",
+            ))),
+        }
+    }
+
+    /// Drives `work` to its end, renewing the lease every third of it, and
+    /// catches a panic so that the key can be released first.
+    async fn run_renewing<O>(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        work: impl Future<Output = O>,
+    ) -> Result<O, Box<dyn std::any::Any + Send>> {
+        let mut work = pin!(work);
+        let every = self.lease / 3;
+        let mut renew_at = Instant::now() + every;
+        loop {
+            let polled = std::future::poll_fn(|cx| {
+                match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+                    Ok(Poll::Ready(output)) => Poll::Ready(Some(Ok(output))),
+                    Ok(Poll::Pending) => Poll::Pending,
+                    Err(panic) => Poll::Ready(Some(Err(panic))),
+                }
+            });
+            tokio::select! {
+                biased;
+                done = polled => {
+                    if let Some(done) = done {
+                        return done;
+                    }
+                }
+                () = tokio::time::sleep_until(renew_at) => {
+                    renew_at = Instant::now() + every;
+                    if let Err(err) = self.bounded(self.store.renew(key, token, self.lease)).await {
+                        tracing::warn!(error = %err, "could not renew an at-most-once claim");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn release(&self, key: &RecordKey, token: Token) {
+        if let Err(err) = self.bounded(self.store.release(key, token)).await {
+            tracing::warn!(error = %err, "could not release an at-most-once claim; it ends with its lease");
+        }
+    }
+
+    /// Records the output; on a store failure, keeps trying in the
+    /// background (renewing the lease) until it lands, is fenced, or the
+    /// completion retry limit passes.
+    async fn complete(&self, key: RecordKey, token: Token, record: Bytes) {
+        match self
+            .bounded(self.store.complete(&key, token, record.clone(), self.ttl))
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::Fenced) => {
+                tracing::error!(
+                    "at-most-once claim was taken over while it ran; its output is not recorded"
+                );
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not record an at-most-once output; retrying in the background");
+                let this = self.clone();
+                let retry = async move {
+                    let give_up = Instant::now() + this.completion_retry;
+                    let mut pause = Duration::from_millis(100);
+                    while Instant::now() < give_up {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(5));
+                        let _ = this
+                            .bounded(this.store.renew(&key, token, this.lease))
+                            .await;
+                        match this
+                            .bounded(this.store.complete(&key, token, record.clone(), this.ttl))
+                            .await
+                        {
+                            Ok(()) => return,
+                            Err(StoreError::Fenced) => {
+                                tracing::error!(
+                                    "at-most-once claim was fenced before its output landed"
+                                );
+                                return;
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    tracing::error!(
+                        "gave up recording an at-most-once output; the claim ends as lapsed"
+                    );
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(handle) => {
+                        handle.spawn(retry);
+                    }
+                    Err(_) => {
+                        tracing::error!("no runtime to retry recording an at-most-once output")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The fingerprint of an input: SHA-256 over a version tag and the input's
+/// canonical JSON (RFC 8785), so map order never matters.
+fn fingerprint<I: Serialize + ?Sized>(input: &I) -> Result<Fingerprint, IntentKeyError> {
+    let value = serde_json::to_value(input).map_err(IntentKeyError::Unserializable)?;
+    let canonical = canonical_json(&value)?;
+    let mut hasher = Sha256::new();
+    hasher.update(b"tower-idempotency/once/v1\0");
+    hasher.update(&canonical);
+    Ok(Fingerprint::from_bytes(hasher.finalize().into()))
+}

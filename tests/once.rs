@@ -1,0 +1,301 @@
+//! At-most-once work on the in-memory store: races, duplicates, mismatched
+//! inputs, errors, panics, take-overs and store failures. The same race on
+//! Redis, Redis Cluster and PostgreSQL is in their own test files.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Counter;
+use serde_json::json;
+use tower_idempotency::{
+    MemoryStore,
+    once::{AtMostOnce, OnceError},
+    store::{Fault, FaultyStore, Op},
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_calls_run_once_and_all_get_the_output() {
+    common::at_most_once_races(MemoryStore::default(), "tools").await;
+}
+
+#[tokio::test]
+async fn a_redelivered_message_returns_the_recorded_output() {
+    let once = AtMostOnce::new(MemoryStore::default());
+    let counter = Counter::default();
+    for _ in 0..3 {
+        let c = counter.clone();
+        let id: u64 = once
+            .run(
+                "queue",
+                "msg-1",
+                &json!({"slot": "09:00"}),
+                |_| async move { Ok::<_, std::io::Error>(c.hit() as u64 * 100) },
+            )
+            .await
+            .unwrap();
+        assert_eq!(id, 100);
+    }
+    assert_eq!(counter.get(), 1);
+    // Map order in the input does not matter.
+    let again: u64 = once
+        .run("queue", "msg-1", &json!({"slot": "09:00"}), |_| async {
+            Ok::<_, std::io::Error>(0)
+        })
+        .await
+        .unwrap();
+    assert_eq!(again, 100);
+    // Another scope is another namespace.
+    let other: u64 = once
+        .run(
+            "other-queue",
+            "msg-1",
+            &json!({"slot": "09:00"}),
+            |_| async { Ok::<_, std::io::Error>(7) },
+        )
+        .await
+        .unwrap();
+    assert_eq!(other, 7);
+}
+
+#[tokio::test]
+async fn a_different_input_with_the_key_is_refused() {
+    let once = AtMostOnce::new(MemoryStore::default());
+    once.run("s", "k", &json!({"a": 1}), |_| async {
+        Ok::<_, std::io::Error>(1)
+    })
+    .await
+    .unwrap();
+    let err = once
+        .run("s", "k", &json!({"a": 2}), |_| async {
+            panic!("must not run");
+            #[allow(unreachable_code)]
+            Ok::<u32, std::io::Error>(2)
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OnceError::InputMismatch), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_while_the_first_runs_is_in_flight_or_waits() {
+    let once = AtMostOnce::new(MemoryStore::default());
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let first = {
+        let once = once.clone();
+        tokio::spawn(async move {
+            once.run("s", "k", &json!({}), |_| async move {
+                started_tx.send(()).unwrap();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Ok::<_, std::io::Error>("done".to_owned())
+            })
+            .await
+        })
+    };
+    started.await.unwrap();
+    let err = once
+        .run("s", "k", &json!({}), |_| async {
+            Ok::<_, std::io::Error>("again".to_owned())
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OnceError::InFlight { retry_after } if retry_after <= Duration::from_secs(1)),
+        "{err}"
+    );
+    let waiting = once.clone().with_wait(Duration::from_secs(5));
+    let waited = waiting
+        .run("s", "k", &json!({}), |_| async {
+            Ok::<_, std::io::Error>("again".to_owned())
+        })
+        .await
+        .unwrap();
+    assert_eq!(waited, "done");
+    assert_eq!(first.await.unwrap().unwrap(), "done");
+}
+
+#[tokio::test]
+async fn an_error_releases_the_key_and_the_next_call_runs() {
+    let once = AtMostOnce::new(MemoryStore::default());
+    let counter = Counter::default();
+    for expected in [Err("card network down"), Ok(2)] {
+        let c = counter.clone();
+        let result = once
+            .run("pay", "inv-7", &json!({"amount": 12.5}), |_| async move {
+                match c.hit() {
+                    1 => Err("card network down"),
+                    n => Ok(n),
+                }
+            })
+            .await;
+        match (result, expected) {
+            (Err(OnceError::Failed(e)), Err(want)) => assert_eq!(e, want),
+            (Ok(n), Ok(want)) => assert_eq!(n, want),
+            (other, want) => panic!("{other:?} vs {want:?}"),
+        }
+    }
+    assert_eq!(counter.get(), 2);
+}
+
+#[tokio::test]
+async fn a_recorded_error_is_returned_to_every_duplicate() {
+    let once = AtMostOnce::new(MemoryStore::default());
+    let counter = Counter::default();
+    for _ in 0..3 {
+        let c = counter.clone();
+        let err = once
+            .run_recording_errors("pay", "inv-8", &json!({"amount": 99}), |_| async move {
+                c.hit();
+                Err::<u64, _>("card declined".to_owned())
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, OnceError::Failed(e) if e == "card declined"),
+            "{err}"
+        );
+    }
+    assert_eq!(counter.get(), 1, "a refusal is final");
+}
+
+#[tokio::test]
+async fn a_panic_releases_the_key_then_resumes() {
+    let once = AtMostOnce::new(MemoryStore::default());
+    let panicked = {
+        let once = once.clone();
+        tokio::spawn(async move {
+            once.run("s", "k", &json!({}), |_| async {
+                panic!("tool crashed");
+                #[allow(unreachable_code)]
+                Ok::<u8, std::io::Error>(0)
+            })
+            .await
+        })
+        .await
+    };
+    assert!(panicked.unwrap_err().is_panic());
+    let after = once
+        .run("s", "k", &json!({}), |_| async {
+            Ok::<_, std::io::Error>(5u8)
+        })
+        .await
+        .unwrap();
+    assert_eq!(after, 5, "the key was released");
+}
+
+/// A caller that stops driving its call (its process died) leaves the claim
+/// to lapse; the next call with the same input takes it over and is told so.
+#[tokio::test(start_paused = true)]
+async fn a_call_abandoned_mid_work_is_taken_over_with_the_flag() {
+    let once = AtMostOnce::new(MemoryStore::default()).with_lease(Duration::from_secs(3));
+    let input = json!({"x": 1});
+    let abandoned = once.run("s", "k", &input, |_| async {
+        std::future::pending::<()>().await;
+        Ok::<u8, std::io::Error>(0)
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(10), abandoned)
+            .await
+            .is_err()
+    );
+    tokio::time::advance(Duration::from_secs(4)).await;
+    let took_over = once
+        .run("s", "k", &json!({"x": 1}), |ctx| async move {
+            Ok::<_, std::io::Error>(ctx.took_over())
+        })
+        .await
+        .unwrap();
+    assert!(took_over);
+}
+
+/// The lease is renewed while the work runs: a duplicate long after the
+/// lease would have lapsed still finds the call in flight.
+#[tokio::test(start_paused = true)]
+async fn the_lease_is_renewed_while_the_work_runs() {
+    let once = AtMostOnce::new(MemoryStore::default()).with_lease(Duration::from_secs(3));
+    let first = {
+        let once = once.clone();
+        tokio::spawn(async move {
+            once.run("s", "k", &json!({}), |_| async {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                Ok::<_, std::io::Error>(1u8)
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let err = once
+        .run("s", "k", &json!({}), |_| async {
+            Ok::<_, std::io::Error>(2u8)
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OnceError::InFlight { .. }), "{err}");
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_store_that_is_down_runs_nothing() {
+    let store = FaultyStore::new(MemoryStore::default());
+    store.set_fault(Op::Claim, Some(Fault::Unavailable));
+    let once = AtMostOnce::new(store.clone());
+    let err = once
+        .run("s", "k", &json!({}), |_| async {
+            panic!("must not run");
+            #[allow(unreachable_code)]
+            Ok::<u8, std::io::Error>(0)
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OnceError::Store(_)), "{err}");
+}
+
+/// The store fails to take the output: the caller still gets it, and the
+/// completion lands in the background once the store is back, so the next
+/// duplicate gets it too.
+#[tokio::test(start_paused = true)]
+async fn an_output_the_store_refused_is_recorded_later() {
+    let store = FaultyStore::new(MemoryStore::default());
+    let once = AtMostOnce::new(store.clone());
+    store.set_fault(Op::Complete, Some(Fault::Unavailable));
+    let first = once
+        .run("s", "k", &json!({}), |_| async {
+            Ok::<_, std::io::Error>(9u8)
+        })
+        .await
+        .unwrap();
+    assert_eq!(first, 9);
+    store.set_fault(Op::Complete, None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let replayed = once
+        .run("s", "k", &json!({}), |_| async {
+            Ok::<_, std::io::Error>(0u8)
+        })
+        .await
+        .unwrap();
+    assert_eq!(replayed, 9);
+}
+
+#[tokio::test]
+async fn bad_inputs_and_unreadable_outputs_are_named() {
+    let once = AtMostOnce::new(MemoryStore::default());
+    let err = once
+        .run("s", "k", &json!({"n": 9007199254740993u64}), |_| async {
+            Ok::<u8, std::io::Error>(0)
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OnceError::Input(_)), "{err}");
+    once.run("s", "typed", &json!({}), |_| async {
+        Ok::<_, std::io::Error>("text".to_owned())
+    })
+    .await
+    .unwrap();
+    let err = once
+        .run("s", "typed", &json!({}), |_| async {
+            Ok::<_, std::io::Error>(1u64)
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OnceError::Unreadable(_)), "{err}");
+}
