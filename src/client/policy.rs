@@ -1,0 +1,201 @@
+//! What to retry, and how long to wait: shared by the tower layer and the
+//! reqwest middleware.
+
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, Method, StatusCode, header};
+
+/// What an attempt's answer says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Final: return it.
+    Done,
+    /// Not done, or not known to be done: try again, after the server's
+    /// `Retry-After` if it sent one.
+    Retry(Option<Duration>),
+}
+
+/// The problem code of a 409 that says "the first request with this key is
+/// still running".
+pub(crate) const IN_FLIGHT: &str = "request-in-flight";
+
+/// The largest problem body read to learn its code.
+pub(crate) const PROBLEM_LIMIT: usize = 64 * 1024;
+
+/// Whether a 409 is worth reading for its problem code.
+pub(crate) fn is_problem_409(status: StatusCode, headers: &HeaderMap) -> bool {
+    status == StatusCode::CONFLICT
+        && headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/problem+json"))
+}
+
+/// The `code` member of a problem document, if it has one.
+pub(crate) fn problem_code(body: &[u8]) -> Option<String> {
+    let doc: serde_json::Value = serde_json::from_slice(body).ok()?;
+    doc.get("code")?.as_str().map(str::to_owned)
+}
+
+/// The verdict on an answer: 408, 425, 429, 502, 503, 504 and a 409
+/// `request-in-flight` are retried; everything else is final (400 and 422
+/// above all: a reused key or a bad request does not get better).
+pub(crate) fn classify(status: StatusCode, headers: &HeaderMap, problem: Option<&str>) -> Verdict {
+    let retry = match status.as_u16() {
+        408 | 425 | 429 | 502 | 503 | 504 => true,
+        409 => problem == Some(IN_FLIGHT),
+        _ => false,
+    };
+    if retry {
+        Verdict::Retry(retry_after(headers, SystemTime::now()))
+    } else {
+        Verdict::Done
+    }
+}
+
+/// `Retry-After` as a wait: delay-seconds, or an HTTP date (a date in the
+/// past is no wait).
+pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Methods RFC 9110 defines as idempotent: safe to retry without a key.
+pub(crate) fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Exponential backoff with full jitter: a uniform wait in
+/// `[0, min(cap, base * 2^(retry - 1))]` before retry number `retry` (1 for
+/// the first retry).
+pub(crate) fn backoff(base: Duration, cap: Duration, retry: u32) -> Duration {
+    let ceiling = base
+        .saturating_mul(
+            1u32.checked_shl(retry.saturating_sub(1))
+                .unwrap_or(u32::MAX),
+        )
+        .min(cap);
+    let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_nanos(crate::random_u64() % (nanos + 1))
+}
+
+/// The wait before the next attempt, or `None` when the deadline leaves no
+/// time for one: the server's `Retry-After` if given, else the backoff.
+pub(crate) fn next_wait(
+    server_hint: Option<Duration>,
+    backoff: Duration,
+    remaining: Duration,
+) -> Option<Duration> {
+    let wait = server_hint.unwrap_or(backoff);
+    (wait < remaining).then_some(wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn with_retry_after(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+        headers
+    }
+
+    #[test]
+    fn statuses_are_classified_as_the_table_says() {
+        let none = HeaderMap::new();
+        for code in [408, 425, 429, 502, 503, 504] {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert_eq!(
+                classify(status, &none, None),
+                Verdict::Retry(None),
+                "{code}"
+            );
+        }
+        for code in [
+            200, 201, 204, 301, 400, 401, 403, 404, 410, 413, 422, 500, 501,
+        ] {
+            let status = StatusCode::from_u16(code).unwrap();
+            assert_eq!(classify(status, &none, None), Verdict::Done, "{code}");
+        }
+        assert_eq!(
+            classify(StatusCode::CONFLICT, &none, Some(IN_FLIGHT)),
+            Verdict::Retry(None)
+        );
+        assert_eq!(
+            classify(StatusCode::CONFLICT, &none, Some("key-reused")),
+            Verdict::Done
+        );
+        assert_eq!(classify(StatusCode::CONFLICT, &none, None), Verdict::Done);
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(
+            retry_after(&with_retry_after("3"), now),
+            Some(Duration::from_secs(3))
+        );
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(7));
+        assert_eq!(
+            retry_after(&with_retry_after(&later), now),
+            Some(Duration::from_secs(7))
+        );
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(7));
+        assert_eq!(
+            retry_after(&with_retry_after(&earlier), now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(&with_retry_after("soon"), now), None);
+        assert_eq!(retry_after(&HeaderMap::new(), now), None);
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_a_growing_cap() {
+        let (base, cap) = (Duration::from_millis(100), Duration::from_secs(2));
+        for retry in 1..12 {
+            let ceiling = (base * 2u32.pow(retry - 1)).min(cap);
+            for _ in 0..50 {
+                assert!(backoff(base, cap, retry) <= ceiling);
+            }
+        }
+        let spread: std::collections::HashSet<_> = (0..50).map(|_| backoff(base, cap, 5)).collect();
+        assert!(spread.len() > 10, "jittered, not fixed");
+        assert_eq!(backoff(Duration::ZERO, cap, 3), Duration::ZERO);
+        assert!(backoff(base, cap, 200) <= cap, "no overflow");
+    }
+
+    #[test]
+    fn the_deadline_caps_the_wait() {
+        let ms = Duration::from_millis;
+        assert_eq!(next_wait(Some(ms(500)), ms(10), ms(1000)), Some(ms(500)));
+        assert_eq!(next_wait(None, ms(10), ms(1000)), Some(ms(10)));
+        assert_eq!(next_wait(Some(ms(2000)), ms(10), ms(1000)), None);
+    }
+
+    #[test]
+    fn only_idempotent_methods_retry_without_a_key() {
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ] {
+            assert!(is_idempotent(&m), "{m}");
+        }
+        for m in [Method::POST, Method::PATCH, Method::CONNECT] {
+            assert!(!is_idempotent(&m), "{m}");
+        }
+    }
+}

@@ -1,0 +1,627 @@
+//! [`RetryLayer`]: retries an HTTP client's requests under their intent key.
+
+use std::{
+    error::Error as StdError,
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderName, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::{
+    IntentKey,
+    policy::{self, Verdict},
+};
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// What one attempt ended with, as [`RetryLayer::on_attempt`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AttemptOutcome {
+    /// An answer with this status; `replayed` when it carried
+    /// `Idempotent-Replayed: true`.
+    Status {
+        /// The answer's status.
+        status: StatusCode,
+        /// The server replayed a recorded response.
+        replayed: bool,
+    },
+    /// No answer within the attempt timeout.
+    TimedOut,
+    /// The request failed before an answer (connection refused or reset):
+    /// the error's text.
+    Failed(String),
+}
+
+impl fmt::Display for AttemptOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttemptOutcome::Status { status, replayed } => {
+                write!(f, "{}", status.as_u16())?;
+                if *replayed {
+                    f.write_str(" (replayed)")?;
+                }
+                Ok(())
+            }
+            AttemptOutcome::TimedOut => f.write_str("timed out"),
+            AttemptOutcome::Failed(err) => write!(f, "failed: {err}"),
+        }
+    }
+}
+
+/// One attempt, as it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptEvent {
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// How it ended.
+    pub outcome: AttemptOutcome,
+    /// The wait before the next attempt; `None` when there is none (the
+    /// answer was final, or attempts or the deadline ran out).
+    pub wait: Option<Duration>,
+}
+
+/// What the retries came to, in the final response's extensions (and in
+/// [`RetryError`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryReport {
+    /// Attempts made, the last included.
+    pub attempts: u32,
+    /// The final answer was a replay of a recorded response
+    /// (`Idempotent-Replayed: true`).
+    pub replayed: bool,
+    /// The key every attempt carried, if any.
+    pub key: Option<String>,
+    /// The final answer was still one worth retrying (a 503, a 409 in
+    /// flight, ...) when attempts or the deadline ran out.
+    pub exhausted: bool,
+}
+
+/// Why a request got no answer.
+#[derive(Debug)]
+pub struct RetryError {
+    kind: RetryErrorKind,
+    report: RetryReport,
+    source: Option<BoxError>,
+}
+
+/// What ended the last attempt, in a [`RetryError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RetryErrorKind {
+    /// The last attempt timed out, and attempts or the deadline ran out.
+    TimedOut,
+    /// The last attempt failed before an answer (its error is the source),
+    /// and attempts or the deadline ran out, or the request could not be
+    /// retried (no key and not idempotent).
+    Failed,
+}
+
+impl RetryError {
+    /// What ended the last attempt.
+    pub fn kind(&self) -> RetryErrorKind {
+        self.kind
+    }
+
+    /// The attempts made.
+    pub fn report(&self) -> &RetryReport {
+        &self.report
+    }
+}
+
+impl fmt::Display for RetryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            RetryErrorKind::TimedOut => "timed out",
+            RetryErrorKind::Failed => "failed",
+        };
+        write!(
+            f,
+            "request {what} after {} attempt(s)",
+            self.report.attempts
+        )?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl StdError for RetryError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+type Observer = Arc<dyn Fn(&AttemptEvent) + Send + Sync>;
+
+#[derive(Clone)]
+struct Config {
+    header: HeaderName,
+    attempts: u32,
+    attempt_timeout: Duration,
+    deadline: Duration,
+    base: Duration,
+    cap: Duration,
+    observer: Option<Observer>,
+}
+
+/// Retries an HTTP client's requests safely: under the key of their intent,
+/// on the answers that mean "not done, or not known to be done".
+///
+/// - **The key.** A request carries its key in the `Idempotency-Key` header,
+///   or as an [`IntentKey`] in its extensions (the layer writes the header
+///   from it). Every attempt sends the same key; the layer never makes one
+///   up. A request without a key is retried only if its method is
+///   idempotent (`GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`): a
+///   keyless `POST` is sent once.
+/// - **When.** Connection errors, attempt timeouts, 408, 425, 429, 502,
+///   503, 504, and a 409 whose problem `code` is `request-in-flight`. Never
+///   400 or 422 (a reused key, a bad request) or any other 4xx, and never a
+///   500 (the work may have happened; with a key, the server replays it).
+/// - **How long.** At most [`with_attempts`](Self::with_attempts) attempts
+///   (6), each bounded by [`with_attempt_timeout`](Self::with_attempt_timeout)
+///   (10 s), all within [`with_deadline`](Self::with_deadline) (60 s).
+///   Between attempts: the server's `Retry-After` (seconds or an HTTP
+///   date) when it sent one, else exponential backoff with full jitter
+///   (`uniform(0, min(10 s, 200 ms × 2^(retry − 1)))`). A wait that would
+///   pass the deadline ends the retries instead.
+/// - **What happened.** The final response carries a [`RetryReport`] in
+///   its extensions (attempts, whether it was a replay, the key); a request
+///   that got no answer fails with a [`RetryError`] carrying the same.
+///   Each attempt is a `tracing` event, and [`on_attempt`](Self::on_attempt)
+///   hears about each.
+///
+/// The request body must be `Clone` (each attempt sends it again), such as
+/// `http_body_util::Full<Bytes>`.
+///
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_idempotency::client::{IntentKey, RetryLayer};
+///
+/// # fn client() -> impl tower::Service<http::Request<String>, Response = http::Response<String>, Error = std::io::Error, Future: Send> + Clone + Send + 'static {
+/// #     tower::service_fn(|_req| async { Ok(http::Response::new(String::new())) }) }
+/// let client = ServiceBuilder::new()
+///     .layer(RetryLayer::new())
+///     .service(client()); // hyper-util's client, for example
+///
+/// let key = IntentKey::derive("book", &serde_json::json!({"caller": "ada", "slot": "09:00"}))?;
+/// let mut request = http::Request::post("http://127.0.0.1:3000/appointments")
+///     .body(String::from(r#"{"caller":"ada","slot":"09:00"}"#))?;
+/// request.extensions_mut().insert(key);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+#[must_use]
+pub struct RetryLayer {
+    config: Arc<Config>,
+}
+
+impl fmt::Debug for RetryLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        f.debug_struct("RetryLayer")
+            .field("attempts", &c.attempts)
+            .field("attempt_timeout", &c.attempt_timeout)
+            .field("deadline", &c.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RetryLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RetryLayer {
+    /// The defaults above.
+    pub fn new() -> Self {
+        RetryLayer {
+            config: Arc::new(Config {
+                header: crate::IDEMPOTENCY_KEY,
+                attempts: 6,
+                attempt_timeout: Duration::from_secs(10),
+                deadline: Duration::from_secs(60),
+                base: Duration::from_millis(200),
+                cap: Duration::from_secs(10),
+                observer: None,
+            }),
+        }
+    }
+
+    fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        change(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// The most attempts, the first included (default 6; at least 1).
+    pub fn with_attempts(self, attempts: u32) -> Self {
+        self.with(|c| c.attempts = attempts.max(1))
+    }
+
+    /// The longest one attempt may take (default 10 s).
+    pub fn with_attempt_timeout(self, timeout: Duration) -> Self {
+        self.with(|c| c.attempt_timeout = timeout)
+    }
+
+    /// The longest all attempts and waits may take together (default 60 s).
+    pub fn with_deadline(self, deadline: Duration) -> Self {
+        self.with(|c| c.deadline = deadline)
+    }
+
+    /// The backoff's base and cap (default 200 ms and 10 s).
+    pub fn with_backoff(self, base: Duration, cap: Duration) -> Self {
+        self.with(|c| {
+            c.base = base;
+            c.cap = cap;
+        })
+    }
+
+    /// The header carrying the key (default `Idempotency-Key`).
+    pub fn with_header(self, header: HeaderName) -> Self {
+        self.with(|c| c.header = header)
+    }
+
+    /// Calls `observer` as each attempt ends (for a progress line, a
+    /// metric).
+    pub fn on_attempt(self, observer: impl Fn(&AttemptEvent) + Send + Sync + 'static) -> Self {
+        let observer: Observer = Arc::new(observer);
+        self.with(|c| c.observer = Some(observer))
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service [`RetryLayer`] builds.
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S: fmt::Debug> fmt::Debug for Retry<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+type Answer<RB> = Result<Response<RetryBody<RB>>, RetryError>;
+
+/// The future [`Retry`] returns.
+pub struct RetryFuture<RB> {
+    inner: Pin<Box<dyn Future<Output = Answer<RB>> + Send>>,
+}
+
+impl<RB> fmt::Debug for RetryFuture<RB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RetryFuture")
+    }
+}
+
+impl<RB> Future for RetryFuture<RB> {
+    type Output = Result<Response<RetryBody<RB>>, RetryError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for Retry<S>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError> + Send,
+    B: Clone + Send + 'static,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    type Response = Response<RetryBody<RB>>;
+    type Error = RetryError;
+    type Future = RetryFuture<RB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(|err| RetryError {
+            kind: RetryErrorKind::Failed,
+            report: RetryReport {
+                attempts: 0,
+                replayed: false,
+                key: None,
+                exhausted: false,
+            },
+            source: Some(err.into()),
+        })
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let config = self.config.clone();
+        // The readiness `poll_ready` reserved is used by the first attempt.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        if !request.headers().contains_key(&config.header)
+            && let Some(key) = request.extensions().get::<IntentKey>()
+        {
+            let value = key.header_value();
+            request.headers_mut().insert(config.header.clone(), value);
+        }
+        RetryFuture {
+            inner: Box::pin(attempts(config, inner, request)),
+        }
+    }
+}
+
+/// Sends `request` until an answer is final, or attempts or the deadline
+/// run out.
+async fn attempts<S, B, RB>(
+    config: Arc<Config>,
+    mut inner: S,
+    request: Request<B>,
+) -> Result<Response<RetryBody<RB>>, RetryError>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError> + Send,
+    B: Clone + Send + 'static,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<BoxError>,
+{
+    let key = request
+        .headers()
+        .get(&config.header)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let retryable = key.is_some() || policy::is_idempotent(request.method());
+    let attempts_allowed = if retryable { config.attempts } else { 1 };
+    let deadline = Instant::now() + config.deadline;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        if attempt > 1 {
+            // Only the first attempt has readiness from `poll_ready`.
+            let ready = std::future::poll_fn(|cx| inner.poll_ready(cx)).await;
+            if let Err(err) = ready {
+                return Err(failed(&key, attempt, err.into()));
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let limit = config.attempt_timeout.min(left);
+        let sent = tokio::time::timeout(limit, inner.call(request.clone())).await;
+        let (outcome, verdict, answer) = match sent {
+            Err(_) => (AttemptOutcome::TimedOut, Verdict::Retry(None), Err(None)),
+            Ok(Err(err)) => {
+                let err: BoxError = err.into();
+                (
+                    AttemptOutcome::Failed(err.to_string()),
+                    Verdict::Retry(None),
+                    Err(Some(err)),
+                )
+            }
+            Ok(Ok(response)) => {
+                let replayed = is_replay(&response);
+                let (response, problem) = read_problem(response).await;
+                let verdict =
+                    policy::classify(response.status(), response.headers(), problem.as_deref());
+                (
+                    AttemptOutcome::Status {
+                        status: response.status(),
+                        replayed,
+                    },
+                    verdict,
+                    Ok(response),
+                )
+            }
+        };
+        let more = attempt < attempts_allowed;
+        let wait = match verdict {
+            Verdict::Retry(hint) if more => policy::next_wait(
+                hint,
+                policy::backoff(config.base, config.cap, attempt),
+                deadline.saturating_duration_since(Instant::now()),
+            ),
+            _ => None,
+        };
+        let event = AttemptEvent {
+            attempt,
+            outcome,
+            wait,
+        };
+        tracing::debug!(attempt, outcome = %event.outcome, wait_ms = wait.map(|w| w.as_millis() as u64), "attempt ended");
+        if let Some(observer) = &config.observer {
+            observer(&event);
+        }
+        if let Some(wait) = wait {
+            tokio::time::sleep(wait).await;
+            continue;
+        }
+        let exhausted = matches!(verdict, Verdict::Retry(_));
+        return match answer {
+            Ok(mut response) => {
+                let report = RetryReport {
+                    attempts: attempt,
+                    replayed: is_replay(&response),
+                    key,
+                    exhausted,
+                };
+                tracing::info!(
+                    attempts = attempt,
+                    replayed = report.replayed,
+                    status = response.status().as_u16(),
+                    exhausted,
+                    "request answered"
+                );
+                response.extensions_mut().insert(report);
+                Ok(response)
+            }
+            Err(source) => {
+                let kind = if source.is_some() {
+                    RetryErrorKind::Failed
+                } else {
+                    RetryErrorKind::TimedOut
+                };
+                tracing::info!(attempts = attempt, "request got no answer");
+                Err(RetryError {
+                    kind,
+                    report: RetryReport {
+                        attempts: attempt,
+                        replayed: false,
+                        key,
+                        exhausted: true,
+                    },
+                    source,
+                })
+            }
+        };
+    }
+}
+
+fn failed(key: &Option<String>, attempt: u32, source: BoxError) -> RetryError {
+    RetryError {
+        kind: RetryErrorKind::Failed,
+        report: RetryReport {
+            attempts: attempt - 1,
+            replayed: false,
+            key: key.clone(),
+            exhausted: true,
+        },
+        source: Some(source),
+    }
+}
+
+fn is_replay<T>(response: &Response<T>) -> bool {
+    response
+        .headers()
+        .get(crate::IDEMPOTENT_REPLAYED)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
+}
+
+/// A 409 problem is read (up to 64 KiB) to learn its code; every other
+/// response passes untouched.
+async fn read_problem<RB>(response: Response<RB>) -> (Response<RetryBody<RB>>, Option<String>)
+where
+    RB: Body<Data = Bytes>,
+    RB::Error: Into<BoxError>,
+{
+    if !policy::is_problem_409(response.status(), response.headers()) {
+        return (response.map(RetryBody::inner), None);
+    }
+    let (parts, body) = response.into_parts();
+    let mut body = std::pin::pin!(body);
+    let mut buf = BytesMut::new();
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let Ok(frame) = frame else {
+            break;
+        };
+        if let Ok(mut data) = frame.into_data() {
+            if buf.len() + data.remaining() > policy::PROBLEM_LIMIT {
+                break;
+            }
+            buf.extend_from_slice(&data.copy_to_bytes(data.remaining()));
+        }
+    }
+    let bytes = buf.freeze();
+    let code = policy::problem_code(&bytes);
+    (
+        Response::from_parts(parts, RetryBody::buffered(bytes)),
+        code,
+    )
+}
+
+pin_project_lite::pin_project! {
+    /// The body of a response [`Retry`] returns: the service's own, or the
+    /// bytes of a 409 problem the layer read to learn its code.
+    pub struct RetryBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner { #[pin] body: B },
+        Buffered { data: Option<Bytes> },
+    }
+}
+
+impl<B> RetryBody<B> {
+    fn inner(body: B) -> Self {
+        RetryBody {
+            kind: Kind::Inner { body },
+        }
+    }
+
+    fn buffered(data: Bytes) -> Self {
+        RetryBody {
+            kind: Kind::Buffered {
+                data: Some(data).filter(|d| !d.is_empty()),
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for RetryBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.kind {
+            Kind::Inner { .. } => "RetryBody::Inner",
+            Kind::Buffered { .. } => "RetryBody::Buffered",
+        })
+    }
+}
+
+impl<B> Body for RetryBody<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().kind.project() {
+            KindProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
+            KindProj::Buffered { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Buffered { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Inner { body } => body.size_hint(),
+            Kind::Buffered { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}

@@ -1,0 +1,376 @@
+//! The retrying client layer: what it retries and when, on paused time with
+//! scripted services, and the seed incident over real TCP through a proxy
+//! that forwards each request but drops the response.
+
+mod common;
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use common::Counter;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt, service_fn};
+use tower_idempotency::client::{
+    AttemptOutcome, IntentKey, RetryErrorKind, RetryLayer, RetryReport,
+};
+
+/// What a scripted server does on each attempt.
+#[derive(Clone)]
+enum Answer {
+    Status(u16, &'static [(&'static str, &'static str)], &'static str),
+    Hang,
+    Refuse,
+}
+
+/// A service answering attempt by attempt, recording the key each carried.
+#[derive(Clone, Default)]
+struct Script {
+    answers: Arc<Mutex<VecDeque<Answer>>>,
+    keys: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+impl Script {
+    fn new(answers: impl IntoIterator<Item = Answer>) -> Self {
+        Script {
+            answers: Arc::new(Mutex::new(answers.into_iter().collect())),
+            keys: Arc::default(),
+        }
+    }
+
+    fn attempts(&self) -> usize {
+        self.keys.lock().unwrap().len()
+    }
+
+    fn service(
+        &self,
+    ) -> impl tower::Service<
+        Request<Full<Bytes>>,
+        Response = Response<Full<Bytes>>,
+        Error = std::io::Error,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static {
+        let script = self.clone();
+        service_fn(move |req: Request<Full<Bytes>>| {
+            let script = script.clone();
+            async move {
+                let key = req
+                    .headers()
+                    .get("idempotency-key")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                script.keys.lock().unwrap().push(key);
+                let answer = script
+                    .answers
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .unwrap_or(Answer::Status(200, &[], "default"));
+                match answer {
+                    Answer::Status(code, headers, body) => {
+                        let mut response = Response::builder().status(code);
+                        for (name, value) in headers {
+                            response = response.header(*name, *value);
+                        }
+                        Ok(response
+                            .body(Full::new(Bytes::from_static(body.as_bytes())))
+                            .unwrap())
+                    }
+                    Answer::Hang => std::future::pending().await,
+                    Answer::Refuse => Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionRefused,
+                        "connection refused",
+                    )),
+                }
+            }
+        })
+    }
+}
+
+fn keyed_post() -> Request<Full<Bytes>> {
+    let mut request = Request::post("http://api.example/bookings")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let key = IntentKey::derive("book", &serde_json::json!({"slot": "09:00"})).unwrap();
+    request.extensions_mut().insert(key);
+    request
+}
+
+const IN_FLIGHT: &str =
+    r#"{"type":"x","title":"t","status":409,"detail":"d","code":"request-in-flight"}"#;
+const REUSED: &str = r#"{"type":"x","title":"t","status":409,"detail":"d","code":"key-reused"}"#;
+const PROBLEM: &[(&str, &str)] = &[("content-type", "application/problem+json")];
+const PROBLEM_RETRY_2: &[(&str, &str)] = &[
+    ("content-type", "application/problem+json"),
+    ("retry-after", "2"),
+];
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured_and_the_key_is_the_same_on_every_attempt() {
+    let script = Script::new([
+        Answer::Status(503, &[("retry-after", "2")], "busy"),
+        Answer::Status(409, PROBLEM_RETRY_2, IN_FLIGHT),
+        Answer::Status(201, &[("idempotent-replayed", "true")], "booked"),
+    ]);
+    let client = RetryLayer::new().layer(script.service());
+    let start = Instant::now();
+    let response = client.oneshot(keyed_post()).await.unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_secs(4),
+        "waited Retry-After twice"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let report = response.extensions().get::<RetryReport>().unwrap().clone();
+    assert_eq!(
+        (report.attempts, report.replayed, report.exhausted),
+        (3, true, false)
+    );
+    let keys = script.keys.lock().unwrap().clone();
+    assert_eq!(keys.len(), 3);
+    assert!(
+        keys.iter().all(|k| k.is_some() && *k == keys[0]),
+        "{keys:?}"
+    );
+    assert_eq!(keys[0].as_deref(), report.key.as_deref());
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        "booked"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_http_date_is_honoured() {
+    let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3));
+    let headers: &'static [(&'static str, &'static str)] =
+        Box::leak(vec![("retry-after", &*Box::leak(later.into_boxed_str()))].into_boxed_slice());
+    let script = Script::new([Answer::Status(429, headers, "slow down")]);
+    let client = RetryLayer::new().layer(script.service());
+    let start = Instant::now();
+    client.oneshot(keyed_post()).await.unwrap();
+    assert_eq!(script.attempts(), 2);
+    // An HTTP date has whole seconds: between 2 and 3 seconds from now.
+    assert!(
+        start.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn final_answers_are_never_retried() {
+    for (code, headers, body) in [
+        (400, PROBLEM, "{}"),
+        (422, PROBLEM, "{}"),
+        (404, &[][..], ""),
+        (401, &[][..], ""),
+        (500, &[][..], "the work may have happened"),
+        (409, PROBLEM, REUSED),
+        (409, &[][..], "a plain conflict"),
+    ] {
+        let script = Script::new([Answer::Status(code, headers, body)]);
+        let client = RetryLayer::new().layer(script.service());
+        let response = client.oneshot(keyed_post()).await.unwrap();
+        assert_eq!(script.attempts(), 1, "{code} {body}");
+        assert_eq!(response.status().as_u16(), code);
+        // The body of a 409 the layer read is still whole.
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            body
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_keyless_post_is_sent_once_and_a_keyless_get_is_retried() {
+    let script = Script::new([Answer::Status(503, &[], ""), Answer::Refuse]);
+    let client = RetryLayer::new().layer(script.service());
+    let post = Request::post("http://api.example/bookings")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.clone().oneshot(post).await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(script.attempts(), 1, "no key: never retried");
+    let err = client
+        .clone()
+        .oneshot(
+            Request::post("http://api.example/bookings")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.kind(), err.report().attempts),
+        (RetryErrorKind::Failed, 1)
+    );
+
+    let script = Script::new([
+        Answer::Status(503, &[], ""),
+        Answer::Status(200, &[], "list"),
+    ]);
+    let client = RetryLayer::new().layer(script.service());
+    let get = Request::get("http://api.example/bookings")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(client.oneshot(get).await.unwrap().status(), 200);
+    assert_eq!(script.attempts(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempt_timeouts_and_connection_errors_are_retried() {
+    let script = Script::new([Answer::Hang, Answer::Refuse, Answer::Status(201, &[], "ok")]);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let seen = events.clone();
+    let client = RetryLayer::new()
+        .with_attempt_timeout(Duration::from_secs(3))
+        .on_attempt(move |event| seen.lock().unwrap().push(event.clone()))
+        .layer(script.service());
+    let response = client.oneshot(keyed_post()).await.unwrap();
+    assert_eq!(response.status(), 201);
+    let events = events.lock().unwrap().clone();
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[0].outcome, AttemptOutcome::TimedOut);
+    assert!(matches!(&events[1].outcome, AttemptOutcome::Failed(e) if e.contains("refused")));
+    assert!(events[0].wait.is_some() && events[1].wait.is_some() && events[2].wait.is_none());
+    assert_eq!(
+        events[2].outcome,
+        AttemptOutcome::Status {
+            status: StatusCode::CREATED,
+            replayed: false
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_and_the_attempt_count_bound_the_retries() {
+    // Always 503: attempts run out first.
+    let script = Script::new(std::iter::repeat_n(Answer::Status(503, &[], ""), 20));
+    let client = RetryLayer::new()
+        .with_attempts(4)
+        .with_backoff(Duration::from_millis(100), Duration::from_millis(100))
+        .layer(script.service());
+    let response = client.oneshot(keyed_post()).await.unwrap();
+    assert_eq!(script.attempts(), 4);
+    let report = response.extensions().get::<RetryReport>().unwrap();
+    assert!(report.exhausted);
+
+    // Always hanging: the deadline runs out first.
+    let script = Script::new(std::iter::repeat_n(Answer::Hang, 20));
+    let client = RetryLayer::new()
+        .with_attempts(20)
+        .with_attempt_timeout(Duration::from_secs(3))
+        .with_deadline(Duration::from_secs(10))
+        .layer(script.service());
+    let start = Instant::now();
+    let err = client.oneshot(keyed_post()).await.unwrap_err();
+    assert_eq!(err.kind(), RetryErrorKind::TimedOut);
+    assert!(
+        start.elapsed() <= Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(script.attempts() >= 3);
+
+    // A Retry-After past the deadline ends the retries at once.
+    let script = Script::new([Answer::Status(503, &[("retry-after", "120")], "")]);
+    let client = RetryLayer::new()
+        .with_deadline(Duration::from_secs(30))
+        .layer(script.service());
+    let start = Instant::now();
+    let response = client.oneshot(keyed_post()).await.unwrap();
+    assert_eq!((response.status().as_u16(), script.attempts()), (503, 1));
+    assert!(start.elapsed() < Duration::from_secs(1));
+}
+
+/// An upstream that counts executions behind the server layer, and a proxy
+/// that forwards each request to it but drops the first `drops` responses
+/// (the upstream committed, the client never heard), over real TCP.
+mod dropped_responses {
+    use super::*;
+    use hyper_util::rt::TokioIo;
+    use tower_idempotency::{IdempotencyLayer, MemoryStore};
+
+    pub(super) async fn upstream(counter: Counter) -> String {
+        let app =
+            common::booking_router(counter).layer(IdempotencyLayer::new(MemoryStore::default()));
+        common::fleet::serve(app).await
+    }
+
+    /// The proxy's address.
+    pub(super) async fn proxy(upstream: String, drops: usize) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let forwarded = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let client = common::fleet::client();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (client, upstream, forwarded) =
+                    (client.clone(), upstream.clone(), forwarded.clone());
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let (client, upstream, forwarded) =
+                                (client.clone(), upstream.clone(), forwarded.clone());
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let body = body.collect().await.unwrap().to_bytes();
+                                let mut forward = Request::builder()
+                                    .method(parts.method)
+                                    .uri(format!("{upstream}{}", parts.uri.path()));
+                                for (name, value) in &parts.headers {
+                                    forward = forward.header(name, value);
+                                }
+                                let response = client
+                                    .request(forward.body(Full::new(body)).unwrap())
+                                    .await
+                                    .unwrap();
+                                let (head, body) = response.into_parts();
+                                let body = body.collect().await.unwrap().to_bytes();
+                                let n = forwarded.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                if n < drops {
+                                    // The upstream answered; the client never hears.
+                                    return Err(std::io::Error::other("response dropped"));
+                                }
+                                Ok::<_, std::io::Error>(Response::from_parts(head, Full::new(body)))
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_dropped_on_the_way_back_still_mean_one_execution() {
+    let counter = Counter::default();
+    let upstream = dropped_responses::upstream(counter.clone()).await;
+    let proxy = dropped_responses::proxy(upstream, 2).await;
+    let client = RetryLayer::new()
+        .with_backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .layer(common::fleet::client());
+    let mut request = Request::post(format!("{proxy}/book"))
+        .header("authorization", common::AUTH)
+        .body(Full::new(Bytes::from_static(b"slot 9")))
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(IntentKey::derive("book", &serde_json::json!({"slot": 9})).unwrap());
+    let response = client.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let report = response.extensions().get::<RetryReport>().unwrap().clone();
+    assert_eq!((report.attempts, report.replayed), (3, true));
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "booking 1: slot 9");
+    assert_eq!(counter.get(), 1, "one execution across every attempt");
+}
