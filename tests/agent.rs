@@ -1,0 +1,189 @@
+//! The booking agent example against the demo server, as processes, the way
+//! a new user runs them: the seed incident ends with one booking, a second
+//! run of the same command replays it, and a refusal exits 1.
+//!
+//! Uses the example binaries that `cargo test --all-features` builds (built
+//! here if missing).
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
+
+/// `target/<profile>/examples/<name>`, built if it is missing.
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let binary = profile_dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !binary.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--example", name, "--all-features"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "{name} builds");
+    }
+    binary
+}
+
+struct Demo {
+    child: Child,
+    base: String,
+}
+
+impl Demo {
+    fn start() -> Demo {
+        let mut child = Command::new(example("booking_server"))
+            .arg("127.0.0.1:0")
+            .env_remove("IDEMPOTENCY_STORE")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the demo server starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap()
+            .to_owned();
+        Demo { child, base }
+    }
+
+    fn bookings(&self) -> serde_json::Value {
+        let output = Command::new("curl")
+            .args(["-sS", &format!("{}/appointments", self.base)])
+            .output()
+            .expect("curl runs");
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent(demo: &Demo, extra: &[&str]) -> (i32, String, String) {
+    let output = Command::new(example("booking_agent"))
+        .args([
+            "--server",
+            &demo.base,
+            "--caller",
+            "ada",
+            "--slot",
+            "2026-12-01T09:00",
+        ])
+        .args(["--provider", "dr-who"])
+        .args(extra)
+        .output()
+        .expect("the agent runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn the_seed_incident_ends_with_one_booking() {
+    let demo = Demo::start();
+    let (code, stdout, stderr) = agent(
+        &demo,
+        &[
+            "--token",
+            "alice",
+            "--delay-ms",
+            "4200",
+            "--timeout-ms",
+            "3000",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("attempt 1: timed out"), "{stderr}");
+    let booking: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(booking["provider"], "dr-who");
+    assert_eq!(
+        demo.bookings().as_array().unwrap().len(),
+        1,
+        "exactly one booking"
+    );
+
+    // The same command again is the same intent: replayed, still one.
+    let (code, again, stderr) = agent(
+        &demo,
+        &[
+            "--token",
+            "alice",
+            "--delay-ms",
+            "4200",
+            "--timeout-ms",
+            "3000",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("attempt 1: 201 Created, replayed"),
+        "{stderr}"
+    );
+    assert_eq!(again.lines().last(), stdout.lines().last());
+    // Another session is another intent.
+    let (code, _, _) = agent(&demo, &["--token", "alice", "--session", "call-2"]);
+    assert_eq!(code, 0);
+    assert_eq!(demo.bookings().as_array().unwrap().len(), 2);
+    // The same intent with another body is refused for good, not retried.
+    let (code, _, stderr) = agent(&demo, &["--token", "alice"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("key-reused"), "{stderr}");
+}
+
+#[test]
+fn refusals_exit_1_and_bad_arguments_64() {
+    let demo = Demo::start();
+    let (code, stdout, stderr) = agent(&demo, &[]);
+    assert_eq!(code, 1, "no token: 401, not retried: {stderr}");
+    assert!(stdout.is_empty());
+    assert_eq!(stderr.matches("attempt ").count(), 1, "{stderr}");
+    let (code, _, stderr) = agent(&demo, &["--attempts", "0"]);
+    assert_eq!(code, 64, "{stderr}");
+    let (code, _, _) = agent(&demo, &["--what"]);
+    assert_eq!(code, 64);
+}
+
+#[test]
+fn a_server_that_is_not_there_exits_2_after_every_attempt() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = Command::new(example("booking_agent"))
+        .args([
+            "--server",
+            &format!("http://127.0.0.1:{port}"),
+            "--token",
+            "alice",
+        ])
+        .args([
+            "--caller",
+            "ada",
+            "--slot",
+            "s",
+            "--provider",
+            "p",
+            "--attempts",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.matches("attempt ").count(), 3, "{stderr}");
+}
