@@ -374,3 +374,125 @@ async fn responses_dropped_on_the_way_back_still_mean_one_execution() {
     assert_eq!(body, "booking 1: slot 9");
     assert_eq!(counter.get(), 1, "one execution across every attempt");
 }
+
+/// The same through `reqwest` and `reqwest-middleware`.
+#[cfg(feature = "reqwest")]
+mod through_reqwest {
+    use super::*;
+    use tower_idempotency::client::RetryMiddleware;
+
+    fn client(layer: RetryLayer) -> reqwest_middleware::ClientWithMiddleware {
+        reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+            .with(RetryMiddleware::from(layer))
+            .build()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn responses_dropped_on_the_way_back_still_mean_one_execution() {
+        let counter = Counter::default();
+        let upstream = dropped_responses::upstream(counter.clone()).await;
+        let proxy = dropped_responses::proxy(upstream, 2).await;
+        let client = client(
+            RetryLayer::new().with_backoff(Duration::from_millis(10), Duration::from_millis(50)),
+        );
+        let key = IntentKey::derive("book", &serde_json::json!({"slot": 9})).unwrap();
+        let response = client
+            .post(format!("{proxy}/book"))
+            .header("authorization", common::AUTH)
+            .with_extension(key)
+            .body("slot 9")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        let report = response.extensions().get::<RetryReport>().unwrap().clone();
+        assert_eq!((report.attempts, report.replayed), (3, true));
+        assert_eq!(response.text().await.unwrap(), "booking 1: slot 9");
+        assert_eq!(counter.get(), 1, "one execution across every attempt");
+    }
+
+    /// A 409 in flight is retried after its `Retry-After` and the retry
+    /// replays; a reused key is final; a keyless POST is sent once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn in_flight_is_retried_and_final_answers_are_not() {
+        use tower_idempotency::{IdempotencyLayer, MemoryStore};
+        let counter = Counter::default();
+        let (router, gate) = common::gated_stream_router(&counter);
+        let upstream =
+            common::fleet::serve(router.layer(IdempotencyLayer::new(MemoryStore::default()))).await;
+        let book = |client: &reqwest::Client, body: &'static str| {
+            client
+                .post(format!("{upstream}/book"))
+                .header("authorization", common::AUTH)
+                .header("idempotency-key", "k-stream")
+                .body(body)
+        };
+        // The first request's head is out and its body still streams: the
+        // key is in flight.
+        let first = book(&reqwest::Client::new(), "slot 9")
+            .send()
+            .await
+            .unwrap();
+        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let client = client(RetryLayer::new().on_attempt(move |event| {
+            let _ = events_tx.send(event.clone());
+        }));
+        let duplicate = {
+            let request = client
+                .post(format!("{upstream}/book"))
+                .header("authorization", common::AUTH)
+                .header("idempotency-key", "k-stream")
+                .body("slot 9");
+            tokio::spawn(async move { request.send().await.unwrap() })
+        };
+        let event = events.recv().await.unwrap();
+        assert_eq!(
+            event.outcome,
+            AttemptOutcome::Status {
+                status: StatusCode::CONFLICT,
+                replayed: false
+            }
+        );
+        assert_eq!(event.wait, Some(Duration::from_secs(1)), "Retry-After: 1");
+        gate.send(true).unwrap();
+        assert_eq!(first.text().await.unwrap(), "head;tail");
+        let replay = duplicate.await.unwrap();
+        let report = replay.extensions().get::<RetryReport>().unwrap().clone();
+        assert_eq!((report.attempts, report.replayed), (2, true));
+        assert_eq!(replay.text().await.unwrap(), "head;tail");
+
+        let reused = client
+            .post(format!("{upstream}/book"))
+            .header("authorization", common::AUTH)
+            .header("idempotency-key", "k-stream")
+            .body("another slot")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reused.status(), 400, "a reused key is final");
+        assert_eq!(
+            reused.extensions().get::<RetryReport>().unwrap().attempts,
+            1
+        );
+        assert_eq!(counter.get(), 1);
+
+        // No key, through a proxy that drops every answer: sent once.
+        let plain = Counter::default();
+        let proxy =
+            dropped_responses::proxy(dropped_responses::upstream(plain.clone()).await, usize::MAX)
+                .await;
+        let err = client
+            .post(format!("{proxy}/book"))
+            .header("authorization", common::AUTH)
+            .body("no key")
+            .send()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("1 attempt"), "{err}");
+        assert_eq!(
+            plain.get(),
+            1,
+            "the keyless POST ran once and was not sent again"
+        );
+    }
+}

@@ -18,10 +18,15 @@
 
 mod intent;
 mod policy;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+mod reqwest;
 mod retry;
 
 pub(crate) use intent::canonical_json;
 pub use intent::{IntentKey, IntentKeyError};
+#[cfg(feature = "reqwest")]
+pub use reqwest::RetryMiddleware;
 pub use retry::{
     AttemptEvent, AttemptOutcome, Retry, RetryBody, RetryError, RetryErrorKind, RetryFuture,
     RetryLayer, RetryReport,

@@ -148,8 +148,8 @@ impl StdError for RetryError {
 type Observer = Arc<dyn Fn(&AttemptEvent) + Send + Sync>;
 
 #[derive(Clone)]
-struct Config {
-    header: HeaderName,
+pub(crate) struct Config {
+    pub(crate) header: HeaderName,
     attempts: u32,
     attempt_timeout: Duration,
     deadline: Duration,
@@ -245,6 +245,11 @@ impl RetryLayer {
     fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
         change(Arc::make_mut(&mut self.config));
         self
+    }
+
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The most attempts, the first included (default 6; at least 1).
@@ -358,9 +363,8 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let config = self.config.clone();
-        // The readiness `poll_ready` reserved is used by the first attempt.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
+        // Each attempt drives a clone of its own to readiness.
+        let inner = self.inner.clone();
         if !request.headers().contains_key(&config.header)
             && let Some(key) = request.extensions().get::<IntentKey>()
         {
@@ -377,7 +381,7 @@ where
 /// run out.
 async fn attempts<S, B, RB>(
     config: Arc<Config>,
-    mut inner: S,
+    inner: S,
     request: Request<B>,
 ) -> Result<Response<RetryBody<RB>>, RetryError>
 where
@@ -394,49 +398,77 @@ where
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let retryable = key.is_some() || policy::is_idempotent(request.method());
+    let (mut response, report) = drive(&config, key, retryable, move || {
+        let (mut service, request) = (inner.clone(), request.clone());
+        async move {
+            std::future::poll_fn(|cx| service.poll_ready(cx))
+                .await
+                .map_err(Into::into)?;
+            let response = service.call(request).await.map_err(Into::into)?;
+            let replayed = is_replay(&response);
+            let (response, problem) = read_problem(response).await;
+            let verdict =
+                policy::classify(response.status(), response.headers(), problem.as_deref());
+            Ok(Judged {
+                status: response.status(),
+                replayed,
+                verdict,
+                answer: response,
+            })
+        }
+    })
+    .await?;
+    response.extensions_mut().insert(report);
+    Ok(response)
+}
+
+/// One attempt's answer, judged.
+pub(crate) struct Judged<R> {
+    pub(crate) status: StatusCode,
+    pub(crate) replayed: bool,
+    pub(crate) verdict: Verdict,
+    pub(crate) answer: R,
+}
+
+/// The retry loop, for any client: `send` makes one attempt (a fresh one
+/// each call) and judges its answer; this bounds it by the attempt timeout,
+/// waits between attempts, stops at the attempt limit or the deadline, and
+/// reports each attempt.
+pub(crate) async fn drive<R, F, Fut>(
+    config: &Config,
+    key: Option<String>,
+    retryable: bool,
+    mut send: F,
+) -> Result<(R, RetryReport), RetryError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Judged<R>, BoxError>>,
+{
     let attempts_allowed = if retryable { config.attempts } else { 1 };
     let deadline = Instant::now() + config.deadline;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        if attempt > 1 {
-            // Only the first attempt has readiness from `poll_ready`.
-            let ready = std::future::poll_fn(|cx| inner.poll_ready(cx)).await;
-            if let Err(err) = ready {
-                return Err(failed(&key, attempt, err.into()));
-            }
-        }
         let left = deadline.saturating_duration_since(Instant::now());
         let limit = config.attempt_timeout.min(left);
-        let sent = tokio::time::timeout(limit, inner.call(request.clone())).await;
-        let (outcome, verdict, answer) = match sent {
+        let (outcome, verdict, answer) = match tokio::time::timeout(limit, send()).await {
             Err(_) => (AttemptOutcome::TimedOut, Verdict::Retry(None), Err(None)),
-            Ok(Err(err)) => {
-                let err: BoxError = err.into();
-                (
-                    AttemptOutcome::Failed(err.to_string()),
-                    Verdict::Retry(None),
-                    Err(Some(err)),
-                )
-            }
-            Ok(Ok(response)) => {
-                let replayed = is_replay(&response);
-                let (response, problem) = read_problem(response).await;
-                let verdict =
-                    policy::classify(response.status(), response.headers(), problem.as_deref());
-                (
-                    AttemptOutcome::Status {
-                        status: response.status(),
-                        replayed,
-                    },
-                    verdict,
-                    Ok(response),
-                )
-            }
+            Ok(Err(err)) => (
+                AttemptOutcome::Failed(err.to_string()),
+                Verdict::Retry(None),
+                Err(Some(err)),
+            ),
+            Ok(Ok(judged)) => (
+                AttemptOutcome::Status {
+                    status: judged.status,
+                    replayed: judged.replayed,
+                },
+                judged.verdict,
+                Ok((judged.answer, judged.replayed)),
+            ),
         };
-        let more = attempt < attempts_allowed;
         let wait = match verdict {
-            Verdict::Retry(hint) if more => policy::next_wait(
+            Verdict::Retry(hint) if attempt < attempts_allowed => policy::next_wait(
                 hint,
                 policy::backoff(config.base, config.cap, attempt),
                 deadline.saturating_duration_since(Instant::now()),
@@ -448,7 +480,12 @@ where
             outcome,
             wait,
         };
-        tracing::debug!(attempt, outcome = %event.outcome, wait_ms = wait.map(|w| w.as_millis() as u64), "attempt ended");
+        tracing::debug!(
+            attempt,
+            outcome = %event.outcome,
+            wait_ms = wait.map(|w| w.as_millis() as u64),
+            "attempt ended"
+        );
         if let Some(observer) = &config.observer {
             observer(&event);
         }
@@ -458,22 +495,15 @@ where
         }
         let exhausted = matches!(verdict, Verdict::Retry(_));
         return match answer {
-            Ok(mut response) => {
+            Ok((answer, replayed)) => {
+                tracing::info!(attempts = attempt, replayed, exhausted, "request answered");
                 let report = RetryReport {
                     attempts: attempt,
-                    replayed: is_replay(&response),
+                    replayed,
                     key,
                     exhausted,
                 };
-                tracing::info!(
-                    attempts = attempt,
-                    replayed = report.replayed,
-                    status = response.status().as_u16(),
-                    exhausted,
-                    "request answered"
-                );
-                response.extensions_mut().insert(report);
-                Ok(response)
+                Ok((answer, report))
             }
             Err(source) => {
                 let kind = if source.is_some() {
@@ -494,19 +524,6 @@ where
                 })
             }
         };
-    }
-}
-
-fn failed(key: &Option<String>, attempt: u32, source: BoxError) -> RetryError {
-    RetryError {
-        kind: RetryErrorKind::Failed,
-        report: RetryReport {
-            attempts: attempt - 1,
-            replayed: false,
-            key: key.clone(),
-            exhausted: true,
-        },
-        source: Some(source),
     }
 }
 

@@ -1,0 +1,138 @@
+//! [`RetryMiddleware`]: the same retries for `reqwest`, through
+//! `reqwest-middleware`.
+
+use http::Extensions;
+use reqwest_middleware::{Middleware, Next};
+
+use super::{
+    IntentKey, RetryLayer, policy,
+    retry::{Config, Judged, drive},
+};
+
+/// [`RetryLayer`]'s behaviour as a `reqwest-middleware` middleware: the same
+/// key rules, the same answers retried, the same timeouts, deadline and
+/// backoff, a [`RetryReport`](super::RetryReport) in the final response's
+/// extensions.
+///
+/// The key comes from the request's `Idempotency-Key` header, or from an
+/// [`IntentKey`] in the middleware extensions
+/// (`RequestBuilder::with_extension`). A request whose body cannot be
+/// cloned (a stream) is sent once.
+///
+/// ```
+/// use tower_idempotency::client::{IntentKey, RetryLayer, RetryMiddleware};
+///
+/// let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+///     .with(RetryMiddleware::from(RetryLayer::new().with_attempts(4)))
+///     .build();
+/// let key = IntentKey::derive("book", &serde_json::json!({"caller": "ada", "slot": "09:00"}))?;
+/// let request = client
+///     .post("http://127.0.0.1:3000/appointments")
+///     .with_extension(key)
+///     .body(r#"{"caller":"ada","slot":"09:00"}"#);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct RetryMiddleware {
+    layer: RetryLayer,
+}
+
+impl RetryMiddleware {
+    /// The defaults of [`RetryLayer::new`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl From<RetryLayer> for RetryMiddleware {
+    fn from(layer: RetryLayer) -> Self {
+        RetryMiddleware { layer }
+    }
+}
+
+#[async_trait::async_trait]
+impl Middleware for RetryMiddleware {
+    async fn handle(
+        &self,
+        mut request: reqwest::Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
+        let config: &Config = self.layer.config();
+        if !request.headers().contains_key(&config.header)
+            && let Some(key) = extensions.get::<IntentKey>()
+        {
+            let value = key.header_value();
+            request.headers_mut().insert(config.header.clone(), value);
+        }
+        let key = request
+            .headers()
+            .get(&config.header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let cloneable = request.try_clone().is_some();
+        let retryable = cloneable && (key.is_some() || policy::is_idempotent(request.method()));
+        let mut first = Some(request);
+        let template = first.as_ref().and_then(reqwest::Request::try_clone);
+        let answer = drive(config, key, retryable, || {
+            let attempt = first
+                .take()
+                .or_else(|| template.as_ref().and_then(reqwest::Request::try_clone));
+            let (next, mut extensions) = (next.clone(), extensions.clone());
+            async move {
+                let Some(attempt) = attempt else {
+                    return Err("the request body cannot be sent again".into());
+                };
+                let response = next.run(attempt, &mut extensions).await?;
+                judge(response).await
+            }
+        })
+        .await;
+        match answer {
+            Ok((mut response, report)) => {
+                response.extensions_mut().insert(report);
+                Ok(response)
+            }
+            Err(err) => Err(reqwest_middleware::Error::middleware(err)),
+        }
+    }
+}
+
+/// Judges a reqwest answer; a 409 problem is read for its code and put
+/// back together.
+async fn judge(
+    response: reqwest::Response,
+) -> Result<Judged<reqwest::Response>, Box<dyn std::error::Error + Send + Sync>> {
+    let status = response.status();
+    let replayed = response
+        .headers()
+        .get(crate::IDEMPOTENT_REPLAYED)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    if !policy::is_problem_409(status, response.headers()) {
+        let verdict = policy::classify(status, response.headers(), None);
+        return Ok(Judged {
+            status,
+            replayed,
+            verdict,
+            answer: response,
+        });
+    }
+    let headers = response.headers().clone();
+    let (version, url) = (response.version(), response.url().clone());
+    let body = response.bytes().await?;
+    let code = policy::problem_code(&body[..body.len().min(policy::PROBLEM_LIMIT)]);
+    let verdict = policy::classify(status, &headers, code.as_deref());
+    let mut rebuilt = http::Response::builder().status(status).version(version);
+    if let Some(h) = rebuilt.headers_mut() {
+        *h = headers;
+    }
+    let rebuilt = reqwest::ResponseBuilderExt::url(rebuilt, url)
+        .body(body)
+        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+    Ok(Judged {
+        status,
+        replayed,
+        verdict,
+        answer: reqwest::Response::from(rebuilt),
+    })
+}
