@@ -144,6 +144,15 @@ impl fmt::Display for Unreadable {
 
 impl std::error::Error for Unreadable {}
 
+/// The record of work that ran but whose output (or error) could not be
+/// serialised: duplicates get [`OnceError::Unreadable`], and nothing runs
+/// again.
+fn unrecordable() -> Bytes {
+    let mut out = MAGIC.to_vec();
+    out.push(2);
+    Bytes::from(out)
+}
+
 fn encode<V: Serialize>(tag: u8, value: &V) -> Result<Bytes, serde_json::Error> {
     let mut out = MAGIC.to_vec();
     out.push(tag);
@@ -168,6 +177,9 @@ fn decode<T: DeserializeOwned, E: DeserializeOwned>(
     match rest.split_first() {
         Some((0, json)) => Ok(Recorded::Output(serde_json::from_slice(json)?)),
         Some((1, json)) => Ok(Recorded::Error(serde_json::from_slice(json)?)),
+        Some((2, _)) => Err(Box::new(Unreadable(
+            "the first call ran, but its output could not be serialised to be recorded",
+        ))),
         _ => Err(Box::new(Unreadable("a record of an unknown kind"))),
     }
 }
@@ -239,7 +251,20 @@ impl<St: Store + Clone> AtMostOnce<St> {
     ///   A panic in `work` releases the key too, then resumes.
     /// - The store failing before `work` runs: [`OnceError::Store`], and
     ///   nothing ran. Failing after: the output is returned, and the
-    ///   completion retried in the background.
+    ///   completion retried in the background (renewing the lease) for up
+    ///   to the [completion retry limit](Self::with_completion_retry_limit).
+    ///   If it never lands (the limit passes, or the process exits first),
+    ///   the claim lapses and the next duplicate with the same input runs
+    ///   the work again, with `took_over()` set.
+    /// - A call whose claim was taken over while it ran (its renewals
+    ///   stopped for longer than the lease, and a duplicate took over)
+    ///   still returns its output, but that output is not recorded; this is
+    ///   logged as an error. Keep the lease well above the store timeout.
+    /// - An output (or recorded error) that does not serialise is recorded
+    ///   as unreadable: duplicates get [`OnceError::Unreadable`].
+    /// - The input is fingerprinted by its RFC 8785 form, so integers beyond
+    ///   ±(2^53 − 1) are refused ([`OnceError::Input`]): pass them as
+    ///   strings.
     ///
     /// `work` receives the [`IdempotencyContext`] of this execution: its
     /// `took_over()` says an earlier execution of the same input stopped
@@ -361,7 +386,14 @@ impl<St: Store + Clone> AtMostOnce<St> {
             }
         };
         let context = IdempotencyContext::new(record_key.clone(), fingerprint, took_over);
-        let finished = self.run_renewing(&record_key, token, work(context)).await;
+        let work = match catch_unwind(AssertUnwindSafe(|| work(context))) {
+            Ok(work) => work,
+            Err(panic) => {
+                self.release(&record_key, token).await;
+                resume_unwind(panic);
+            }
+        };
+        let finished = self.run_renewing(&record_key, token, work).await;
         let outcome = match finished {
             Ok(outcome) => outcome,
             Err(panic) => {
@@ -374,10 +406,10 @@ impl<St: Store + Clone> AtMostOnce<St> {
                 match encode(0, &output) {
                     Ok(record) => self.complete(record_key, token, record).await,
                     Err(err) => {
-                        // An output that cannot be recorded cannot be
-                        // replayed: free the key rather than hold it.
-                        tracing::error!(error = %err, "at-most-once output does not serialise; key released");
-                        self.release(&record_key, token).await;
+                        // It ran, but cannot be replayed: record that, so
+                        // that a duplicate is told so and nothing runs again.
+                        tracing::error!(error = %err, "at-most-once output does not serialise; recorded as unreadable");
+                        self.complete(record_key, token, unrecordable()).await;
                     }
                 }
                 Ok(output)
@@ -386,8 +418,8 @@ impl<St: Store + Clone> AtMostOnce<St> {
                 match record_error(&err) {
                     Some(Ok(record)) => self.complete(record_key, token, record).await,
                     Some(Err(serialise)) => {
-                        tracing::error!(error = %serialise, "at-most-once error does not serialise; key released");
-                        self.release(&record_key, token).await;
+                        tracing::error!(error = %serialise, "at-most-once error does not serialise; recorded as unreadable");
+                        self.complete(record_key, token, unrecordable()).await;
                     }
                     None => self.release(&record_key, token).await,
                 }
@@ -418,29 +450,40 @@ impl<St: Store + Clone> AtMostOnce<St> {
     ) -> Result<O, Box<dyn std::any::Any + Send>> {
         let mut work = pin!(work);
         let every = self.lease / 3;
-        let mut renew_at = Instant::now() + every;
-        loop {
-            let polled = std::future::poll_fn(|cx| {
-                match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
-                    Ok(Poll::Ready(output)) => Poll::Ready(Some(Ok(output))),
-                    Ok(Poll::Pending) => Poll::Pending,
-                    Err(panic) => Poll::Ready(Some(Err(panic))),
-                }
-            });
-            tokio::select! {
-                biased;
-                done = polled => {
-                    if let Some(done) = done {
-                        return done;
+        // Renewals run beside the work, each bounded by a third of the
+        // lease, so neither waits for the other.
+        let renewals = async {
+            loop {
+                tokio::time::sleep(every).await;
+                let renewal = timeout(
+                    self.store_timeout.min(every),
+                    self.store.renew(key, token, self.lease),
+                );
+                match renewal.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(StoreError::Fenced)) => {
+                        tracing::error!("an at-most-once claim was taken over while its work ran");
+                        std::future::pending::<()>().await;
                     }
-                }
-                () = tokio::time::sleep_until(renew_at) => {
-                    renew_at = Instant::now() + every;
-                    if let Err(err) = self.bounded(self.store.renew(key, token, self.lease)).await {
-                        tracing::warn!(error = %err, "could not renew an at-most-once claim");
+                    Ok(Err(err)) => {
+                        tracing::warn!(error = %err, "could not renew an at-most-once claim")
                     }
+                    Err(_) => tracing::warn!("renewing an at-most-once claim timed out"),
                 }
             }
+        };
+        let mut renewals = pin!(renewals);
+        let polled = std::future::poll_fn(|cx| {
+            match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+                Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+                Ok(Poll::Pending) => Poll::Pending,
+                Err(panic) => Poll::Ready(Err(panic)),
+            }
+        });
+        tokio::select! {
+            biased;
+            done = polled => done,
+            () = &mut renewals => unreachable!("renewals never end"),
         }
     }
 
@@ -468,7 +511,7 @@ impl<St: Store + Clone> AtMostOnce<St> {
                 tracing::warn!(error = %err, "could not record an at-most-once output; retrying in the background");
                 let this = self.clone();
                 let retry = async move {
-                    let give_up = Instant::now() + this.completion_retry;
+                    let give_up = far(this.completion_retry);
                     let mut pause = Duration::from_millis(100);
                     while Instant::now() < give_up {
                         tokio::time::sleep(pause).await;
@@ -505,6 +548,13 @@ impl<St: Store + Clone> AtMostOnce<St> {
             }
         }
     }
+}
+
+/// `now + by`, or a century from now when that overflows.
+fn far(by: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(by)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 60 * 60))
 }
 
 /// The fingerprint of an input: SHA-256 over a version tag and the input's

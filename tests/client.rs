@@ -496,3 +496,19 @@ mod through_reqwest {
         );
     }
 }
+
+/// The readiness `poll_ready` reserved is the one the first attempt uses: a
+/// concurrency limit of 1 under the layer does not starve its own attempts.
+#[tokio::test(start_paused = true)]
+async fn a_concurrency_limit_under_the_layer_is_not_deadlocked() {
+    let script = Script::new([Answer::Status(503, &[], ""), Answer::Status(201, &[], "ok")]);
+    let client = RetryLayer::new()
+        .with_deadline(Duration::MAX)
+        .layer(tower::limit::ConcurrencyLimit::new(script.service(), 1));
+    let response = client.oneshot(keyed_post()).await.unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(
+        response.extensions().get::<RetryReport>().unwrap().attempts,
+        2
+    );
+}

@@ -299,3 +299,71 @@ async fn bad_inputs_and_unreadable_outputs_are_named() {
         .unwrap_err();
     assert!(matches!(err, OnceError::Unreadable(_)), "{err}");
 }
+
+/// An output that cannot be serialised is recorded as unreadable: the work
+/// never runs a second time.
+#[tokio::test]
+async fn an_output_that_does_not_serialise_is_never_run_again() {
+    #[derive(Debug)]
+    struct Opaque;
+    impl serde::Serialize for Opaque {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("not serialisable"))
+        }
+    }
+    impl<'de> serde::Deserialize<'de> for Opaque {
+        fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+            Ok(Opaque)
+        }
+    }
+    let once = AtMostOnce::new(MemoryStore::default());
+    let counter = Counter::default();
+    let c = counter.clone();
+    once.run("s", "k", &json!({}), |_| async move {
+        c.hit();
+        Ok::<_, std::io::Error>(Opaque)
+    })
+    .await
+    .unwrap();
+    let c = counter.clone();
+    let err = once
+        .run("s", "k", &json!({}), |_| async move {
+            c.hit();
+            Ok::<_, std::io::Error>(Opaque)
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OnceError::Unreadable(_)), "{err}");
+    assert_eq!(counter.get(), 1);
+}
+
+/// A closure that panics before it returns its future releases the key too.
+#[tokio::test]
+async fn a_panic_before_the_future_releases_the_key() {
+    let once = AtMostOnce::new(MemoryStore::default())
+        .with_completion_retry_limit(Duration::MAX)
+        .with_ttl(Duration::MAX);
+    let panicked = {
+        let once = once.clone();
+        tokio::spawn(async move {
+            once.run(
+                "s",
+                "k",
+                &json!({}),
+                |_| -> std::future::Ready<Result<u8, std::io::Error>> {
+                    panic!("the closure itself panicked")
+                },
+            )
+            .await
+        })
+        .await
+    };
+    assert!(panicked.unwrap_err().is_panic());
+    let after = once
+        .run("s", "k", &json!({}), |_| async {
+            Ok::<_, std::io::Error>(3u8)
+        })
+        .await
+        .unwrap();
+    assert_eq!(after, 3);
+}

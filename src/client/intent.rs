@@ -7,8 +7,8 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// The largest integer JSON numbers carry exactly (2^53): JCS writes every
-/// number as an IEEE 754 double, so larger ones would collide.
+/// The largest integer JSON numbers carry exactly (2^53 − 1): JCS writes
+/// every number as an IEEE 754 double, so larger ones could collide.
 const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
 
 /// The idempotency key of one intent: the same on every attempt and every

@@ -22,9 +22,17 @@ pub(crate) const IN_FLIGHT: &str = "request-in-flight";
 /// The largest problem body read to learn its code.
 pub(crate) const PROBLEM_LIMIT: usize = 64 * 1024;
 
-/// Whether a 409 is worth reading for its problem code.
-pub(crate) fn is_problem_409(status: StatusCode, headers: &HeaderMap) -> bool {
+/// Whether a 409 is worth reading for its problem code: a problem document
+/// whose length is known (`known_len`, from `Content-Length` or the body's
+/// exact size) and at most [`PROBLEM_LIMIT`]. Any other 409 is final, and
+/// passes untouched.
+pub(crate) fn is_problem_409(
+    status: StatusCode,
+    headers: &HeaderMap,
+    known_len: Option<u64>,
+) -> bool {
     status == StatusCode::CONFLICT
+        && known_len.is_some_and(|len| len <= PROBLEM_LIMIT as u64)
         && headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -83,21 +91,27 @@ pub(crate) fn backoff(base: Duration, cap: Duration, retry: u32) -> Duration {
         )
         .min(cap);
     let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-    if nanos == 0 {
-        return Duration::ZERO;
+    match nanos {
+        0 => Duration::ZERO,
+        u64::MAX => Duration::from_nanos(crate::random_u64()),
+        _ => Duration::from_nanos(crate::random_u64() % (nanos + 1)),
     }
-    Duration::from_nanos(crate::random_u64() % (nanos + 1))
 }
 
+/// The least time an attempt after a wait must have before the deadline.
+const LEAST_ATTEMPT: Duration = Duration::from_millis(50);
+
 /// The wait before the next attempt, or `None` when the deadline leaves no
-/// time for one: the server's `Retry-After` if given, else the backoff.
+/// time for one: the server's `Retry-After` if given (never less than the
+/// backoff, so `Retry-After: 0` does not mean a tight loop), else the
+/// backoff.
 pub(crate) fn next_wait(
     server_hint: Option<Duration>,
     backoff: Duration,
     remaining: Duration,
 ) -> Option<Duration> {
-    let wait = server_hint.unwrap_or(backoff);
-    (wait < remaining).then_some(wait)
+    let wait = server_hint.map_or(backoff, |hint| hint.max(backoff));
+    (wait.saturating_add(LEAST_ATTEMPT) <= remaining).then_some(wait)
 }
 
 #[cfg(test)]
@@ -181,6 +195,13 @@ mod tests {
         assert_eq!(next_wait(Some(ms(500)), ms(10), ms(1000)), Some(ms(500)));
         assert_eq!(next_wait(None, ms(10), ms(1000)), Some(ms(10)));
         assert_eq!(next_wait(Some(ms(2000)), ms(10), ms(1000)), None);
+        assert_eq!(
+            next_wait(Some(ms(980)), ms(10), ms(1000)),
+            None,
+            "no time left to try"
+        );
+        assert_eq!(next_wait(Some(ms(0)), ms(30), ms(1000)), Some(ms(30)));
+        assert!(backoff(Duration::MAX, Duration::MAX, 3) <= Duration::MAX);
     }
 
     #[test]

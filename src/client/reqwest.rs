@@ -68,8 +68,7 @@ impl Middleware for RetryMiddleware {
         let key = request
             .headers()
             .get(&config.header)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let cloneable = request.try_clone().is_some();
         let retryable = cloneable && (key.is_some() || policy::is_idempotent(request.method()));
         let mut first = Some(request);
@@ -108,7 +107,7 @@ async fn judge(
         .headers()
         .get(crate::IDEMPOTENT_REPLAYED)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
-    if !policy::is_problem_409(status, response.headers()) {
+    if !policy::is_problem_409(status, response.headers(), response.content_length()) {
         let verdict = policy::classify(status, response.headers(), None);
         return Ok(Judged {
             status,
@@ -119,8 +118,9 @@ async fn judge(
     }
     let headers = response.headers().clone();
     let (version, url) = (response.version(), response.url().clone());
+    // A problem of known, small length (see `is_problem_409`).
     let body = response.bytes().await?;
-    let code = policy::problem_code(&body[..body.len().min(policy::PROBLEM_LIMIT)]);
+    let code = policy::problem_code(&body);
     let verdict = policy::classify(status, &headers, code.as_deref());
     let mut rebuilt = http::Response::builder().status(status).version(version);
     if let Some(h) = rebuilt.headers_mut() {

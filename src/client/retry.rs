@@ -363,7 +363,10 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let config = self.config.clone();
-        // Each attempt drives a clone of its own to readiness.
+        // The readiness `poll_ready` reserved goes with the first attempt;
+        // the clone left behind serves the next call, and later attempts.
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
         let inner = self.inner.clone();
         if !request.headers().contains_key(&config.header)
             && let Some(key) = request.extensions().get::<IntentKey>()
@@ -372,7 +375,7 @@ where
             request.headers_mut().insert(config.header.clone(), value);
         }
         RetryFuture {
-            inner: Box::pin(attempts(config, inner, request)),
+            inner: Box::pin(attempts(config, ready, inner, request)),
         }
     }
 }
@@ -381,6 +384,7 @@ where
 /// run out.
 async fn attempts<S, B, RB>(
     config: Arc<Config>,
+    ready: S,
     inner: S,
     request: Request<B>,
 ) -> Result<Response<RetryBody<RB>>, RetryError>
@@ -395,18 +399,28 @@ where
     let key = request
         .headers()
         .get(&config.header)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let retryable = key.is_some() || policy::is_idempotent(request.method());
+    // The first attempt uses the service `poll_ready` readied; each later
+    // one a clone, readied first.
+    let mut ready = Some(ready);
     let (mut response, report) = drive(&config, key, retryable, move || {
-        let (mut service, request) = (inner.clone(), request.clone());
+        let first = ready.take();
+        let (template, request) = (inner.clone(), request.clone());
         async move {
-            std::future::poll_fn(|cx| service.poll_ready(cx))
-                .await
-                .map_err(Into::into)?;
+            let mut service = match first {
+                Some(service) => service,
+                None => {
+                    let mut service = template;
+                    std::future::poll_fn(|cx| service.poll_ready(cx))
+                        .await
+                        .map_err(Into::into)?;
+                    service
+                }
+            };
             let response = service.call(request).await.map_err(Into::into)?;
             let replayed = is_replay(&response);
-            let (response, problem) = read_problem(response).await;
+            let (response, problem) = read_problem(response).await?;
             let verdict =
                 policy::classify(response.status(), response.headers(), problem.as_deref());
             Ok(Judged {
@@ -445,7 +459,10 @@ where
     Fut: Future<Output = Result<Judged<R>, BoxError>>,
 {
     let attempts_allowed = if retryable { config.attempts } else { 1 };
-    let deadline = Instant::now() + config.deadline;
+    let now = Instant::now();
+    let deadline = now
+        .checked_add(config.deadline)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 60 * 60));
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -534,36 +551,42 @@ fn is_replay<T>(response: &Response<T>) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
 }
 
-/// A 409 problem is read (up to 64 KiB) to learn its code; every other
-/// response passes untouched.
-async fn read_problem<RB>(response: Response<RB>) -> (Response<RetryBody<RB>>, Option<String>)
+/// A 409 problem of known, small length is read to learn its code; every
+/// other response passes untouched. A body that breaks off while it is read
+/// fails the attempt, as a connection error does.
+async fn read_problem<RB>(
+    response: Response<RB>,
+) -> Result<(Response<RetryBody<RB>>, Option<String>), BoxError>
 where
     RB: Body<Data = Bytes>,
     RB::Error: Into<BoxError>,
 {
-    if !policy::is_problem_409(response.status(), response.headers()) {
-        return (response.map(RetryBody::inner), None);
+    let known_len = response.body().size_hint().exact().or_else(|| {
+        response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+    });
+    if !policy::is_problem_409(response.status(), response.headers(), known_len) {
+        return Ok((response.map(RetryBody::inner), None));
     }
     let (parts, body) = response.into_parts();
     let mut body = std::pin::pin!(body);
     let mut buf = BytesMut::new();
     while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-        let Ok(frame) = frame else {
-            break;
-        };
-        if let Ok(mut data) = frame.into_data() {
+        if let Ok(mut data) = frame.map_err(Into::into)?.into_data() {
             if buf.len() + data.remaining() > policy::PROBLEM_LIMIT {
-                break;
+                return Err("a 409 problem body longer than its Content-Length".into());
             }
             buf.extend_from_slice(&data.copy_to_bytes(data.remaining()));
         }
     }
     let bytes = buf.freeze();
     let code = policy::problem_code(&bytes);
-    (
+    Ok((
         Response::from_parts(parts, RetryBody::buffered(bytes)),
         code,
-    )
+    ))
 }
 
 pin_project_lite::pin_project! {
