@@ -80,7 +80,11 @@ async fn main() {
     }
     consume(&once, &practice, 3, &message).await;
 
-    let rows = practice.rows.lock().unwrap_or_else(|e| e.into_inner()).len();
+    let rows = practice
+        .rows
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .len();
     println!("deliveries: 3, bookings: {rows}");
     if rows != 1 {
         std::process::exit(1);

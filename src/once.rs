@@ -25,7 +25,7 @@ use tokio::time::{Instant, timeout};
 
 use crate::{
     Fingerprint, IdempotencyContext,
-    client::{IntentKeyError, canonical_json},
+    client::IntentKeyError,
     store::{Claim, RecordKey, Store, StoreError, Token},
 };
 
@@ -94,7 +94,7 @@ pub enum OnceError<E> {
     /// The recorded output could not be read as the type asked for (another
     /// type, or a record of another kind under this key).
     Unreadable(Box<dyn std::error::Error + Send + Sync>),
-    /// The input does not serialise to canonical JSON.
+    /// The input does not serialise to JSON.
     Input(IntentKeyError),
 }
 
@@ -112,7 +112,7 @@ impl<E: fmt::Display> fmt::Display for OnceError<E> {
             ),
             OnceError::Store(e) => write!(f, "nothing ran: {e}"),
             OnceError::Unreadable(e) => write!(f, "the recorded output is unreadable: {e}"),
-            OnceError::Input(e) => write!(f, "the input is not canonical JSON: {e}"),
+            OnceError::Input(e) => write!(f, "the input does not serialise: {e}"),
         }
     }
 }
@@ -262,9 +262,9 @@ impl<St: Store + Clone> AtMostOnce<St> {
     ///   logged as an error. Keep the lease well above the store timeout.
     /// - An output (or recorded error) that does not serialise is recorded
     ///   as unreadable: duplicates get [`OnceError::Unreadable`].
-    /// - The input is fingerprinted by its RFC 8785 form, so integers beyond
-    ///   ±(2^53 − 1) are refused ([`OnceError::Input`]): pass them as
-    ///   strings.
+    /// - The input is fingerprinted by a canonical form of its JSON: field
+    ///   and map order never matter, and integers count exactly at any
+    ///   size. An input that does not serialise is [`OnceError::Input`].
     ///
     /// `work` receives the [`IdempotencyContext`] of this execution: its
     /// `took_over()` says an earlier execution of the same input stopped
@@ -558,12 +558,53 @@ fn far(by: Duration) -> Instant {
 }
 
 /// The fingerprint of an input: SHA-256 over a version tag and the input's
-/// canonical JSON (RFC 8785), so map order never matters.
+/// JSON in a canonical form of this crate's own (object members sorted by
+/// name, integers exact at any size), so map order never matters and no
+/// two different inputs share one. Unlike an intent key it never leaves
+/// the process, so it need not follow RFC 8785.
 fn fingerprint<I: Serialize + ?Sized>(input: &I) -> Result<Fingerprint, IntentKeyError> {
     let value = serde_json::to_value(input).map_err(IntentKeyError::Unserializable)?;
-    let canonical = canonical_json(&value)?;
     let mut hasher = Sha256::new();
-    hasher.update(b"tower-idempotency/once/v1\0");
-    hasher.update(&canonical);
+    hasher.update(b"tower-idempotency/once/v2\0");
+    canonical(&value, &mut hasher);
     Ok(Fingerprint::from_bytes(hasher.finalize().into()))
+}
+
+/// Feeds `value` to `out` unambiguously: a type byte, then lengths before
+/// every string, array and object, members sorted by name.
+fn canonical(value: &serde_json::Value, out: &mut Sha256) {
+    use serde_json::Value;
+    let text = |out: &mut Sha256, s: &str| {
+        out.update((s.len() as u64).to_be_bytes());
+        out.update(s.as_bytes());
+    };
+    match value {
+        Value::Null => out.update(b"n"),
+        Value::Bool(b) => out.update(if *b { b"t" } else { b"f" }),
+        Value::Number(n) => {
+            // Integers exactly; floats as serde_json writes them (shortest
+            // round-trip form).
+            out.update(b"#");
+            text(out, &n.to_string());
+        }
+        Value::String(s) => {
+            out.update(b"s");
+            text(out, s);
+        }
+        Value::Array(items) => {
+            out.update(b"[");
+            out.update((items.len() as u64).to_be_bytes());
+            items.iter().for_each(|item| canonical(item, out));
+        }
+        Value::Object(members) => {
+            out.update(b"{");
+            out.update((members.len() as u64).to_be_bytes());
+            let mut sorted: Vec<_> = members.iter().collect();
+            sorted.sort_by(|a, b| a.0.cmp(b.0));
+            for (name, member) in sorted {
+                text(out, name);
+                canonical(member, out);
+            }
+        }
+    }
 }

@@ -279,8 +279,27 @@ async fn an_output_the_store_refused_is_recorded_later() {
 #[tokio::test]
 async fn bad_inputs_and_unreadable_outputs_are_named() {
     let once = AtMostOnce::new(MemoryStore::default());
+    // Integers count exactly, beyond what JSON doubles carry.
+    let big = |n: u64| json!({"n": n});
+    once.run("s", "big", &big(9007199254740993), |_| async {
+        Ok::<_, std::io::Error>(1u8)
+    })
+    .await
+    .unwrap();
     let err = once
-        .run("s", "k", &json!({"n": 9007199254740993u64}), |_| async {
+        .run("s", "big", &big(9007199254740992), |_| async {
+            Ok::<_, std::io::Error>(2u8)
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OnceError::InputMismatch),
+        "a neighbour is another input: {err}"
+    );
+    let mut non_string_keys = std::collections::HashMap::new();
+    non_string_keys.insert(vec![1u8], 1);
+    let err = once
+        .run("s", "k", &non_string_keys, |_| async {
             Ok::<u8, std::io::Error>(0)
         })
         .await

@@ -192,7 +192,7 @@ impl std::error::Error for IntentKeyError {
 }
 
 /// RFC 8785 bytes of `value`, refusing integers JSON cannot carry exactly.
-pub(crate) fn canonical_json(value: &Value) -> Result<Vec<u8>, IntentKeyError> {
+fn canonical_json(value: &Value) -> Result<Vec<u8>, IntentKeyError> {
     check_integers(value)?;
     serde_json_canonicalizer::to_vec(value).map_err(IntentKeyError::Unserializable)
 }

@@ -23,7 +23,6 @@ mod policy;
 mod reqwest;
 mod retry;
 
-pub(crate) use intent::canonical_json;
 pub use intent::{IntentKey, IntentKeyError};
 #[cfg(feature = "reqwest")]
 pub use reqwest::RetryMiddleware;
