@@ -35,7 +35,19 @@ impl Background {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        spawn(&self.detached, work)
+        /// Counts the request out of the gauge however its task ends.
+        struct Running;
+        impl Drop for Running {
+            fn drop(&mut self) {
+                crate::metrics::detached(-1.0);
+            }
+        }
+        crate::metrics::detached(1.0);
+        let running = Running;
+        spawn(&self.detached, async move {
+            let _running = running;
+            work.await;
+        })
     }
 
     /// Retries a completion in a task of its own. `false` outside a tokio

@@ -30,20 +30,40 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 pub(crate) async fn bounded<T>(
     op: impl Future<Output = Result<T, StoreError>>,
     limit: Duration,
+    (operation, store): (&'static str, &'static str),
 ) -> Result<T, StoreError> {
+    #[cfg(feature = "metrics")]
+    let started = std::time::Instant::now();
     let mut op = pin!(op);
     // Boxed, and only once the store makes us wait: a timer is large, and
     // this future is part of every protected request's state.
     let mut timer: Option<Pin<Box<Sleep>>> = None;
-    poll_fn(|cx| {
+    let mut timed_out = false;
+    let result = poll_fn(|cx| {
         if let Poll::Ready(out) = op.as_mut().poll(cx) {
             return Poll::Ready(out);
         }
         let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         ready!(timer.as_mut().poll(cx));
+        timed_out = true;
         Poll::Ready(Err(StoreError::unavailable(TimedOut(limit))))
     })
-    .await
+    .await;
+    #[cfg(feature = "metrics")]
+    {
+        let error = match &result {
+            Ok(_) => None,
+            Err(_) if timed_out => Some("timeout"),
+            Err(StoreError::Fenced) => Some("fenced"),
+            Err(StoreError::Full) => Some("full"),
+            Err(StoreError::Corrupt(_)) => Some("corrupt"),
+            Err(_) => Some("unavailable"),
+        };
+        crate::metrics::store_operation(operation, store, started.elapsed(), error);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = (operation, store, timed_out);
+    result
 }
 
 /// A store operation took longer than the layer's store timeout.
@@ -130,7 +150,7 @@ impl<St: Store> Held<St> {
         let (config, key, token) = (self.config.clone(), self.key.clone(), self.token);
         Box::pin(async move {
             let op = config.store.release(&key, token);
-            match bounded(op, config.store_timeout).await {
+            match bounded(op, config.store_timeout, ("release", config.store.name())).await {
                 Ok(()) => tracing::debug!(key = %KeyHash(&key), "claim released"),
                 Err(err) => {
                     tracing::warn!(key = %KeyHash(&key), error = %err, "could not release claim; it ends with its lease")
@@ -197,7 +217,7 @@ async fn renew_until_fenced<St: Store>(config: Arc<Config<St>>, key: RecordKey, 
     loop {
         tokio::time::sleep(every).await;
         let op = config.store.renew(&key, token, config.lease);
-        match bounded(op, config.store_timeout).await {
+        match bounded(op, config.store_timeout, ("renew", config.store.name())).await {
             Ok(()) => {}
             Err(StoreError::Fenced) => {
                 tracing::warn!(
@@ -229,20 +249,30 @@ async fn complete_once<St: Store>(
     record: &Bytes,
 ) -> Attempt {
     let (store, limit, ttl) = (&config.store, config.store_timeout, config.ttl);
-    let mut result = bounded(store.complete(key, token, record.clone(), ttl), limit).await;
+    let label = ("complete", store.name());
+    let mut result = bounded(
+        store.complete(key, token, record.clone(), ttl),
+        limit,
+        label,
+    )
+    .await;
+    let mut recorded = record.len();
     if let Err(StoreError::Full) = result {
         // No room for the body: keep status and headers, so a retry learns
         // the outcome and nothing executes twice.
         if let Ok(slim) = RecordBuilder::without_body(record) {
-            result = bounded(store.complete(key, token, slim, ttl), limit).await;
+            recorded = slim.len();
+            result = bounded(store.complete(key, token, slim, ttl), limit, label).await;
         }
     }
     match result {
         Ok(()) => {
             tracing::debug!(key = %KeyHash(key), "response recorded");
+            crate::metrics::recorded(recorded);
             Attempt::Recorded
         }
         Err(StoreError::Fenced) => {
+            crate::metrics::completion_fenced();
             tracing::warn!(
                 key = %KeyHash(key),
                 "response not recorded: the lease lapsed and another request took the key over"
@@ -272,6 +302,7 @@ async fn complete_until_done<St: Store>(
     loop {
         if Instant::now() + pause > give_up {
             config.background.completion_abandoned();
+            crate::metrics::completion_abandoned();
             tracing::error!(
                 key = %KeyHash(&key),
                 "response not recorded within the completion retry limit; the claim lapses, and only the same request may take it over"
@@ -280,11 +311,13 @@ async fn complete_until_done<St: Store>(
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(longest);
+        crate::metrics::completion_retried();
         if complete_once(&config, &key, token, &record).await != Attempt::Failed {
             return;
         }
         let renewal = config.store.renew(&key, token, config.lease);
-        if let Err(StoreError::Fenced) = bounded(renewal, config.store_timeout).await {
+        let label = ("renew", config.store.name());
+        if let Err(StoreError::Fenced) = bounded(renewal, config.store_timeout, label).await {
             tracing::warn!(
                 key = %KeyHash(&key),
                 "response not recorded: the lease lapsed and another request took the key over"

@@ -112,6 +112,21 @@ pub(crate) struct Config<St> {
     pub(crate) completion_retry: Duration,
     /// Shared by every clone of the layer and every service it built.
     pub(crate) background: Arc<Background>,
+    /// The `route` label of a request's metrics.
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics_route: Arc<dyn Fn(&http::request::Parts) -> String + Send + Sync>,
+}
+
+/// The default `route` label: axum's matched route template where the
+/// layer runs inside the router (feature `axum`), else `other`.
+#[cfg(feature = "metrics")]
+fn default_route(parts: &http::request::Parts) -> String {
+    #[cfg(feature = "axum")]
+    if let Some(path) = parts.extensions.get::<axum::extract::MatchedPath>() {
+        return path.as_str().to_owned();
+    }
+    let _ = parts;
+    "other".to_owned()
 }
 
 impl<St> Config<St> {
@@ -207,6 +222,8 @@ impl<St> IdempotencyLayer<St> {
                 max_execution: Duration::from_secs(5 * 60),
                 completion_retry: Duration::from_secs(60 * 60),
                 background: Arc::default(),
+                #[cfg(feature = "metrics")]
+                metrics_route: Arc::new(default_route),
             }),
         }
     }
@@ -601,6 +618,28 @@ impl<St: Clone> IdempotencyLayer<St> {
     /// ```
     pub fn with_completion_retry_limit(self, limit: Duration) -> Self {
         self.with(|c| c.completion_retry = limit)
+    }
+
+    /// The `route` label of the layer's request metrics (feature
+    /// `metrics`; default: axum's matched route template when the layer
+    /// runs inside the router, as a `route_layer`, else `other`). Keep its
+    /// values few: a template or a name, never the key or the raw path.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_metrics_route(|parts: &http::request::Parts| {
+    ///         if parts.uri.path().starts_with("/payments") { "payments" } else { "other" }.to_owned()
+    ///     });
+    /// ```
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn with_metrics_route(
+        self,
+        route: impl Fn(&http::request::Parts) -> String + Send + Sync + 'static,
+    ) -> Self {
+        let route: Arc<dyn Fn(&http::request::Parts) -> String + Send + Sync> = Arc::new(route);
+        self.with(|c| c.metrics_route = route)
     }
 
     /// **Unsafe for writes that must not repeat.** When the store fails, call

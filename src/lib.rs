@@ -171,6 +171,7 @@ mod future;
 pub mod grpc;
 mod key;
 mod layer;
+mod metrics;
 pub mod once;
 mod outcome;
 mod record;

@@ -90,7 +90,9 @@ where
         }
         if !req.headers().contains_key(&config.header) {
             if config.require_key {
-                return ResponseFuture::ready(reject(config, missing_key(config)));
+                let response = reject(config, missing_key(config));
+                count(config, &req.into_parts().0, &response);
+                return ResponseFuture::ready(response);
             }
             return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::streaming)));
         }
@@ -128,20 +130,27 @@ where
             (Some(value), None) => key::parse_borrowed(value.as_bytes()),
             _ => Err(KeyError::Repeated),
         };
+        let early = |rejection: Rejection| {
+            let response = reject(config, rejection);
+            count(config, &parts, &response);
+            ResponseFuture::ready(response)
+        };
         let key = match key {
             Ok(key) => key,
-            Err(err) => return ResponseFuture::ready(reject(config, invalid_key(config, err))),
+            Err(err) => return early(invalid_key(config, err)),
         };
         if body.size_hint().lower() > config.request_body_limit as u64 {
-            return ResponseFuture::ready(reject(config, body_too_large(config)));
+            return early(body_too_large(config));
         }
         let scope = match config.scope.scope(&parts) {
             Some(scope) => scope,
             None => match anonymous_scope(config) {
                 Some(scope) => scope,
-                None => return ResponseFuture::ready(reject(config, anonymous(config))),
+                None => return early(anonymous(config)),
             },
         };
+        #[cfg(feature = "metrics")]
+        let route = (config.metrics_route)(&parts);
         let record_key = RecordKey::new(scope.as_str(), &key);
         // The clone that `poll_ready` did not reserve stays behind for the
         // next call.
@@ -159,8 +168,30 @@ where
             record_key,
             lifeline.clone(),
         );
+        // Counted where the path ends, in the background too when the
+        // client has gone.
+        #[cfg(feature = "metrics")]
+        let path = async move {
+            let result = path.await;
+            if let Ok(response) = &result {
+                crate::metrics::request(response.extensions().get::<Outcome>(), &route);
+            }
+            result
+        };
         ResponseFuture::keyed(Box::pin(path), lifeline, config.background.clone())
     }
+}
+
+/// Counts a request answered before its protected path started.
+#[inline]
+fn count<St, B>(config: &Config<St>, parts: &request::Parts, response: &Response<B>) {
+    #[cfg(feature = "metrics")]
+    crate::metrics::request(
+        response.extensions().get::<Outcome>(),
+        &(config.metrics_route)(parts),
+    );
+    #[cfg(not(feature = "metrics"))]
+    let _ = (config, parts, response);
 }
 
 /// Why a request body could not be buffered.
@@ -256,6 +287,9 @@ where
         }
     };
     tracing::debug!(key = %KeyHash(&record_key), took_over, "key claimed; executing");
+    if took_over {
+        crate::metrics::lease_taken_over();
+    }
 
     let context = IdempotencyContext::new(record_key.clone(), fingerprint, took_over);
     parts.extensions.insert(context);
@@ -381,7 +415,7 @@ async fn claim<St: Store, B>(
     loop {
         lifeline.set_detachable(true);
         let op = config.store.claim(key, fingerprint, config.lease);
-        let found = match bounded(op, config.store_timeout).await {
+        let found = match bounded(op, config.store_timeout, ("claim", config.store.name())).await {
             Ok(found) => found,
             Err(err) if config.fail_open => {
                 tracing::error!(key = %KeyHash(key), error = %err, "store failed; executing unprotected (fail-open)");

@@ -32,6 +32,7 @@ trait DynStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn release<'a>(&'a self, key: RecordKey, token: Token)
     -> BoxFuture<'a, Result<(), StoreError>>;
+    fn name(&self) -> &'static str;
 }
 
 impl<S: Store> DynStore for S {
@@ -69,6 +70,10 @@ impl<S: Store> DynStore for S {
         token: Token,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move { Store::release(self, &key, token).await })
+    }
+
+    fn name(&self) -> &'static str {
+        Store::name(self)
     }
 }
 
@@ -137,5 +142,9 @@ impl Store for BoxStore {
         token: Token,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.0.release(key.clone(), token)
+    }
+
+    fn name(&self) -> &'static str {
+        self.0.name()
     }
 }

@@ -236,4 +236,8 @@ impl<S: Store> Store for FaultyStore<S> {
             }
         }
     }
+
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
 }

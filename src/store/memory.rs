@@ -614,6 +614,7 @@ impl Inner {
         self.forget(&key, &record);
         if expiry > now {
             self.evicted_live.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::evicted_live("memory");
         }
         true
     }
@@ -874,6 +875,10 @@ fn observe(
 }
 
 impl Store for MemoryStore {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
     fn claim(
         &self,
         key: &RecordKey,

@@ -268,6 +268,12 @@ pub trait Store: Send + Sync + 'static {
         key: &RecordKey,
         token: Token,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A short name for metrics and logs (`memory`, `redis`, `postgres`);
+    /// `custom` unless a store says otherwise.
+    fn name(&self) -> &'static str {
+        "custom"
+    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -305,6 +311,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         token: Token,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         (**self).release(key, token)
+    }
+
+    fn name(&self) -> &'static str {
+        (**self).name()
     }
 }
 

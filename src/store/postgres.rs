@@ -414,6 +414,10 @@ fn parse_claim(row: &PgRow, token: Token) -> Result<Claim, StoreError> {
 }
 
 impl Store for PostgresStore {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
     fn claim(
         &self,
         key: &RecordKey,

@@ -466,6 +466,10 @@ fn fenced_unless_one(value: Value) -> Result<(), StoreError> {
 }
 
 impl Store for RedisStore {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
     fn claim(
         &self,
         key: &RecordKey,
