@@ -34,6 +34,9 @@
 //! `IDEMPOTENCY_DRAIN_SECS`, default 20), so a retry sent to another instance
 //! replays it. It prints `drained: ...` and exits 0.
 //!
+//! `GET /metrics` serves the layer's metrics in the Prometheus text format
+//! when the crate is built with `--features metrics`.
+//!
 //! Environment: `ADDR` (when no argument is given), `IDEMPOTENCY_TTL_SECS`,
 //! `IDEMPOTENCY_LEASE_SECS`, `IDEMPOTENCY_DRAIN_SECS`, and
 //! `IDEMPOTENCY_STORE`: unset or `memory` for
@@ -57,7 +60,7 @@ use axum::{
     http::{StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::post,
+    routing::{get, post},
     serve::ListenerExt,
 };
 use serde::{Deserialize, Serialize};
@@ -370,7 +373,19 @@ async fn run() -> Result<(), String> {
     println!("listening on http://{bound}");
     eprintln!("idempotency store: {store_name}");
     let layer = store.map(|store| idempotency(store, ttl, lease));
-    axum::serve(listener, app(layer.clone()))
+    // The layer's metrics (with `--features metrics`) in the Prometheus
+    // text format.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    let app = app(layer.clone()).route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move { metrics.render() }
+        }),
+    );
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| format!("server failed: {e}"))?;

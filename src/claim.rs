@@ -91,6 +91,19 @@ impl fmt::Display for KeyHash<'_> {
     }
 }
 
+/// Formats a scope as a short hash, for spans: never the raw scope.
+pub(crate) struct ScopeHash<'a>(pub(crate) &'a str);
+
+impl fmt::Display for ScopeHash<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(self.0.as_bytes());
+        let mut hex = String::with_capacity(16);
+        push_hex(&mut hex, &digest[..8]);
+        f.write_str(&hex)
+    }
+}
+
 /// The store operations on one held claim, without the store's type.
 pub(crate) trait HeldClaim: Send {
     /// Starts renewing the lease from a task of its own, once, until the

@@ -27,7 +27,6 @@ use std::time::Duration;
 use crate::{Outcome, RejectionKind};
 
 /// The `outcome` label of an outcome.
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 pub(crate) fn outcome_label(outcome: &Outcome) -> &'static str {
     match outcome {
         Outcome::Executed => "executed",

@@ -20,7 +20,7 @@ use crate::{
     RequestBody, ResponseBody, ResponseFuture, Scope,
     background::Lifeline,
     body::{Recording, Tee, detach_tee},
-    claim::{Held, HeldClaim, KeyHash, bounded},
+    claim::{Held, HeldClaim, KeyHash, ScopeHash, bounded},
     key,
     layer::{Config, IDEMPOTENT_REPLAYED},
     record::{self, RecordBuilder},
@@ -152,6 +152,7 @@ where
         #[cfg(feature = "metrics")]
         let route = (config.metrics_route)(&parts);
         let record_key = RecordKey::new(scope.as_str(), &key);
+        let record_key_for_span = record_key.clone();
         // The clone that `poll_ready` did not reserve stays behind for the
         // next call.
         let clone = self.inner.clone();
@@ -168,16 +169,31 @@ where
             record_key,
             lifeline.clone(),
         );
-        // Counted where the path ends, in the background too when the
-        // client has gone.
-        #[cfg(feature = "metrics")]
-        let path = async move {
-            let result = path.await;
-            if let Ok(response) = &result {
-                crate::metrics::request(response.extensions().get::<Outcome>(), &route);
-            }
-            result
-        };
+        // One span per protected request, with hashes of key and scope and,
+        // where the path ends (in the background too when the client has
+        // gone), its outcome, which is also counted.
+        let span = tracing::info_span!(
+            "idempotency",
+            key = %KeyHash(&record_key_for_span),
+            scope = %ScopeHash(record_key_for_span.scope()),
+            outcome = tracing::field::Empty,
+        );
+        let path = tracing::Instrument::instrument(
+            async move {
+                let result = path.await;
+                if let Ok(response) = &result {
+                    let outcome = response.extensions().get::<Outcome>();
+                    if let Some(outcome) = outcome {
+                        tracing::Span::current()
+                            .record("outcome", crate::metrics::outcome_label(outcome));
+                    }
+                    #[cfg(feature = "metrics")]
+                    crate::metrics::request(outcome, &route);
+                }
+                result
+            },
+            span,
+        );
         ResponseFuture::keyed(Box::pin(path), lifeline, config.background.clone())
     }
 }

@@ -33,11 +33,7 @@ fn snapshot(recorder: &DebuggingRecorder) -> HashMap<Metric, DebugValue> {
         .collect()
 }
 
-fn counter(
-    values: &HashMap<Metric, DebugValue>,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> u64 {
+fn counter(values: &HashMap<Metric, DebugValue>, name: &str, labels: &[(&str, &str)]) -> u64 {
     let mut labels: Vec<(String, String)> = labels
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))

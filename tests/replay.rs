@@ -348,3 +348,49 @@ async fn a_record_in_an_unknown_encoding_version_is_503_never_a_second_execution
     }
     assert_eq!(counter.get(), 1, "the intent ran once");
 }
+
+/// Each protected request has a span with hashes of its key and scope and
+/// its outcome, for an OpenTelemetry subscriber to export; never the raw
+/// key or scope.
+#[test]
+fn each_protected_request_has_a_span_with_its_outcome() {
+    use tracing_subscriber::fmt::format::FmtSpan;
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_span_events(FmtSpan::CLOSE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let app = common::booking_router(common::Counter::default())
+                .layer(IdempotencyLayer::new(MemoryStore::default()));
+            for body in ["x", "x", "y"] {
+                let request = post_with_key("span-key-7c1d", body);
+                body_bytes(app.clone().oneshot(request).await.unwrap()).await;
+            }
+        })
+    });
+    let text = captured.text();
+    let spans: Vec<_> = text
+        .lines()
+        .filter(|l| l.contains("idempotency{"))
+        .collect();
+    assert_eq!(spans.len(), 3, "{text}");
+    for (line, outcome) in spans.iter().zip(["executed", "replayed", "key_reused"]) {
+        assert!(
+            line.contains(&format!("outcome=\"{outcome}\""))
+                || line.contains(&format!("outcome={outcome}")),
+            "{line}"
+        );
+        assert!(line.contains("key=") && line.contains("scope="), "{line}");
+    }
+    assert!(!text.contains("span-key-7c1d"), "the raw key never appears");
+    assert!(!text.contains("test-caller"), "nor the credential");
+}
