@@ -1,7 +1,9 @@
 //! What the layer costs, each figure beside the bare service in the same run,
 //! and for Redis and PostgreSQL beside the floor of one plain write.
 //!
-//! `cargo bench --bench layer` (memory store only), or with the remote stores:
+//! `cargo bench --bench layer` (memory store only; add `--features metrics`
+//! to measure with the layer's metrics going to a Prometheus recorder), or
+//! with the remote stores:
 //! `REDIS_URL=redis://127.0.0.1:6379 DATABASE_URL=postgres://postgres@127.0.0.1/test
 //! cargo bench --all-features --bench layer`
 
@@ -105,6 +107,12 @@ fn bench_store<St: Store + Clone>(c: &mut Criterion, rt: &Runtime, name: &str, s
 }
 
 fn layer(c: &mut Criterion) {
+    // With `--features metrics`, the layer's metrics go to a real recorder,
+    // so the figures include what they cost.
+    #[cfg(feature = "metrics")]
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .expect("a metrics recorder installs");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
