@@ -98,6 +98,21 @@ pub enum OnceError<E> {
     Input(IntentKeyError),
 }
 
+impl<E> OnceError<E> {
+    /// The same error with `f` applied to a [`Failed`](OnceError::Failed)
+    /// error.
+    fn map_failed<F>(self, f: impl FnOnce(E) -> F) -> OnceError<F> {
+        match self {
+            OnceError::Failed(e) => OnceError::Failed(f(e)),
+            OnceError::InputMismatch => OnceError::InputMismatch,
+            OnceError::InFlight { retry_after } => OnceError::InFlight { retry_after },
+            OnceError::Store(e) => OnceError::Store(e),
+            OnceError::Unreadable(e) => OnceError::Unreadable(e),
+            OnceError::Input(e) => OnceError::Input(e),
+        }
+    }
+}
+
 impl<E: fmt::Display> fmt::Display for OnceError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -286,14 +301,11 @@ impl<St: Store + Clone> AtMostOnce<St> {
         let result = self
             .execute::<I, T, E, NoRecordedError, _, _>(scope, key, input, work, |_| None)
             .await;
-        result.map_err(|err| match err {
-            OnceError::Failed(Ok(e)) => OnceError::Failed(e),
-            OnceError::Failed(Err(never)) => match never {},
-            OnceError::InputMismatch => OnceError::InputMismatch,
-            OnceError::InFlight { retry_after } => OnceError::InFlight { retry_after },
-            OnceError::Store(e) => OnceError::Store(e),
-            OnceError::Unreadable(e) => OnceError::Unreadable(e),
-            OnceError::Input(e) => OnceError::Input(e),
+        result.map_err(|err| {
+            err.map_failed(|failed| match failed {
+                Ok(e) => e,
+                Err(never) => match never {},
+            })
         })
     }
 
@@ -318,14 +330,7 @@ impl<St: Store + Clone> AtMostOnce<St> {
         let result = self
             .execute::<I, T, E, E, _, _>(scope, key, input, work, |e| Some(encode(1, e)))
             .await;
-        result.map_err(|err| match err {
-            OnceError::Failed(Ok(e) | Err(e)) => OnceError::Failed(e),
-            OnceError::InputMismatch => OnceError::InputMismatch,
-            OnceError::InFlight { retry_after } => OnceError::InFlight { retry_after },
-            OnceError::Store(e) => OnceError::Store(e),
-            OnceError::Unreadable(e) => OnceError::Unreadable(e),
-            OnceError::Input(e) => OnceError::Input(e),
-        })
+        result.map_err(|err| err.map_failed(|(Ok(e) | Err(e))| e))
     }
 
     /// The claim loop and the execution. `Failed(Ok(e))` is this call's
