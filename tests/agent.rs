@@ -72,10 +72,15 @@ impl Drop for Demo {
 }
 
 fn agent(demo: &Demo, extra: &[&str]) -> (i32, String, String) {
+    agent_at(&demo.base, extra)
+}
+
+/// The agent against `server`, booking ada at dr-who, with `extra` flags.
+fn agent_at(server: &str, extra: &[&str]) -> (i32, String, String) {
     let output = Command::new(example("booking_agent"))
         .args([
             "--server",
-            &demo.base,
+            server,
             "--caller",
             "ada",
             "--slot",
@@ -92,20 +97,21 @@ fn agent(demo: &Demo, extra: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The seed incident's flags: the client gives up at 3 s, the booking
+/// commits at 4.2 s.
+const SEED_INCIDENT: &[&str] = &[
+    "--token",
+    "alice",
+    "--delay-ms",
+    "4200",
+    "--timeout-ms",
+    "3000",
+];
+
 #[test]
 fn the_seed_incident_ends_with_one_booking() {
     let demo = Demo::start();
-    let (code, stdout, stderr) = agent(
-        &demo,
-        &[
-            "--token",
-            "alice",
-            "--delay-ms",
-            "4200",
-            "--timeout-ms",
-            "3000",
-        ],
-    );
+    let (code, stdout, stderr) = agent(&demo, SEED_INCIDENT);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("attempt 1: timed out"), "{stderr}");
     let booking: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
@@ -117,17 +123,7 @@ fn the_seed_incident_ends_with_one_booking() {
     );
 
     // The same command again is the same intent: replayed, still one.
-    let (code, again, stderr) = agent(
-        &demo,
-        &[
-            "--token",
-            "alice",
-            "--delay-ms",
-            "4200",
-            "--timeout-ms",
-            "3000",
-        ],
-    );
+    let (code, again, stderr) = agent(&demo, SEED_INCIDENT);
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stderr.contains("attempt 1: 201 Created, replayed"),
@@ -164,26 +160,8 @@ fn a_server_that_is_not_there_exits_2_after_every_attempt() {
         .local_addr()
         .unwrap()
         .port();
-    let output = Command::new(example("booking_agent"))
-        .args([
-            "--server",
-            &format!("http://127.0.0.1:{port}"),
-            "--token",
-            "alice",
-        ])
-        .args([
-            "--caller",
-            "ada",
-            "--slot",
-            "s",
-            "--provider",
-            "p",
-            "--attempts",
-            "3",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    let server = format!("http://127.0.0.1:{port}");
+    let (code, _, stderr) = agent_at(&server, &["--token", "alice", "--attempts", "3"]);
+    assert_eq!(code, 2, "{stderr}");
     assert_eq!(stderr.matches("attempt ").count(), 3, "{stderr}");
 }
