@@ -50,13 +50,13 @@ pub(crate) fn outcome_label(outcome: &Outcome) -> &'static str {
 /// A keyed request ended with `outcome`.
 #[inline]
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-pub(crate) fn request(outcome: Option<&Outcome>, route: &str) {
+pub(crate) fn request(outcome: Option<&Outcome>, route: String) {
     #[cfg(feature = "metrics")]
     if let Some(outcome) = outcome {
         metrics::counter!(
             "idempotency_requests_total",
             "outcome" => outcome_label(outcome),
-            "route" => route.to_owned(),
+            "route" => route,
         )
         .increment(1);
     }

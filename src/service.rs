@@ -188,7 +188,7 @@ where
                             .record("outcome", crate::metrics::outcome_label(outcome));
                     }
                     #[cfg(feature = "metrics")]
-                    crate::metrics::request(outcome, &route);
+                    crate::metrics::request(outcome, route);
                 }
                 result
             },
@@ -204,7 +204,7 @@ fn count<St, B>(config: &Config<St>, parts: &request::Parts, response: &Response
     #[cfg(feature = "metrics")]
     crate::metrics::request(
         response.extensions().get::<Outcome>(),
-        &(config.metrics_route)(parts),
+        (config.metrics_route)(parts),
     );
     #[cfg(not(feature = "metrics"))]
     let _ = (config, parts, response);

@@ -182,10 +182,13 @@ async fn an_unreadable_record_is_503_and_never_a_second_execution() {
     assert_eq!(counter.get(), 1);
 }
 
-#[test]
-fn logs_carry_a_hash_of_the_key_never_the_key_or_body() {
-    let captured = Captured::default();
-    let subscriber = captured.subscriber(tracing::Level::TRACE);
+/// Sends `bodies` with `key` through the layer, one after another, with
+/// `subscriber` receiving what it logs.
+fn send_logged(
+    subscriber: impl tracing::Subscriber + Send + Sync + 'static,
+    key: &str,
+    bodies: [&'static str; 3],
+) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -194,12 +197,22 @@ fn logs_carry_a_hash_of_the_key_never_the_key_or_body() {
         runtime.block_on(async {
             let app = common::booking_router(common::Counter::default())
                 .layer(IdempotencyLayer::new(MemoryStore::default()));
-            for body in ["patient-secret-body", "patient-secret-body", "other"] {
-                let request = post_with_key("order-key-4f1c9", body);
-                body_bytes(app.clone().oneshot(request).await.unwrap()).await;
+            for body in bodies {
+                body_bytes(app.clone().oneshot(post_with_key(key, body)).await.unwrap()).await;
             }
-        });
+        })
     });
+}
+
+#[test]
+fn logs_carry_a_hash_of_the_key_never_the_key_or_body() {
+    let captured = Captured::default();
+    let subscriber = captured.subscriber(tracing::Level::TRACE);
+    send_logged(
+        subscriber,
+        "order-key-4f1c9",
+        ["patient-secret-body", "patient-secret-body", "other"],
+    );
     let logs = captured.text();
     assert!(logs.contains("key="), "events carry a key hash:\n{logs}");
     assert!(logs.contains("replaying"), "{logs}");
@@ -363,20 +376,7 @@ fn each_protected_request_has_a_span_with_its_outcome() {
         .with_span_events(FmtSpan::CLOSE)
         .with_writer(move || writer.clone())
         .finish();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(async {
-            let app = common::booking_router(common::Counter::default())
-                .layer(IdempotencyLayer::new(MemoryStore::default()));
-            for body in ["x", "x", "y"] {
-                let request = post_with_key("span-key-7c1d", body);
-                body_bytes(app.clone().oneshot(request).await.unwrap()).await;
-            }
-        })
-    });
+    send_logged(subscriber, "span-key-7c1d", ["x", "x", "y"]);
     let text = captured.text();
     let spans: Vec<_> = text
         .lines()
