@@ -23,7 +23,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::{
-    claim::{BoxFuture, HeldClaim},
+    claim::{BoxFuture, Finish, HeldClaim},
     layer::RecordPolicy,
     record::RecordBuilder,
 };
@@ -251,6 +251,14 @@ pub(crate) struct Recording {
     deferred: Option<(Arc<dyn RecordPolicy>, StatusCode)>,
     /// That decision was to release the claim rather than record.
     release: bool,
+    /// The response's status, for the audit entry.
+    status: StatusCode,
+    /// The digest of the body so far, when the claim is audited; `None` once
+    /// the body did not end.
+    digest: Option<sha2::Sha256>,
+    /// Cut short by the layer (past the maximum execution time, or after a
+    /// panic), not ended by its body.
+    settled: bool,
 }
 
 impl Recording {
@@ -258,7 +266,9 @@ impl Recording {
         claim: Box<dyn HeldClaim>,
         builder: RecordBuilder,
         deferred: Option<(Arc<dyn RecordPolicy>, StatusCode)>,
+        status: StatusCode,
     ) -> Self {
+        let digest = claim.audited().then(<sha2::Sha256 as sha2::Digest>::new);
         Recording {
             claim,
             builder: Some(builder),
@@ -266,6 +276,9 @@ impl Recording {
             completing: None,
             deferred,
             release: false,
+            status,
+            digest,
+            settled: false,
         }
     }
 
@@ -310,6 +323,9 @@ impl Recording {
         if let Some(builder) = &mut self.builder {
             builder.push(chunk);
         }
+        if let Some(digest) = &mut self.digest {
+            sha2::Digest::update(digest, chunk);
+        }
     }
 
     /// Whether the body is past the response limit and no longer kept.
@@ -333,6 +349,7 @@ impl Recording {
     fn body_failed(&mut self) {
         self.deferred = None;
         self.release = false;
+        self.digest = None;
         if let Some(builder) = &mut self.builder {
             builder.give_up_body();
         }
@@ -350,7 +367,7 @@ impl Recording {
             // try again": free the key for the retry.
             self.builder = None;
             self.record = None;
-            self.completing = Some(self.claim.release());
+            self.completing = Some(self.claim.release(Some(self.status.as_u16())));
             return;
         }
         let record = match (self.record.take(), self.builder.take()) {
@@ -358,7 +375,15 @@ impl Recording {
             (None, Some(builder)) => builder.finish(None),
             (None, None) => return,
         };
-        self.completing = Some(self.claim.complete(record));
+        let finish = Finish {
+            settled: self.settled,
+            status: self.status.as_u16(),
+            response: self
+                .digest
+                .take()
+                .map(|digest| sha2::Digest::finalize(digest).into()),
+        };
+        self.completing = Some(self.claim.complete(record, finish));
     }
 }
 
@@ -697,6 +722,7 @@ impl<B> TeeState<B> {
         if *this.in_store {
             return None;
         }
+        recording.settled = true;
         recording.body_failed();
         recording.completing.take()
     }

@@ -19,7 +19,26 @@ use crate::{
     record::RecordBuilder,
     scope::push_hex,
     store::{RecordKey, Store, StoreError, Token},
+    trail::Trail,
 };
+
+/// How the work a completion records ended, for its audit entry.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Finish {
+    /// Stopped or cut short by the layer, past the maximum execution time
+    /// or a drain's deadline.
+    pub(crate) settled: bool,
+    /// The response's status.
+    pub(crate) status: u16,
+    /// SHA-256 of the whole response body, when audited and it ended.
+    pub(crate) response: Option<[u8; 32]>,
+}
+
+impl Finish {
+    fn decision(&self) -> &'static str {
+        if self.settled { "settled" } else { "executed" }
+    }
+}
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -111,9 +130,13 @@ pub(crate) trait HeldClaim: Send {
     /// claim guards waits, so work that never waits costs no task.
     fn keep_alive(&mut self);
     /// Completes the claim with `record`; the claim is no longer held after.
-    fn complete(&mut self, record: Bytes) -> BoxFuture<()>;
-    /// Releases the claim; the claim is no longer held after.
-    fn release(&mut self) -> BoxFuture<()>;
+    fn complete(&mut self, record: Bytes, finish: Finish) -> BoxFuture<()>;
+    /// Releases the claim (the response's status, if there was one); the
+    /// claim is no longer held after.
+    fn release(&mut self, status: Option<u16>) -> BoxFuture<()>;
+    /// Whether the claim's decisions are audited (so a response digest is
+    /// worth computing).
+    fn audited(&self) -> bool;
     /// When the work must be settled: claimed at plus the maximum execution
     /// time.
     fn deadline(&self) -> Instant;
@@ -138,10 +161,17 @@ pub(crate) struct Held<St: Store> {
     deadline: Instant,
     renewal: Option<tokio::task::AbortHandle>,
     armed: bool,
+    /// Where the claim's last decision goes.
+    trail: Option<Trail>,
 }
 
 impl<St: Store> Held<St> {
-    pub(crate) fn new(config: Arc<Config<St>>, key: RecordKey, token: Token) -> Self {
+    pub(crate) fn new(
+        config: Arc<Config<St>>,
+        key: RecordKey,
+        token: Token,
+        trail: Option<Trail>,
+    ) -> Self {
         let deadline = Instant::now() + config.max_execution;
         Held {
             config,
@@ -150,6 +180,7 @@ impl<St: Store> Held<St> {
             deadline,
             renewal: None,
             armed: true,
+            trail,
         }
     }
 
@@ -159,8 +190,9 @@ impl<St: Store> Held<St> {
         }
     }
 
-    fn release_future(&self) -> BoxFuture<()> {
+    fn release_future(&mut self, status: Option<u16>) -> BoxFuture<()> {
         let (config, key, token) = (self.config.clone(), self.key.clone(), self.token);
+        let trail = self.trail.take();
         Box::pin(async move {
             let op = config.store.release(&key, token);
             match bounded(op, config.store_timeout, ("release", config.store.name())).await {
@@ -168,6 +200,9 @@ impl<St: Store> Held<St> {
                 Err(err) => {
                     tracing::warn!(key = %KeyHash(&key), error = %err, "could not release claim; it ends with its lease")
                 }
+            }
+            if let Some(trail) = trail {
+                trail.record("released", status, None);
             }
         })
     }
@@ -185,19 +220,32 @@ impl<St: Store> HeldClaim for Held<St> {
         }
     }
 
-    fn complete(&mut self, record: Bytes) -> BoxFuture<()> {
+    fn complete(&mut self, record: Bytes, finish: Finish) -> BoxFuture<()> {
         self.armed = false;
         self.stop_renewing();
         let (config, key, token) = (self.config.clone(), self.key.clone(), self.token);
+        let mut trail = self.trail.take();
         Box::pin(async move {
-            if complete_once(&config, &key, token, &record).await != Attempt::Failed {
-                return;
+            match complete_once(&config, &key, token, &record).await {
+                Attempt::Recorded => {
+                    if let Some(trail) = trail.take() {
+                        trail.record(finish.decision(), Some(finish.status), finish.response);
+                    }
+                    return;
+                }
+                Attempt::Fenced => {
+                    if let Some(trail) = trail.take() {
+                        trail.record("fenced", Some(finish.status), finish.response);
+                    }
+                    return;
+                }
+                Attempt::Failed => {}
             }
             // The work is done, so the record must land: keep trying in the
             // background and let the response end now. Until it lands,
             // retries see the key in flight.
             let background = config.background.clone();
-            let retries = complete_until_done(config, key.clone(), token, record);
+            let retries = complete_until_done(config, key.clone(), token, record, finish, trail);
             if !background.spawn_completion(retries) {
                 tracing::error!(
                     key = %KeyHash(&key),
@@ -207,10 +255,14 @@ impl<St: Store> HeldClaim for Held<St> {
         })
     }
 
-    fn release(&mut self) -> BoxFuture<()> {
+    fn release(&mut self, status: Option<u16>) -> BoxFuture<()> {
         self.armed = false;
         self.stop_renewing();
-        self.release_future()
+        self.release_future(status)
+    }
+
+    fn audited(&self) -> bool {
+        self.trail.is_some()
     }
 
     fn deadline(&self) -> Instant {
@@ -308,7 +360,27 @@ async fn complete_until_done<St: Store>(
     key: RecordKey,
     token: Token,
     record: Bytes,
+    finish: Finish,
+    trail: Option<Trail>,
 ) {
+    let decision = complete_retrying(&config, &key, token, record).await;
+    if let Some(trail) = trail {
+        let decision = match decision {
+            Attempt::Recorded => finish.decision(),
+            Attempt::Fenced => "fenced",
+            Attempt::Failed => "abandoned",
+        };
+        trail.record(decision, Some(finish.status), finish.response);
+    }
+}
+
+/// The attempts of [`complete_until_done`]; `Failed` once it gave up.
+async fn complete_retrying<St: Store>(
+    config: &Arc<Config<St>>,
+    key: &RecordKey,
+    token: Token,
+    record: Bytes,
+) -> Attempt {
     let give_up = Instant::now() + config.completion_retry;
     let longest = (config.lease / 3).clamp(Duration::from_millis(1), Duration::from_secs(5));
     let mut pause = Duration::from_millis(100).min(longest);
@@ -317,25 +389,26 @@ async fn complete_until_done<St: Store>(
             config.background.completion_abandoned();
             crate::metrics::completion_abandoned();
             tracing::error!(
-                key = %KeyHash(&key),
+                key = %KeyHash(key),
                 "response not recorded within the completion retry limit; the claim lapses, and only the same request may take it over"
             );
-            return;
+            return Attempt::Failed;
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(longest);
         crate::metrics::completion_retried();
-        if complete_once(&config, &key, token, &record).await != Attempt::Failed {
-            return;
+        let attempt = complete_once(config, key, token, &record).await;
+        if attempt != Attempt::Failed {
+            return attempt;
         }
-        let renewal = config.store.renew(&key, token, config.lease);
+        let renewal = config.store.renew(key, token, config.lease);
         let label = ("renew", config.store.name());
         if let Err(StoreError::Fenced) = bounded(renewal, config.store_timeout, label).await {
             tracing::warn!(
-                key = %KeyHash(&key),
+                key = %KeyHash(key),
                 "response not recorded: the lease lapsed and another request took the key over"
             );
-            return;
+            return Attempt::Fenced;
         }
     }
 }
@@ -348,7 +421,7 @@ impl<St: Store> Drop for Held<St> {
         }
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn(self.release_future());
+                handle.spawn(self.release_future(None));
             }
             Err(_) => tracing::warn!(
                 key = %KeyHash(&self.key),

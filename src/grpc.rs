@@ -39,6 +39,7 @@
 //! | `body-unreadable` | 400 | `INVALID_ARGUMENT` (3) | the request stream broke before its end; nothing was claimed |
 //! | `response-not-retained` | 410 | `FAILED_PRECONDITION` (9) | it ran, but its response was too large to keep; do not retry |
 //! | `store-unavailable` | 503 | `UNAVAILABLE` (14) | transient; nothing ran; retry (`grpc-retry-pushback-ms` carries the hint) |
+//! | `audit-unavailable` | 503 | `UNAVAILABLE` (14) | transient; nothing ran; retry |
 //! | `outcome-unknown` | 500 | `UNKNOWN` (2) | stopped past the maximum execution time; it may have taken effect and will not run again under this key |
 //!
 //! A replay carries the recorded response as it was: initial metadata plus
@@ -142,7 +143,9 @@ impl GrpcCode {
             RejectionKind::BodyTooLarge => GrpcCode::ResourceExhausted,
             RejectionKind::BodyUnreadable => GrpcCode::InvalidArgument,
             RejectionKind::ResponseNotRetained => GrpcCode::FailedPrecondition,
-            RejectionKind::StoreUnavailable => GrpcCode::Unavailable,
+            RejectionKind::StoreUnavailable | RejectionKind::AuditUnavailable => {
+                GrpcCode::Unavailable
+            }
             RejectionKind::OutcomeUnknown => GrpcCode::Unknown,
         }
     }
@@ -408,6 +411,7 @@ mod tests {
             (RejectionKind::KeyReused, "9"),
             (RejectionKind::RequestInFlight, "10"),
             (RejectionKind::StoreUnavailable, "14"),
+            (RejectionKind::AuditUnavailable, "14"),
             (RejectionKind::BodyTooLarge, "8"),
             (RejectionKind::ResponseNotRetained, "9"),
             (RejectionKind::OutcomeUnknown, "2"),

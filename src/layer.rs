@@ -115,6 +115,9 @@ pub(crate) struct Config<St> {
     /// The `route` label of a request's metrics.
     #[cfg(feature = "metrics")]
     pub(crate) metrics_route: Arc<dyn Fn(&http::request::Parts) -> String + Send + Sync>,
+    /// Where every decision is written.
+    #[cfg(feature = "audit")]
+    pub(crate) audit: Option<crate::audit::AuditLog>,
 }
 
 /// The default `route` label: axum's matched route template where the
@@ -130,6 +133,22 @@ fn default_route(parts: &http::request::Parts) -> String {
 }
 
 impl<St> Config<St> {
+    /// A request's place in the audit chain: `Ok(None)` without an audit
+    /// log, `Err` when there is no room and the request must not run.
+    #[inline]
+    pub(crate) fn trail(
+        &self,
+        scope: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<Option<crate::trail::Trail>, ()> {
+        #[cfg(feature = "audit")]
+        if let Some(audit) = &self.audit {
+            return audit.trail(scope, key).map(Some);
+        }
+        let _ = (scope, key);
+        Ok(None)
+    }
+
     pub(crate) fn protects<B>(&self, req: &http::Request<B>) -> bool {
         self.methods.iter().any(|m| m == req.method())
             && self
@@ -224,6 +243,8 @@ impl<St> IdempotencyLayer<St> {
                 background: Arc::default(),
                 #[cfg(feature = "metrics")]
                 metrics_route: Arc::new(default_route),
+                #[cfg(feature = "audit")]
+                audit: None,
             }),
         }
     }
@@ -640,6 +661,29 @@ impl<St: Clone> IdempotencyLayer<St> {
     ) -> Self {
         let route: Arc<dyn Fn(&http::request::Parts) -> String + Send + Sync> = Arc::new(route);
         self.with(|c| c.metrics_route = route)
+    }
+
+    /// Writes every decision into `audit`'s tamper-evident chain (feature
+    /// `audit`): see [`audit`](crate::audit) for the entries and what happens
+    /// when they cannot be written.
+    ///
+    /// ```
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = std::env::temp_dir().join(format!("audit-layer-doc-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore, audit::{AuditLog, AuditSigner, JsonlSink}};
+    ///
+    /// let signer = AuditSigner::generate("api-audit")?;
+    /// let audit = AuditLog::builder("api-1", signer)
+    ///     .start(JsonlSink::open(dir.join("audit.jsonl"))?)
+    ///     .await?;
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_audit(audit);
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "audit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "audit")))]
+    pub fn with_audit(self, audit: crate::audit::AuditLog) -> Self {
+        self.with(|c| c.audit = Some(audit))
     }
 
     /// **Unsafe for writes that must not repeat.** When the store fails, call

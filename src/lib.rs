@@ -161,6 +161,9 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "audit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "audit")))]
+pub mod audit;
 mod background;
 mod body;
 mod claim;
@@ -179,6 +182,7 @@ mod rejection;
 mod scope;
 mod service;
 pub mod store;
+mod trail;
 
 pub use background::{BackgroundStats, Drained};
 pub use body::{RequestBody, ResponseBody};

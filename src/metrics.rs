@@ -5,7 +5,7 @@
 //!
 //! | metric | type | labels | what |
 //! |---|---|---|---|
-//! | `idempotency_requests_total` | counter | `outcome`, `route` | keyed requests by how they ended: `executed`, `replayed`, `failed_open`, or the rejection's code (`missing_key`, `invalid_key`, `key_reused`, `anonymous_request`, `request_in_flight`, `body_too_large`, `body_unreadable`, `response_not_retained`, `store_unavailable`, `outcome_unknown`) |
+//! | `idempotency_requests_total` | counter | `outcome`, `route` | keyed requests by how they ended: `executed`, `replayed`, `failed_open`, or the rejection's code (`missing_key`, `invalid_key`, `key_reused`, `anonymous_request`, `request_in_flight`, `body_too_large`, `body_unreadable`, `response_not_retained`, `store_unavailable`, `outcome_unknown`, `audit_unavailable`) |
 //! | `idempotency_store_operation_duration_seconds` | histogram | `operation`, `store` | time of each `claim`, `renew`, `complete`, `release` |
 //! | `idempotency_store_errors_total` | counter | `operation`, `store`, `error` | store operations that failed: `unavailable`, `timeout`, `full`, `corrupt`, `fenced` |
 //! | `idempotency_leases_taken_over_total` | counter | | claims that took over a lapsed claim |
@@ -43,6 +43,7 @@ pub(crate) fn outcome_label(outcome: &Outcome) -> &'static str {
             RejectionKind::ResponseNotRetained => "response_not_retained",
             RejectionKind::StoreUnavailable => "store_unavailable",
             RejectionKind::OutcomeUnknown => "outcome_unknown",
+            RejectionKind::AuditUnavailable => "audit_unavailable",
         },
     }
 }

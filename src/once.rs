@@ -27,6 +27,7 @@ use crate::{
     Fingerprint, IdempotencyContext,
     client::IntentKeyError,
     store::{Claim, RecordKey, Store, StoreError, Token},
+    trail::Trail,
 };
 
 /// Runs work at most once per key and hands its recorded output to every
@@ -71,6 +72,8 @@ pub struct AtMostOnce<St> {
     wait: Option<Duration>,
     store_timeout: Duration,
     completion_retry: Duration,
+    #[cfg(feature = "audit")]
+    audit: Option<crate::audit::AuditLog>,
 }
 
 /// Why [`AtMostOnce::run`] did not return an output.
@@ -96,6 +99,9 @@ pub enum OnceError<E> {
     Unreadable(Box<dyn std::error::Error + Send + Sync>),
     /// The input does not serialise to JSON.
     Input(IntentKeyError),
+    /// The audit chain could not take the call's entry, and its policy is
+    /// that nothing runs without one: nothing ran.
+    AuditUnavailable,
 }
 
 impl<E> OnceError<E> {
@@ -109,6 +115,7 @@ impl<E> OnceError<E> {
             OnceError::Store(e) => OnceError::Store(e),
             OnceError::Unreadable(e) => OnceError::Unreadable(e),
             OnceError::Input(e) => OnceError::Input(e),
+            OnceError::AuditUnavailable => OnceError::AuditUnavailable,
         }
     }
 }
@@ -128,6 +135,9 @@ impl<E: fmt::Display> fmt::Display for OnceError<E> {
             OnceError::Store(e) => write!(f, "nothing ran: {e}"),
             OnceError::Unreadable(e) => write!(f, "the recorded output is unreadable: {e}"),
             OnceError::Input(e) => write!(f, "the input does not serialise: {e}"),
+            OnceError::AuditUnavailable => {
+                f.write_str("nothing ran: the audit log cannot record the call")
+            }
         }
     }
 }
@@ -139,7 +149,9 @@ impl<E: std::error::Error + 'static> std::error::Error for OnceError<E> {
             OnceError::Store(e) => Some(e),
             OnceError::Unreadable(e) => Some(&**e),
             OnceError::Input(e) => Some(e),
-            OnceError::InputMismatch | OnceError::InFlight { .. } => None,
+            OnceError::InputMismatch
+            | OnceError::InFlight { .. }
+            | OnceError::AuditUnavailable => None,
         }
     }
 }
@@ -213,7 +225,32 @@ impl<St: Store + Clone> AtMostOnce<St> {
             wait: None,
             store_timeout: Duration::from_secs(5),
             completion_retry: Duration::from_secs(60 * 60),
+            #[cfg(feature = "audit")]
+            audit: None,
         }
+    }
+
+    /// Writes every decision into `audit`'s chain (feature `audit`), as the
+    /// layer's [`with_audit`](crate::IdempotencyLayer::with_audit) does:
+    /// `executed` with the SHA-256 of the output's JSON, `replayed`,
+    /// `key_reused`, `request_in_flight`, `store_unavailable`, `taken_over`,
+    /// `released` (the closure failed or panicked), `fenced`, `abandoned`.
+    #[cfg(feature = "audit")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "audit")))]
+    #[must_use]
+    pub fn with_audit(mut self, audit: crate::audit::AuditLog) -> Self {
+        self.audit = Some(audit);
+        self
+    }
+
+    /// The call's place in the audit chain; see `Config::trail`.
+    fn trail(&self, scope: &str, key: &str) -> Result<Option<Trail>, ()> {
+        #[cfg(feature = "audit")]
+        if let Some(audit) = &self.audit {
+            return audit.trail(Some(scope), Some(key)).map(Some);
+        }
+        let _ = (scope, key);
+        Ok(None)
     }
 
     /// How long a running claim is honoured without renewal (default 30 s);
@@ -353,13 +390,30 @@ impl<St: Store + Clone> AtMostOnce<St> {
     {
         let fingerprint = fingerprint(input).map_err(OnceError::Input)?;
         let record_key = RecordKey::new(scope, key);
+        let Ok(mut trail) = self.trail(scope, key) else {
+            return Err(OnceError::AuditUnavailable);
+        };
+        if let Some(trail) = &mut trail {
+            trail.fingerprint(&fingerprint);
+        }
+        let decide = |trail: Option<Trail>, decision: &'static str| {
+            if let Some(trail) = trail {
+                trail.record(decision, None, None);
+            }
+        };
         let started = Instant::now();
         let mut backoff = Duration::from_millis(5);
         let (token, took_over) = loop {
-            let claim = self
+            let claim = match self
                 .bounded(self.store.claim(&record_key, fingerprint, self.lease))
                 .await
-                .map_err(OnceError::Store)?;
+            {
+                Ok(claim) => claim,
+                Err(err) => {
+                    decide(trail, "store_unavailable");
+                    return Err(OnceError::Store(err));
+                }
+            };
             match claim {
                 Claim::Acquired { token, took_over } => break (token, took_over),
                 Claim::Completed {
@@ -367,8 +421,12 @@ impl<St: Store + Clone> AtMostOnce<St> {
                 }
                 | Claim::InFlight {
                     fingerprint: held, ..
-                } if held != fingerprint => return Err(OnceError::InputMismatch),
+                } if held != fingerprint => {
+                    decide(trail, "key_reused");
+                    return Err(OnceError::InputMismatch);
+                }
                 Claim::Completed { record, .. } => {
+                    decide(trail, "replayed");
                     return match decode::<T, R>(&record).map_err(OnceError::Unreadable)? {
                         Recorded::Output(output) => Ok(output),
                         Recorded::Error(recorded) => Err(OnceError::Failed(Err(recorded))),
@@ -383,6 +441,7 @@ impl<St: Store + Clone> AtMostOnce<St> {
                     if left.is_zero() {
                         let retry_after =
                             lease_remaining.clamp(Duration::from_millis(1), Duration::from_secs(1));
+                        decide(trail, "request_in_flight");
                         return Err(OnceError::InFlight { retry_after });
                     }
                     tokio::time::sleep(backoff.min(left)).await;
@@ -390,11 +449,23 @@ impl<St: Store + Clone> AtMostOnce<St> {
                 }
             }
         };
+        if took_over {
+            if let Some(trail) = &trail {
+                match trail.another() {
+                    Ok(taken) => taken.record("taken_over", None, None),
+                    Err(()) => {
+                        self.release(&record_key, token).await;
+                        return Err(OnceError::AuditUnavailable);
+                    }
+                }
+            }
+        }
         let context = IdempotencyContext::new(record_key.clone(), fingerprint, took_over);
         let work = match catch_unwind(AssertUnwindSafe(|| work(context))) {
             Ok(work) => work,
             Err(panic) => {
                 self.release(&record_key, token).await;
+                decide(trail, "released");
                 resume_unwind(panic);
             }
         };
@@ -403,30 +474,36 @@ impl<St: Store + Clone> AtMostOnce<St> {
             Ok(outcome) => outcome,
             Err(panic) => {
                 self.release(&record_key, token).await;
+                decide(trail, "released");
                 resume_unwind(panic);
             }
         };
         match outcome {
             Ok(output) => {
                 match encode(0, &output) {
-                    Ok(record) => self.complete(record_key, token, record).await,
+                    Ok(record) => self.complete(record_key, token, record, trail).await,
                     Err(err) => {
                         // It ran, but cannot be replayed: record that, so
                         // that a duplicate is told so and nothing runs again.
                         tracing::error!(error = %err, "at-most-once output does not serialise; recorded as unreadable");
-                        self.complete(record_key, token, unrecordable()).await;
+                        self.complete(record_key, token, unrecordable(), trail)
+                            .await;
                     }
                 }
                 Ok(output)
             }
             Err(err) => {
                 match record_error(&err) {
-                    Some(Ok(record)) => self.complete(record_key, token, record).await,
+                    Some(Ok(record)) => self.complete(record_key, token, record, trail).await,
                     Some(Err(serialise)) => {
                         tracing::error!(error = %serialise, "at-most-once error does not serialise; recorded as unreadable");
-                        self.complete(record_key, token, unrecordable()).await;
+                        self.complete(record_key, token, unrecordable(), trail)
+                            .await;
                     }
-                    None => self.release(&record_key, token).await,
+                    None => {
+                        self.release(&record_key, token).await;
+                        decide(trail, "released");
+                    }
                 }
                 Err(OnceError::Failed(Ok(err)))
             }
@@ -501,16 +578,26 @@ impl<St: Store + Clone> AtMostOnce<St> {
     /// Records the output; on a store failure, keeps trying in the
     /// background (renewing the lease) until it lands, is fenced, or the
     /// completion retry limit passes.
-    async fn complete(&self, key: RecordKey, token: Token, record: Bytes) {
+    async fn complete(&self, key: RecordKey, token: Token, record: Bytes, trail: Option<Trail>) {
+        // The digest of what was recorded: the output's (or error's) JSON.
+        let response = trail
+            .as_ref()
+            .map(|_| Sha256::digest(record.get(MAGIC.len() + 1..).unwrap_or_default()).into());
+        let decide = move |decision: &'static str| {
+            if let Some(trail) = trail {
+                trail.record(decision, None, response);
+            }
+        };
         match self
             .bounded(self.store.complete(&key, token, record.clone(), self.ttl))
             .await
         {
-            Ok(()) => {}
+            Ok(()) => decide("executed"),
             Err(StoreError::Fenced) => {
                 tracing::error!(
                     "at-most-once claim was taken over while it ran; its output is not recorded"
                 );
+                decide("fenced");
             }
             Err(err) => {
                 tracing::warn!(error = %err, "could not record an at-most-once output; retrying in the background");
@@ -528,12 +615,12 @@ impl<St: Store + Clone> AtMostOnce<St> {
                             .bounded(this.store.complete(&key, token, record.clone(), this.ttl))
                             .await
                         {
-                            Ok(()) => return,
+                            Ok(()) => return decide("executed"),
                             Err(StoreError::Fenced) => {
                                 tracing::error!(
                                     "at-most-once claim was fenced before its output landed"
                                 );
-                                return;
+                                return decide("fenced");
                             }
                             Err(_) => {}
                         }
@@ -541,6 +628,7 @@ impl<St: Store + Clone> AtMostOnce<St> {
                     tracing::error!(
                         "gave up recording an at-most-once output; the claim ends as lapsed"
                     );
+                    decide("abandoned");
                 };
                 match tokio::runtime::Handle::try_current() {
                     Ok(handle) => {

@@ -43,6 +43,10 @@ pub enum RejectionKind {
     /// have taken effect, and it will not run again under this key. 500. It
     /// is recorded, so every retry gets it too.
     OutcomeUnknown,
+    /// The audit chain could not take the request's entry (its queue is
+    /// full, or its sink is failing), and the policy is that nothing runs
+    /// without one. 503, with `Retry-After`.
+    AuditUnavailable,
 }
 
 impl RejectionKind {
@@ -50,7 +54,7 @@ impl RejectionKind {
     /// `missing-key`, `invalid-key`, `key-reused`, `anonymous-request`,
     /// `request-in-flight`,
     /// `body-too-large`, `body-unreadable`, `response-not-retained`,
-    /// `store-unavailable`, `outcome-unknown`.
+    /// `store-unavailable`, `outcome-unknown`, `audit-unavailable`.
     pub const fn code(self) -> &'static str {
         match self {
             RejectionKind::MissingKey => "missing-key",
@@ -63,6 +67,7 @@ impl RejectionKind {
             RejectionKind::ResponseNotRetained => "response-not-retained",
             RejectionKind::StoreUnavailable => "store-unavailable",
             RejectionKind::OutcomeUnknown => "outcome-unknown",
+            RejectionKind::AuditUnavailable => "audit-unavailable",
         }
     }
 
@@ -79,6 +84,7 @@ impl RejectionKind {
             RejectionKind::ResponseNotRetained => "Original response not retained",
             RejectionKind::StoreUnavailable => "Idempotency store unavailable",
             RejectionKind::OutcomeUnknown => "Outcome of the original request unknown",
+            RejectionKind::AuditUnavailable => "Audit log unavailable",
         }
     }
 }

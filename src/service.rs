@@ -20,11 +20,12 @@ use crate::{
     RequestBody, ResponseBody, ResponseFuture, Scope,
     background::Lifeline,
     body::{Recording, Tee, detach_tee},
-    claim::{Held, HeldClaim, KeyHash, ScopeHash, bounded},
+    claim::{Finish, Held, HeldClaim, KeyHash, ScopeHash, bounded},
     key,
     layer::{Config, IDEMPOTENT_REPLAYED},
     record::{self, RecordBuilder},
     store::{Claim, RecordKey, Store},
+    trail::Trail,
 };
 
 /// Makes retried writes safe: see [`IdempotencyLayer`](crate::IdempotencyLayer),
@@ -92,6 +93,7 @@ where
             if config.require_key {
                 let response = reject(config, missing_key(config));
                 count(config, &req.into_parts().0, &response);
+                note(config, None, None, &response);
                 return ResponseFuture::ready(response);
             }
             return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::streaming)));
@@ -130,24 +132,32 @@ where
             (Some(value), None) => key::parse_borrowed(value.as_bytes()),
             _ => Err(KeyError::Repeated),
         };
-        let early = |rejection: Rejection| {
+        let early = |rejection: Rejection, scope: Option<&str>, key: Option<&str>| {
             let response = reject(config, rejection);
             count(config, &parts, &response);
+            note(config, scope, key, &response);
             ResponseFuture::ready(response)
         };
         let key = match key {
             Ok(key) => key,
-            Err(err) => return early(invalid_key(config, err)),
+            Err(err) => return early(invalid_key(config, err), None, None),
         };
-        if body.size_hint().lower() > config.request_body_limit as u64 {
-            return early(body_too_large(config));
-        }
         let scope = match config.scope.scope(&parts) {
             Some(scope) => scope,
             None => match anonymous_scope(config) {
                 Some(scope) => scope,
-                None => return early(anonymous(config)),
+                None => return early(anonymous(config), None, Some(&key)),
             },
+        };
+        if body.size_hint().lower() > config.request_body_limit as u64 {
+            return early(body_too_large(config), Some(scope.as_str()), Some(&key));
+        }
+        // The request's place in the audit chain, before anything can run.
+        let Ok(trail) = config.trail(Some(scope.as_str()), Some(&key)) else {
+            // Counted as lost already: no second entry is attempted.
+            let response = reject(config, audit_unavailable());
+            count(config, &parts, &response);
+            return ResponseFuture::ready(response);
         };
         #[cfg(feature = "metrics")]
         let route = (config.metrics_route)(&parts);
@@ -168,6 +178,7 @@ where
             body,
             record_key,
             lifeline.clone(),
+            trail,
         );
         // One span per protected request, with hashes of key and scope and,
         // where the path ends (in the background too when the client has
@@ -196,6 +207,30 @@ where
         );
         ResponseFuture::keyed(Box::pin(path), lifeline, config.background.clone())
     }
+}
+
+/// Writes the audit entry of a request answered before its protected path
+/// started, where there is room for it.
+fn note<St, B>(
+    config: &Config<St>,
+    scope: Option<&str>,
+    key: Option<&str>,
+    response: &Response<B>,
+) {
+    if let Ok(Some(trail)) = config.trail(scope, key) {
+        answered(Some(trail), response);
+    }
+}
+
+/// Writes the entry of a request answered with `response` (a replay or a
+/// rejection), by its outcome.
+fn answered<B>(trail: Option<Trail>, response: &Response<B>) {
+    let Some(trail) = trail else { return };
+    let decision = match response.extensions().get::<Outcome>() {
+        Some(outcome) => crate::metrics::outcome_label(outcome),
+        None => "executed",
+    };
+    trail.record(decision, Some(response.status().as_u16()), None);
 }
 
 /// Counts a request answered before its protected path started.
@@ -268,6 +303,7 @@ async fn keyed<S, St, ReqB, ResB>(
     body: ReqB,
     record_key: RecordKey,
     lifeline: Arc<Lifeline>,
+    mut trail: Option<Trail>,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
@@ -280,24 +316,41 @@ where
 {
     let (body, trailers) = match buffer(body, config.request_body_limit).await {
         Ok(buffered) => buffered,
-        Err(Buffering::TooLarge) => return Ok(reject(&config, body_too_large(&config))),
+        Err(Buffering::TooLarge) => {
+            let response = reject(&config, body_too_large(&config));
+            answered(trail, &response);
+            return Ok(response);
+        }
         Err(Buffering::Unreadable(err)) => {
             let err = err.into();
             tracing::debug!(key = %KeyHash(&record_key), error = %err, "request body unreadable");
-            return Ok(reject(&config, body_unreadable()));
+            let response = reject(&config, body_unreadable());
+            answered(trail, &response);
+            return Ok(response);
         }
     };
     let fingerprint = Fingerprint::compute(&parts, &config.fingerprint_headers, &body);
+    if let Some(trail) = &mut trail {
+        trail.fingerprint(&fingerprint);
+    }
 
     let (token, took_over) = match claim(&config, &record_key, fingerprint, &lifeline).await {
         Claimed::Acquired { token, took_over } => (token, took_over),
-        Claimed::Answered(response) => return Ok(response),
+        Claimed::Answered(response) => {
+            answered(trail, &response);
+            return Ok(response);
+        }
         Claimed::FailOpen => {
             // Unprotected, but the handler's own downstream keys still hold.
             let context = IdempotencyContext::new(record_key, fingerprint, false);
             parts.extensions.insert(context);
             let req = Request::from_parts(*parts, RequestBody::buffered(body, trailers));
-            let mut response = inner.call(req).await?.map(ResponseBody::inner);
+            let result = inner.call(req).await;
+            if let Some(trail) = trail {
+                let status = result.as_ref().ok().map(|r| r.status().as_u16());
+                trail.record("failed_open", status, None);
+            }
+            let mut response = result?.map(ResponseBody::inner);
             response.extensions_mut().insert(Outcome::FailedOpen);
             return Ok(response);
         }
@@ -305,11 +358,23 @@ where
     tracing::debug!(key = %KeyHash(&record_key), took_over, "key claimed; executing");
     if took_over {
         crate::metrics::lease_taken_over();
+        // The take-over is a decision of its own, before the execution's.
+        if let Some(trail) = &trail {
+            match trail.another() {
+                Ok(taken) => taken.record("taken_over", None, None),
+                Err(()) => {
+                    let mut held = Held::new(config.clone(), record_key, token, None);
+                    HeldClaim::release(&mut held, None).await;
+                    return Ok(reject(&config, audit_unavailable()));
+                }
+            }
+        }
     }
 
     let context = IdempotencyContext::new(record_key.clone(), fingerprint, took_over);
     parts.extensions.insert(context);
-    let mut held: Box<dyn HeldClaim> = Box::new(Held::new(config.clone(), record_key, token));
+    let mut held: Box<dyn HeldClaim> =
+        Box::new(Held::new(config.clone(), record_key, token, trail));
     let req = Request::from_parts(*parts, RequestBody::buffered(body, trailers));
     let result = {
         let mut call = pin!(inner.call(req));
@@ -341,13 +406,13 @@ where
     let (mut parts, body) = match result {
         Ok(response) => response.into_parts(),
         Err(err) => {
-            held.release().await;
+            held.release(None).await;
             return Err(err);
         }
     };
     parts.extensions.insert(Outcome::Executed);
     if !config.record.should_record(&parts) {
-        held.release().await;
+        held.release(Some(parts.status.as_u16())).await;
         return Ok(Response::from_parts(parts, ResponseBody::inner(body)));
     }
     let expected = body.size_hint().exact().unwrap_or(0);
@@ -362,7 +427,7 @@ where
         .record
         .decides_at_end(&parts)
         .then(|| (config.record.clone(), parts.status));
-    let recording = Recording::new(held, builder, deferred);
+    let recording = Recording::new(held, builder, deferred, parts.status);
     let mut tee = Tee::new(body, recording, detach_tee::<ResB>);
     if let Some(mut state) = tee.state() {
         poll_fn(|cx| state.as_mut().poll_prefetch(cx)).await;
@@ -409,7 +474,12 @@ async fn settle_unfinished<St: Store, B>(
             "request stopped past its maximum execution time; recorded as outcome-unknown"
         );
     }
-    held.complete(builder.finish(None)).await;
+    let finish = Finish {
+        settled: true,
+        status: parts.status.as_u16(),
+        response: None,
+    };
+    held.complete(builder.finish(None), finish).await;
     parts
         .extensions
         .insert(Outcome::Rejected(RejectionKind::OutcomeUnknown));
@@ -624,6 +694,16 @@ fn outcome_unknown() -> Rejection {
         StatusCode::INTERNAL_SERVER_ERROR,
         "The request with this idempotency key ran past the server's time limit and was stopped. It may or may not have taken effect, and it will not be executed again under this key: check the state of what it changes before sending a new request with a new key.",
     )
+}
+
+/// The audit chain has no room for the request's entry.
+fn audit_unavailable() -> Rejection {
+    Rejection::new(
+        RejectionKind::AuditUnavailable,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The audit log cannot record this request right now, so it was not executed. Retry with the same key.",
+    )
+    .with_retry_after(1)
 }
 
 /// The store's own error goes to the log (with the hashed key), never to the

@@ -1,0 +1,449 @@
+//! Signed checkpoints: the keys that sign them, their text form, and the
+//! check of a signature.
+//!
+//! A checkpoint is a signed note in the manner of C2SP's `signed-note` and
+//! `tlog-checkpoint`: a body of three lines, a blank line, and one signature
+//! line per key.
+//!
+//! ```text
+//! tower-idempotency/audit/<instance>
+//! <seq of the last entry>
+//! <hash of the last entry, lowercase hex>
+//!
+//! — <key name> <base64 of key id (4 bytes) followed by the Ed25519 signature (64 bytes)>
+//! ```
+//!
+//! The signature covers the body's bytes, each line ending in a newline. The
+//! key id is the first four bytes of SHA-256 over the key name, a newline,
+//! the byte `0x01` (Ed25519) and the 32-byte public key. Keys are written as
+//! `<name>+<key id hex>+<base64 of 0x01 and the public key>`, and signing
+//! keys as `PRIVATE+KEY+<name>+<key id hex>+<base64 of 0x01 and the seed>`.
+
+use std::{fmt, path::Path, str::FromStr};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use sha2::{Digest, Sha256};
+
+use crate::scope::push_hex;
+
+/// The first line of every checkpoint, before the instance.
+const ORIGIN: &str = "tower-idempotency/audit/";
+/// The algorithm byte of an Ed25519 key.
+const ED25519: u8 = 0x01;
+/// The prefix of a signature line.
+const DASH: &str = "\u{2014} ";
+
+/// Why a key could not be made, read or saved.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AuditKeyError {
+    /// A key name must be 1 to 64 visible ASCII characters other than `+`.
+    InvalidName,
+    /// The text is not a key in the documented form; says what is wrong.
+    Malformed(&'static str),
+    /// Reading or writing the key file failed.
+    Io(std::io::Error),
+    /// The system's random source failed.
+    Random(String),
+}
+
+impl fmt::Display for AuditKeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuditKeyError::InvalidName => f.write_str(
+                "a key name must be 1 to 64 visible ASCII characters other than `+`",
+            ),
+            AuditKeyError::Malformed(why) => write!(f, "not an audit key: {why}"),
+            AuditKeyError::Io(err) => write!(f, "key file: {err}"),
+            AuditKeyError::Random(err) => write!(f, "no randomness for a new key: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for AuditKeyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AuditKeyError::Io(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_graphic() && b != b'+')
+}
+
+fn key_id(name: &str, public: &VerifyingKey) -> [u8; 4] {
+    let mut hash = Sha256::new();
+    hash.update(name.as_bytes());
+    hash.update(b"\n");
+    hash.update([ED25519]);
+    hash.update(public.as_bytes());
+    let digest = hash.finalize();
+    [digest[0], digest[1], digest[2], digest[3]]
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut out, bytes);
+    out
+}
+
+/// Splits `<name>+<id hex>+<base64>` and checks the id against the key.
+fn parse_key_text(text: &str) -> Result<(String, [u8; 4], [u8; 32]), AuditKeyError> {
+    let mut parts = text.trim().split('+');
+    let (Some(name), Some(id), Some(key), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AuditKeyError::Malformed(
+            "expected <name>+<key id>+<key>, three parts",
+        ));
+    };
+    if !valid_name(name) {
+        return Err(AuditKeyError::InvalidName);
+    }
+    let id = u32::from_str_radix(id, 16)
+        .ok()
+        .filter(|_| id.len() == 8)
+        .ok_or(AuditKeyError::Malformed("the key id is not 8 hex digits"))?
+        .to_be_bytes();
+    let raw = BASE64
+        .decode(key)
+        .map_err(|_| AuditKeyError::Malformed("the key is not base64"))?;
+    let [alg, rest @ ..] = raw.as_slice() else {
+        return Err(AuditKeyError::Malformed("the key is empty"));
+    };
+    if *alg != ED25519 {
+        return Err(AuditKeyError::Malformed("not an Ed25519 key (algorithm byte 0x01)"));
+    }
+    let key: [u8; 32] = rest
+        .try_into()
+        .map_err(|_| AuditKeyError::Malformed("an Ed25519 key is 32 bytes"))?;
+    Ok((name.to_owned(), id, key))
+}
+
+/// The Ed25519 key that signs an audit chain's checkpoints.
+///
+/// Its `Debug` form names the key, never its secret.
+#[derive(Clone)]
+pub struct AuditSigner {
+    name: String,
+    key: SigningKey,
+    id: [u8; 4],
+}
+
+impl fmt::Debug for AuditSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditSigner")
+            .field("public", &self.verifier().to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditSigner {
+    /// A new key named `name`, from the system's random source.
+    pub fn generate(name: &str) -> Result<Self, AuditKeyError> {
+        if !valid_name(name) {
+            return Err(AuditKeyError::InvalidName);
+        }
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|err| AuditKeyError::Random(err.to_string()))?;
+        Ok(Self::from_seed(name, seed))
+    }
+
+    fn from_seed(name: &str, seed: [u8; 32]) -> Self {
+        let key = SigningKey::from_bytes(&seed);
+        let id = key_id(name, &key.verifying_key());
+        AuditSigner {
+            name: name.to_owned(),
+            key,
+            id,
+        }
+    }
+
+    /// Reads the signing key in `path`; when there is no such file, makes a
+    /// new key named `name`, saves it there (readable by its owner only, on
+    /// Unix) and says so with `true`.
+    pub fn load_or_generate(path: &Path, name: &str) -> Result<(Self, bool), AuditKeyError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => return Ok((text.parse()?, false)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(AuditKeyError::Io(err)),
+        }
+        let signer = Self::generate(name)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(path).map_err(AuditKeyError::Io)?;
+        std::io::Write::write_all(&mut file, format!("{}\n", signer.to_secret_text()).as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(AuditKeyError::Io)?;
+        Ok((signer, true))
+    }
+
+    /// The key in its secret text form,
+    /// `PRIVATE+KEY+<name>+<key id>+<base64>`. Keep it secret.
+    pub fn to_secret_text(&self) -> String {
+        let mut raw = Vec::with_capacity(33);
+        raw.push(ED25519);
+        raw.extend_from_slice(self.key.as_bytes());
+        format!(
+            "PRIVATE+KEY+{}+{}+{}",
+            self.name,
+            hex(&self.id),
+            BASE64.encode(raw)
+        )
+    }
+
+    /// The public half, for verifying.
+    pub fn verifier(&self) -> AuditVerifier {
+        AuditVerifier {
+            name: self.name.clone(),
+            key: self.key.verifying_key(),
+            id: self.id,
+        }
+    }
+
+    /// The signed checkpoint of `instance` at entry `seq` with hash `head`.
+    pub(crate) fn checkpoint(&self, instance: &str, seq: u64, head: &[u8; 32]) -> String {
+        let body = note_body(instance, seq, head);
+        let signature = self.key.sign(body.as_bytes());
+        let mut signed = Vec::with_capacity(68);
+        signed.extend_from_slice(&self.id);
+        signed.extend_from_slice(&signature.to_bytes());
+        format!("{body}\n{DASH}{} {}\n", self.name, BASE64.encode(signed))
+    }
+}
+
+impl FromStr for AuditSigner {
+    type Err = AuditKeyError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let rest = text
+            .trim()
+            .strip_prefix("PRIVATE+KEY+")
+            .ok_or(AuditKeyError::Malformed("a signing key starts with PRIVATE+KEY+"))?;
+        let (name, id, seed) = parse_key_text(rest)?;
+        let signer = Self::from_seed(&name, seed);
+        if signer.id != id {
+            return Err(AuditKeyError::Malformed("the key id does not match the key"));
+        }
+        Ok(signer)
+    }
+}
+
+/// The public key that checks an audit chain's checkpoints. Its text form
+/// (`Display`, `FromStr`) is `<name>+<key id>+<base64>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuditVerifier {
+    name: String,
+    key: VerifyingKey,
+    id: [u8; 4],
+}
+
+impl fmt::Debug for AuditVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("AuditVerifier")
+            .field(&self.to_string())
+            .finish()
+    }
+}
+
+impl fmt::Display for AuditVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut raw = Vec::with_capacity(33);
+        raw.push(ED25519);
+        raw.extend_from_slice(self.key.as_bytes());
+        write!(f, "{}+{}+{}", self.name, hex(&self.id), BASE64.encode(raw))
+    }
+}
+
+impl FromStr for AuditVerifier {
+    type Err = AuditKeyError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.trim().starts_with("PRIVATE+KEY+") {
+            return Err(AuditKeyError::Malformed(
+                "this is a signing key (secret); give its public key",
+            ));
+        }
+        let (name, id, key) = parse_key_text(text)?;
+        let key = VerifyingKey::from_bytes(&key)
+            .map_err(|_| AuditKeyError::Malformed("not a valid Ed25519 public key"))?;
+        if key_id(&name, &key) != id {
+            return Err(AuditKeyError::Malformed("the key id does not match the key"));
+        }
+        Ok(AuditVerifier { name, key, id })
+    }
+}
+
+impl AuditVerifier {
+    /// Checks that `note` carries a valid signature by this key.
+    pub(crate) fn check(&self, note: &Note) -> Result<(), &'static str> {
+        let mut named = false;
+        for (name, id, signature) in &note.signatures {
+            if *name != self.name || *id != self.id {
+                continue;
+            }
+            named = true;
+            let signature = Signature::from_bytes(signature);
+            if self
+                .key
+                .verify_strict(note.body.as_bytes(), &signature)
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+        Err(if named {
+            "checkpoint signature does not verify"
+        } else {
+            "checkpoint is not signed by the given key"
+        })
+    }
+}
+
+fn note_body(instance: &str, seq: u64, head: &[u8; 32]) -> String {
+    format!("{ORIGIN}{instance}\n{seq}\n{}\n", hex(head))
+}
+
+/// A parsed checkpoint.
+#[derive(Debug)]
+pub(crate) struct Note {
+    /// The signed text.
+    pub(crate) body: String,
+    pub(crate) instance: String,
+    pub(crate) seq: u64,
+    pub(crate) head: [u8; 32],
+    pub(crate) signatures: Vec<(String, [u8; 4], [u8; 64])>,
+}
+
+/// Reads a checkpoint's text, checking its form (not its signatures).
+pub(crate) fn parse(text: &str) -> Result<Note, &'static str> {
+    let (body, signatures) = text
+        .split_once("\n\n")
+        .ok_or("checkpoint has no blank line before its signatures")?;
+    let body = format!("{body}\n");
+    let mut lines = body.lines();
+    let (Some(origin), Some(seq), Some(head), None) =
+        (lines.next(), lines.next(), lines.next(), lines.next())
+    else {
+        return Err("checkpoint body is not three lines");
+    };
+    let instance = origin
+        .strip_prefix(ORIGIN)
+        .filter(|i| super::entry::valid_instance(i))
+        .ok_or("checkpoint origin is not tower-idempotency/audit/<instance>")?;
+    let seq: u64 = seq
+        .parse()
+        .ok()
+        .filter(|_| !seq.starts_with('0') || seq == "0")
+        .ok_or("checkpoint seq is not a decimal number")?;
+    let head = parse_hex32(head).ok_or("checkpoint hash is not 64 lowercase hex digits")?;
+    if body != note_body(instance, seq, &head) {
+        return Err("checkpoint body is not in canonical form");
+    }
+    let mut parsed = Vec::new();
+    let signatures = signatures
+        .strip_suffix('\n')
+        .ok_or("checkpoint does not end with a newline")?;
+    for line in signatures.split('\n') {
+        let rest = line
+            .strip_prefix(DASH)
+            .ok_or("checkpoint signature line does not start with an em dash")?;
+        let (name, sig) = rest
+            .split_once(' ')
+            .ok_or("checkpoint signature line has no key name")?;
+        let raw = BASE64
+            .decode(sig)
+            .map_err(|_| "checkpoint signature is not base64")?;
+        let (id, signature) = (raw.get(..4), raw.get(4..));
+        let (Some(id), Some(signature)) = (id, signature) else {
+            return Err("checkpoint signature is too short");
+        };
+        let id: [u8; 4] = id.try_into().expect("four bytes");
+        let signature: [u8; 64] = signature
+            .try_into()
+            .map_err(|_| "checkpoint signature is not 64 bytes after its key id")?;
+        parsed.push((name.to_owned(), id, signature));
+    }
+    Ok(Note {
+        instance: instance.to_owned(),
+        body,
+        seq,
+        head,
+        signatures: parsed,
+    })
+}
+
+/// 64 lowercase hex digits as 32 bytes.
+pub(crate) fn parse_hex32(text: &str) -> Option<[u8; 32]> {
+    let bytes = text.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks_exact(2).enumerate() {
+        let digit = |b: u8| match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            _ => None,
+        };
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_through_their_text_forms() {
+        let signer = AuditSigner::generate("booking-audit").unwrap();
+        let again: AuditSigner = signer.to_secret_text().parse().unwrap();
+        assert_eq!(again.verifier(), signer.verifier());
+        let public: AuditVerifier = signer.verifier().to_string().parse().unwrap();
+        assert_eq!(public, signer.verifier());
+        assert!(!format!("{signer:?}").contains(&signer.to_secret_text()[12..]));
+    }
+
+    #[test]
+    fn bad_keys_are_named() {
+        let signer = AuditSigner::generate("k").unwrap();
+        let public = signer.verifier().to_string();
+        let wrong_id = format!("k+00000000+{}", public.rsplit('+').next().unwrap());
+        for (text, why) in [
+            ("nonsense", "three parts"),
+            (wrong_id.as_str(), "key id does not match"),
+            ("k+0000000g+AQ==", "8 hex digits"),
+            ("k+00000000+AQ==", "32 bytes"),
+            ("k+00000000+AgAA", "Ed25519"),
+            (signer.to_secret_text().as_str(), "signing key"),
+        ] {
+            let err = text.parse::<AuditVerifier>().unwrap_err().to_string();
+            assert!(err.contains(why), "{text}: {err}");
+        }
+        assert!(AuditSigner::generate("a+b").is_err());
+        assert!(AuditSigner::generate("").is_err());
+    }
+
+    #[test]
+    fn a_checkpoint_verifies_with_its_key_only() {
+        let signer = AuditSigner::generate("k").unwrap();
+        let other = AuditSigner::generate("k").unwrap();
+        let text = signer.checkpoint("api-1", 42, &[7; 32]);
+        let note = parse(&text).unwrap();
+        assert_eq!((note.seq, note.head, note.instance.as_str()), (42, [7; 32], "api-1"));
+        signer.verifier().check(&note).unwrap();
+        assert!(other.verifier().check(&note).is_err());
+        let forged = text.replace("\n42\n", "\n43\n");
+        let forged = parse(&forged).unwrap();
+        assert_eq!(
+            signer.verifier().check(&forged),
+            Err("checkpoint signature does not verify")
+        );
+    }
+}

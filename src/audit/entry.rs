@@ -1,0 +1,189 @@
+//! One entry: what a decision records, its canonical line, and its hash.
+
+use std::{fmt::Write as _, time::SystemTime};
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+use crate::scope::push_hex;
+
+/// The `prev` of a chain's first entry: 32 zero bytes.
+pub(crate) const GENESIS: [u8; 32] = [0; 32];
+
+/// A decision on its way to the writer, before it has a place in the chain.
+#[derive(Debug, Clone)]
+pub(crate) struct Pending {
+    pub(crate) time: SystemTime,
+    pub(crate) decision: &'static str,
+    pub(crate) scope: Option<[u8; 32]>,
+    pub(crate) key: Option<[u8; 32]>,
+    pub(crate) fingerprint: Option<[u8; 32]>,
+    pub(crate) status: Option<u16>,
+    pub(crate) duration_ms: u64,
+    pub(crate) response: Option<[u8; 32]>,
+    /// Entries lost before this one (a `lost` entry only).
+    pub(crate) count: Option<u64>,
+}
+
+impl Pending {
+    /// A `lost` entry: `count` decisions were not written.
+    pub(crate) fn lost(count: u64) -> Self {
+        Pending {
+            time: SystemTime::now(),
+            decision: "lost",
+            scope: None,
+            key: None,
+            fingerprint: None,
+            status: None,
+            duration_ms: 0,
+            response: None,
+            count: Some(count),
+        }
+    }
+}
+
+/// Renders entry `seq` of `instance` after `prev`: its line (RFC 8785
+/// canonical JSON, members in code-point order, `hash` included) and its
+/// hash, the SHA-256 of the same canonical JSON without the `hash` member.
+///
+/// Every value is an integer or a string of characters JSON never escapes
+/// (hex, decimal, an RFC 3339 time, a checked instance name, a decision
+/// label), so writing the members in order is the canonical form.
+pub(crate) fn render(
+    pending: &Pending,
+    seq: u64,
+    instance: &str,
+    prev: &[u8; 32],
+) -> (String, [u8; 32]) {
+    let mut head = String::with_capacity(420);
+    head.push('{');
+    if let Some(count) = pending.count {
+        let _ = write!(head, "\"count\":{count},");
+    }
+    let _ = write!(
+        head,
+        "\"decision\":\"{}\",\"duration_ms\":{},",
+        pending.decision, pending.duration_ms
+    );
+    if let Some(fingerprint) = &pending.fingerprint {
+        hex_member(&mut head, "fingerprint", fingerprint);
+    }
+    let split = head.len();
+    let _ = write!(head, "\"instance\":\"{instance}\",");
+    if let Some(key) = &pending.key {
+        hex_member(&mut head, "key", key);
+    }
+    hex_member(&mut head, "prev", prev);
+    if let Some(response) = &pending.response {
+        hex_member(&mut head, "response_sha256", response);
+    }
+    if let Some(scope) = &pending.scope {
+        hex_member(&mut head, "scope", scope);
+    }
+    let _ = write!(head, "\"seq\":{seq},");
+    if let Some(status) = pending.status {
+        let _ = write!(head, "\"status\":{status},");
+    }
+    let _ = write!(
+        head,
+        "\"time\":\"{}\"}}",
+        humantime::format_rfc3339_millis(pending.time)
+    );
+    let hash: [u8; 32] = Sha256::digest(head.as_bytes()).into();
+    let mut member = String::with_capacity(75);
+    hex_member(&mut member, "hash", &hash);
+    head.insert_str(split, &member);
+    (head, hash)
+}
+
+fn hex_member(out: &mut String, name: &str, bytes: &[u8]) {
+    out.push('"');
+    out.push_str(name);
+    out.push_str("\":\"");
+    push_hex(out, bytes);
+    out.push_str("\",");
+}
+
+/// How keys and scopes are hashed into entries: SHA-256, or HMAC-SHA-256
+/// with a secret.
+#[derive(Clone)]
+pub(crate) enum Hasher {
+    Plain,
+    Keyed(Hmac<Sha256>),
+}
+
+impl Hasher {
+    pub(crate) fn keyed(secret: &[u8]) -> Self {
+        Hasher::Keyed(Hmac::new_from_slice(secret).expect("HMAC takes a key of any length"))
+    }
+
+    pub(crate) fn digest(&self, bytes: &[u8]) -> [u8; 32] {
+        match self {
+            Hasher::Plain => Sha256::digest(bytes).into(),
+            Hasher::Keyed(mac) => {
+                let mut mac = mac.clone();
+                mac.update(bytes);
+                mac.finalize().into_bytes().into()
+            }
+        }
+    }
+}
+
+/// Whether `name` may name an instance: 1 to 64 of ASCII letters, digits,
+/// `.`, `_`, `-` and `:`.
+pub(crate) fn valid_instance(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending() -> Pending {
+        Pending {
+            time: SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_764_547_200_123),
+            decision: "executed",
+            scope: Some([1; 32]),
+            key: Some([2; 32]),
+            fingerprint: Some([3; 32]),
+            status: Some(201),
+            duration_ms: 12,
+            response: Some([4; 32]),
+            count: None,
+        }
+    }
+
+    #[test]
+    fn a_line_is_its_own_canonical_form_and_hashes_without_its_hash() {
+        for entry in [pending(), Pending::lost(3)] {
+            let (line, hash) = render(&entry, 7, "api-1", &[9; 32]);
+            let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(serde_json_canonicalizer::to_string(&value).unwrap(), line);
+            let mut without = value.clone();
+            let stated = without.as_object_mut().unwrap().remove("hash").unwrap();
+            let canonical = serde_json_canonicalizer::to_string(&without).unwrap();
+            let digest: [u8; 32] = Sha256::digest(canonical.as_bytes()).into();
+            assert_eq!(digest, hash);
+            let mut hex = String::new();
+            push_hex(&mut hex, &hash);
+            assert_eq!(stated, serde_json::Value::String(hex));
+        }
+    }
+
+    #[test]
+    fn an_entry_names_its_time_in_milliseconds() {
+        let (line, _) = render(&pending(), 1, "api-1", &GENESIS);
+        assert!(line.contains("\"time\":\"2025-12-01T00:00:00.123Z\""), "{line}");
+    }
+
+    #[test]
+    fn instance_names_are_checked() {
+        assert!(valid_instance("booking-api.eu-1:7"));
+        for bad in ["", "a b", "x\"y", "ü", &"a".repeat(65)] {
+            assert!(!valid_instance(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! [`JsonlSink`]: a chain in a JSON Lines file.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Read, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+};
+
+use super::{AuditLine, AuditSink};
+
+/// A chain in a JSON Lines file: one JSON object per line, entries and
+/// signed checkpoints, appended in batches with one `fsync` per batch.
+///
+/// The file is locked while the sink is open, so a second writer on the same
+/// file is refused. Opening a file whose last line was torn by a crash (it
+/// does not end in a newline) cuts that partial line off, with a warning:
+/// its batch was never acknowledged.
+#[derive(Debug)]
+pub struct JsonlSink {
+    path: PathBuf,
+    file: Option<File>,
+    len: u64,
+}
+
+impl JsonlSink {
+    /// Opens (or creates) the chain at `path` and locks it.
+    pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
+        let path = path.as_ref().to_owned();
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|err| named(&path, err))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "{}: another writer holds this audit chain; each instance needs a file of its own",
+                        path.display()
+                    ),
+                ));
+            }
+            Err(std::fs::TryLockError::Error(err)) => return Err(named(&path, err)),
+        }
+        let len = file.metadata().map_err(|err| named(&path, err))?.len();
+        Ok(JsonlSink {
+            path,
+            file: Some(file),
+            len,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs blocking file work off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &mut self,
+        work: impl FnOnce(&mut File, &mut u64, &Path) -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("the audit file was lost in a failed write"))?;
+        let (mut len, path) = (self.len, self.path.clone());
+        let (file, len, result) = tokio::task::spawn_blocking(move || {
+            let result = work(&mut file, &mut len, &path);
+            (file, len, result)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        self.file = Some(file);
+        self.len = len;
+        result
+    }
+}
+
+fn named(path: &Path, err: io::Error) -> io::Error {
+    io::Error::new(err.kind(), format!("{}: {err}", path.display()))
+}
+
+impl AuditSink for JsonlSink {
+    async fn last_entry(&mut self) -> io::Result<Option<String>> {
+        self.blocking(|file, len, path| {
+            let (entry, whole) = read_tail(file, *len)?;
+            if whole < *len {
+                tracing::warn!(
+                    path = %path.display(),
+                    bytes = *len - whole,
+                    "the audit chain ends in a torn line (a write cut short); cutting it off"
+                );
+                file.set_len(whole)?;
+                file.sync_all()?;
+                *len = whole;
+            }
+            Ok(entry)
+        })
+        .await
+    }
+
+    async fn append(&mut self, lines: &[AuditLine]) -> io::Result<()> {
+        let mut batch = Vec::with_capacity(lines.iter().map(|l| l.text.len() + 1).sum());
+        for line in lines {
+            batch.extend_from_slice(line.text.as_bytes());
+            batch.push(b'\n');
+        }
+        self.blocking(move |file, len, path| {
+            let written = file.write_all(&batch).and_then(|()| file.sync_data());
+            match written {
+                Ok(()) => {
+                    *len += batch.len() as u64;
+                    Ok(())
+                }
+                Err(err) => {
+                    // All or nothing: cut back what part of the batch landed.
+                    if let Err(undo) = file.set_len(*len) {
+                        tracing::error!(path = %path.display(), error = %undo, "could not undo a partial audit write");
+                    }
+                    Err(named(path, err))
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// Finds the last entry line of a file of `len` bytes, reading backwards,
+/// and the length of its whole lines (shorter than `len` when the last line
+/// is torn).
+fn read_tail(file: &mut File, len: u64) -> io::Result<(Option<String>, u64)> {
+    let mut window = 64 * 1024u64;
+    loop {
+        let start = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::with_capacity((len - start) as usize);
+        Read::by_ref(file).take(len - start).read_to_end(&mut buf)?;
+        let whole = match buf.iter().rposition(|&b| b == b'\n') {
+            Some(end) => start + end as u64 + 1,
+            None if start == 0 => 0,
+            None => {
+                window *= 2;
+                continue;
+            }
+        };
+        let complete = &buf[..(whole - start) as usize];
+        // Skip the first line of the window unless it starts the file: it
+        // may be cut.
+        let mut lines: Vec<&[u8]> = complete.split(|&b| b == b'\n').collect();
+        lines.pop();
+        let usable = if start == 0 { &lines[..] } else { &lines[1.min(lines.len())..] };
+        for line in usable.iter().rev() {
+            if line.starts_with(b"{\"checkpoint\"") {
+                continue;
+            }
+            let text = String::from_utf8(line.to_vec()).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidData, "the last audit entry is not UTF-8")
+            })?;
+            return Ok((Some(text), whole));
+        }
+        if start == 0 {
+            return Ok((None, whole));
+        }
+        window *= 2;
+    }
+}

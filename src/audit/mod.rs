@@ -1,0 +1,630 @@
+//! A tamper-evident audit chain of every decision (feature `audit`, on by
+//! default).
+//!
+//! When a duplicated booking is disputed, the questions are whether both
+//! requests carried the same key, whether the first had been answered before
+//! the retry came, and the whole sequence of calls for that key. An
+//! [`AuditLog`] given to [`IdempotencyLayer::with_audit`](crate::IdempotencyLayer::with_audit)
+//! or [`AtMostOnce::with_audit`](crate::once::AtMostOnce::with_audit)
+//! answers them: each decision becomes one entry, each entry is chained to
+//! the one before by its hash, and the chain is signed with Ed25519 at
+//! checkpoints.
+//!
+//! # An entry
+//!
+//! One JSON object per line, in RFC 8785 canonical form (members sorted, no
+//! spaces):
+//!
+//! | member | when | what |
+//! |---|---|---|
+//! | `seq` | always | 1, 2, 3, ... per writer |
+//! | `time` | always | when the decision was made, RFC 3339 UTC with milliseconds |
+//! | `instance` | always | the writer's name |
+//! | `decision` | always | see below |
+//! | `duration_ms` | always | from the request's arrival (or the call's start) to the decision |
+//! | `scope` | when known | SHA-256 of the scope (HMAC-SHA-256 with [`AuditBuilder::with_secret`]) |
+//! | `key` | when known | SHA-256 of the key (HMAC-SHA-256 with the secret) |
+//! | `fingerprint` | once the request was read | the request's fingerprint |
+//! | `status` | where a response was given | its HTTP status |
+//! | `response_sha256` | `executed`, with the whole body | SHA-256 of the response body (for [`AtMostOnce`](crate::once::AtMostOnce), of the output's JSON) |
+//! | `count` | `lost` | how many decisions had no entry |
+//! | `prev` | always | the `hash` of the entry before (64 zeros for the first) |
+//! | `hash` | always | SHA-256 of this line's canonical JSON without `hash` |
+//!
+//! Never the raw key, scope, body or credential. Without a secret, a client
+//! finds its key's entries with `printf %s "$KEY" | sha256sum`.
+//!
+//! Decisions: `executed` (its record landed), `replayed`, each rejection by
+//! its code (`missing_key`, `invalid_key`, `key_reused`,
+//! `anonymous_request`, `request_in_flight`, `body_too_large`,
+//! `body_unreadable`, `response_not_retained`, `store_unavailable`,
+//! `audit_unavailable`), `taken_over` (a claim whose holder stopped
+//! renewing was taken over; the execution's own entry follows), `fenced`
+//! (the work ran but another claim had taken the key over, so its record
+//! was refused), `released` (the key was freed for a retry: the handler
+//! failed, or the record policy declined the response), `settled` (stopped
+//! or cut short past the maximum execution time, or at a drain's deadline,
+//! and recorded as such), `abandoned` (the work ran, but its record never
+//! landed within the completion retry limit), `failed_open` (executed
+//! unprotected, the store being down, by
+//! [`with_fail_open`](crate::IdempotencyLayer::with_fail_open)), and
+//! `lost` (decisions that found the queue full under
+//! [`AuditFailure::Open`]).
+//!
+//! # Checkpoints
+//!
+//! Every N entries, every T seconds while entries come, and at
+//! [`AuditLog::close`], the writer appends a line
+//! `{"checkpoint":"<signed note>"}`: the note names the instance, the last
+//! entry's `seq` and its `hash`, and carries an Ed25519 signature over them
+//! (its text form is in [`AuditSigner`]'s module docs and the README).
+//!
+//! # Failure policy
+//!
+//! The writer takes entries from a bounded queue and appends them in
+//! batches, each made durable before the next. By default
+//! ([`AuditFailure::Closed`]) no request executes without room for its
+//! entry: a keyed request reserves its place in the queue before it claims
+//! its key, and when the queue is full, or the sink is failing, it is
+//! answered `503 audit-unavailable` and nothing runs. With
+//! [`AuditFailure::Open`] it runs anyway, and the chain gets a `lost` entry
+//! counting the decisions it missed.
+//!
+//! # What the chain proves, and what it does not
+//!
+//! With the public key, [`verify_file`] finds any changed, removed,
+//! reordered or inserted entry, and a chain rewritten by someone without
+//! the private key. It does not prove that a decision was never made:
+//! a writer holding the key can leave one out, and entries after the last
+//! checkpoint are not signed yet (a cut at a line boundary there is not
+//! visible without a checkpoint kept elsewhere). An entry accepted into the
+//! queue but not yet written when the process dies is lost with it.
+
+mod checkpoint;
+mod entry;
+mod file;
+#[cfg(feature = "postgres")]
+mod postgres;
+mod sink;
+mod trail;
+mod verify;
+
+use std::{
+    fmt, io,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    sync::{Notify, mpsc},
+    time::Instant,
+};
+
+pub use checkpoint::{AuditKeyError, AuditSigner, AuditVerifier};
+pub use file::JsonlSink;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresAuditSink;
+pub use sink::{AuditLine, AuditSink};
+pub(crate) use trail::Trail;
+pub use verify::{
+    ChainBreak, HistoryEntry, VerifiedChain, VerifyError, history, verify_file, verify_lines,
+};
+
+use entry::{GENESIS, Hasher, Pending, render, valid_instance};
+
+/// What a request does when its entry cannot be queued: the queue is
+/// full, the sink is failing, or the log is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AuditFailure {
+    /// Nothing executes without its entry: the request is answered `503
+    /// audit-unavailable` (an [`AtMostOnce`](crate::once::AtMostOnce) call
+    /// fails with `OnceError::AuditUnavailable`) before its key is claimed.
+    #[default]
+    Closed,
+    /// The request goes on; the decisions without an entry are counted in a
+    /// `lost` entry once the writer has room.
+    Open,
+}
+
+/// Why an audit log could not start or close.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AuditError {
+    /// An instance name must be 1 to 64 of ASCII letters, digits, `.`, `_`,
+    /// `-` and `:`.
+    InvalidInstance(String),
+    /// The sink failed.
+    Sink(io::Error),
+    /// The chain the sink holds cannot be continued; says why.
+    Chain(String),
+    /// The log was closed already.
+    Closed,
+    /// Closing, the sink kept failing past the close timeout: these
+    /// entries were not written.
+    Unwritten {
+        /// Lines not written.
+        lines: usize,
+        /// The sink's last error.
+        error: io::Error,
+    },
+}
+
+impl fmt::Display for AuditError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuditError::InvalidInstance(name) => write!(
+                f,
+                "invalid audit instance name {name:?}: use 1 to 64 of ASCII letters, digits, `.`, `_`, `-` and `:`"
+            ),
+            AuditError::Sink(err) => write!(f, "audit sink: {err}"),
+            AuditError::Chain(why) => write!(f, "the stored audit chain cannot be continued: {why}"),
+            AuditError::Closed => f.write_str("the audit log is closed"),
+            AuditError::Unwritten { lines, error } => {
+                write!(f, "{lines} audit lines were not written: {error}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for AuditError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AuditError::Sink(err) | AuditError::Unwritten { error: err, .. } => Some(err),
+            _ => None,
+        }
+    }
+}
+
+/// What a closed log wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AuditSummary {
+    /// The chain's last `seq` (0 for an empty chain).
+    pub seq: u64,
+    /// Entries this writer appended.
+    pub written: u64,
+}
+
+/// Configures and starts an [`AuditLog`]: see [`AuditLog::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct AuditBuilder {
+    instance: String,
+    signer: AuditSigner,
+    every: u64,
+    interval: Duration,
+    capacity: usize,
+    batch: usize,
+    failure: AuditFailure,
+    secret: Option<Vec<u8>>,
+    close_timeout: Duration,
+}
+
+impl AuditBuilder {
+    /// A checkpoint every `entries` entries (default 1000) and, while
+    /// entries come, at least every `interval` (default 10 s). Both at least
+    /// 1.
+    pub fn with_checkpoints(mut self, entries: u64, interval: Duration) -> Self {
+        self.every = entries.max(1);
+        self.interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Decisions waiting to be written, and requests running with a place
+    /// reserved, at most (default 8192).
+    pub fn with_queue_capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// Lines per append at most (default 512).
+    pub fn with_batch_limit(mut self, lines: usize) -> Self {
+        self.batch = lines.max(1);
+        self
+    }
+
+    /// What a request does when its entry cannot be queued (default
+    /// [`AuditFailure::Closed`]).
+    pub fn with_failure_policy(mut self, failure: AuditFailure) -> Self {
+        self.failure = failure;
+        self
+    }
+
+    /// Hashes keys and scopes with HMAC-SHA-256 under `secret` instead of
+    /// plain SHA-256, so that guessable keys cannot be found in the chain by
+    /// trying them. Use the same secret as
+    /// [`DefaultScope::with_secret`](crate::DefaultScope::with_secret).
+    pub fn with_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.secret = Some(secret.as_ref().to_vec());
+        self
+    }
+
+    /// How long [`AuditLog::close`] waits for running requests and a failing
+    /// sink (default 10 s).
+    pub fn with_close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    /// Reads where `sink`'s chain ends, and starts the writer there, on the
+    /// current tokio runtime.
+    pub async fn start<S: AuditSink>(self, mut sink: S) -> Result<AuditLog, AuditError> {
+        if !valid_instance(&self.instance) {
+            return Err(AuditError::InvalidInstance(self.instance));
+        }
+        let (seq, head) = match sink.last_entry().await.map_err(AuditError::Sink)? {
+            None => (0, GENESIS),
+            Some(text) => {
+                let value = serde_json::from_str(&text)
+                    .map_err(|err| AuditError::Chain(format!("its last entry is not JSON: {err}")))?;
+                let serde_json::Value::Object(object) = value else {
+                    return Err(AuditError::Chain("its last entry is not an object".into()));
+                };
+                let last = verify::parse_entry(&text, object)
+                    .map_err(|why| AuditError::Chain(format!("its last entry: {why}")))?;
+                if last.instance != self.instance {
+                    return Err(AuditError::Chain(format!(
+                        "it is the chain of instance `{}`, not `{}`",
+                        last.instance, self.instance
+                    )));
+                }
+                (last.seq, last.hash)
+            }
+        };
+        let (tx, rx) = mpsc::channel(self.capacity);
+        let state = Arc::new(State {
+            healthy: AtomicBool::new(true),
+            closing: AtomicBool::new(false),
+            lost: AtomicU64::new(0),
+            close: Notify::new(),
+        });
+        let instance: Arc<str> = self.instance.into();
+        let writer = Writer {
+            sink,
+            signer: self.signer,
+            instance: instance.clone(),
+            seq,
+            head,
+            since: 0,
+            signed: None,
+            written: 0,
+            every: self.every,
+            interval: self.interval,
+            batch: self.batch,
+            close_timeout: self.close_timeout,
+            state: state.clone(),
+        };
+        let task = tokio::spawn(writer.run(rx));
+        Ok(AuditLog {
+            shared: Arc::new(Shared {
+                tx,
+                state,
+                failure: self.failure,
+                hasher: match self.secret {
+                    Some(secret) => Hasher::keyed(&secret),
+                    None => Hasher::Plain,
+                },
+                instance,
+                task: Mutex::new(Some(task)),
+            }),
+        })
+    }
+}
+
+/// The writer of one audit chain: cheap to clone, shared by every layer and
+/// [`AtMostOnce`](crate::once::AtMostOnce) that records into it.
+///
+/// ```
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_idempotency::{
+///     IdempotencyLayer, MemoryStore,
+///     audit::{AuditLog, AuditSigner, JsonlSink},
+/// };
+///
+/// # let dir = std::env::temp_dir().join(format!("audit-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// let signer = AuditSigner::generate("booking-audit")?;
+/// println!("audit public key: {}", signer.verifier());
+/// let audit = AuditLog::builder("booking-api-1", signer)
+///     .start(JsonlSink::open(dir.join("audit.jsonl"))?)
+///     .await?;
+/// let layer = IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone());
+/// // ... serve; then, after the server has drained:
+/// audit.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AuditLog {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("instance", &&*self.shared.instance)
+            .field("failure", &self.shared.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    tx: mpsc::Sender<Pending>,
+    state: Arc<State>,
+    failure: AuditFailure,
+    hasher: Hasher,
+    instance: Arc<str>,
+    task: Mutex<Option<tokio::task::JoinHandle<Result<AuditSummary, AuditError>>>>,
+}
+
+/// What the writer and the requests share.
+struct State {
+    /// The last append succeeded.
+    healthy: AtomicBool,
+    closing: AtomicBool,
+    /// Decisions that found no room, not yet written as a `lost` entry.
+    lost: AtomicU64,
+    close: Notify,
+}
+
+impl AuditLog {
+    /// A log for the writer named `instance` (one chain per instance:
+    /// `[A-Za-z0-9._:-]{1,64}`), signing its checkpoints with `signer`.
+    pub fn builder(instance: impl Into<String>, signer: AuditSigner) -> AuditBuilder {
+        AuditBuilder {
+            instance: instance.into(),
+            signer,
+            every: 1000,
+            interval: Duration::from_secs(10),
+            capacity: 8192,
+            batch: 512,
+            failure: AuditFailure::Closed,
+            secret: None,
+            close_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The writer's instance name.
+    pub fn instance(&self) -> &str {
+        &self.shared.instance
+    }
+
+    /// The hash a key has in this log's entries, as lowercase hex: what
+    /// `audit_verify --history` takes.
+    pub fn key_hash(&self, key: &str) -> String {
+        let mut hex = String::with_capacity(64);
+        crate::scope::push_hex(&mut hex, &self.shared.hasher.digest(key.as_bytes()));
+        hex
+    }
+
+    /// Whether the last append succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.shared.state.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Stops taking entries, writes those queued (waiting, up to the close
+    /// timeout, for requests that reserved a place), appends a final
+    /// checkpoint and stops the writer. Close after the server has drained.
+    pub async fn close(&self) -> Result<AuditSummary, AuditError> {
+        let task = self
+            .shared
+            .task
+            .lock()
+            .expect("the audit task slot is never poisoned")
+            .take();
+        let Some(task) = task else {
+            return Err(AuditError::Closed);
+        };
+        self.shared.state.closing.store(true, Ordering::SeqCst);
+        self.shared.state.close.notify_one();
+        task.await
+            .map_err(|err| AuditError::Sink(io::Error::other(err)))?
+    }
+
+    /// A place for a request's decisions, reserved now. `Err` under
+    /// [`AuditFailure::Closed`] when there is none: the request must not
+    /// run.
+    pub(crate) fn trail(&self, scope: Option<&str>, key: Option<&str>) -> Result<Trail, ()> {
+        let hasher = &self.shared.hasher;
+        let scope = scope.map(|s| hasher.digest(s.as_bytes()));
+        let key = key.map(|k| hasher.digest(k.as_bytes()));
+        let permit = self.reserve()?;
+        Ok(Trail::new(self.clone(), permit, scope, key))
+    }
+
+    fn reserve(&self) -> Result<Option<mpsc::OwnedPermit<Pending>>, ()> {
+        let state = &self.shared.state;
+        if !state.closing.load(Ordering::Relaxed) && state.healthy.load(Ordering::Relaxed) {
+            if let Ok(permit) = self.shared.tx.clone().try_reserve_owned() {
+                return Ok(Some(permit));
+            }
+        }
+        match self.shared.failure {
+            AuditFailure::Closed => {
+                state.lost.fetch_add(1, Ordering::Relaxed);
+                Err(())
+            }
+            AuditFailure::Open => Ok(None),
+        }
+    }
+
+    /// Sends a decision: through its reserved place, or (without one) if
+    /// there is room, else counted as lost.
+    fn send(&self, permit: Option<mpsc::OwnedPermit<Pending>>, pending: Pending) {
+        match permit {
+            Some(permit) => {
+                permit.send(pending);
+            }
+            None => {
+                if self.shared.state.closing.load(Ordering::Relaxed)
+                    || self.shared.tx.try_send(pending).is_err()
+                {
+                    self.shared.state.lost.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// The task that owns the sink.
+struct Writer<S> {
+    sink: S,
+    signer: AuditSigner,
+    instance: Arc<str>,
+    seq: u64,
+    head: [u8; 32],
+    /// Entries since the last checkpoint.
+    since: u64,
+    /// The `seq` the last checkpoint signed.
+    signed: Option<u64>,
+    written: u64,
+    every: u64,
+    interval: Duration,
+    batch: usize,
+    close_timeout: Duration,
+    state: Arc<State>,
+}
+
+impl<S: AuditSink> Writer<S> {
+    async fn run(mut self, mut rx: mpsc::Receiver<Pending>) -> Result<AuditSummary, AuditError> {
+        let mut pending = Vec::with_capacity(self.batch);
+        let mut lines = Vec::new();
+        let mut checkpointed = Instant::now();
+        let mut closing: Option<Instant> = None;
+        loop {
+            let received = match closing {
+                None => {
+                    let due = checkpointed + self.interval;
+                    tokio::select! {
+                        biased;
+                        () = self.state.close.notified() => {
+                            closing = Some(Instant::now() + self.close_timeout);
+                            rx.close();
+                            continue;
+                        }
+                        received = rx.recv_many(&mut pending, self.batch) => {
+                            if received == 0 {
+                                // Every handle is gone: close.
+                                closing = Some(Instant::now() + self.close_timeout);
+                            }
+                            received
+                        }
+                        () = tokio::time::sleep_until(due), if self.since > 0 => 0,
+                    }
+                }
+                Some(deadline) => {
+                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut pending, self.batch))
+                        .await
+                    {
+                        Ok(received) => received,
+                        Err(_) => {
+                            tracing::error!(
+                                "audit log closed with requests still holding a place; their entries are lost"
+                            );
+                            0
+                        }
+                    }
+                }
+            };
+            let lost = self.state.lost.swap(0, Ordering::Relaxed);
+            if lost > 0 {
+                self.entry(&Pending::lost(lost), &mut lines);
+            }
+            for decision in pending.drain(..) {
+                self.entry(&decision, &mut lines);
+                if self.since >= self.every {
+                    self.checkpoint(&mut lines);
+                    checkpointed = Instant::now();
+                }
+            }
+            let finishing = closing.is_some() && received == 0;
+            if self.since > 0 && (finishing || checkpointed.elapsed() >= self.interval) {
+                self.checkpoint(&mut lines);
+                checkpointed = Instant::now();
+            }
+            if finishing && self.seq > 0 && self.signed != Some(self.seq) {
+                self.checkpoint(&mut lines);
+            }
+            if !lines.is_empty() {
+                self.write(&mut lines, closing).await?;
+            }
+            if finishing {
+                if let Err(err) = self.sink.close().await {
+                    tracing::warn!(error = %err, "audit sink did not close cleanly");
+                }
+                return Ok(AuditSummary {
+                    seq: self.seq,
+                    written: self.written,
+                });
+            }
+        }
+    }
+
+    fn entry(&mut self, pending: &Pending, lines: &mut Vec<AuditLine>) {
+        let seq = self.seq + 1;
+        let (text, hash) = render(pending, seq, &self.instance, &self.head);
+        self.seq = seq;
+        self.head = hash;
+        self.since += 1;
+        lines.push(AuditLine {
+            seq,
+            checkpoint: false,
+            text,
+        });
+    }
+
+    fn checkpoint(&mut self, lines: &mut Vec<AuditLine>) {
+        let note = self.signer.checkpoint(&self.instance, self.seq, &self.head);
+        let text = serde_json::to_string(&serde_json::json!({ "checkpoint": note }))
+            .expect("a string serialises");
+        self.since = 0;
+        self.signed = Some(self.seq);
+        lines.push(AuditLine {
+            seq: self.seq,
+            checkpoint: true,
+            text,
+        });
+    }
+
+    /// Appends `lines`, trying again with a growing pause while the sink
+    /// fails; when closing, until the close deadline.
+    async fn write(
+        &mut self,
+        lines: &mut Vec<AuditLine>,
+        closing: Option<Instant>,
+    ) -> Result<(), AuditError> {
+        let mut pause = Duration::from_millis(10);
+        let mut closing = closing;
+        loop {
+            if closing.is_none() && self.state.closing.load(Ordering::SeqCst) {
+                closing = Some(Instant::now() + self.close_timeout);
+            }
+            match self.sink.append(lines).await {
+                Ok(()) => {
+                    if !self.state.healthy.swap(true, Ordering::Relaxed) {
+                        tracing::info!("audit sink recovered");
+                    }
+                    self.written += lines.iter().filter(|l| !l.checkpoint).count() as u64;
+                    lines.clear();
+                    return Ok(());
+                }
+                Err(error) => {
+                    if self.state.healthy.swap(false, Ordering::Relaxed) {
+                        tracing::error!(%error, "audit sink failed; requests are refused until it recovers (fail-closed) or run without entries (fail-open)");
+                    }
+                    if closing.is_some_and(|deadline| Instant::now() + pause > deadline) {
+                        return Err(AuditError::Unwritten {
+                            lines: lines.len(),
+                            error,
+                        });
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}

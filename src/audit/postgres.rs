@@ -1,0 +1,213 @@
+//! [`PostgresAuditSink`]: chains in a PostgreSQL table (features `audit`
+//! and `postgres`).
+
+use std::io;
+
+use sqlx::{Connection, PgPool, Postgres, Row, pool::PoolConnection};
+
+use super::{AuditLine, AuditSink};
+
+const SCHEMA: &str = r#"
+SELECT pg_advisory_xact_lock(hashtextextended('tower-idempotency/audit/schema', 0));
+CREATE TABLE IF NOT EXISTS idempotency_audit (
+    instance   text    NOT NULL,
+    seq        bigint  NOT NULL,
+    checkpoint boolean NOT NULL,
+    line       text    NOT NULL,
+    PRIMARY KEY (instance, seq, checkpoint)
+);
+CREATE OR REPLACE FUNCTION idempotency_audit_append_only() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'idempotency_audit is append-only';
+END
+$$;
+CREATE OR REPLACE TRIGGER idempotency_audit_no_change
+    BEFORE UPDATE OR DELETE ON idempotency_audit
+    FOR EACH ROW EXECUTE FUNCTION idempotency_audit_append_only();
+CREATE OR REPLACE TRIGGER idempotency_audit_no_truncate
+    BEFORE TRUNCATE ON idempotency_audit
+    FOR EACH STATEMENT EXECUTE FUNCTION idempotency_audit_append_only();
+"#;
+
+/// Chains in the table `idempotency_audit`, one per instance: a row per line
+/// (`instance`, `seq`, `checkpoint`, `line`, the same text as in a JSON
+/// Lines file).
+///
+/// The table is created on [`connect`](Self::connect), with triggers that
+/// refuse `UPDATE`, `DELETE` and `TRUNCATE`: it is append-only for every
+/// role that cannot drop triggers (give the application's role no more).
+/// The sink holds a session advisory lock on its instance for as long as it
+/// lives, so a second writer of the same instance is refused; each batch is
+/// one transaction.
+#[derive(Debug)]
+pub struct PostgresAuditSink {
+    pool: PgPool,
+    instance: String,
+    connection: Option<PoolConnection<Postgres>>,
+}
+
+fn other(err: sqlx::Error) -> io::Error {
+    io::Error::other(err)
+}
+
+impl PostgresAuditSink {
+    /// Creates the table if needed and takes the chain of `instance`.
+    pub async fn connect(pool: PgPool, instance: &str) -> io::Result<Self> {
+        let mut connection = pool.acquire().await.map_err(other)?;
+        let mut tx = connection.begin().await.map_err(other)?;
+        sqlx::raw_sql(SCHEMA)
+            .execute(&mut *tx)
+            .await
+            .map_err(other)?;
+        tx.commit().await.map_err(other)?;
+        let mut sink = PostgresAuditSink {
+            pool,
+            instance: instance.to_owned(),
+            connection: None,
+        };
+        sink.connection().await?;
+        Ok(sink)
+    }
+
+    /// A connection holding the instance's lock.
+    async fn connection(&mut self) -> io::Result<&mut PoolConnection<Postgres>> {
+        if self.connection.is_none() {
+            let mut connection = self.pool.acquire().await.map_err(other)?;
+            let locked: bool = sqlx::query_scalar(
+                "SELECT pg_try_advisory_lock(hashtextextended('tower-idempotency/audit/' || $1, 0))",
+            )
+            .bind(&self.instance)
+            .fetch_one(&mut *connection)
+            .await
+            .map_err(other)?;
+            if !locked {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "another writer holds the audit chain of instance `{}`",
+                        self.instance
+                    ),
+                ));
+            }
+            self.connection = Some(connection);
+        }
+        Ok(self.connection.as_mut().expect("set above"))
+    }
+
+    /// The chain of `instance`, as lines in order: for
+    /// [`verify_lines`](super::verify_lines).
+    pub async fn lines(pool: &PgPool, instance: &str) -> io::Result<Vec<String>> {
+        sqlx::query_scalar(
+            "SELECT line FROM idempotency_audit WHERE instance = $1 ORDER BY seq, checkpoint",
+        )
+        .bind(instance)
+        .fetch_all(pool)
+        .await
+        .map_err(other)
+    }
+
+    async fn try_append(&mut self, lines: &[AuditLine]) -> io::Result<()> {
+        let instance = self.instance.clone();
+        let connection = self.connection().await?;
+        let mut tx = connection.begin().await.map_err(other)?;
+        let seqs: Vec<i64> = lines
+            .iter()
+            .map(|l| i64::try_from(l.seq).unwrap_or(i64::MAX))
+            .collect();
+        let checkpoints: Vec<bool> = lines.iter().map(|l| l.checkpoint).collect();
+        let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_audit (instance, seq, checkpoint, line) \
+             SELECT $1, s, c, l FROM UNNEST($2::bigint[], $3::boolean[], $4::text[]) AS t(s, c, l) \
+             ON CONFLICT DO NOTHING RETURNING seq",
+        )
+        .bind(&instance)
+        .bind(&seqs)
+        .bind(&checkpoints)
+        .bind(&texts)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(other)?;
+        if inserted.len() < lines.len() {
+            // A batch retried after its commit was not acknowledged: the rows
+            // there must be these very lines.
+            let held: Vec<(i64, bool, String)> = sqlx::query(
+                "SELECT a.seq, a.checkpoint, a.line FROM idempotency_audit a \
+                 JOIN UNNEST($2::bigint[], $3::boolean[]) AS t(s, c) ON a.seq = t.s AND a.checkpoint = t.c \
+                 WHERE a.instance = $1",
+            )
+            .bind(&instance)
+            .bind(&seqs)
+            .bind(&checkpoints)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(other)?
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect();
+            for (seq, checkpoint, line) in held {
+                let ours = lines
+                    .iter()
+                    .find(|l| l.seq as i64 == seq && l.checkpoint == checkpoint);
+                if ours.is_some_and(|l| l.text != line) && !checkpoint {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "the chain of `{instance}` already holds another entry {seq}: a second writer"
+                        ),
+                    ));
+                }
+            }
+        }
+        tx.commit().await.map_err(other)
+    }
+}
+
+impl AuditSink for PostgresAuditSink {
+    async fn last_entry(&mut self) -> io::Result<Option<String>> {
+        let instance = self.instance.clone();
+        let connection = self.connection().await?;
+        sqlx::query_scalar(
+            "SELECT line FROM idempotency_audit WHERE instance = $1 AND NOT checkpoint \
+             ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(instance)
+        .fetch_optional(&mut **connection)
+        .await
+        .map_err(other)
+    }
+
+    async fn append(&mut self, lines: &[AuditLine]) -> io::Result<()> {
+        let result = self.try_append(lines).await;
+        if result.is_err() {
+            // Its lock may be gone with it: close it (a pooled session would
+            // keep the lock) and take a fresh one next time.
+            if let Some(connection) = self.connection.take() {
+                let _ = connection.close().await;
+            }
+        }
+        result
+    }
+
+    async fn close(&mut self) -> io::Result<()> {
+        let Some(mut connection) = self.connection.take() else {
+            return Ok(());
+        };
+        sqlx::query("SELECT pg_advisory_unlock(hashtextextended('tower-idempotency/audit/' || $1, 0))")
+            .bind(&self.instance)
+            .execute(&mut *connection)
+            .await
+            .map_err(other)?;
+        Ok(())
+    }
+}
+
+impl Drop for PostgresAuditSink {
+    fn drop(&mut self) {
+        // Never back into the pool with the lock: the session ends instead.
+        if let Some(connection) = self.connection.take() {
+            drop(connection.detach());
+        }
+    }
+}

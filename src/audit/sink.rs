@@ -1,0 +1,57 @@
+//! Where a chain's lines go: the [`AuditSink`] trait.
+
+use std::{future::Future, io};
+
+/// One line of a chain as a sink stores it: an entry, or a signed
+/// checkpoint after the entry of the same `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditLine {
+    pub(crate) seq: u64,
+    pub(crate) checkpoint: bool,
+    pub(crate) text: String,
+}
+
+impl AuditLine {
+    /// The entry's sequence number; for a checkpoint, that of the entry it
+    /// signs.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether this is a signed checkpoint rather than an entry.
+    pub fn is_checkpoint(&self) -> bool {
+        self.checkpoint
+    }
+
+    /// The line's text: one JSON object, without a newline.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+/// Durable storage for one writer's chain.
+///
+/// The writer calls it from one task, one call at a time. Two rules make a
+/// sink correct:
+///
+/// - [`append`](Self::append) is all or nothing. When it returns `Ok`, the
+///   lines are durable, in order, after those before them. When it returns
+///   an error, the writer offers the same lines again (from the same
+///   `seq`), so a partial write must be undone or recognised.
+/// - Only one writer appends to a chain: a sink should refuse a second one
+///   (the file sink locks its file, the PostgreSQL sink takes an advisory
+///   lock per instance).
+pub trait AuditSink: Send + 'static {
+    /// The last entry already stored (its line's text, not a checkpoint's),
+    /// or `None` for a new chain. A writer continues the chain from it.
+    fn last_entry(&mut self) -> impl Future<Output = io::Result<Option<String>>> + Send;
+
+    /// Stores `lines` durably and in order; see the trait's rules.
+    fn append(&mut self, lines: &[AuditLine]) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Called once, after the writer's last append: release what the sink
+    /// holds (a lock). Does nothing by default.
+    fn close(&mut self) -> impl Future<Output = io::Result<()>> + Send {
+        async { Ok(()) }
+    }
+}
