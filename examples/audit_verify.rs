@@ -36,7 +36,8 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             }
             "--history" => {
                 let hash = args.next().ok_or("--history needs a KEY_HASH")?;
-                if hash.len() < 8 || hash.len() > 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                if hash.len() < 8 || hash.len() > 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit())
+                {
                     return Err(format!(
                         "--history takes the key's SHA-256 in hex (8 to 64 digits), not {hash:?}"
                     ));

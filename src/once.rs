@@ -149,9 +149,9 @@ impl<E: std::error::Error + 'static> std::error::Error for OnceError<E> {
             OnceError::Store(e) => Some(e),
             OnceError::Unreadable(e) => Some(&**e),
             OnceError::Input(e) => Some(e),
-            OnceError::InputMismatch
-            | OnceError::InFlight { .. }
-            | OnceError::AuditUnavailable => None,
+            OnceError::InputMismatch | OnceError::InFlight { .. } | OnceError::AuditUnavailable => {
+                None
+            }
         }
     }
 }

@@ -51,9 +51,9 @@ pub enum AuditKeyError {
 impl fmt::Display for AuditKeyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            AuditKeyError::InvalidName => f.write_str(
-                "a key name must be 1 to 64 visible ASCII characters other than `+`",
-            ),
+            AuditKeyError::InvalidName => {
+                f.write_str("a key name must be 1 to 64 visible ASCII characters other than `+`")
+            }
             AuditKeyError::Malformed(why) => write!(f, "not an audit key: {why}"),
             AuditKeyError::Io(err) => write!(f, "key file: {err}"),
             AuditKeyError::Random(err) => write!(f, "no randomness for a new key: {err}"),
@@ -92,10 +92,9 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Splits `<name>+<id hex>+<base64>` and checks the id against the key.
 fn parse_key_text(text: &str) -> Result<(String, [u8; 4], [u8; 32]), AuditKeyError> {
-    let mut parts = text.trim().split('+');
-    let (Some(name), Some(id), Some(key), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    // The key's base64 may itself hold `+`: split off two parts only.
+    let mut parts = text.trim().splitn(3, '+');
+    let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(AuditKeyError::Malformed(
             "expected <name>+<key id>+<key>, three parts",
         ));
@@ -115,7 +114,9 @@ fn parse_key_text(text: &str) -> Result<(String, [u8; 4], [u8; 32]), AuditKeyErr
         return Err(AuditKeyError::Malformed("the key is empty"));
     };
     if *alg != ED25519 {
-        return Err(AuditKeyError::Malformed("not an Ed25519 key (algorithm byte 0x01)"));
+        return Err(AuditKeyError::Malformed(
+            "not an Ed25519 key (algorithm byte 0x01)",
+        ));
     }
     let key: [u8; 32] = rest
         .try_into()
@@ -177,9 +178,12 @@ impl AuditSigner {
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(path).map_err(AuditKeyError::Io)?;
-        std::io::Write::write_all(&mut file, format!("{}\n", signer.to_secret_text()).as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(AuditKeyError::Io)?;
+        std::io::Write::write_all(
+            &mut file,
+            format!("{}\n", signer.to_secret_text()).as_bytes(),
+        )
+        .and_then(|()| file.sync_all())
+        .map_err(AuditKeyError::Io)?;
         Ok((signer, true))
     }
 
@@ -224,11 +228,15 @@ impl FromStr for AuditSigner {
         let rest = text
             .trim()
             .strip_prefix("PRIVATE+KEY+")
-            .ok_or(AuditKeyError::Malformed("a signing key starts with PRIVATE+KEY+"))?;
+            .ok_or(AuditKeyError::Malformed(
+                "a signing key starts with PRIVATE+KEY+",
+            ))?;
         let (name, id, seed) = parse_key_text(rest)?;
         let signer = Self::from_seed(&name, seed);
         if signer.id != id {
-            return Err(AuditKeyError::Malformed("the key id does not match the key"));
+            return Err(AuditKeyError::Malformed(
+                "the key id does not match the key",
+            ));
         }
         Ok(signer)
     }
@@ -273,7 +281,9 @@ impl FromStr for AuditVerifier {
         let key = VerifyingKey::from_bytes(&key)
             .map_err(|_| AuditKeyError::Malformed("not a valid Ed25519 public key"))?;
         if key_id(&name, &key) != id {
-            return Err(AuditKeyError::Malformed("the key id does not match the key"));
+            return Err(AuditKeyError::Malformed(
+                "the key id does not match the key",
+            ));
         }
         Ok(AuditVerifier { name, key, id })
     }
@@ -402,6 +412,14 @@ mod tests {
 
     #[test]
     fn keys_round_trip_through_their_text_forms() {
+        // Many keys, so that some have `+` in their base64.
+        for seed in 0..64u8 {
+            let signer = AuditSigner::from_seed("k", [seed; 32]);
+            let public: AuditVerifier = signer.verifier().to_string().parse().unwrap();
+            assert_eq!(public, signer.verifier());
+            let again: AuditSigner = signer.to_secret_text().parse().unwrap();
+            assert_eq!(again.verifier(), signer.verifier());
+        }
         let signer = AuditSigner::generate("booking-audit").unwrap();
         let again: AuditSigner = signer.to_secret_text().parse().unwrap();
         assert_eq!(again.verifier(), signer.verifier());
@@ -436,7 +454,10 @@ mod tests {
         let other = AuditSigner::generate("k").unwrap();
         let text = signer.checkpoint("api-1", 42, &[7; 32]);
         let note = parse(&text).unwrap();
-        assert_eq!((note.seq, note.head, note.instance.as_str()), (42, [7; 32], "api-1"));
+        assert_eq!(
+            (note.seq, note.head, note.instance.as_str()),
+            (42, [7; 32], "api-1")
+        );
         signer.verifier().check(&note).unwrap();
         assert!(other.verifier().check(&note).is_err());
         let forged = text.replace("\n42\n", "\n43\n");

@@ -176,7 +176,10 @@ mod tests {
     #[test]
     fn an_entry_names_its_time_in_milliseconds() {
         let (line, _) = render(&pending(), 1, "api-1", &GENESIS);
-        assert!(line.contains("\"time\":\"2025-12-01T00:00:00.123Z\""), "{line}");
+        assert!(
+            line.contains("\"time\":\"2025-12-01T00:00:00.123Z\""),
+            "{line}"
+        );
     }
 
     #[test]

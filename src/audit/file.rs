@@ -152,13 +152,20 @@ fn read_tail(file: &mut File, len: u64) -> io::Result<(Option<String>, u64)> {
         // may be cut.
         let mut lines: Vec<&[u8]> = complete.split(|&b| b == b'\n').collect();
         lines.pop();
-        let usable = if start == 0 { &lines[..] } else { &lines[1.min(lines.len())..] };
+        let usable = if start == 0 {
+            &lines[..]
+        } else {
+            &lines[1.min(lines.len())..]
+        };
         for line in usable.iter().rev() {
             if line.starts_with(b"{\"checkpoint\"") {
                 continue;
             }
             let text = String::from_utf8(line.to_vec()).map_err(|_| {
-                io::Error::new(io::ErrorKind::InvalidData, "the last audit entry is not UTF-8")
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the last audit entry is not UTF-8",
+                )
             })?;
             return Ok((Some(text), whole));
         }

@@ -161,7 +161,9 @@ impl fmt::Display for AuditError {
                 "invalid audit instance name {name:?}: use 1 to 64 of ASCII letters, digits, `.`, `_`, `-` and `:`"
             ),
             AuditError::Sink(err) => write!(f, "audit sink: {err}"),
-            AuditError::Chain(why) => write!(f, "the stored audit chain cannot be continued: {why}"),
+            AuditError::Chain(why) => {
+                write!(f, "the stored audit chain cannot be continued: {why}")
+            }
             AuditError::Closed => f.write_str("the audit log is closed"),
             AuditError::Unwritten { lines, error } => {
                 write!(f, "{lines} audit lines were not written: {error}")
@@ -259,8 +261,9 @@ impl AuditBuilder {
         let (seq, head) = match sink.last_entry().await.map_err(AuditError::Sink)? {
             None => (0, GENESIS),
             Some(text) => {
-                let value = serde_json::from_str(&text)
-                    .map_err(|err| AuditError::Chain(format!("its last entry is not JSON: {err}")))?;
+                let value = serde_json::from_str(&text).map_err(|err| {
+                    AuditError::Chain(format!("its last entry is not JSON: {err}"))
+                })?;
                 let serde_json::Value::Object(object) = value else {
                     return Err(AuditError::Chain("its last entry is not an object".into()));
                 };

@@ -194,11 +194,13 @@ impl AuditSink for PostgresAuditSink {
         let Some(mut connection) = self.connection.take() else {
             return Ok(());
         };
-        sqlx::query("SELECT pg_advisory_unlock(hashtextextended('tower-idempotency/audit/' || $1, 0))")
-            .bind(&self.instance)
-            .execute(&mut *connection)
-            .await
-            .map_err(other)?;
+        sqlx::query(
+            "SELECT pg_advisory_unlock(hashtextextended('tower-idempotency/audit/' || $1, 0))",
+        )
+        .bind(&self.instance)
+        .execute(&mut *connection)
+        .await
+        .map_err(other)?;
         Ok(())
     }
 }

@@ -157,7 +157,8 @@ impl<'k> Checker<'k> {
             return Err(broken("not a JSON object".into()));
         };
         if object.contains_key("checkpoint") {
-            self.checkpoint(text, &object).map_err(|r| broken(r.into()))?;
+            self.checkpoint(text, &object)
+                .map_err(|r| broken(r.into()))?;
             return Ok(None);
         }
         let entry = parse_entry(text, object).map_err(broken)?;
@@ -173,7 +174,10 @@ impl<'k> Checker<'k> {
         }
         if entry.seq != self.seq + 1 {
             return Err(broken(if self.seq == 0 {
-                format!("the chain starts at seq {}, not 1: its start is missing", entry.seq)
+                format!(
+                    "the chain starts at seq {}, not 1: its start is missing",
+                    entry.seq
+                )
             } else {
                 format!(
                     "seq {} follows seq {}: an entry is missing, moved or inserted",
@@ -330,7 +334,9 @@ fn walk(
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let read = reader.read_until(b'\n', &mut buf).map_err(VerifyError::Io)?;
+        let read = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(VerifyError::Io)?;
         if read == 0 {
             break;
         }
@@ -372,34 +378,33 @@ pub fn history(
 ) -> Result<(VerifiedChain, Vec<HistoryEntry>), VerifyError> {
     let wanted = key_hash.to_ascii_lowercase();
     let mut found = Vec::new();
-    let chain = walk(
-        path.as_ref(),
-        key,
-        |line, entry| {
-            let matches = entry
-                .get("key")
-                .and_then(Value::as_str)
-                .is_some_and(|k| k.starts_with(&wanted));
-            if !matches {
-                return;
-            }
-            let text = |name: &str| entry.get(name).and_then(Value::as_str).map(str::to_owned);
-            found.push(HistoryEntry {
-                line,
-                seq: entry.get("seq").and_then(Value::as_u64).unwrap_or(0),
-                time: text("time").unwrap_or_default(),
-                decision: text("decision").unwrap_or_default(),
-                status: entry
-                    .get("status")
-                    .and_then(Value::as_u64)
-                    .and_then(|s| u16::try_from(s).ok()),
-                duration_ms: entry.get("duration_ms").and_then(Value::as_u64).unwrap_or(0),
-                scope: text("scope"),
-                fingerprint: text("fingerprint"),
-                signed: false,
-            });
-        },
-    )?;
+    let chain = walk(path.as_ref(), key, |line, entry| {
+        let matches = entry
+            .get("key")
+            .and_then(Value::as_str)
+            .is_some_and(|k| k.starts_with(&wanted));
+        if !matches {
+            return;
+        }
+        let text = |name: &str| entry.get(name).and_then(Value::as_str).map(str::to_owned);
+        found.push(HistoryEntry {
+            line,
+            seq: entry.get("seq").and_then(Value::as_u64).unwrap_or(0),
+            time: text("time").unwrap_or_default(),
+            decision: text("decision").unwrap_or_default(),
+            status: entry
+                .get("status")
+                .and_then(Value::as_u64)
+                .and_then(|s| u16::try_from(s).ok()),
+            duration_ms: entry
+                .get("duration_ms")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            scope: text("scope"),
+            fingerprint: text("fingerprint"),
+            signed: false,
+        });
+    })?;
     let through = chain.signed_through.unwrap_or(0);
     for entry in &mut found {
         entry.signed = entry.seq <= through;

@@ -1,0 +1,953 @@
+//! The audit chain: every decision has its entry, racing duplicates give one
+//! `executed`, tampering is found at its line, the chain continues across
+//! restarts, and the failure policy holds both ways. The PostgreSQL sink
+//! runs the same chain tests when `DATABASE_URL` is set.
+
+mod common;
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use axum::{Router, body::Body, routing::post};
+use common::{AUTH, Counter, body_bytes, post_with_key, problem};
+use http::{Request, StatusCode};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, mpsc, watch};
+use tower::ServiceExt;
+use tower_idempotency::{
+    IdempotencyLayer, MemoryStore,
+    audit::{
+        AuditFailure, AuditLine, AuditLog, AuditSigner, AuditSink, JsonlSink, verify_file,
+        verify_lines,
+    },
+    once::{AtMostOnce, OnceError},
+    store::{Fault, FaultyStore, Op},
+};
+
+/// A fresh directory for one test's files.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tower-idempotency-audit-{name}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A sink in memory that can be made to fail, or to hold every append until
+/// released.
+#[derive(Clone, Default)]
+struct MemorySink {
+    lines: Arc<Mutex<Vec<String>>>,
+    failing: Arc<AtomicBool>,
+    held: Arc<AtomicBool>,
+    release: Arc<Notify>,
+    appends: Arc<Mutex<usize>>,
+}
+
+impl MemorySink {
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+impl AuditSink for MemorySink {
+    async fn last_entry(&mut self) -> io::Result<Option<String>> {
+        Ok(self
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|l| !l.starts_with("{\"checkpoint\""))
+            .cloned())
+    }
+
+    async fn append(&mut self, lines: &[AuditLine]) -> io::Result<()> {
+        *self.appends.lock().unwrap() += 1;
+        while self.held.load(Ordering::SeqCst) {
+            self.release.notified().await;
+        }
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(io::Error::other("disk on fire"));
+        }
+        let mut held = self.lines.lock().unwrap();
+        held.extend(lines.iter().map(|l| l.text().to_owned()));
+        Ok(())
+    }
+}
+
+fn signer() -> AuditSigner {
+    AuditSigner::generate("test-audit").unwrap()
+}
+
+fn entries(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("checkpoint").is_none())
+        .collect()
+}
+
+fn decisions(lines: &[String]) -> Vec<String> {
+    entries(lines)
+        .iter()
+        .map(|e| e["decision"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Polls `ready` until it holds: for state another task changes.
+async fn until(mut ready: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if ready() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("condition never held");
+}
+
+/// `POST /book` that holds every execution until the gate opens, telling
+/// `started` each time one begins.
+fn gated(counter: &Counter) -> (Router, mpsc::UnboundedReceiver<usize>, watch::Sender<bool>) {
+    let (gate, gate_rx) = watch::channel(false);
+    let (started_tx, started) = mpsc::unbounded_channel();
+    let counter = counter.clone();
+    let router = Router::new().route(
+        "/book",
+        post(move || {
+            let (counter, mut gate, started) =
+                (counter.clone(), gate_rx.clone(), started_tx.clone());
+            async move {
+                let n = counter.hit();
+                let _ = started.send(n);
+                let _ = gate.wait_for(|open| *open).await;
+                (StatusCode::CREATED, format!("booking {n}"))
+            }
+        }),
+    );
+    (router, started, gate)
+}
+
+/// A router whose `/fail` answers 503 and whose `/slow` never answers.
+fn extra_routes(counter: &Counter) -> Router {
+    let (fail, slow) = (counter.clone(), counter.clone());
+    common::booking_router(counter.clone())
+        .route(
+            "/fail",
+            post(move || {
+                fail.hit();
+                async { (StatusCode::SERVICE_UNAVAILABLE, "try later") }
+            }),
+        )
+        .route(
+            "/slow",
+            post(move || {
+                slow.hit();
+                std::future::pending::<&'static str>()
+            }),
+        )
+}
+
+fn keyed(path: &str, key: &str, body: &'static str) -> Request<Body> {
+    Request::post(path)
+        .header("authorization", AUTH)
+        .header("idempotency-key", key)
+        .body(Body::from(body))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_decision_of_the_layer_has_its_entry() {
+    let sink = MemorySink::default();
+    let signer = signer();
+    let audit = AuditLog::builder("api-1", signer.clone())
+        .start(sink.clone())
+        .await
+        .unwrap();
+    let counter = Counter::default();
+    let store = FaultyStore::new(MemoryStore::default());
+    let layer = IdempotencyLayer::new(store.clone())
+        .with_required_key(true)
+        .with_request_body_limit(64)
+        .with_max_execution(Duration::from_millis(50))
+        .with_record_policy(|parts: &http::response::Parts| {
+            parts.status != StatusCode::SERVICE_UNAVAILABLE
+        })
+        .with_audit(audit.clone());
+    let app = extra_routes(&counter).layer(layer.clone());
+
+    let first = app.clone().oneshot(post_with_key("k1", "x")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first_body = body_bytes(first).await;
+    let replay = app.clone().oneshot(post_with_key("k1", "x")).await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    body_bytes(replay).await;
+    let (status, code, _) =
+        problem(app.clone().oneshot(post_with_key("k1", "y")).await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "key-reused")
+    );
+    let missing = Request::post("/book")
+        .header("authorization", AUTH)
+        .body(Body::from("x"))
+        .unwrap();
+    assert_eq!(
+        app.clone().oneshot(missing).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+    let invalid = Request::post("/book")
+        .header("authorization", AUTH)
+        .header("idempotency-key", "a,b")
+        .header("idempotency-key", "c")
+        .body(Body::from("x"))
+        .unwrap();
+    assert_eq!(
+        app.clone().oneshot(invalid).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+    let anonymous = Request::post("/book")
+        .header("idempotency-key", "k2")
+        .body(Body::from("x"))
+        .unwrap();
+    assert_eq!(
+        app.clone().oneshot(anonymous).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let large = app
+        .clone()
+        .oneshot(post_with_key("k3", &*"z".repeat(100).leak()))
+        .await
+        .unwrap();
+    assert_eq!(large.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let released = app
+        .clone()
+        .oneshot(keyed("/fail", "k4", "x"))
+        .await
+        .unwrap();
+    assert_eq!(released.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let settled = app
+        .clone()
+        .oneshot(keyed("/slow", "k5", "x"))
+        .await
+        .unwrap();
+    assert_eq!(settled.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    store.set_fault(Op::Claim, Some(Fault::Unavailable));
+    let down = app.clone().oneshot(post_with_key("k6", "x")).await.unwrap();
+    assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let open = extra_routes(&counter).layer(layer.clone().with_fail_open(true));
+    assert_eq!(
+        open.oneshot(post_with_key("k7", "x"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::CREATED
+    );
+    store.set_fault(Op::Claim, None);
+
+    // In flight: a second request while the first holds its key.
+    let (router, mut started, gate) = gated(&counter);
+    let gated_app = router.layer(layer.clone());
+    let holder = tokio::spawn(gated_app.clone().oneshot(post_with_key("k8", "x")));
+    started.recv().await.unwrap();
+    let (status, code, _) = problem(
+        gated_app
+            .clone()
+            .oneshot(post_with_key("k8", "x"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::CONFLICT, "request-in-flight")
+    );
+    gate.send(true).unwrap();
+    body_bytes(holder.await.unwrap().unwrap()).await;
+
+    let summary = audit.close().await.unwrap();
+    let lines = sink.lines();
+    assert_eq!(
+        decisions(&lines),
+        [
+            "executed",
+            "replayed",
+            "key_reused",
+            "missing_key",
+            "invalid_key",
+            "anonymous_request",
+            "body_too_large",
+            "released",
+            "settled",
+            "store_unavailable",
+            "failed_open",
+            "request_in_flight",
+            "executed",
+        ]
+    );
+    assert_eq!(summary.seq, 13);
+    let all = entries(&lines);
+    // The executed entry: status, the body's digest, hashed key and scope.
+    let executed = &all[0];
+    assert_eq!(executed["status"], 201);
+    assert_eq!(executed["response_sha256"], sha256_hex(&first_body));
+    assert_eq!(executed["key"], sha256_hex(b"k1"));
+    assert_eq!(executed["key"], audit.key_hash("k1"));
+    assert!(executed["scope"].as_str().unwrap().len() == 64);
+    assert!(executed["fingerprint"].as_str().unwrap().len() == 64);
+    assert_eq!(all[1]["status"], 201);
+    assert_eq!(all[1]["key"], executed["key"]);
+    assert_eq!(all[2]["status"], 400);
+    assert!(all[3].get("key").is_none(), "a missing key has no hash");
+    assert_eq!(all[5]["key"], sha256_hex(b"k2"));
+    assert!(
+        all[5].get("scope").is_none(),
+        "an anonymous request has no scope"
+    );
+    assert_eq!(all[7]["status"], 503);
+    assert_eq!(all[8]["status"], 500);
+    assert_eq!(all[9]["status"], 503);
+    for entry in &all {
+        let text = entry.to_string();
+        for secret in ["test-caller", "\"k1\"", "booking 1"] {
+            assert!(!text.contains(secret), "{secret} leaked into {text}");
+        }
+    }
+    let chain = verify_lines(&lines, Some(&signer.verifier())).unwrap_or_else(|b| panic!("{b}"));
+    assert_eq!(chain.entries, 13);
+    assert_eq!(chain.unsigned_tail(), 0, "closing signs the head");
+    assert_eq!(counter.get(), 5);
+}
+
+/// A holder whose renewals fail loses its key to a duplicate: the chain
+/// shows the take-over, the new holder's execution, and the first holder's
+/// completion fenced out. A completion that never lands is abandoned.
+#[tokio::test(start_paused = true)]
+async fn take_overs_fenced_and_abandoned_completions_have_their_entries() {
+    let sink = MemorySink::default();
+    let audit = AuditLog::builder("api-1", signer())
+        .start(sink.clone())
+        .await
+        .unwrap();
+    let counter = Counter::default();
+    let (router, mut started, gate) = gated(&counter);
+    let store = FaultyStore::new(MemoryStore::default());
+    store.set_fault(Op::Renew, Some(Fault::Unavailable));
+    let layer = IdempotencyLayer::new(store.clone())
+        .with_lease(Duration::from_secs(3))
+        .with_completion_retry_limit(Duration::from_secs(1))
+        .with_audit(audit.clone());
+    let app = router.layer(layer);
+    let first = tokio::spawn(app.clone().oneshot(post_with_key("k", "x")));
+    assert_eq!(started.recv().await, Some(1));
+    tokio::time::advance(Duration::from_secs(4)).await;
+    let second = tokio::spawn(app.clone().oneshot(post_with_key("k", "x")));
+    assert_eq!(started.recv().await, Some(2));
+    gate.send(true).unwrap();
+    body_bytes(first.await.unwrap().unwrap()).await;
+    body_bytes(second.await.unwrap().unwrap()).await;
+
+    store.set_fault(Op::Complete, Some(Fault::Unavailable));
+    let lost = tokio::spawn(app.clone().oneshot(post_with_key("k2", "x")));
+    body_bytes(lost.await.unwrap().unwrap()).await;
+    // The completion retries, then gives up, in the background.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    audit.close().await.unwrap();
+    let lines = sink.lines();
+    let mut seen = decisions(&lines);
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["abandoned", "executed", "fenced", "taken_over"],
+        "{lines:#?}"
+    );
+}
+
+#[tokio::test]
+async fn every_decision_of_at_most_once_has_its_entry() {
+    let sink = MemorySink::default();
+    let audit = AuditLog::builder("worker-1", signer())
+        .start(sink.clone())
+        .await
+        .unwrap();
+    let once = AtMostOnce::new(MemoryStore::default()).with_audit(audit.clone());
+    let input = serde_json::json!({"slot": "09:00"});
+    let run = |n: u64| async move { Ok::<_, std::io::Error>(n) };
+    assert_eq!(once.run("s", "m1", &input, |_| run(7)).await.unwrap(), 7);
+    assert_eq!(once.run("s", "m1", &input, |_| run(8)).await.unwrap(), 7);
+    let other = serde_json::json!({"slot": "10:00"});
+    assert!(matches!(
+        once.run("s", "m1", &other, |_| run(9)).await,
+        Err(OnceError::InputMismatch)
+    ));
+    let failed = once
+        .run("s", "m2", &input, |_| async {
+            Err::<u64, _>(std::io::Error::other("no"))
+        })
+        .await;
+    assert!(matches!(failed, Err(OnceError::Failed(_))));
+    audit.close().await.unwrap();
+    let lines = sink.lines();
+    assert_eq!(
+        decisions(&lines),
+        ["executed", "replayed", "key_reused", "released"]
+    );
+    let all = entries(&lines);
+    assert_eq!(all[0]["response_sha256"], sha256_hex(b"7"));
+    assert_eq!(all[0]["key"], sha256_hex(b"m1"));
+    assert_eq!(all[0]["scope"], sha256_hex(b"s"));
+    assert!(all[0].get("status").is_none());
+}
+
+/// 64 duplicates at once: one `executed`, and every other one answered as
+/// in flight or replayed, each with its entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_duplicates_give_one_executed_entry() {
+    let dir = scratch("race");
+    let signer = signer();
+    let audit = AuditLog::builder("api-1", signer.clone())
+        .start(JsonlSink::open(dir.join("audit.jsonl")).unwrap())
+        .await
+        .unwrap();
+    let counter = Counter::default();
+    let app = common::booking_router(counter.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    let barrier = Arc::new(tokio::sync::Barrier::new(64));
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let (app, barrier) = (app.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let response = app.oneshot(post_with_key("race", "x")).await.unwrap();
+                let status = response.status();
+                body_bytes(response).await;
+                status
+            })
+        })
+        .collect();
+    for task in tasks {
+        let status = task.await.unwrap();
+        assert!(status == StatusCode::CREATED || status == StatusCode::CONFLICT);
+    }
+    audit.close().await.unwrap();
+    assert_eq!(counter.get(), 1);
+    let lines = read_lines(&dir.join("audit.jsonl"));
+    let seen = decisions(&lines);
+    assert_eq!(seen.len(), 64);
+    assert_eq!(seen.iter().filter(|d| *d == "executed").count(), 1);
+    assert!(
+        seen.iter()
+            .all(|d| ["executed", "replayed", "request_in_flight"].contains(&d.as_str()))
+    );
+    let chain = verify_file(dir.join("audit.jsonl"), Some(&signer.verifier())).unwrap();
+    assert_eq!(chain.entries, 64);
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Writes a chain of `n` executed/replayed entries with a checkpoint every
+/// `every`, through `sink`, and returns the signer.
+async fn write_chain<S: AuditSink>(sink: S, n: usize, every: u64) -> AuditSigner {
+    let signer = signer();
+    let audit = AuditLog::builder("api-1", signer.clone())
+        .with_checkpoints(every, Duration::from_secs(3600))
+        .start(sink)
+        .await
+        .unwrap();
+    let app = common::booking_router(Counter::default())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    for i in 0..n {
+        let key: &'static str = format!("k{}", i / 2).leak();
+        body_bytes(app.clone().oneshot(post_with_key(key, "x")).await.unwrap()).await;
+    }
+    audit.close().await.unwrap();
+    signer
+}
+
+/// The 1-based line holding byte `at` of `text`.
+fn line_of(text: &[u8], at: usize) -> u64 {
+    text[..at].iter().filter(|&&b| b == b'\n').count() as u64 + 1
+}
+
+#[tokio::test]
+async fn any_changed_byte_is_found_at_its_line() {
+    let dir = scratch("bytes");
+    let path = dir.join("audit.jsonl");
+    let signer = write_chain(JsonlSink::open(&path).unwrap(), 7, 3).await;
+    let key = signer.verifier();
+    let original = std::fs::read(&path).unwrap();
+    verify_file(&path, Some(&key)).unwrap();
+    let tampered = dir.join("tampered.jsonl");
+    for at in 0..original.len() {
+        let mut bytes = original.clone();
+        bytes[at] ^= 0x01;
+        std::fs::write(&tampered, &bytes).unwrap();
+        match verify_file(&tampered, Some(&key)) {
+            Err(tower_idempotency::audit::VerifyError::Broken(broken)) => {
+                assert_eq!(broken.line, line_of(&original, at), "byte {at}: {broken}")
+            }
+            other => panic!("byte {at} changed, not found: {other:?}"),
+        }
+    }
+}
+
+/// The chain as lines, each entry or checkpoint.
+#[tokio::test]
+async fn removed_swapped_and_cut_lines_are_found_at_their_line() {
+    let dir = scratch("lines");
+    let path = dir.join("audit.jsonl");
+    let signer = write_chain(JsonlSink::open(&path).unwrap(), 12, 4).await;
+    let key = signer.verifier();
+    let lines = read_lines(&path);
+    check_line_tampering(&lines, &key);
+}
+
+/// Removing an entry, swapping two lines, and cutting the tail, each
+/// reported at the first line out of place.
+fn check_line_tampering(lines: &[String], key: &tower_idempotency::audit::AuditVerifier) {
+    let is_checkpoint = |l: &String| l.starts_with("{\"checkpoint\"");
+    verify_lines(lines, Some(key)).unwrap();
+    for removed in 0..lines.len() {
+        let mut fewer = lines.to_vec();
+        fewer.remove(removed);
+        let result = verify_lines(&fewer, Some(key));
+        if is_checkpoint(&lines[removed]) {
+            // A checkpoint's removal leaves a valid chain, less of it signed.
+            let chain = result.unwrap();
+            assert!(chain.signed_through < Some(12) || removed + 1 < lines.len());
+        } else {
+            let broken = result.expect_err("a removed entry is found");
+            assert_eq!(
+                broken.line,
+                removed as u64 + 1,
+                "removed line {}: {broken}",
+                removed + 1
+            );
+        }
+    }
+    for first in 0..lines.len() - 1 {
+        let mut swapped = lines.to_vec();
+        swapped.swap(first, first + 1);
+        let broken = verify_lines(&swapped, Some(key)).expect_err("a swap is found");
+        let line = first as u64 + 1;
+        if is_checkpoint(&lines[first]) || is_checkpoint(&lines[first + 1]) {
+            // An entry moved ahead of a checkpoint is in order itself: the
+            // checkpoint after it is what no longer matches.
+            assert!(
+                [line, line + 1].contains(&broken.line),
+                "swap {line}: {broken}"
+            );
+        } else {
+            assert_eq!(broken.line, line, "swap {line}: {broken}");
+        }
+    }
+    // A tail cut at a line boundary past a checkpoint keeps a valid, shorter
+    // chain; its unsigned entries are named.
+    let cut = &lines[..lines.len() - 2];
+    let chain = verify_lines(cut, Some(key)).unwrap();
+    assert!(chain.entries < 12);
+}
+
+#[tokio::test]
+async fn a_tail_cut_mid_line_is_found_at_that_line() {
+    let dir = scratch("cut");
+    let path = dir.join("audit.jsonl");
+    let signer = write_chain(JsonlSink::open(&path).unwrap(), 8, 3).await;
+    let original = std::fs::read(&path).unwrap();
+    let text = String::from_utf8_lossy(&original);
+    let first_checkpoint = text.find("{\"checkpoint\"").unwrap();
+    let past = first_checkpoint + text[first_checkpoint..].find('\n').unwrap() + 2;
+    let cut = dir.join("cut.jsonl");
+    for end in past..original.len() {
+        std::fs::write(&cut, &original[..end]).unwrap();
+        let result = verify_file(&cut, Some(&signer.verifier()));
+        if original[end - 1] == b'\n' {
+            result.unwrap_or_else(|e| panic!("cut at a line end {end}: {e}"));
+        } else {
+            match result {
+                Err(tower_idempotency::audit::VerifyError::Broken(broken)) => {
+                    assert_eq!(broken.line, line_of(&original, end - 1), "cut at {end}");
+                    assert!(broken.reason.contains("truncated"), "{broken}");
+                }
+                other => panic!("cut at {end} not found: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Someone without the private key rewrites the chain (changing one
+/// decision and recomputing every hash after it), and signs its checkpoints
+/// with a key of their own under the same name: the signature fails.
+#[tokio::test]
+async fn a_chain_rewritten_without_the_key_fails_its_signature() {
+    let dir = scratch("rewrite");
+    let path = dir.join("audit.jsonl");
+    let signer = write_chain(JsonlSink::open(&path).unwrap(), 6, 2).await;
+    let lines = read_lines(&path);
+    let forged = rewrite(&lines, &AuditSigner::generate("test-audit").unwrap());
+    // Without a key, the forgery is consistent: the hash chain alone cannot
+    // tell.
+    verify_lines(&forged, None).unwrap();
+    let broken = verify_lines(&forged, Some(&signer.verifier())).unwrap_err();
+    let first_checkpoint = forged
+        .iter()
+        .position(|l| l.contains("checkpoint"))
+        .unwrap();
+    assert_eq!(broken.line, first_checkpoint as u64 + 1, "{broken}");
+    assert!(broken.reason.contains("signed"), "{broken}");
+    // Dropping every checkpoint instead leaves nothing signed.
+    let unsigned: Vec<_> = forged
+        .into_iter()
+        .filter(|l| !l.contains("checkpoint"))
+        .collect();
+    let broken = verify_lines(&unsigned, Some(&signer.verifier())).unwrap_err();
+    assert!(broken.reason.contains("no checkpoint signed"), "{broken}");
+}
+
+/// Changes the first entry's status and rebuilds the chain after it, as a
+/// forger with `key` would: every hash recomputed, checkpoints re-signed.
+fn rewrite(lines: &[String], key: &AuditSigner) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut prev = "0".repeat(64);
+    let mut last_seq = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let mut value: serde_json::Map<String, Value> = serde_json::from_str(line).unwrap();
+        if value.contains_key("checkpoint") {
+            out.push(forge_checkpoint(key, last_seq, &prev));
+            continue;
+        }
+        if i == 0 {
+            value.insert("status".into(), Value::from(500));
+        }
+        value.insert("prev".into(), Value::from(prev.clone()));
+        value.remove("hash");
+        let canonical = serde_json_canonicalizer::to_string(&value).unwrap();
+        let hash = sha256_hex(canonical.as_bytes());
+        value.insert("hash".into(), Value::from(hash.clone()));
+        out.push(serde_json_canonicalizer::to_string(&value).unwrap());
+        prev = hash;
+        last_seq = value["seq"].as_u64().unwrap();
+    }
+    out
+}
+
+/// A checkpoint over a forged head, signed with the forger's `key`: the
+/// note format is public, so it is built as the writer builds it.
+fn forge_checkpoint(key: &AuditSigner, seq: u64, head: &str) -> String {
+    let body = format!("tower-idempotency/audit/api-1\n{seq}\n{head}\n");
+    let note = key_sign(key, &body);
+    serde_json::to_string(&serde_json::json!({ "checkpoint": note })).unwrap()
+}
+
+/// A signed note over `body` with `key`, in the documented text form.
+fn key_sign(key: &AuditSigner, body: &str) -> String {
+    use base64::Engine as _;
+    use ed25519_dalek::Signer as _;
+    let secret = key.to_secret_text();
+    let parts: Vec<&str> = secret.splitn(5, '+').collect();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(parts[4])
+        .unwrap();
+    let signing = ed25519_dalek::SigningKey::from_bytes(&raw[1..].try_into().unwrap());
+    let id = u32::from_str_radix(parts[3], 16).unwrap().to_be_bytes();
+    let mut signed = id.to_vec();
+    signed.extend_from_slice(&signing.sign(body.as_bytes()).to_bytes());
+    format!(
+        "{body}\n\u{2014} {} {}\n",
+        parts[2],
+        base64::engine::general_purpose::STANDARD.encode(signed)
+    )
+}
+
+#[tokio::test]
+async fn a_restart_continues_the_chain_from_the_files_head() {
+    let dir = scratch("restart");
+    let path = dir.join("audit.jsonl");
+    let signer = write_chain(JsonlSink::open(&path).unwrap(), 3, 100).await;
+    // A crash tore the last write in half.
+    let mut torn = std::fs::read(&path).unwrap();
+    torn.extend_from_slice(b"{\"decision\":\"exec");
+    std::fs::write(&path, &torn).unwrap();
+    let audit = AuditLog::builder("api-1", signer.clone())
+        .start(JsonlSink::open(&path).unwrap())
+        .await
+        .unwrap();
+    // One writer per file.
+    let second = JsonlSink::open(&path).unwrap_err();
+    assert!(second.to_string().contains("another writer"), "{second}");
+    let app = common::booking_router(Counter::default())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    body_bytes(app.oneshot(post_with_key("after", "x")).await.unwrap()).await;
+    let summary = audit.close().await.unwrap();
+    assert_eq!((summary.seq, summary.written), (4, 1));
+    let chain = verify_file(&path, Some(&signer.verifier())).unwrap();
+    assert_eq!(chain.entries, 4);
+    // Another instance's name on this chain is refused.
+    let other = AuditLog::builder("api-2", signer)
+        .start(JsonlSink::open(&path).unwrap())
+        .await
+        .unwrap_err();
+    assert!(other.to_string().contains("instance `api-1`"), "{other}");
+}
+
+/// Fail-closed: while the sink fails, keyed requests are refused with 503
+/// and nothing runs; a full queue refuses the same way; and the refusals
+/// are counted in a `lost` entry once the sink recovers.
+#[tokio::test]
+async fn fail_closed_runs_nothing_without_its_entry() {
+    let sink = MemorySink::default();
+    let audit = AuditLog::builder("api-1", signer())
+        .with_queue_capacity(1)
+        .start(sink.clone())
+        .await
+        .unwrap();
+    let counter = Counter::default();
+    let app = common::booking_router(counter.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    sink.failing.store(true, Ordering::SeqCst);
+    let first = app.clone().oneshot(post_with_key("a", "x")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    until(|| !audit.is_healthy()).await;
+    let (status, code, _) =
+        problem(app.clone().oneshot(post_with_key("b", "x")).await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "audit-unavailable")
+    );
+    assert_eq!(counter.get(), 1, "nothing ran without its entry");
+    sink.failing.store(false, Ordering::SeqCst);
+    until(|| audit.is_healthy()).await;
+
+    // A full queue: the sink holds its appends, one request holds a place.
+    sink.held.store(true, Ordering::SeqCst);
+    let (router, mut started, gate) = gated(&counter);
+    let gated_app =
+        router.layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    let holder = tokio::spawn(gated_app.clone().oneshot(post_with_key("c", "x")));
+    started.recv().await.unwrap();
+    let (status, code, _) =
+        problem(app.clone().oneshot(post_with_key("d", "x")).await.unwrap()).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "audit-unavailable")
+    );
+    gate.send(true).unwrap();
+    body_bytes(holder.await.unwrap().unwrap()).await;
+    sink.held.store(false, Ordering::SeqCst);
+    sink.release.notify_waiters();
+    audit.close().await.unwrap();
+    let lines = sink.lines();
+    let all = entries(&lines);
+    let seen = decisions(&lines);
+    assert_eq!(
+        seen.iter().filter(|d| *d == "executed").count(),
+        2,
+        "{seen:?}"
+    );
+    let lost: u64 = all
+        .iter()
+        .filter(|e| e["decision"] == "lost")
+        .map(|e| e["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(lost, 2, "both refusals are counted: {seen:?}");
+    assert_eq!(counter.get(), 2);
+}
+
+/// Fail-open: the same outage runs every request; what found no room is
+/// counted in a `lost` entry.
+#[tokio::test]
+async fn fail_open_runs_and_counts_what_was_lost() {
+    let sink = MemorySink::default();
+    let audit = AuditLog::builder("api-1", signer())
+        .with_queue_capacity(1)
+        .with_failure_policy(AuditFailure::Open)
+        .start(sink.clone())
+        .await
+        .unwrap();
+    let counter = Counter::default();
+    let app = common::booking_router(counter.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    sink.failing.store(true, Ordering::SeqCst);
+    for key in ["a", "b", "c", "d"] {
+        let response = app.clone().oneshot(post_with_key(key, "x")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        if key == "a" {
+            until(|| !audit.is_healthy()).await;
+        }
+    }
+    assert_eq!(counter.get(), 4);
+    sink.failing.store(false, Ordering::SeqCst);
+    audit.close().await.unwrap();
+    let lines = sink.lines();
+    let all = entries(&lines);
+    let executed = all.iter().filter(|e| e["decision"] == "executed").count() as u64;
+    let lost: u64 = all
+        .iter()
+        .filter(|e| e["decision"] == "lost")
+        .map(|e| e["count"].as_u64().unwrap())
+        .sum();
+    assert!(lost >= 1, "{lines:#?}");
+    assert_eq!(executed + lost, 4, "every decision is an entry or counted");
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use tower_idempotency::audit::PostgresAuditSink;
+
+    async fn pool() -> Option<sqlx::PgPool> {
+        let Ok(url) = std::env::var("DATABASE_URL") else {
+            eprintln!("skipping: DATABASE_URL is not set");
+            return None;
+        };
+        Some(sqlx::PgPool::connect(&url).await.unwrap())
+    }
+
+    fn instance(name: &str) -> String {
+        format!("{name}-{}-{}", std::process::id(), uuid())
+    }
+
+    fn uuid() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    }
+
+    /// The same chain checks as the file's, on rows: writing, tampering
+    /// (with the append-only trigger out of the way, as a superuser could),
+    /// and continuing after a restart.
+    #[tokio::test]
+    async fn the_postgres_sink_keeps_a_verifiable_append_only_chain() {
+        let Some(pool) = pool().await else { return };
+        let name = instance("pg");
+        let signer = signer();
+        for round in 0..2 {
+            let audit = AuditLog::builder(&name, signer.clone())
+                .with_checkpoints(4, Duration::from_secs(3600))
+                .start(
+                    PostgresAuditSink::connect(pool.clone(), &name)
+                        .await
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            // One writer per instance.
+            let second = PostgresAuditSink::connect(pool.clone(), &name)
+                .await
+                .unwrap_err();
+            assert!(second.to_string().contains("another writer"), "{second}");
+            let app = common::booking_router(Counter::default())
+                .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+            for i in 0..6 {
+                let key: &'static str = format!("r{round}k{}", i / 2).leak();
+                body_bytes(app.clone().oneshot(post_with_key(key, "x")).await.unwrap()).await;
+            }
+            audit.close().await.unwrap();
+        }
+        let lines = PostgresAuditSink::lines(&pool, &name).await.unwrap();
+        let chain = verify_lines(&lines, Some(&signer.verifier())).unwrap();
+        assert_eq!(chain.entries, 12, "the restart continued the chain");
+        assert_eq!(
+            decisions(&lines)
+                .iter()
+                .filter(|d| *d == "executed")
+                .count(),
+            6
+        );
+        check_line_tampering(&lines, &signer.verifier());
+
+        let update =
+            sqlx::query("UPDATE idempotency_audit SET line = 'x' WHERE instance = $1 AND seq = 3")
+                .bind(&name)
+                .execute(&pool)
+                .await
+                .unwrap_err();
+        assert!(update.to_string().contains("append-only"), "{update}");
+        let delete = sqlx::query("DELETE FROM idempotency_audit WHERE instance = $1")
+            .bind(&name)
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        assert!(delete.to_string().contains("append-only"), "{delete}");
+
+        // A superuser steps around the trigger and changes entry 3.
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SET LOCAL session_replication_role = replica")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE idempotency_audit SET line = replace(line, '\"status\":201', '\"status\":200') WHERE instance = $1 AND seq = 3 AND NOT checkpoint")
+            .bind(&name)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let lines_after = PostgresAuditSink::lines(&pool, &name).await.unwrap();
+        let broken = verify_lines(&lines_after, Some(&signer.verifier())).unwrap_err();
+        let at = lines
+            .iter()
+            .position(|l| l.contains("\"seq\":3,") && !l.contains("checkpoint"))
+            .unwrap();
+        assert_eq!(broken.line, at as u64 + 1, "{broken}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn racing_duplicates_give_one_executed_row() {
+        let Some(pool) = pool().await else { return };
+        let name = instance("pg-race");
+        let signer = signer();
+        let audit = AuditLog::builder(&name, signer.clone())
+            .start(
+                PostgresAuditSink::connect(pool.clone(), &name)
+                    .await
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let counter = Counter::default();
+        let app = common::booking_router(counter.clone())
+            .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let app = app.clone();
+                tokio::spawn(async move {
+                    body_bytes(app.oneshot(post_with_key("race", "x")).await.unwrap()).await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        audit.close().await.unwrap();
+        let lines = PostgresAuditSink::lines(&pool, &name).await.unwrap();
+        verify_lines(&lines, Some(&signer.verifier())).unwrap();
+        let seen = decisions(&lines);
+        assert_eq!(seen.len(), 64);
+        assert_eq!(seen.iter().filter(|d| *d == "executed").count(), 1);
+        assert_eq!(counter.get(), 1);
+    }
+}
