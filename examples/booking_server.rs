@@ -37,6 +37,15 @@
 //! `GET /metrics` serves the layer's metrics in the Prometheus text format
 //! when the crate is built with `--features metrics`.
 //!
+//! Audit: with `IDEMPOTENCY_AUDIT=PATH` every decision is written to the
+//! tamper-evident chain in the JSON Lines file `PATH` (instance
+//! `IDEMPOTENCY_AUDIT_INSTANCE`, default `booking-server`), its checkpoints
+//! signed with the Ed25519 key in `IDEMPOTENCY_AUDIT_SIGNING_KEY` (default
+//! `PATH.key`), which is generated and saved there when the file does not
+//! exist. The public key is printed at start (`audit public key: ...`) and
+//! saved beside the signing key as `.pub`, for
+//! `cargo run --example audit_verify -- PATH --public-key KEY.pub`.
+//!
 //! Environment: `ADDR` (when no argument is given), `IDEMPOTENCY_TTL_SECS`,
 //! `IDEMPOTENCY_LEASE_SECS`, `IDEMPOTENCY_DRAIN_SECS`, and
 //! `IDEMPOTENCY_STORE`: unset or `memory` for
@@ -64,7 +73,10 @@ use axum::{
     serve::ListenerExt,
 };
 use serde::{Deserialize, Serialize};
-use tower_idempotency::{BoxStore, IdempotencyContext, IdempotencyLayer, MemoryStore, Principal};
+use tower_idempotency::{
+    BoxStore, IdempotencyContext, IdempotencyLayer, MemoryStore, Principal,
+    audit::{AuditLog, AuditSigner, JsonlSink},
+};
 
 /// What a client asks for.
 #[derive(Debug, Deserialize)]
@@ -358,6 +370,7 @@ async fn run() -> Result<(), String> {
     let drain_within =
         seconds_from_env("IDEMPOTENCY_DRAIN_SECS")?.unwrap_or(Duration::from_secs(20));
     let (store, store_name) = store_from_env().await?;
+    let audit = audit_from_env().await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -372,7 +385,13 @@ async fn run() -> Result<(), String> {
     });
     println!("listening on http://{bound}");
     eprintln!("idempotency store: {store_name}");
-    let layer = store.map(|store| idempotency(store, ttl, lease));
+    let layer = store.map(|store| {
+        let layer = idempotency(store, ttl, lease);
+        match &audit {
+            Some(audit) => layer.with_audit(audit.clone()),
+            None => layer,
+        }
+    });
     // The layer's metrics (with `--features metrics`) in the Prometheus
     // text format.
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -394,7 +413,52 @@ async fn run() -> Result<(), String> {
         let drained = layer.drain(drain_within).await;
         println!("drained: {drained}");
     }
+    if let Some(audit) = audit {
+        let summary = audit
+            .close()
+            .await
+            .map_err(|e| format!("audit chain: {e}"))?;
+        eprintln!("audit chain closed at seq {}", summary.seq);
+    }
     Ok(())
+}
+
+/// The audit chain `IDEMPOTENCY_AUDIT` names, if any: see the module docs.
+async fn audit_from_env() -> Result<Option<AuditLog>, String> {
+    let Some(path) = std::env::var_os("IDEMPOTENCY_AUDIT") else {
+        return Ok(None);
+    };
+    let path = std::path::PathBuf::from(path);
+    let key_file = match std::env::var_os("IDEMPOTENCY_AUDIT_SIGNING_KEY") {
+        Some(file) => std::path::PathBuf::from(file),
+        None => {
+            let mut file = path.clone().into_os_string();
+            file.push(".key");
+            file.into()
+        }
+    };
+    let instance =
+        std::env::var("IDEMPOTENCY_AUDIT_INSTANCE").unwrap_or_else(|_| "booking-server".into());
+    let (signer, created) = AuditSigner::load_or_generate(&key_file, "booking-server-audit")
+        .map_err(|e| format!("IDEMPOTENCY_AUDIT_SIGNING_KEY {}: {e}", key_file.display()))?;
+    let public = signer.verifier().to_string();
+    let mut public_file = key_file.clone().into_os_string();
+    public_file.push(".pub");
+    std::fs::write(&public_file, format!("{public}\n"))
+        .map_err(|e| format!("cannot save the audit public key: {e}"))?;
+    let sink = JsonlSink::open(&path).map_err(|e| format!("IDEMPOTENCY_AUDIT: {e}"))?;
+    let audit = AuditLog::builder(instance, signer)
+        .start(sink)
+        .await
+        .map_err(|e| format!("IDEMPOTENCY_AUDIT {}: {e}", path.display()))?;
+    println!("audit public key: {public}");
+    eprintln!(
+        "audit chain: {} (signing key {}{})",
+        path.display(),
+        key_file.display(),
+        if created { ", generated" } else { "" }
+    );
+    Ok(Some(audit))
 }
 
 /// Resolves on Ctrl-C, or on SIGTERM (what a deploy sends) where there is

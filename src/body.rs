@@ -317,6 +317,7 @@ impl Recording {
     fn cut(&mut self) {
         self.deferred = None;
         self.release = false;
+        self.digest = None;
     }
 
     fn push(&mut self, chunk: &[u8]) {
@@ -774,10 +775,8 @@ where
             () = tokio::time::sleep_until(deadline) => false,
             () = shared.abandoned() => false,
         };
-        if !finished {
-            if let Some(completing) = state.as_mut().settle_unfinished() {
-                completing.await;
-            }
+        if !finished && let Some(completing) = state.as_mut().settle_unfinished() {
+            completing.await;
         }
     };
     if !background.spawn_detached(work) {

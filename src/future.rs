@@ -76,10 +76,10 @@ impl<B, E> Drop for Keyed<B, E> {
     fn drop(&mut self) {
         // Still here only if it never panicked: a panicking future is
         // dropped by `poll` as the panic unwinds.
-        if let Some(future) = self.future.take() {
-            if self.lifeline.is_detachable() {
-                (self.detach)(future, self.lifeline.clone(), &self.background);
-            }
+        if let Some(future) = self.future.take()
+            && self.lifeline.is_detachable()
+        {
+            (self.detach)(future, self.lifeline.clone(), &self.background);
         }
     }
 }

@@ -449,14 +449,16 @@ impl<St: Store + Clone> AtMostOnce<St> {
                 }
             }
         };
-        if took_over {
-            if let Some(trail) = &trail {
-                match trail.another() {
-                    Ok(taken) => taken.record("taken_over", None, None),
-                    Err(()) => {
-                        self.release(&record_key, token).await;
-                        return Err(OnceError::AuditUnavailable);
-                    }
+        if took_over && let Some(held_trail) = trail.take() {
+            match held_trail.another() {
+                Ok(execution) => {
+                    held_trail.record("taken_over", None, None);
+                    trail = Some(execution);
+                }
+                Err(()) => {
+                    self.release(&record_key, token).await;
+                    held_trail.record("taken_over", None, None);
+                    return Err(OnceError::AuditUnavailable);
                 }
             }
         }

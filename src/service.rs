@@ -359,12 +359,18 @@ where
     if took_over {
         crate::metrics::lease_taken_over();
         // The take-over is a decision of its own, before the execution's.
-        if let Some(trail) = &trail {
-            match trail.another() {
-                Ok(taken) => taken.record("taken_over", None, None),
+        if let Some(held_trail) = trail.take() {
+            match held_trail.another() {
+                Ok(execution) => {
+                    held_trail.record("taken_over", None, None);
+                    trail = Some(execution);
+                }
                 Err(()) => {
+                    // No room for the execution's entry: it does not run,
+                    // and the place held records the take-over.
                     let mut held = Held::new(config.clone(), record_key, token, None);
                     HeldClaim::release(&mut held, None).await;
+                    held_trail.record("taken_over", Some(503), None);
                     return Ok(reject(&config, audit_unavailable()));
                 }
             }

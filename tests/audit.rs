@@ -951,3 +951,31 @@ mod postgres {
         assert_eq!(counter.get(), 1);
     }
 }
+
+/// A request whose client goes away while its body is still arriving ends
+/// before any decision: its entry says `dropped`.
+#[tokio::test]
+async fn a_request_dropped_before_its_decision_has_its_entry() {
+    let sink = MemorySink::default();
+    let audit = AuditLog::builder("api-1", signer())
+        .start(sink.clone())
+        .await
+        .unwrap();
+    let counter = Counter::default();
+    let app = common::booking_router(counter.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    let never = futures_util::stream::pending::<Result<bytes::Bytes, io::Error>>();
+    let request = Request::post("/book")
+        .header("authorization", AUTH)
+        .header("idempotency-key", "gone")
+        .body(Body::from_stream(never))
+        .unwrap();
+    // The body never arrives; the client gives up on it.
+    let gave_up = tokio::time::timeout(Duration::from_millis(20), app.oneshot(request)).await;
+    assert!(gave_up.is_err());
+    audit.close().await.unwrap();
+    let lines = sink.lines();
+    assert_eq!(decisions(&lines), ["dropped"]);
+    assert_eq!(entries(&lines)[0]["key"], sha256_hex(b"gone"));
+    assert_eq!(counter.get(), 0);
+}

@@ -80,6 +80,9 @@ impl JsonlSink {
     }
 }
 
+/// The length of a file whose failed write could not be undone.
+const POISONED: u64 = u64::MAX;
+
 fn named(path: &Path, err: io::Error) -> io::Error {
     io::Error::new(err.kind(), format!("{}: {err}", path.display()))
 }
@@ -110,6 +113,12 @@ impl AuditSink for JsonlSink {
             batch.push(b'\n');
         }
         self.blocking(move |file, len, path| {
+            if *len == POISONED {
+                return Err(io::Error::other(format!(
+                    "{}: a failed write could not be undone; the file needs checking before more is appended",
+                    path.display()
+                )));
+            }
             let written = file.write_all(&batch).and_then(|()| file.sync_data());
             match written {
                 Ok(()) => {
@@ -119,7 +128,8 @@ impl AuditSink for JsonlSink {
                 Err(err) => {
                     // All or nothing: cut back what part of the batch landed.
                     if let Err(undo) = file.set_len(*len) {
-                        tracing::error!(path = %path.display(), error = %undo, "could not undo a partial audit write");
+                        tracing::error!(path = %path.display(), error = %undo, "could not undo a partial audit write; refusing further appends");
+                        *len = POISONED;
                     }
                     Err(named(path, err))
                 }

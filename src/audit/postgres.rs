@@ -34,9 +34,11 @@ CREATE OR REPLACE TRIGGER idempotency_audit_no_truncate
 /// (`instance`, `seq`, `checkpoint`, `line`, the same text as in a JSON
 /// Lines file).
 ///
-/// The table is created on [`connect`](Self::connect), with triggers that
-/// refuse `UPDATE`, `DELETE` and `TRUNCATE`: it is append-only for every
-/// role that cannot drop triggers (give the application's role no more).
+/// The table is created on [`connect`](Self::connect) when it does not
+/// exist, with triggers that refuse `UPDATE`, `DELETE` and `TRUNCATE`. It is
+/// append-only for every role that does not own it: create it with an
+/// owner role, and give the application's role only `INSERT` and `SELECT`
+/// (an owner can disable triggers).
 /// The sink holds a session advisory lock on its instance for as long as it
 /// lives, so a second writer of the same instance is refused; each batch is
 /// one transaction.
@@ -55,12 +57,21 @@ impl PostgresAuditSink {
     /// Creates the table if needed and takes the chain of `instance`.
     pub async fn connect(pool: PgPool, instance: &str) -> io::Result<Self> {
         let mut connection = pool.acquire().await.map_err(other)?;
-        let mut tx = connection.begin().await.map_err(other)?;
-        sqlx::raw_sql(SCHEMA)
-            .execute(&mut *tx)
-            .await
-            .map_err(other)?;
-        tx.commit().await.map_err(other)?;
+        // Created once, by a role that owns it; the application's role then
+        // needs only INSERT and SELECT.
+        let exists: bool =
+            sqlx::query_scalar("SELECT to_regclass('idempotency_audit') IS NOT NULL")
+                .fetch_one(&mut *connection)
+                .await
+                .map_err(other)?;
+        if !exists {
+            let mut tx = connection.begin().await.map_err(other)?;
+            sqlx::raw_sql(SCHEMA)
+                .execute(&mut *tx)
+                .await
+                .map_err(other)?;
+            tx.commit().await.map_err(other)?;
+        }
         let mut sink = PostgresAuditSink {
             pool,
             instance: instance.to_owned(),

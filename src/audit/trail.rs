@@ -16,6 +16,7 @@ pub(crate) struct Trail {
     scope: Option<[u8; 32]>,
     key: Option<[u8; 32]>,
     fingerprint: Option<[u8; 32]>,
+    recorded: bool,
 }
 
 impl Trail {
@@ -32,6 +33,7 @@ impl Trail {
             scope,
             key,
             fingerprint: None,
+            recorded: false,
         }
     }
 
@@ -51,6 +53,7 @@ impl Trail {
             scope: self.scope,
             key: self.key,
             fingerprint: self.fingerprint,
+            recorded: false,
         })
     }
 
@@ -61,6 +64,13 @@ impl Trail {
         status: Option<u16>,
         response: Option<[u8; 32]>,
     ) {
+        self.write(decision, status, response);
+    }
+
+    fn write(&mut self, decision: &'static str, status: Option<u16>, response: Option<[u8; 32]>) {
+        self.recorded = true;
+        // Capped where JSON numbers stop being exact.
+        let millis = self.started.elapsed().as_millis().min((1 << 53) - 1);
         let pending = Pending {
             time: SystemTime::now(),
             decision,
@@ -68,10 +78,21 @@ impl Trail {
             key: self.key,
             fingerprint: self.fingerprint,
             status,
-            duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            duration_ms: millis as u64,
             response,
             count: None,
         };
         self.log.send(self.permit.take(), pending);
+    }
+}
+
+impl Drop for Trail {
+    /// A request that ended before any decision (its client went away while
+    /// its body was read, or the caller dropped an at-most-once call) still
+    /// has its entry: `dropped`.
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.write("dropped", None, None);
+        }
     }
 }

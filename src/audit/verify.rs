@@ -224,15 +224,16 @@ impl<'k> Checker<'k> {
     }
 
     fn finish(self) -> Result<VerifiedChain, ChainBreak> {
-        if let Some(key) = self.key {
-            if self.seq > 0 && self.signed_through.is_none() {
-                return Err(ChainBreak {
-                    line: self.line,
-                    reason: format!(
-                        "no checkpoint signed by {key} in the chain: it cannot be shown to come from its writer"
-                    ),
-                });
-            }
+        if let Some(key) = self.key
+            && self.seq > 0
+            && self.signed_through.is_none()
+        {
+            return Err(ChainBreak {
+                line: self.line,
+                reason: format!(
+                    "no checkpoint signed by {key} in the chain: it cannot be shown to come from its writer"
+                ),
+            });
         }
         Ok(VerifiedChain {
             entries: self.seq,
