@@ -150,7 +150,8 @@ pub enum Anonymous {
 /// 1. a [`Scope`] in the request extensions: `scope:` and its name;
 /// 2. a [`Principal`] in the request extensions: `principal:` and a hash of
 ///    its id;
-/// 3. the `Authorization` header: `credential:` and a hash of its value;
+/// 3. the `Authorization` header (or the [header](Self::with_header)
+///    given): `credential:` and a hash of its value;
 /// 4. else none: the request is anonymous (see [`Anonymous`]).
 ///
 /// Ids and credentials are never stored, only 128 bits of their hash. With a
@@ -162,11 +163,22 @@ pub enum Anonymous {
 /// client whose token is refreshed between two retries of one payment lands
 /// in a new scope, and the retry executes again. A principal from the
 /// authentication layer does not change; prefer it.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct DefaultScope {
     /// HMAC-SHA-256 already keyed with the secret: each request clones it
     /// rather than hashing the key again.
     keyed: Option<Hmac<Sha256>>,
+    /// The header carrying the credential.
+    header: header::HeaderName,
+}
+
+impl Default for DefaultScope {
+    fn default() -> Self {
+        DefaultScope {
+            keyed: None,
+            header: header::AUTHORIZATION,
+        }
+    }
 }
 
 impl DefaultScope {
@@ -192,6 +204,24 @@ impl DefaultScope {
             <Hmac<Sha256> as Mac>::new_from_slice(secret.as_ref())
                 .expect("HMAC takes a key of any length"),
         );
+        self
+    }
+
+    /// Take the credential from `header` instead of `Authorization`, for an
+    /// API whose clients send a key in, say, `X-Api-Key`. Only that header
+    /// counts: a request without it is anonymous even if it carries
+    /// `Authorization`.
+    ///
+    /// ```
+    /// use tower_idempotency::{DefaultScope, IdempotencyLayer, MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_scope(
+    ///     DefaultScope::new().with_header(http::HeaderName::from_static("x-api-key")),
+    /// );
+    /// ```
+    #[must_use]
+    pub fn with_header(mut self, header: header::HeaderName) -> Self {
+        self.header = header;
         self
     }
 
@@ -221,6 +251,7 @@ impl fmt::Debug for DefaultScope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DefaultScope")
             .field("secret", &self.keyed.as_ref().map(|_| "<set>"))
+            .field("header", &self.header)
             .finish()
     }
 }
@@ -234,7 +265,7 @@ impl ScopeExtractor for DefaultScope {
         if let Some(principal) = parts.extensions.get::<Principal>() {
             return Some(self.hashed("principal:", principal.as_str().as_bytes()));
         }
-        let credential = parts.headers.get(header::AUTHORIZATION)?;
+        let credential = parts.headers.get(&self.header)?;
         Some(self.hashed("credential:", credential.as_bytes()))
     }
 }
@@ -265,6 +296,25 @@ mod tests {
 
     fn scope_of(auth: Option<&str>) -> Option<Scope> {
         DefaultScope::new().scope(&parts(auth, None))
+    }
+
+    #[test]
+    fn a_configured_header_replaces_authorization() {
+        let by_key = DefaultScope::new().with_header(header::HeaderName::from_static("x-api-key"));
+        // Authorization alone does not count any more.
+        assert_eq!(by_key.scope(&parts(Some("Bearer alice"), None)), None);
+        let mut with_key = parts(None, None);
+        with_key
+            .headers
+            .insert("x-api-key", http::HeaderValue::from_static("k-alice"));
+        let scope = by_key.scope(&with_key).unwrap();
+        assert!(scope.as_str().starts_with("credential:"));
+        assert!(!scope.as_str().contains("k-alice"));
+        let mut other = parts(None, None);
+        other
+            .headers
+            .insert("x-api-key", http::HeaderValue::from_static("k-bob"));
+        assert_ne!(by_key.scope(&other), Some(scope));
     }
 
     #[test]

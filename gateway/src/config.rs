@@ -1,0 +1,172 @@
+//! The command line: every flag also read from a `GATEWAY_*` variable.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use http::HeaderName;
+
+/// A reverse proxy that makes the writes of any HTTP API safe to retry.
+///
+/// Requests for operations the OpenAPI document marks `x-idempotency:
+/// required` (or `x-side-effects: transactional`) must carry an
+/// `Idempotency-Key`; the first request with a key reaches the upstream,
+/// every retry gets the recorded response, and a key reused for a different
+/// request is rejected. `POST` and `PATCH` are protected when a key is sent;
+/// everything else is forwarded as it is.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "idempotency-gateway", version, about, long_about = None)]
+pub struct Args {
+    /// The API to forward to: http://HOST:PORT, with an optional base path.
+    #[arg(long, env = "GATEWAY_UPSTREAM", value_name = "URL")]
+    pub upstream: String,
+
+    /// The address to listen on.
+    #[arg(
+        long,
+        env = "GATEWAY_LISTEN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:3100"
+    )]
+    pub listen: SocketAddr,
+
+    /// The API's OpenAPI 3.0 or 3.1 document, YAML or JSON.
+    #[arg(long, env = "GATEWAY_OPENAPI", value_name = "FILE")]
+    pub openapi: PathBuf,
+
+    /// Where records are kept: `memory`, redis://HOST:PORT,
+    /// redis+cluster://HOST:PORT[,HOST:PORT...] or postgres://... (every
+    /// gateway in front of one API must share it).
+    #[arg(
+        long,
+        env = "GATEWAY_STORE",
+        value_name = "URL",
+        default_value = "memory"
+    )]
+    pub store: String,
+
+    /// Write every decision into a tamper-evident chain at PATH (JSON
+    /// Lines), signed with the key at PATH.key (created if missing; the
+    /// public key is saved as PATH.key.pub).
+    #[arg(long, env = "GATEWAY_AUDIT", value_name = "PATH")]
+    pub audit: Option<PathBuf>,
+
+    /// The name of this gateway in the audit chain.
+    #[arg(
+        long,
+        env = "GATEWAY_AUDIT_INSTANCE",
+        value_name = "NAME",
+        default_value = "idempotency-gateway"
+    )]
+    pub audit_instance: String,
+
+    /// How long a completed record is replayed.
+    #[arg(long, env = "GATEWAY_TTL_SECS", value_name = "N", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub ttl_secs: u64,
+
+    /// How long a claim is honoured without renewal, should this gateway
+    /// die holding it.
+    #[arg(long, env = "GATEWAY_LEASE_SECS", value_name = "N", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub lease_secs: u64,
+
+    /// How long the upstream has for a response. A keyed request past it is
+    /// settled as `outcome-unknown` (500 to every retry; the write may have
+    /// happened); others get 504.
+    #[arg(long, env = "GATEWAY_UPSTREAM_TIMEOUT_SECS", value_name = "N", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub upstream_timeout_secs: u64,
+
+    /// How long a connection to the upstream may take; a failed connection
+    /// is a 502 and releases the key.
+    #[arg(long, env = "GATEWAY_CONNECT_TIMEOUT_SECS", value_name = "N", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub connect_timeout_secs: u64,
+
+    /// The header whose value scopes keys, so two clients' keys never meet
+    /// (hashed, never stored).
+    #[arg(
+        long,
+        env = "GATEWAY_SCOPE_HEADER",
+        value_name = "NAME",
+        default_value = "authorization"
+    )]
+    pub scope_header: HeaderName,
+
+    /// The secret the scope header's value is hashed with (HMAC-SHA-256);
+    /// the same on every gateway sharing a store. Prefer the variable.
+    #[arg(
+        long,
+        env = "GATEWAY_SCOPE_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub scope_secret: Option<String>,
+
+    /// Accept keyed requests without the scope header into one shared
+    /// scope (default: 401).
+    #[arg(long, env = "GATEWAY_ALLOW_ANONYMOUS")]
+    pub allow_anonymous: bool,
+
+    /// Answer 404 for paths the document does not describe (and 405 for
+    /// methods it does not describe on a path), instead of forwarding them.
+    #[arg(long, env = "GATEWAY_REJECT_UNKNOWN_PATHS")]
+    pub reject_unknown_paths: bool,
+
+    /// Wait up to N seconds for an in-flight duplicate to finish and replay
+    /// it, instead of answering 409 at once.
+    #[arg(long, env = "GATEWAY_WAIT_SECS", value_name = "N")]
+    pub wait_secs: Option<u64>,
+
+    /// The largest request body of a keyed request (it is read whole to be
+    /// fingerprinted); larger ones get 413.
+    #[arg(
+        long,
+        env = "GATEWAY_REQUEST_BODY_LIMIT",
+        value_name = "BYTES",
+        default_value_t = 1024 * 1024
+    )]
+    pub request_body_limit: usize,
+
+    /// The largest response body recorded; larger ones stream through, and
+    /// retries get 410.
+    #[arg(
+        long,
+        env = "GATEWAY_RESPONSE_BODY_LIMIT",
+        value_name = "BYTES",
+        default_value_t = 1024 * 1024
+    )]
+    pub response_body_limit: usize,
+
+    /// On SIGTERM, how long open connections and requests whose clients
+    /// went away have to finish.
+    #[arg(
+        long,
+        env = "GATEWAY_DRAIN_SECS",
+        value_name = "N",
+        default_value_t = 20
+    )]
+    pub drain_secs: u64,
+}
+
+impl Args {
+    /// `--ttl-secs` as a duration.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_secs)
+    }
+
+    /// `--lease-secs` as a duration.
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_secs)
+    }
+
+    /// `--upstream-timeout-secs` as a duration.
+    pub fn upstream_timeout(&self) -> Duration {
+        Duration::from_secs(self.upstream_timeout_secs)
+    }
+
+    /// `--drain-secs` as a duration.
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs(self.drain_secs)
+    }
+}

@@ -1,0 +1,374 @@
+//! Forwarding to the upstream: a pooled HTTP/1.1 client, bodies streamed
+//! both ways, hop-by-hop headers removed, `X-Forwarded-*` set.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header,
+    uri::{Authority, PathAndQuery, Scheme},
+};
+use http_body::Body;
+use http_body_util::{BodyExt, combinators::UnsyncBoxBody};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use tower_idempotency::IdempotencyContext;
+use tower_service::Service;
+
+/// Any error a body may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Every body the gateway sends or receives.
+pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The upstream the gateway forwards to: `http://host:port` and an
+/// optional base path every request path is appended to.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    authority: Authority,
+    host: HeaderValue,
+    /// Without a trailing slash; empty for none.
+    base_path: String,
+}
+
+impl Upstream {
+    /// Parses `http://HOST:PORT[/BASE]`.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(format!(
+                    "{url:?}: https upstreams are not supported; run the gateway beside the API and forward over http"
+                ));
+            }
+            _ => return Err(format!("{url:?}: the upstream must be an http:// URL")),
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("{url:?}: no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("{url:?}: credentials in the URL are not supported"));
+        }
+        if uri.query().is_some() {
+            return Err(format!("{url:?}: the upstream URL cannot have a query"));
+        }
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
+        Ok(Upstream {
+            host,
+            base_path: uri.path().trim_end_matches('/').to_owned(),
+            authority,
+        })
+    }
+
+    fn uri(&self, path_and_query: Option<&PathAndQuery>) -> Uri {
+        let tail = path_and_query.map_or("/", PathAndQuery::as_str);
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(if self.base_path.is_empty() {
+            path_and_query
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"))
+        } else {
+            format!("{}{tail}", self.base_path)
+                .parse()
+                .expect("a valid path after a valid base path")
+        });
+        Uri::from_parts(parts).expect("scheme, authority and path are set")
+    }
+}
+
+/// The client's address, put into each request's extensions by the server.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// Set on the gateway's 502: no response came from the upstream, and the
+/// layer releases the key rather than record it.
+#[derive(Debug, Clone, Copy)]
+pub struct Unreached;
+
+/// The forwarding service: every request to the upstream, every failure a
+/// problem+json response.
+#[derive(Clone)]
+pub struct Forwarder {
+    client: Client<HttpConnector, GatewayBody>,
+    upstream: Arc<Upstream>,
+    timeout: Duration,
+}
+
+impl Forwarder {
+    /// A forwarder to `upstream`, giving up on a response head after
+    /// `timeout` (for requests the idempotency layer holds a key for, the
+    /// layer's maximum execution time does, and settles the key) and on a
+    /// connection after `connect_timeout`.
+    pub fn new(upstream: Upstream, timeout: Duration, connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout.min(timeout)));
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Forwarder {
+            client,
+            upstream: Arc::new(upstream),
+            timeout,
+        }
+    }
+}
+
+impl<B> Service<Request<B>> for Forwarder
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<GatewayBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // A keyed request's deadline is the layer's: past it the key is
+        // settled, never released into a second execution.
+        let deadline = if req.extensions().get::<IdempotencyContext>().is_some() {
+            None
+        } else {
+            Some(self.timeout)
+        };
+        let request = outgoing(&self.upstream, req);
+        let sent = self.client.request(request);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = match deadline {
+                Some(deadline) => tokio::time::timeout(deadline, sent).await,
+                None => Ok(sent.await),
+            };
+            let seconds = started.elapsed().as_secs_f64();
+            let response = match result {
+                Ok(Ok(response)) => {
+                    upstream_metric("response", seconds);
+                    incoming(response)
+                }
+                Ok(Err(err)) => {
+                    upstream_metric("unreachable", seconds);
+                    let cause = error_chain(&err);
+                    eprintln!("idempotency-gateway: upstream unreachable: {cause}");
+                    let mut response = problem(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-unreachable",
+                        &format!(
+                            "The upstream gave no response ({cause}). The key is released: retry with the same key."
+                        ),
+                    );
+                    response.extensions_mut().insert(Unreached);
+                    response
+                }
+                Err(_) => {
+                    upstream_metric("timeout", seconds);
+                    problem(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream-timeout",
+                        &format!(
+                            "The upstream sent no response within {} s.",
+                            timeout.as_secs()
+                        ),
+                    )
+                }
+            };
+            Ok(response)
+        })
+    }
+}
+
+fn upstream_metric(outcome: &'static str, seconds: f64) {
+    metrics::counter!("gateway_upstream_requests_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("gateway_upstream_duration_seconds").record(seconds);
+}
+
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The request as the upstream gets it.
+fn outgoing<B>(upstream: &Upstream, req: Request<B>) -> Request<GatewayBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (mut parts, body) = req.into_parts();
+    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    remove_hop_by_hop(&mut parts.headers);
+    let client = parts.extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
+    if let Some(ip) = client {
+        let forwarded_for = match parts.headers.get(X_FORWARDED_FOR) {
+            Some(earlier) => {
+                let mut list = earlier.as_bytes().to_vec();
+                list.extend_from_slice(format!(", {ip}").as_bytes());
+                HeaderValue::from_bytes(&list).ok()
+            }
+            None => HeaderValue::from_str(&ip.to_string()).ok(),
+        };
+        if let Some(value) = forwarded_for {
+            parts.headers.insert(X_FORWARDED_FOR, value);
+        }
+    }
+    parts
+        .headers
+        .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    match original_host {
+        Some(host) => parts.headers.insert(X_FORWARDED_HOST, host),
+        None => parts.headers.remove(X_FORWARDED_HOST),
+    };
+    parts.headers.insert(header::HOST, upstream.host.clone());
+    parts.uri = upstream.uri(parts.uri.path_and_query());
+    parts.version = Version::HTTP_11;
+    Request::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+}
+
+/// The upstream's response as the client gets it.
+fn incoming(response: Response<hyper::body::Incoming>) -> Response<GatewayBody> {
+    let (mut parts, body) = response.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The headers that describe one connection, not the message (RFC 9110
+/// section 7.6.1), and those the `Connection` header names.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    // `Trailer` announces trailers hyper forwards as frames; the header
+    // itself stays, since the body still carries them.
+}
+
+/// A problem+json response of the gateway's own.
+pub fn problem(status: StatusCode, code: &str, detail: &str) -> Response<GatewayBody> {
+    let doc = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+        "code": code,
+    });
+    let mut response = Response::new(full(Bytes::from(doc.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    response
+}
+
+/// A body of known bytes.
+pub fn full(bytes: Bytes) -> GatewayBody {
+    http_body_util::Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls_are_checked() {
+        let upstream = Upstream::parse("http://127.0.0.1:8080/api/").unwrap();
+        let path: PathAndQuery = "/orders?x=1".parse().unwrap();
+        assert_eq!(
+            upstream.uri(Some(&path)).to_string(),
+            "http://127.0.0.1:8080/api/orders?x=1"
+        );
+        let plain = Upstream::parse("http://127.0.0.1:8080").unwrap();
+        assert_eq!(
+            plain.uri(Some(&path)).to_string(),
+            "http://127.0.0.1:8080/orders?x=1"
+        );
+        for (bad, expected) in [
+            ("https://api.example", "https upstreams are not supported"),
+            ("127.0.0.1:8080", "must be an http:// URL"),
+            ("http://user:pw@127.0.0.1", "credentials"),
+            ("http://127.0.0.1/?a=1", "cannot have a query"),
+            ("http://exa mple", "not a URL"),
+        ] {
+            let err = Upstream::parse(bad).unwrap_err();
+            assert!(err.contains(expected), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_and_so_do_those_connection_names() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-trace-hop"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("te", "trailers"),
+            ("x-trace-hop", "1"),
+            ("idempotency-key", "k1"),
+            ("content-type", "application/json"),
+        ] {
+            headers.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        remove_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["idempotency-key", "content-type"]);
+    }
+}

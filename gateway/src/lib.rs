@@ -1,0 +1,299 @@
+//! `idempotency-gateway`: a reverse proxy, built on
+//! [`tower_idempotency`], that makes the writes of an HTTP API in any
+//! language safe for retrying clients, with nothing changed in the API.
+//!
+//! The API's OpenAPI document says which operations need a key
+//! ([`openapi`]); the gateway claims the key in its store, forwards the
+//! first request ([`forward`]), records the upstream's response and replays
+//! it to every retry, and rejects a key reused for a different request. The
+//! binary is [`run`] over [`Args`]; tests serve on a listener of their own
+//! with [`serve`].
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod app;
+pub mod config;
+pub mod forward;
+pub mod openapi;
+
+use std::{future::Future, sync::OnceLock, time::Duration};
+
+use hyper::{Request, body::Incoming};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tower_idempotency::{
+    Anonymous, BoxStore, DefaultScope, IdempotencyLayer, MemoryStore,
+    audit::{AuditLog, AuditSigner, JsonlSink},
+};
+use tower_service::Service;
+
+pub use crate::{app::Gateway, config::Args};
+use crate::{
+    app::Health,
+    forward::{ClientAddr, Forwarder, Upstream},
+    openapi::{Api, Protection},
+};
+
+/// Parses nothing, binds `args.listen`, and serves until SIGTERM or
+/// Ctrl-C; then drains. The binary's whole life.
+pub async fn run(args: Args) -> Result<(), String> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    serve(args, listener, shutdown_signal()).await
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves: prints
+/// `listening on http://ADDR` once everything is ready, then, at shutdown,
+/// stops accepting, lets open connections finish (up to `--drain-secs`),
+/// drains the layer's background work and closes the audit chain.
+pub async fn serve(
+    args: Args,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let api = Api::load(&args.openapi).map_err(|e| format!("--openapi {e}"))?;
+    let upstream = Upstream::parse(&args.upstream).map_err(|e| format!("--upstream {e}"))?;
+    let (store, store_name) = store_from_url(&args.store).await?;
+    let audit = match &args.audit {
+        Some(path) => Some(open_audit(&args, path).await?),
+        None => None,
+    };
+    let layer = layer(&args, store.clone(), audit.clone());
+    let forward = Forwarder::new(
+        upstream,
+        args.upstream_timeout(),
+        Duration::from_secs(args.connect_timeout_secs),
+    );
+    describe(&api, &args, store_name);
+    let health = Health {
+        store,
+        store_name: store_name.to_owned(),
+        audit: audit.clone(),
+        timeout: Duration::from_secs(2),
+    };
+    let gateway = Gateway::new(
+        api,
+        &layer,
+        forward,
+        health,
+        metrics_handle(),
+        args.reject_unknown_paths,
+    );
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("listening on http://{addr}");
+
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of descriptors, most likely: wait rather than spin.
+                    eprintln!("idempotency-gateway: accept failed: {err}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // The head and the body of a recorded response go out in separate
+        // writes: without TCP_NODELAY the body waits for a delayed ACK.
+        let _ = stream.set_nodelay(true);
+        let gateway = gateway.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ClientAddr(peer));
+            gateway.clone().call(req)
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    eprintln!("idempotency-gateway: shutting down");
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(args.drain()) => {
+            eprintln!("idempotency-gateway: connections still open after {} s, closed", args.drain_secs);
+        }
+    }
+    let drained = layer.drain(args.drain()).await;
+    println!("drained: {drained}");
+    if let Some(audit) = audit {
+        let summary = audit
+            .close()
+            .await
+            .map_err(|e| format!("audit chain: {e}"))?;
+        eprintln!("audit chain closed at seq {}", summary.seq);
+    }
+    Ok(())
+}
+
+/// The idempotency layer `args` describe, over `store`.
+fn layer(args: &Args, store: BoxStore, audit: Option<AuditLog>) -> IdempotencyLayer<BoxStore> {
+    let mut scope = DefaultScope::new().with_header(args.scope_header.clone());
+    if let Some(secret) = &args.scope_secret {
+        scope = scope.with_secret(secret);
+    }
+    let mut layer = IdempotencyLayer::new(store)
+        .with_ttl(args.ttl())
+        .with_lease(args.lease())
+        .with_max_execution(args.upstream_timeout())
+        .with_request_body_limit(args.request_body_limit)
+        .with_response_body_limit(args.response_body_limit)
+        .with_scope(scope);
+    if args.allow_anonymous {
+        layer = layer.with_anonymous(Anonymous::Shared);
+    }
+    if let Some(wait) = args.wait_secs {
+        layer = layer.with_wait(Duration::from_secs(wait));
+    }
+    if let Some(audit) = audit {
+        layer = layer.with_audit(audit);
+    }
+    app::configure(layer)
+}
+
+/// What the gateway will do, on standard error: an operator's first check
+/// that the document's paths are the paths clients call.
+fn describe(api: &Api, args: &Args, store: &str) {
+    let (mut required, mut optional, mut off) = (0, 0, 0);
+    for (_, _, protection) in api.operations() {
+        match protection {
+            Protection::Required => required += 1,
+            Protection::Optional => optional += 1,
+            Protection::Off => off += 1,
+        }
+    }
+    let prefixes: Vec<&str> = api
+        .prefixes()
+        .iter()
+        .map(|p| if p.is_empty() { "/" } else { p.as_str() })
+        .collect();
+    eprintln!(
+        "openapi {}: {required} required, {optional} optional, {off} passed through, under {}",
+        args.openapi.display(),
+        prefixes.join(" and ")
+    );
+    eprintln!(
+        "upstream {}; store {store}; scope by {}",
+        args.upstream, args.scope_header
+    );
+    if args.scope_secret.is_none() {
+        eprintln!(
+            "warning: no GATEWAY_SCOPE_SECRET: scopes are plain SHA-256 hashes of {}, which someone reading the store could test guesses against",
+            args.scope_header
+        );
+    }
+}
+
+/// The store a `--store` URL names.
+pub async fn store_from_url(url: &str) -> Result<(BoxStore, &'static str), String> {
+    if url == "memory" {
+        return Ok((BoxStore::new(MemoryStore::default()), "memory"));
+    }
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        let store = tower_idempotency::store::RedisStore::connect(url)
+            .await
+            .map_err(|e| format!("--store: cannot connect to Redis: {e}"))?;
+        return Ok((BoxStore::new(store), "redis"));
+    }
+    if url.starts_with("redis+cluster://") {
+        let store = tower_idempotency::store::RedisStore::connect(url)
+            .await
+            .map_err(|e| format!("--store: cannot connect to the Redis Cluster: {e}"))?;
+        return Ok((BoxStore::new(store), "redis cluster"));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let pool = sqlx::PgPool::connect(url)
+            .await
+            .map_err(|e| format!("--store: cannot connect to PostgreSQL: {e}"))?;
+        let store = tower_idempotency::store::PostgresStore::new(pool);
+        store
+            .migrate()
+            .await
+            .map_err(|e| format!("--store: cannot create the table: {e}"))?;
+        return Ok((BoxStore::new(store), "postgres"));
+    }
+    Err(format!(
+        "--store must be `memory`, a redis:// URL, redis+cluster://HOST:PORT[,HOST:PORT...] or a postgres:// URL, got {url:?}"
+    ))
+}
+
+/// The audit chain at `path`, signed with the key at `path.key`.
+async fn open_audit(args: &Args, path: &std::path::Path) -> Result<AuditLog, String> {
+    let mut key_file = path.as_os_str().to_owned();
+    key_file.push(".key");
+    let key_file = std::path::PathBuf::from(key_file);
+    let (signer, created) =
+        AuditSigner::load_or_generate(&key_file, "idempotency-gateway-audit")
+            .map_err(|e| format!("--audit signing key {}: {e}", key_file.display()))?;
+    let public = signer.verifier().to_string();
+    let mut public_file = key_file.as_os_str().to_owned();
+    public_file.push(".pub");
+    std::fs::write(&public_file, format!("{public}\n"))
+        .map_err(|e| format!("--audit: cannot save the public key: {e}"))?;
+    let sink = JsonlSink::open(path).map_err(|e| format!("--audit {}: {e}", path.display()))?;
+    let mut builder = AuditLog::builder(args.audit_instance.clone(), signer);
+    if let Some(secret) = &args.scope_secret {
+        builder = builder.with_secret(secret);
+    }
+    let audit = builder
+        .start(sink)
+        .await
+        .map_err(|e| format!("--audit {}: {e}", path.display()))?;
+    eprintln!(
+        "audit chain {} (signing key {}{}); public key {public}",
+        path.display(),
+        key_file.display(),
+        if created { ", generated" } else { "" }
+    );
+    Ok(audit)
+}
+
+/// The process's Prometheus recorder, installed on first use; `None` when
+/// another recorder was installed first.
+fn metrics_handle() -> Option<PrometheusHandle> {
+    static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
+        .clone()
+}
+
+/// Resolves on SIGTERM (what a deploy sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                eprintln!("idempotency-gateway: cannot listen for SIGTERM: {err}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
