@@ -1,0 +1,860 @@
+//! The gateway against a real upstream on loopback that counts its
+//! executions and deduplicates nothing.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use clap::Parser;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use idempotency_gateway::Args;
+use tokio::{net::TcpListener, sync::Notify};
+
+const OPENAPI: &str = r#"
+openapi: 3.1.0
+info: { title: Clinic, version: "1" }
+paths:
+  /appointments:
+    get:
+      summary: List appointments
+    post:
+      summary: Book an appointment
+      x-side-effects: transactional
+  /appointments/{id}:
+    patch:
+      summary: Move an appointment
+  /flaky:
+    post:
+      x-idempotency: required
+  /large:
+    get: {}
+    post:
+      x-idempotency: required
+  /slow:
+    post:
+      x-idempotency: required
+  /echo:
+    post: {}
+    get: {}
+"#;
+
+type BoxBody = UnsyncBoxBody<Bytes, Infallible>;
+
+/// The upstream: counts executions per path, answers as told.
+#[derive(Default)]
+struct Upstream {
+    executions: Mutex<HashMap<String, usize>>,
+    /// Notified when a request to `/slow` has arrived.
+    started: Notify,
+    /// `/slow` answers once this is notified.
+    release: Notify,
+}
+
+impl Upstream {
+    fn count(&self, path: &str) -> usize {
+        self.executions
+            .lock()
+            .unwrap()
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<BoxBody> {
+        let path = req.uri().path().to_owned();
+        let n = {
+            let mut counts = self.executions.lock().unwrap();
+            let n = counts.entry(path.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        match (parts.method.clone(), path.as_str()) {
+            (_, "/flaky") if n == 1 => reply(StatusCode::SERVICE_UNAVAILABLE, "busy".into()),
+            (_, "/slow") => {
+                let released = self.release.notified();
+                self.started.notify_one();
+                released.await;
+                reply(StatusCode::CREATED, format!("slow {n}"))
+            }
+            (Method::GET, "/large") | (Method::POST, "/large") => {
+                Response::new(BodyExt::boxed_unsync(Chunks(0)))
+            }
+            (_, "/echo") => {
+                let headers: HashMap<String, String> = parts
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_owned()))
+                    .collect();
+                reply(
+                    StatusCode::OK,
+                    serde_json::to_string(&serde_json::json!({
+                        "uri": parts.uri.to_string(),
+                        "headers": headers,
+                    }))
+                    .unwrap(),
+                )
+            }
+            _ => reply(
+                if parts.method == Method::POST {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                format!(
+                    "{} {path} #{n}: {}",
+                    parts.method,
+                    String::from_utf8_lossy(&body)
+                ),
+            ),
+        }
+    }
+}
+
+const LARGE_CHUNKS: usize = 64;
+const CHUNK: usize = 64 * 1024;
+
+fn chunk(i: usize) -> Bytes {
+    Bytes::from(vec![(i % 251) as u8; CHUNK])
+}
+
+/// A body of `LARGE_CHUNKS` frames, produced one at a time.
+struct Chunks(usize);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.0 == LARGE_CHUNKS {
+            return std::task::Poll::Ready(None);
+        }
+        self.0 += 1;
+        std::task::Poll::Ready(Some(Ok(Frame::data(chunk(self.0 - 1)))))
+    }
+}
+
+fn reply(status: StatusCode, body: String) -> Response<BoxBody> {
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
+    *response.status_mut() = status;
+    response
+}
+
+/// Serves `upstream` on `listener` for the rest of the test.
+fn serve_upstream(listener: TcpListener, upstream: Arc<Upstream>) {
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let upstream = upstream.clone();
+                    async move { Ok::<_, Infallible>(upstream.handle(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+async fn start_upstream() -> (SocketAddr, Arc<Upstream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = Arc::new(Upstream::default());
+    serve_upstream(listener, upstream.clone());
+    (addr, upstream)
+}
+
+fn openapi_file() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gateway-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("api.yaml");
+    std::fs::write(&path, OPENAPI).unwrap();
+    path
+}
+
+/// A running gateway; stops (and drains) when dropped.
+struct Gateway {
+    addr: SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start_gateway(upstream: SocketAddr, extra: &[&str]) -> Gateway {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let openapi = openapi_file();
+    let mut argv = vec![
+        "idempotency-gateway".to_owned(),
+        "--upstream".to_owned(),
+        format!("http://{upstream}"),
+        "--listen".to_owned(),
+        addr.to_string(),
+        "--openapi".to_owned(),
+        openapi.display().to_string(),
+        "--scope-secret".to_owned(),
+        "test-secret".to_owned(),
+    ];
+    argv.extend(extra.iter().map(|s| (*s).to_owned()));
+    let args = Args::try_parse_from(argv).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        if let Err(err) = idempotency_gateway::serve(args, listener, shutdown).await {
+            panic!("gateway failed: {err}");
+        }
+    });
+    Gateway { addr, _stop: stop }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn code(&self) -> String {
+        let doc: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_default();
+        doc["code"].as_str().unwrap_or_default().to_owned()
+    }
+
+    fn replayed(&self) -> bool {
+        self.headers.contains_key("idempotent-replayed")
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn send(
+    gateway: SocketAddr,
+    method: Method,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> Reply {
+    send_with(&client(), gateway, method, path, key, body, &[]).await
+}
+
+async fn send_with(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    gateway: SocketAddr,
+    method: Method,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{gateway}{path}"))
+        .header("content-type", "application/json");
+    if !headers.iter().any(|(name, _)| *name == "authorization") {
+        req = req.header("authorization", "Bearer alice");
+    }
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let response = client
+        .request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+#[tokio::test]
+async fn a_transactional_operation_without_a_key_is_rejected_before_the_upstream() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &[]).await;
+    let reply = send(gateway.addr, Method::POST, "/appointments", None, "{}").await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.code(), "missing-key");
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/problem+json",
+        "{}",
+        reply.text()
+    );
+    assert_eq!(upstream.count("/appointments"), 0);
+}
+
+#[tokio::test]
+async fn retries_replay_the_first_response_and_a_changed_body_is_rejected() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &[]).await;
+    let body = r#"{"patient":"p-1","slot":"09:00"}"#;
+    let first = send(
+        gateway.addr,
+        Method::POST,
+        "/appointments",
+        Some("k-1"),
+        body,
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
+    assert!(!first.replayed());
+    for _ in 0..3 {
+        let retry = send(
+            gateway.addr,
+            Method::POST,
+            "/appointments",
+            Some("k-1"),
+            body,
+        )
+        .await;
+        assert_eq!(retry.status, StatusCode::CREATED);
+        assert!(retry.replayed());
+        assert_eq!(retry.body, first.body);
+    }
+    assert_eq!(upstream.count("/appointments"), 1);
+
+    let changed = r#"{"patient":"p-1","slot":"10:00"}"#;
+    let reused = send(
+        gateway.addr,
+        Method::POST,
+        "/appointments",
+        Some("k-1"),
+        changed,
+    )
+    .await;
+    assert_eq!(reused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reused.code(), "key-reused");
+    assert_eq!(upstream.count("/appointments"), 1);
+
+    // Another caller's identical key is another intent.
+    let bob = send_with(
+        &client(),
+        gateway.addr,
+        Method::POST,
+        "/appointments",
+        Some("k-1"),
+        body,
+        &[("authorization", "Bearer bob")],
+    )
+    .await;
+    assert_eq!(bob.status, StatusCode::CREATED);
+    assert!(!bob.replayed());
+    assert_eq!(upstream.count("/appointments"), 2);
+}
+
+#[tokio::test]
+async fn thirty_two_concurrent_duplicates_execute_once() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &["--wait-secs", "30"]).await;
+    let client = client();
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let client = client.clone();
+        let addr = gateway.addr;
+        tasks.push(tokio::spawn(async move {
+            send_with(&client, addr, Method::POST, "/slow", Some("dup"), "{}", &[]).await
+        }));
+    }
+    // Every duplicate is in by the time the first reaches the upstream or
+    // soon after; the upstream answers once it has been reached.
+    upstream.started.notified().await;
+    upstream.release.notify_one();
+    let mut bodies = Vec::new();
+    for task in tasks {
+        let reply = task.await.unwrap();
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+        bodies.push(reply.body);
+    }
+    assert_eq!(upstream.count("/slow"), 1);
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_request_and_retries_executes_once() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &["--wait-secs", "30"]).await;
+    let addr = gateway.addr;
+    let first =
+        tokio::spawn(
+            async move { send(addr, Method::POST, "/slow", Some("gone"), r#"{"n":1}"#).await },
+        );
+    upstream.started.notified().await;
+    // The client gives up while the upstream is working: its connection
+    // closes with the request in flight.
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    let retry =
+        tokio::spawn(
+            async move { send(addr, Method::POST, "/slow", Some("gone"), r#"{"n":1}"#).await },
+        );
+    upstream.release.notify_one();
+    let retry = retry.await.unwrap();
+    assert_eq!(retry.status, StatusCode::CREATED, "{}", retry.text());
+    assert_eq!(retry.text(), "slow 1");
+    assert_eq!(upstream.count("/slow"), 1);
+}
+
+#[tokio::test]
+async fn operations_that_are_not_transactional_pass_through() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &[]).await;
+    for _ in 0..2 {
+        let reply = send(gateway.addr, Method::GET, "/appointments", Some("g-1"), "").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert!(!reply.replayed());
+    }
+    assert_eq!(upstream.count("/appointments"), 2);
+    // A path the document does not describe is forwarded as it is.
+    for _ in 0..2 {
+        let reply = send(
+            gateway.addr,
+            Method::POST,
+            "/undocumented",
+            Some("u-1"),
+            "{}",
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::CREATED);
+        assert!(!reply.replayed());
+    }
+    assert_eq!(upstream.count("/undocumented"), 2);
+    // An unmarked PATCH on a template is protected once keyed.
+    for _ in 0..2 {
+        let reply = send(
+            gateway.addr,
+            Method::PATCH,
+            "/appointments/7",
+            Some("m-1"),
+            "{}",
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    assert_eq!(upstream.count("/appointments/7"), 1);
+    let unkeyed = send(gateway.addr, Method::PATCH, "/appointments/7", None, "{}").await;
+    assert_eq!(unkeyed.status, StatusCode::OK);
+    assert_eq!(upstream.count("/appointments/7"), 2);
+}
+
+#[tokio::test]
+async fn unknown_paths_can_be_rejected_instead() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &["--reject-unknown-paths"]).await;
+    let reply = send(
+        gateway.addr,
+        Method::POST,
+        "/undocumented",
+        Some("u-1"),
+        "{}",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.code(), "path-not-described");
+    let reply = send(gateway.addr, Method::DELETE, "/appointments", None, "").await;
+    assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(reply.headers["allow"], "GET, POST");
+    assert_eq!(
+        upstream.count("/undocumented") + upstream.count("/appointments"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_503_releases_the_key_and_a_retry_executes() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &[]).await;
+    let first = send(gateway.addr, Method::POST, "/flaky", Some("f-1"), "{}").await;
+    assert_eq!(first.status, StatusCode::SERVICE_UNAVAILABLE);
+    let second = send(gateway.addr, Method::POST, "/flaky", Some("f-1"), "{}").await;
+    assert_eq!(second.status, StatusCode::CREATED);
+    assert!(!second.replayed());
+    let third = send(gateway.addr, Method::POST, "/flaky", Some("f-1"), "{}").await;
+    assert_eq!(third.status, StatusCode::CREATED);
+    assert!(third.replayed());
+    assert_eq!(upstream.count("/flaky"), 2);
+}
+
+#[tokio::test]
+async fn an_upstream_that_is_down_gives_502_and_records_nothing() {
+    // A port nobody listens on, until the upstream comes up on it.
+    let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = probe.local_addr().unwrap();
+    drop(probe);
+    let gateway = start_gateway(upstream_addr, &[]).await;
+    let body = r#"{"patient":"p-2"}"#;
+    let down = send(
+        gateway.addr,
+        Method::POST,
+        "/appointments",
+        Some("d-1"),
+        body,
+    )
+    .await;
+    assert_eq!(down.status, StatusCode::BAD_GATEWAY, "{}", down.text());
+    assert_eq!(down.code(), "upstream-unreachable");
+    assert_eq!(down.headers["content-type"], "application/problem+json");
+
+    let listener = TcpListener::bind(upstream_addr).await.unwrap();
+    let upstream = Arc::new(Upstream::default());
+    serve_upstream(listener, upstream.clone());
+    let up = send(
+        gateway.addr,
+        Method::POST,
+        "/appointments",
+        Some("d-1"),
+        body,
+    )
+    .await;
+    assert_eq!(up.status, StatusCode::CREATED, "{}", up.text());
+    assert!(!up.replayed(), "the 502 was not recorded");
+    assert_eq!(upstream.count("/appointments"), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_past_its_timeout_settles_the_key_and_never_runs_it_again() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &["--upstream-timeout-secs", "1"]).await;
+    // The upstream never answers in time: it answers only when released.
+    let first = send(gateway.addr, Method::POST, "/slow", Some("t-1"), "{}").await;
+    assert_eq!(
+        first.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{}",
+        first.text()
+    );
+    assert_eq!(first.code(), "outcome-unknown");
+    let retry = send(gateway.addr, Method::POST, "/slow", Some("t-1"), "{}").await;
+    assert_eq!(retry.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(retry.code(), "outcome-unknown");
+    assert_eq!(upstream.count("/slow"), 1);
+    upstream.release.notify_one();
+}
+
+#[tokio::test]
+async fn a_large_streamed_response_passes_through_intact() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &[]).await;
+    let expected: Vec<u8> = (0..LARGE_CHUNKS).flat_map(|i| chunk(i).to_vec()).collect();
+    let plain = send(gateway.addr, Method::GET, "/large", None, "").await;
+    assert_eq!(plain.status, StatusCode::OK);
+    assert_eq!(plain.body.len(), expected.len());
+    assert!(plain.body == expected);
+    // Keyed, and larger than the record limit: streamed in full, its record
+    // keeps the status only, and a retry is told so rather than re-run.
+    let keyed = send(gateway.addr, Method::POST, "/large", Some("l-1"), "{}").await;
+    assert_eq!(keyed.status, StatusCode::OK);
+    assert!(keyed.body == expected);
+    let retry = send(gateway.addr, Method::POST, "/large", Some("l-1"), "{}").await;
+    assert_eq!(retry.status, StatusCode::GONE);
+    assert_eq!(retry.code(), "response-not-retained");
+    assert_eq!(upstream.count("/large"), 2);
+}
+
+#[tokio::test]
+async fn forwarding_sets_forwarded_headers_and_drops_hop_by_hop_ones() {
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &[]).await;
+    let reply = send_with(
+        &client(),
+        gateway.addr,
+        Method::POST,
+        "/echo?page=2",
+        Some("e-1"),
+        "{}",
+        &[
+            ("connection", "x-hop"),
+            ("x-hop", "secret"),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-app", "kept"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let seen: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    let headers = &seen["headers"];
+    assert_eq!(seen["uri"], "/echo?page=2");
+    assert_eq!(headers["idempotency-key"], "e-1");
+    assert_eq!(headers["x-app"], "kept");
+    assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-forwarded-host"], gateway.addr.to_string());
+    assert_eq!(headers["host"], upstream_addr.to_string());
+    assert!(headers.get("x-hop").is_none(), "{headers}");
+}
+
+#[tokio::test]
+async fn healthz_checks_the_store_and_metrics_count_decisions() {
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &[]).await;
+    let health = send(gateway.addr, Method::GET, "/healthz", None, "").await;
+    assert_eq!(health.status, StatusCode::OK);
+    let doc: serde_json::Value = serde_json::from_slice(&health.body).unwrap();
+    assert_eq!(doc["status"], "ok");
+    assert_eq!(doc["store"], "memory");
+    let posted = send(gateway.addr, Method::POST, "/healthz", None, "").await;
+    assert_eq!(posted.status, StatusCode::METHOD_NOT_ALLOWED);
+
+    send(
+        gateway.addr,
+        Method::POST,
+        "/appointments",
+        Some("m-1"),
+        "{}",
+    )
+    .await;
+    send(
+        gateway.addr,
+        Method::POST,
+        "/appointments",
+        Some("m-1"),
+        "{}",
+    )
+    .await;
+    let metrics = send(gateway.addr, Method::GET, "/metrics", None, "").await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    let text = metrics.text();
+    let replayed = text
+        .lines()
+        .find(|l| {
+            l.starts_with("idempotency_requests_total")
+                && l.contains("outcome=\"replayed\"")
+                && l.contains("route=\"/appointments\"")
+        })
+        .unwrap_or_else(|| panic!("no replay counted:\n{text}"));
+    assert!(!replayed.ends_with(" 0"), "{replayed}");
+    assert!(text.contains("gateway_upstream_requests_total"), "{text}");
+}
+
+#[tokio::test]
+async fn two_gateways_sharing_redis_act_as_one() {
+    let Ok(redis) = std::env::var("REDIS_URL") else {
+        eprintln!("skipped: set REDIS_URL (redis://127.0.0.1:6379) to run");
+        return;
+    };
+    let (upstream_addr, upstream) = start_upstream().await;
+    let a = start_gateway(upstream_addr, &["--store", &redis, "--wait-secs", "30"]).await;
+    let b = start_gateway(upstream_addr, &["--store", &redis, "--wait-secs", "30"]).await;
+    let run = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    // Behind one load balancer: the same public host at both.
+    let host = [("host", "clinic.example")];
+    let client = client();
+    let key = format!("shared-{run}");
+    let first = send_with(
+        &client,
+        a.addr,
+        Method::POST,
+        "/appointments",
+        Some(&key),
+        "{}",
+        &host,
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
+    let retry = send_with(
+        &client,
+        b.addr,
+        Method::POST,
+        "/appointments",
+        Some(&key),
+        "{}",
+        &host,
+    )
+    .await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+    assert_eq!(upstream.count("/appointments"), 1);
+
+    // Sixteen duplicates split across both gateways: one execution.
+    let key = format!("race-{run}");
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let addr = if i % 2 == 0 { a.addr } else { b.addr };
+        let (client, key) = (client.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            send_with(
+                &client,
+                addr,
+                Method::POST,
+                "/slow",
+                Some(&key),
+                "{}",
+                &host,
+            )
+            .await
+        }));
+    }
+    upstream.started.notified().await;
+    upstream.release.notify_one();
+    let mut bodies = Vec::new();
+    for task in tasks {
+        let reply = task.await.unwrap();
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+        bodies.push(reply.body);
+    }
+    assert_eq!(upstream.count("/slow"), 1);
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
+    let health = send(b.addr, Method::GET, "/healthz", None, "").await;
+    assert_eq!(health.status, StatusCode::OK, "{}", health.text());
+}
+
+#[tokio::test]
+async fn the_binary_prints_its_address_and_drains_on_sigterm() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let openapi = openapi_file();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idempotency-gateway"))
+        .args(["--listen", "127.0.0.1:0", "--openapi"])
+        .arg(&openapi)
+        .env("GATEWAY_UPSTREAM", format!("http://{upstream_addr}"))
+        .env("GATEWAY_SCOPE_SECRET", "test-secret")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next_line().await.unwrap().unwrap();
+    let addr: SocketAddr = first
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("first line: {first}"))
+        .parse()
+        .unwrap();
+    let reply = send(addr, Method::POST, "/appointments", Some("bin-1"), "{}").await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(upstream.count("/appointments"), 1);
+
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut rest = Vec::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        rest.push(line);
+    }
+    let exit = child.wait().await.unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(rest.iter().any(|l| l.starts_with("drained:")), "{rest:?}");
+}
+
+#[tokio::test]
+async fn bad_input_is_named_and_exits_2() {
+    let dir = openapi_file().parent().unwrap().to_owned();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "openapi: 3.1.0\npaths:\n  /a:\n    post: { x-idempotency: always }\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_idempotency-gateway"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let openapi = bad.display().to_string();
+    let out = run(&[
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--listen",
+        "127.0.0.1:0",
+        "--openapi",
+        &openapi,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("POST /a: x-idempotency is \"always\""),
+        "{stderr}"
+    );
+
+    let good = openapi_file().display().to_string();
+    let out = run(&[
+        "--upstream",
+        "https://api.example",
+        "--listen",
+        "127.0.0.1:0",
+        "--openapi",
+        &good,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("https upstreams are not supported"));
+
+    let out = run(&[
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--openapi",
+        &good,
+        "--store",
+        "mysql://x",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--store must be"));
+
+    // clap's own usage errors.
+    let out = run(&[
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--openapi",
+        &good,
+        "--ttl-secs",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let help = run(&["--help"]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    for var in [
+        "GATEWAY_UPSTREAM",
+        "GATEWAY_LISTEN",
+        "GATEWAY_OPENAPI",
+        "GATEWAY_STORE",
+        "GATEWAY_AUDIT",
+        "GATEWAY_TTL_SECS",
+        "GATEWAY_LEASE_SECS",
+        "GATEWAY_UPSTREAM_TIMEOUT_SECS",
+        "GATEWAY_SCOPE_HEADER",
+    ] {
+        assert!(help.contains(var), "{var} missing from --help");
+    }
+}
