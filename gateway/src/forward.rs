@@ -92,6 +92,12 @@ impl Upstream {
     }
 }
 
+/// How long an idle pooled connection is kept: shorter than the keep-alive
+/// timeout of common upstream servers (Node's is 5 s), so the gateway
+/// closes it before the upstream does and a request is never written into
+/// a connection the upstream is closing.
+const POOL_IDLE: Duration = Duration::from_secs(4);
+
 /// The client's address, put into each request's extensions by the server.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
@@ -121,7 +127,7 @@ impl Forwarder {
         connector.set_connect_timeout(Some(connect_timeout.min(timeout)));
         connector.enforce_http(true);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(POOL_IDLE)
             .build(connector);
         Forwarder {
             client,
@@ -167,7 +173,7 @@ where
                     upstream_metric("response", seconds);
                     incoming(response)
                 }
-                Ok(Err(err)) => {
+                Ok(Err(err)) if err.is_connect() => {
                     upstream_metric("unreachable", seconds);
                     let cause = error_chain(&err);
                     eprintln!("idempotency-gateway: upstream unreachable: {cause}");
@@ -175,11 +181,26 @@ where
                         StatusCode::BAD_GATEWAY,
                         "upstream-unreachable",
                         &format!(
-                            "The upstream gave no response ({cause}). The key is released: retry with the same key."
+                            "No connection to the upstream ({cause}); nothing was sent. The key is released: retry with the same key."
                         ),
                     );
                     response.extensions_mut().insert(Unreached);
                     response
+                }
+                Ok(Err(err)) => {
+                    // The connection broke once the request may have been
+                    // written: the upstream may have carried it out, so the
+                    // key is not released (this 502 is recorded).
+                    upstream_metric("broken", seconds);
+                    let cause = error_chain(&err);
+                    eprintln!("idempotency-gateway: upstream connection broke: {cause}");
+                    problem(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-connection-lost",
+                        &format!(
+                            "The connection to the upstream broke before its response ({cause}); the request may have been carried out. This key will not run again: check the outcome before retrying with a new key."
+                        ),
+                    )
                 }
                 Err(_) => {
                     upstream_metric("timeout", seconds);
@@ -228,16 +249,16 @@ where
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
     remove_hop_by_hop(&mut parts.headers);
+    join_cookies(&mut parts.headers);
     let client = parts.extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
     if let Some(ip) = client {
-        let forwarded_for = match parts.headers.get(X_FORWARDED_FOR) {
-            Some(earlier) => {
-                let mut list = earlier.as_bytes().to_vec();
-                list.extend_from_slice(format!(", {ip}").as_bytes());
-                HeaderValue::from_bytes(&list).ok()
-            }
-            None => HeaderValue::from_str(&ip.to_string()).ok(),
-        };
+        let mut list: Vec<u8> = Vec::new();
+        for earlier in parts.headers.get_all(X_FORWARDED_FOR) {
+            list.extend_from_slice(earlier.as_bytes());
+            list.extend_from_slice(b", ");
+        }
+        list.extend_from_slice(ip.to_string().as_bytes());
+        let forwarded_for = HeaderValue::from_bytes(&list).ok();
         if let Some(value) = forwarded_for {
             parts.headers.insert(X_FORWARDED_FOR, value);
         }
@@ -253,6 +274,24 @@ where
     parts.uri = upstream.uri(parts.uri.path_and_query());
     parts.version = Version::HTTP_11;
     Request::from_parts(parts, body.map_err(Into::into).boxed_unsync())
+}
+
+/// HTTP/2 clients may send each cookie as a field of its own; HTTP/1.1
+/// wants one `Cookie` header (RFC 9113, section 8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().count() < 2 {
+        return;
+    }
+    let mut joined: Vec<u8> = Vec::new();
+    for (i, cookie) in headers.get_all(header::COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(cookie.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 /// The upstream's response as the client gets it.
@@ -346,6 +385,16 @@ mod tests {
             let err = Upstream::parse(bad).unwrap_err();
             assert!(err.contains(expected), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn cookies_sent_as_separate_fields_are_joined() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        join_cookies(&mut headers);
+        let cookies: Vec<_> = headers.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2"]);
     }
 
     #[test]

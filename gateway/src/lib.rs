@@ -89,9 +89,11 @@ pub async fn serve(
     println!("listening on http://{addr}");
 
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -116,19 +118,33 @@ pub async fn serve(
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _ = connection.await;
         });
     }
     drop(listener);
     eprintln!("idempotency-gateway: shutting down");
+    // One budget for both steps: open connections first, then what the
+    // layer still runs for clients that went away.
+    let deadline = tokio::time::Instant::now() + args.drain();
     tokio::select! {
         () = graceful.shutdown() => {}
-        () = tokio::time::sleep(args.drain()) => {
-            eprintln!("idempotency-gateway: connections still open after {} s, closed", args.drain_secs);
+        () = tokio::time::sleep_until(deadline) => {
+            // Dropping a connection's requests detaches the keyed ones: the
+            // layer's drain below finishes or settles them.
+            eprintln!(
+                "idempotency-gateway: {} connections still open after {} s, closed",
+                connections.len(),
+                args.drain_secs
+            );
+            connections.abort_all();
         }
     }
-    let drained = layer.drain(args.drain()).await;
+    while connections.join_next().await.is_some() {}
+    let left = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(Duration::from_secs(1));
+    let drained = layer.drain(left).await;
     println!("drained: {drained}");
     if let Some(audit) = audit {
         let summary = audit

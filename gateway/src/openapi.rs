@@ -226,19 +226,14 @@ impl Api {
     /// The operation `method` on `path` (the request's path, still
     /// percent-encoded) is.
     pub fn match_request(&self, method: &Method, path: &str) -> Matched {
+        let segments = normalize(path);
         for prefix in &self.prefixes {
-            let Some(rest) = path.strip_prefix(prefix.as_str()) else {
+            let prefix_segments = normalize(prefix);
+            let Some(rest) = segments.strip_prefix(prefix_segments.as_slice()) else {
                 continue;
             };
-            if !rest.starts_with('/') {
-                continue;
-            }
-            let segments: Vec<std::borrow::Cow<'_, str>> = rest[1..]
-                .split('/')
-                .map(|s| percent_decode_str(s).decode_utf8_lossy())
-                .collect();
             for route in &self.routes {
-                if route.matches(&segments) {
+                if route.matches(rest) {
                     return route.operation(prefix, method);
                 }
             }
@@ -320,6 +315,26 @@ impl Segment {
     }
 }
 
+/// A request path as segments, the way servers commonly route it: each
+/// segment percent-decoded, empty segments (`//`, a trailing `/`) and `.`
+/// dropped, `..` taking the previous segment away. Matching the normalised
+/// path means `/orders/` or `//orders` cannot slip past the protection of
+/// `/orders`.
+fn normalize(path: &str) -> Vec<std::borrow::Cow<'_, str>> {
+    let mut segments = Vec::new();
+    for raw in path.split('/') {
+        let segment = percent_decode_str(raw).decode_utf8_lossy();
+        match &*segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            _ => segments.push(segment),
+        }
+    }
+    segments
+}
+
 /// Whether `text` is `parts`, each variable standing for one or more
 /// characters.
 fn match_parts(parts: &[Part], text: &str) -> bool {
@@ -346,6 +361,7 @@ fn parse_template(template: &str) -> Result<Vec<Segment>, SpecError> {
         )));
     }
     rest.split('/')
+        .filter(|segment| !segment.is_empty())
         .map(|segment| parse_segment(segment, template))
         .collect()
 }
@@ -591,13 +607,25 @@ paths:
         for path in [
             "/api/reports/.pdf",
             "/api/reports/june.txt",
-            "/api/appointments/",
             "/api/appointments/1/2",
             "/appointments",
             "/apiappointments",
             "/api",
         ] {
             assert_eq!(op(&api, Method::POST, path), Matched::UnknownPath, "{path}");
+        }
+        // Spellings a server routes to the same place match the same.
+        for path in [
+            "/api/appointments/",
+            "//api//appointments",
+            "/api/./appointments",
+            "/api/x/../appointments",
+        ] {
+            assert_eq!(
+                op(&api, Method::POST, path),
+                protected("/api/appointments", Protection::Required),
+                "{path}"
+            );
         }
         // Percent-encoded request paths are decoded before comparing.
         assert_eq!(

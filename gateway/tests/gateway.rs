@@ -6,7 +6,11 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -47,21 +51,50 @@ paths:
   /echo:
     post: {}
     get: {}
+  /crash:
+    post:
+      x-idempotency: required
+  /metered:
+    post:
+      x-idempotency: required
 "#;
 
 type BoxBody = UnsyncBoxBody<Bytes, Infallible>;
 
 /// The upstream: counts executions per path, answers as told.
-#[derive(Default)]
 struct Upstream {
     executions: Mutex<HashMap<String, usize>>,
     /// Notified when a request to `/slow` has arrived.
     started: Notify,
-    /// `/slow` answers once this is notified.
-    release: Notify,
+    /// `/slow` answers once this has permits: released once, it lets
+    /// every later request through too, so a second execution is counted
+    /// rather than left hanging.
+    release: tokio::sync::Semaphore,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream {
+            executions: Mutex::default(),
+            started: Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+        }
+    }
 }
 
 impl Upstream {
+    fn release(&self) {
+        self.release
+            .add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+    }
+
+    /// Waits (bounded) until a request to `/slow` has reached the upstream.
+    async fn started(&self) {
+        tokio::time::timeout(Duration::from_secs(30), self.started.notified())
+            .await
+            .expect("no request reached the upstream");
+    }
+
     fn count(&self, path: &str) -> usize {
         self.executions
             .lock()
@@ -71,7 +104,9 @@ impl Upstream {
             .unwrap_or(0)
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<BoxBody> {
+    /// `None`: drop the connection without an answer, as a crashing
+    /// upstream would.
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Option<Response<BoxBody>> {
         let path = req.uri().path().to_owned();
         let n = {
             let mut counts = self.executions.lock().unwrap();
@@ -85,12 +120,14 @@ impl Upstream {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        match (parts.method.clone(), path.as_str()) {
+        if path == "/crash" {
+            return None;
+        }
+        Some(match (parts.method.clone(), path.as_str()) {
             (_, "/flaky") if n == 1 => reply(StatusCode::SERVICE_UNAVAILABLE, "busy".into()),
             (_, "/slow") => {
-                let released = self.release.notified();
                 self.started.notify_one();
-                released.await;
+                let _ = self.release.acquire().await;
                 reply(StatusCode::CREATED, format!("slow {n}"))
             }
             (Method::GET, "/large") | (Method::POST, "/large") => {
@@ -123,7 +160,7 @@ impl Upstream {
                     String::from_utf8_lossy(&body)
                 ),
             ),
-        }
+        })
     }
 }
 
@@ -170,7 +207,7 @@ fn serve_upstream(listener: TcpListener, upstream: Arc<Upstream>) {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let upstream = upstream.clone();
-                    async move { Ok::<_, Infallible>(upstream.handle(req).await) }
+                    async move { upstream.handle(req).await.ok_or("the upstream crashed") }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -188,10 +225,12 @@ async fn start_upstream() -> (SocketAddr, Arc<Upstream>) {
     (addr, upstream)
 }
 
+/// A document of its own for each gateway: tests run in parallel.
 fn openapi_file() -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!("gateway-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("api.yaml");
+    let path = dir.join(format!("api-{}.yaml", NEXT.fetch_add(1, Ordering::Relaxed)));
     std::fs::write(&path, OPENAPI).unwrap();
     path
 }
@@ -391,8 +430,8 @@ async fn thirty_two_concurrent_duplicates_execute_once() {
     }
     // Every duplicate is in by the time the first reaches the upstream or
     // soon after; the upstream answers once it has been reached.
-    upstream.started.notified().await;
-    upstream.release.notify_one();
+    upstream.started().await;
+    upstream.release();
     let mut bodies = Vec::new();
     for task in tasks {
         let reply = task.await.unwrap();
@@ -412,7 +451,7 @@ async fn a_client_that_disconnects_mid_request_and_retries_executes_once() {
         tokio::spawn(
             async move { send(addr, Method::POST, "/slow", Some("gone"), r#"{"n":1}"#).await },
         );
-    upstream.started.notified().await;
+    upstream.started().await;
     // The client gives up while the upstream is working: its connection
     // closes with the request in flight.
     first.abort();
@@ -421,7 +460,7 @@ async fn a_client_that_disconnects_mid_request_and_retries_executes_once() {
         tokio::spawn(
             async move { send(addr, Method::POST, "/slow", Some("gone"), r#"{"n":1}"#).await },
         );
-    upstream.release.notify_one();
+    upstream.release();
     let retry = retry.await.unwrap();
     assert_eq!(retry.status, StatusCode::CREATED, "{}", retry.text());
     assert_eq!(retry.text(), "slow 1");
@@ -545,6 +584,19 @@ async fn an_upstream_that_is_down_gives_502_and_records_nothing() {
 }
 
 #[tokio::test]
+async fn a_connection_broken_after_the_request_was_sent_never_runs_it_again() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &[]).await;
+    let first = send(gateway.addr, Method::POST, "/crash", Some("c-1"), "{}").await;
+    assert_eq!(first.status, StatusCode::BAD_GATEWAY, "{}", first.text());
+    assert_eq!(first.code(), "upstream-connection-lost");
+    let retry = send(gateway.addr, Method::POST, "/crash", Some("c-1"), "{}").await;
+    assert_eq!(retry.status, StatusCode::BAD_GATEWAY);
+    assert!(retry.replayed());
+    assert_eq!(upstream.count("/crash"), 1);
+}
+
+#[tokio::test]
 async fn an_upstream_past_its_timeout_settles_the_key_and_never_runs_it_again() {
     let (upstream_addr, upstream) = start_upstream().await;
     let gateway = start_gateway(upstream_addr, &["--upstream-timeout-secs", "1"]).await;
@@ -561,7 +613,7 @@ async fn an_upstream_past_its_timeout_settles_the_key_and_never_runs_it_again() 
     assert_eq!(retry.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(retry.code(), "outcome-unknown");
     assert_eq!(upstream.count("/slow"), 1);
-    upstream.release.notify_one();
+    upstream.release();
 }
 
 #[tokio::test]
@@ -628,22 +680,10 @@ async fn healthz_checks_the_store_and_metrics_count_decisions() {
     let posted = send(gateway.addr, Method::POST, "/healthz", None, "").await;
     assert_eq!(posted.status, StatusCode::METHOD_NOT_ALLOWED);
 
-    send(
-        gateway.addr,
-        Method::POST,
-        "/appointments",
-        Some("m-1"),
-        "{}",
-    )
-    .await;
-    send(
-        gateway.addr,
-        Method::POST,
-        "/appointments",
-        Some("m-1"),
-        "{}",
-    )
-    .await;
+    // A route no other test uses: the recorder is the process's.
+    for _ in 0..2 {
+        send(gateway.addr, Method::POST, "/metered", Some("m-1"), "{}").await;
+    }
     let metrics = send(gateway.addr, Method::GET, "/metrics", None, "").await;
     assert_eq!(metrics.status, StatusCode::OK);
     let text = metrics.text();
@@ -652,10 +692,10 @@ async fn healthz_checks_the_store_and_metrics_count_decisions() {
         .find(|l| {
             l.starts_with("idempotency_requests_total")
                 && l.contains("outcome=\"replayed\"")
-                && l.contains("route=\"/appointments\"")
+                && l.contains("route=\"/metered\"")
         })
         .unwrap_or_else(|| panic!("no replay counted:\n{text}"));
-    assert!(!replayed.ends_with(" 0"), "{replayed}");
+    assert!(replayed.ends_with(" 1"), "{replayed}");
     assert!(text.contains("gateway_upstream_requests_total"), "{text}");
 }
 
@@ -724,8 +764,8 @@ async fn two_gateways_sharing_redis_act_as_one() {
             .await
         }));
     }
-    upstream.started.notified().await;
-    upstream.release.notify_one();
+    upstream.started().await;
+    upstream.release();
     let mut bodies = Vec::new();
     for task in tasks {
         let reply = task.await.unwrap();
