@@ -2,6 +2,8 @@
 # The gateway's load comparison, one run, one upstream on loopback:
 #   direct   wrk -> upstream
 #   nginx    wrk -> nginx (plain reverse proxy, keep-alive pool) -> upstream
+#   forward  wrk -> idempotency-gateway, the operation marked `off` -> upstream
+#            (forwarding alone, to tell the proxy's cost from the layer's)
 #   gateway  wrk -> idempotency-gateway (memory store) -> upstream
 # Every request is a POST to a transactional operation with a key of its
 # own, so the gateway claims, forwards and records each one. The three run
@@ -38,6 +40,7 @@ trap cleanup EXIT
 upstream=127.0.0.1:39180
 nginx_at=127.0.0.1:39181
 gateway_at=127.0.0.1:39182
+forward_at=127.0.0.1:39183
 
 cat > "$dir/api.yaml" <<'YAML'
 openapi: 3.1.0
@@ -47,6 +50,7 @@ paths:
     post:
       x-side-effects: transactional
 YAML
+sed 's/x-side-effects: transactional/x-idempotency: "off"/' "$dir/api.yaml" > "$dir/api-off.yaml"
 
 cat > "$dir/nginx.conf" <<NGINX
 worker_processes 1;
@@ -95,11 +99,16 @@ GATEWAY_SCOPE_SECRET=load-test ./target/release/idempotency-gateway \
   --upstream "http://$upstream" --listen "$gateway_at" --openapi "$dir/api.yaml" \
   >/dev/null 2>"$dir/gateway.log" &
 pids+=($!)
-for at in "$upstream" "$nginx_at" "$gateway_at"; do
+GATEWAY_SCOPE_SECRET=load-test ./target/release/idempotency-gateway \
+  --upstream "http://$upstream" --listen "$forward_at" --openapi "$dir/api-off.yaml" \
+  >/dev/null 2>"$dir/forward.log" &
+pids+=($!)
+for at in "$upstream" "$nginx_at" "$gateway_at" "$forward_at"; do
   for _ in $(seq 1 100); do
     curl -s -o /dev/null "http://$at/" && break
     sleep 0.1
   done
+  curl -s -o /dev/null "http://$at/" || { echo "gateway-load: nothing answers at $at" >&2; exit 1; }
 done
 
 run() { # name address
@@ -108,7 +117,7 @@ run() { # name address
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
   p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-  if grep -q "Non-2xx" <<<"$out"; then
+  if grep -q -e "Non-2xx" -e "Socket errors" <<<"$out"; then
     echo "gateway-load: $1 answered errors:" >&2
     echo "$out" >&2
     exit 1
@@ -120,5 +129,6 @@ for round in $(seq 1 "$rounds"); do
   echo "round $round"
   run direct "$upstream"
   run nginx "$nginx_at"
+  run forward "$forward_at"
   run gateway "$gateway_at"
 done
