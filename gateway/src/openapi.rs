@@ -103,6 +103,8 @@ fn error(message: impl Into<String>) -> SpecError {
 pub struct Api {
     /// The servers' path prefixes, without a trailing slash (`""` for none).
     prefixes: Vec<String>,
+    /// The same, normalised into segments once, for matching.
+    prefix_segments: Vec<Vec<String>>,
     /// Most specific first.
     routes: Vec<Route>,
 }
@@ -220,18 +222,28 @@ impl Api {
                 .cmp(&rank(b))
                 .then_with(|| a.template.cmp(&b.template))
         });
-        Ok(Api { prefixes, routes })
+        let prefix_segments = prefixes
+            .iter()
+            .map(|p| normalize(p).into_iter().map(|s| s.into_owned()).collect())
+            .collect();
+        Ok(Api {
+            prefixes,
+            prefix_segments,
+            routes,
+        })
     }
 
     /// The operation `method` on `path` (the request's path, still
     /// percent-encoded) is.
     pub fn match_request(&self, method: &Method, path: &str) -> Matched {
         let segments = normalize(path);
-        for prefix in &self.prefixes {
-            let prefix_segments = normalize(prefix);
-            let Some(rest) = segments.strip_prefix(prefix_segments.as_slice()) else {
+        for (prefix, prefix_segments) in self.prefixes.iter().zip(&self.prefix_segments) {
+            let starts = segments.len() >= prefix_segments.len()
+                && segments.iter().zip(prefix_segments).all(|(s, p)| s == p);
+            if !starts {
                 continue;
-            };
+            }
+            let rest = &segments[prefix_segments.len()..];
             for route in &self.routes {
                 if route.matches(rest) {
                     return route.operation(prefix, method);
