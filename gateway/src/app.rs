@@ -27,6 +27,7 @@ use tower_service::Service;
 use crate::{
     forward::{BoxError, Forwarder, GatewayBody, Unreached, full, problem},
     openapi::{Api, Matched, Protection},
+    route::{OVERRIDE_HEADERS, canonical},
 };
 
 /// The operation a request matched, for the metrics' `route` label.
@@ -126,7 +127,27 @@ where
             "/metrics" => return self.metrics(req.method()),
             _ => {}
         }
-        match self.api.match_request(req.method(), req.uri().path()) {
+        // One reading of the request, matched and forwarded alike.
+        let canonical = match canonical(req.method(), req.uri(), req.headers())
+            .and_then(|c| c.uri(req.uri()).map(|uri| (c, uri)))
+        {
+            Ok(read) => read,
+            Err(refusal) => {
+                return ready(problem(refusal.status(), refusal.code(), &refusal.detail()));
+            }
+        };
+        let (canonical, uri) = canonical;
+        for name in &OVERRIDE_HEADERS {
+            req.headers_mut().remove(name);
+        }
+        *req.uri_mut() = uri;
+        *req.method_mut() = canonical.method.clone();
+        let matched = self.api.decide(
+            &canonical.method,
+            &canonical.overrides,
+            &canonical.path.segments,
+        );
+        match matched {
             Matched::Operation {
                 template,
                 protection,
@@ -138,7 +159,11 @@ where
                     Protection::Off => Box::pin(self.forward.call(req)),
                 }
             }
-            Matched::UndescribedMethod { template, allow } => {
+            Matched::UndescribedMethod {
+                template,
+                allow,
+                default,
+            } => {
                 if self.reject_unknown {
                     let mut response = problem(
                         StatusCode::METHOD_NOT_ALLOWED,
@@ -154,9 +179,10 @@ where
                 }
                 // A described path: an unmarked method's default applies.
                 req.extensions_mut().insert(Route(template));
-                match Protection::default_for(req.method()) {
+                match default {
+                    Protection::Required => boxed(self.required.call(req)),
                     Protection::Optional => boxed(self.optional.call(req)),
-                    _ => Box::pin(self.forward.call(req)),
+                    Protection::Off => Box::pin(self.forward.call(req)),
                 }
             }
             Matched::UnknownPath => {

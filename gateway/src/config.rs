@@ -14,7 +14,7 @@ use http::HeaderName;
 /// request is rejected. `POST` and `PATCH` are protected when a key is sent;
 /// everything else is forwarded as it is.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "idempotency-gateway", version, about, long_about = None)]
+#[command(name = "idempotency-gateway", version, about, long_about = None, args_override_self = true)]
 pub struct Args {
     /// The API to forward to: http://HOST:PORT, with an optional base path.
     #[arg(long, env = "GATEWAY_UPSTREAM", value_name = "URL")]
@@ -112,6 +112,12 @@ pub struct Args {
     /// methods it does not describe on a path), instead of forwarding them.
     #[arg(long, env = "GATEWAY_REJECT_UNKNOWN_PATHS")]
     pub reject_unknown_paths: bool,
+
+    /// Compare the literal text of paths case-sensitively. By default
+    /// `/Appointments` is `/appointments`, as Express and ASP.NET Core
+    /// route it; set this only when the upstream routes case-sensitively.
+    #[arg(long, env = "GATEWAY_CASE_SENSITIVE_PATHS")]
+    pub case_sensitive_paths: bool,
 
     /// Wait up to N seconds for an in-flight duplicate to finish and replay
     /// it, instead of answering 409 at once.

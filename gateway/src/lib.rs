@@ -16,6 +16,7 @@ pub mod app;
 pub mod config;
 pub mod forward;
 pub mod openapi;
+pub mod route;
 
 use std::{future::Future, sync::OnceLock, time::Duration};
 
@@ -57,7 +58,9 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    let api = Api::load(&args.openapi).map_err(|e| format!("--openapi {e}"))?;
+    let api = Api::load(&args.openapi)
+        .map_err(|e| format!("--openapi {e}"))?
+        .with_case_sensitive_paths(args.case_sensitive_paths);
     let upstream = Upstream::parse(&args.upstream).map_err(|e| format!("--upstream {e}"))?;
     let (store, store_name) = store_from_url(&args.store).await?;
     let audit = match &args.audit {

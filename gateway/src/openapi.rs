@@ -77,6 +77,9 @@ pub enum Matched {
         template: Arc<str>,
         /// The methods the document describes for it, for `Allow`.
         allow: Arc<str>,
+        /// What an unmarked operation with the method would get
+        /// ([`Protection::default_for`]).
+        default: Protection,
     },
     /// A path the document does not describe.
     UnknownPath,
@@ -107,6 +110,9 @@ pub struct Api {
     prefix_segments: Vec<Vec<String>>,
     /// Most specific first.
     routes: Vec<Route>,
+    /// Whether literal text is compared case-sensitively (by default it is
+    /// not: Express and ASP.NET Core route `/Orders` to `/orders`).
+    case_sensitive: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -230,13 +236,95 @@ impl Api {
             prefixes,
             prefix_segments,
             routes,
-        })
+            case_sensitive: true,
+        }
+        .with_case_sensitive_paths(false))
+    }
+
+    /// Compares the literal text of paths case-sensitively (`true`) or not
+    /// (`false`, the default).
+    #[must_use]
+    pub fn with_case_sensitive_paths(mut self, case_sensitive: bool) -> Self {
+        if self.case_sensitive == case_sensitive {
+            return self;
+        }
+        self.case_sensitive = case_sensitive;
+        let fold = |text: &str| {
+            if case_sensitive {
+                text.to_owned()
+            } else {
+                text.to_lowercase()
+            }
+        };
+        self.prefix_segments = self
+            .prefixes
+            .iter()
+            .map(|p| normalize(p).iter().map(|s| fold(s)).collect())
+            .collect();
+        for route in &mut self.routes {
+            route.segments = parse_template(&route.template)
+                .expect("parsed once already")
+                .into_iter()
+                .map(|segment| segment.folded(&fold))
+                .collect();
+        }
+        self
     }
 
     /// The operation `method` on `path` (the request's path, still
-    /// percent-encoded) is.
+    /// percent-encoded) is, read as [`route::canonical`](crate::route::canonical)
+    /// reads it; a path it refuses matches nothing.
     pub fn match_request(&self, method: &Method, path: &str) -> Matched {
-        let segments = normalize(path);
+        match crate::route::canonical_path(path) {
+            Ok(path) => self.decide(method, &[], &path.segments),
+            Err(_) => Matched::UnknownPath,
+        }
+    }
+
+    /// The operation a request is, reading it every way an upstream might:
+    /// as `method` and as each override, and as the path, the path without
+    /// its `;` parameters, without a format suffix (`.json`) on its last
+    /// segment, and without both. Of the operations found, the strictest
+    /// protection wins (`required`, then `optional`, then `off`); on a tie,
+    /// the plain reading. `UnknownPath` only when no reading matches.
+    pub fn decide(
+        &self,
+        method: &Method,
+        overrides: &[Method],
+        segments: &[crate::route::PathSegment],
+    ) -> Matched {
+        let fold = |text: &str| {
+            if self.case_sensitive {
+                text.to_owned()
+            } else {
+                text.to_lowercase()
+            }
+        };
+        let plain: Vec<String> = segments.iter().map(|s| fold(&s.decoded)).collect();
+        let mut readings = vec![plain];
+        if segments.iter().any(|s| s.params_at.is_some()) {
+            let bare = segments.iter().map(|s| fold(s.without_params())).collect();
+            readings.push(bare);
+        }
+        for i in 0..readings.len() {
+            if let Some(stripped) = without_suffix(&readings[i]) {
+                readings.push(stripped);
+            }
+        }
+        let mut best: Option<(u8, Matched)> = None;
+        for method in std::iter::once(method).chain(overrides) {
+            for reading in &readings {
+                let matched = self.match_segments(method, reading);
+                let rank = matched.rank();
+                if best.as_ref().is_none_or(|(top, _)| rank > *top) {
+                    best = Some((rank, matched));
+                }
+            }
+        }
+        best.map_or(Matched::UnknownPath, |(_, matched)| matched)
+    }
+
+    fn match_segments(&self, method: &Method, segments: &[String]) -> Matched {
         for (prefix, prefix_segments) in self.prefixes.iter().zip(&self.prefix_segments) {
             let starts = segments.len() >= prefix_segments.len()
                 && segments.iter().zip(prefix_segments).all(|(s, p)| s == p);
@@ -270,8 +358,37 @@ impl Api {
     }
 }
 
+/// `segments` with a format suffix (`.json`) taken off the last one, if it
+/// has one and something is left before it.
+fn without_suffix(segments: &[String]) -> Option<Vec<String>> {
+    let last = segments.last()?;
+    let dot = last
+        .rfind('.')
+        .filter(|at| *at > 0 && *at + 1 < last.len())?;
+    let mut stripped = segments.to_vec();
+    let end = stripped.len() - 1;
+    stripped[end].truncate(dot);
+    Some(stripped)
+}
+
+impl Matched {
+    /// How strictly the gateway must treat a request matched so.
+    fn rank(&self) -> u8 {
+        let protection = match self {
+            Matched::Operation { protection, .. } => *protection,
+            Matched::UndescribedMethod { default, .. } => *default,
+            Matched::UnknownPath => return 0,
+        };
+        match protection {
+            Protection::Off => 1,
+            Protection::Optional => 2,
+            Protection::Required => 3,
+        }
+    }
+}
+
 impl Route {
-    fn matches(&self, segments: &[std::borrow::Cow<'_, str>]) -> bool {
+    fn matches(&self, segments: &[String]) -> bool {
         self.segments.len() == segments.len()
             && self
                 .segments
@@ -304,6 +421,7 @@ impl Route {
             None => Matched::UndescribedMethod {
                 template,
                 allow: self.allow.clone(),
+                default: Protection::default_for(method),
             },
         }
     }
@@ -325,13 +443,26 @@ impl Segment {
             Segment::Pattern(parts) => !segment.is_empty() && match_parts(parts, segment),
         }
     }
+
+    /// The segment with its literal text passed through `fold`.
+    fn folded(self, fold: &dyn Fn(&str) -> String) -> Self {
+        match self {
+            Segment::Literal(text) => Segment::Literal(fold(&text)),
+            Segment::Pattern(parts) => Segment::Pattern(
+                parts
+                    .into_iter()
+                    .map(|part| match part {
+                        Part::Text(text) => Part::Text(fold(&text)),
+                        Part::Variable => Part::Variable,
+                    })
+                    .collect(),
+            ),
+        }
+    }
 }
 
-/// A request path as segments, the way servers commonly route it: each
-/// segment percent-decoded, empty segments (`//`, a trailing `/`) and `.`
-/// dropped, `..` taking the previous segment away. Matching the normalised
-/// path means `/orders/` or `//orders` cannot slip past the protection of
-/// `/orders`.
+/// A servers' prefix as segments: each percent-decoded, empty segments and
+/// `.` dropped, `..` taking the previous segment away.
 fn normalize(path: &str) -> Vec<std::borrow::Cow<'_, str>> {
     let mut segments = Vec::new();
     for raw in path.split('/') {
@@ -348,19 +479,46 @@ fn normalize(path: &str) -> Vec<std::borrow::Cow<'_, str>> {
 }
 
 /// Whether `text` is `parts`, each variable standing for one or more
-/// characters.
+/// characters, in time linear in the text: literal text and variables
+/// alternate, so the first literal must be a prefix, the last a suffix,
+/// and each one between is taken at its leftmost place after at least one
+/// character (which leaves the most room for the rest, so no other choice
+/// can match where that one does not).
 fn match_parts(parts: &[Part], text: &str) -> bool {
-    match parts.split_first() {
-        None => text.is_empty(),
-        Some((Part::Text(literal), rest)) => text
-            .strip_prefix(literal.as_str())
-            .is_some_and(|text| match_parts(rest, text)),
-        Some((Part::Variable, [])) => !text.is_empty(),
-        Some((Part::Variable, rest)) => text
-            .char_indices()
-            .skip(1)
-            .any(|(at, _)| match_parts(rest, &text[at..])),
+    let mut parts = parts;
+    let mut rest = text;
+    if let Some((Part::Text(first), after)) = parts.split_first() {
+        let Some(tail) = rest.strip_prefix(first.as_str()) else {
+            return false;
+        };
+        rest = tail;
+        parts = after;
     }
+    if let Some((Part::Text(last), before)) = parts.split_last() {
+        let Some(head) = rest.strip_suffix(last.as_str()) else {
+            return false;
+        };
+        rest = head;
+        parts = before;
+    }
+    // Left: variable, (text, variable)*; or nothing for a pattern that was
+    // a single text (never built: a pattern has a variable).
+    for part in parts {
+        match part {
+            Part::Variable => {
+                let mut chars = rest.chars();
+                if chars.next().is_none() {
+                    return false;
+                }
+                rest = chars.as_str();
+            }
+            Part::Text(literal) => match rest.find(literal.as_str()) {
+                Some(at) => rest = &rest[at + literal.len()..],
+                None => return false,
+            },
+        }
+    }
+    true
 }
 
 fn parse_template(template: &str) -> Result<Vec<Segment>, SpecError> {
@@ -532,6 +690,8 @@ fn server_prefixes(doc: &Value) -> Result<Vec<String>, SpecError> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     const DOC: &str = r#"
@@ -644,10 +804,128 @@ paths:
             op(&api, Method::POST, "/api/appoint%6Dents"),
             protected("/api/appointments", Protection::Required)
         );
+        // An encoded `/` is refused before matching (see `route`).
         assert_eq!(
             op(&api, Method::PATCH, "/api/appointments/a%2Fb"),
-            protected("/api/appointments/{id}", Protection::Optional)
+            Matched::UnknownPath
         );
+    }
+
+    /// The spellings upstream frameworks route to a protected operation:
+    /// every one is that operation.
+    #[test]
+    fn every_spelling_of_a_protected_operation_is_that_operation() {
+        let api = Api::parse(DOC).unwrap();
+        let decide = |method: &str, path: &str, overrides: &[&str]| {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let uri: http::Uri = path.parse().unwrap();
+            let mut headers = http::HeaderMap::new();
+            for value in overrides {
+                headers.append("x-http-method-override", value.parse().unwrap());
+            }
+            let c = crate::route::canonical(&method, &uri, &headers).unwrap();
+            api.decide(&c.method, &c.overrides, &c.path.segments)
+        };
+        let book = protected("/api/appointments", Protection::Required);
+        let cancel = protected("/api/appointments/{id}", Protection::Required);
+        for (method, path) in [
+            ("post", "/api/appointments"),
+            ("Post", "/api/appointments"),
+            ("POST", "/api/Appointments"),
+            ("POST", "/API/APPOINTMENTS/"),
+            ("POST", "/api/appointments;jsessionid=1"),
+            ("POST", "/api/appointments.json"),
+            ("POST", "/api/appointments.json;v=1"),
+            ("POST", "/api/./appointments;v=1"),
+            ("POST", "/api/%61ppointments"),
+            ("POST", "/../api/appointments"),
+            ("POST", "/%2e%2e/api/appointments"),
+        ] {
+            assert_eq!(decide(method, path, &[]), book, "{method} {path}");
+        }
+        for (method, path, overrides) in [
+            ("delete", "/api/appointments/42", &[][..]),
+            ("DELETE", "/api/Appointments/42;x=1", &[]),
+            ("DELETE", "/api/appointments/42.json", &[]),
+            ("POST", "/api/appointments/42", &["DELETE"]),
+            ("POST", "/api/appointments/42", &["delete"]),
+            ("POST", "/api/appointments/42?_method=DELETE", &[]),
+            ("GET", "/api/appointments/42?_method=delete", &[]),
+        ] {
+            assert_eq!(
+                decide(method, path, overrides),
+                cancel,
+                "{method} {path} {overrides:?}"
+            );
+        }
+        // A literal that is described wins for the plain reading, and the
+        // strictest reading wins over it only when stricter.
+        assert_eq!(
+            decide("PUT", "/api/reports/june.pdf", &[]),
+            protected("/api/reports/{name}.pdf", Protection::Optional)
+        );
+        assert_eq!(
+            decide("GET", "/api/appointments.json", &[]),
+            protected("/api/appointments", Protection::Off)
+        );
+    }
+
+    #[test]
+    fn paths_can_be_matched_case_sensitively() {
+        let api = Api::parse(DOC).unwrap().with_case_sensitive_paths(true);
+        assert_eq!(
+            op(&api, Method::POST, "/api/Appointments"),
+            Matched::UnknownPath
+        );
+        assert_eq!(
+            op(&api, Method::POST, "/api/appointments"),
+            protected("/api/appointments", Protection::Required)
+        );
+        let api = api.with_case_sensitive_paths(false);
+        assert_eq!(
+            op(&api, Method::POST, "/API/Appointments"),
+            protected("/api/appointments", Protection::Required)
+        );
+    }
+
+    /// Templates with several variables in one segment match in linear
+    /// time: a backtracking matcher takes hours on these.
+    #[test]
+    fn many_variables_in_one_segment_match_in_linear_time() {
+        let api = Api::parse(
+            "openapi: 3.1.0\npaths:\n  /reports/{a}-{b}-{c}.pdf:\n    post: { x-idempotency: required }\n  /r/{year}-{month}.pdf:\n    post: {}\n",
+        )
+        .unwrap();
+        let (done, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let long = "-".repeat(64 * 1024);
+            let miss = format!("/reports/{long}x");
+            let hit = format!("/reports/{long}.pdf");
+            let other = format!("/r/{}", "-".repeat(64 * 1024));
+            let results = (
+                api.match_request(&Method::POST, &miss),
+                api.match_request(&Method::POST, &hit),
+                api.match_request(&Method::POST, &other),
+                api.match_request(&Method::POST, "/reports/2026-12-01.pdf"),
+                api.match_request(&Method::POST, "/reports/2026--01.pdf"),
+            );
+            let _ = done.send(results);
+        });
+        let (miss, hit, other, plain, empty) = wait
+            .recv_timeout(Duration::from_secs(60))
+            .expect("matching a long segment did not finish");
+        assert_eq!(miss, Matched::UnknownPath);
+        assert_eq!(
+            hit,
+            protected("/reports/{a}-{b}-{c}.pdf", Protection::Required)
+        );
+        assert_eq!(other, Matched::UnknownPath);
+        assert_eq!(
+            plain,
+            protected("/reports/{a}-{b}-{c}.pdf", Protection::Required)
+        );
+        // `2026--01` has no split into three non-empty variables.
+        assert_eq!(empty, Matched::UnknownPath);
     }
 
     #[test]

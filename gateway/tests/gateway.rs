@@ -242,32 +242,40 @@ struct Gateway {
 }
 
 async fn start_gateway(upstream: SocketAddr, extra: &[&str]) -> Gateway {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let openapi = openapi_file();
-    let mut argv = vec![
-        "idempotency-gateway".to_owned(),
-        "--upstream".to_owned(),
-        format!("http://{upstream}"),
-        "--listen".to_owned(),
-        addr.to_string(),
-        "--openapi".to_owned(),
-        openapi.display().to_string(),
-        "--scope-secret".to_owned(),
-        "test-secret".to_owned(),
-    ];
-    argv.extend(extra.iter().map(|s| (*s).to_owned()));
-    let args = Args::try_parse_from(argv).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stopped.await;
-        };
-        if let Err(err) = idempotency_gateway::serve(args, listener, shutdown).await {
-            panic!("gateway failed: {err}");
-        }
-    });
-    Gateway { addr, _stop: stop }
+    Gateway::start_with_upstream(&format!("http://{upstream}"), extra).await
+}
+
+impl Gateway {
+    /// A gateway in front of the upstream at `url`, with `extra` flags
+    /// (a later `--openapi` wins over the test document).
+    async fn start_with_upstream(url: &str, extra: &[&str]) -> Gateway {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let openapi = openapi_file();
+        let mut argv = vec![
+            "idempotency-gateway".to_owned(),
+            "--upstream".to_owned(),
+            url.to_owned(),
+            "--listen".to_owned(),
+            addr.to_string(),
+            "--openapi".to_owned(),
+            openapi.display().to_string(),
+            "--scope-secret".to_owned(),
+            "test-secret".to_owned(),
+        ];
+        argv.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args = Args::try_parse_from(argv).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            if let Err(err) = idempotency_gateway::serve(args, listener, shutdown).await {
+                panic!("gateway failed: {err}");
+            }
+        });
+        Gateway { addr, _stop: stop }
+    }
 }
 
 #[derive(Debug)]
@@ -897,4 +905,229 @@ async fn bad_input_is_named_and_exits_2() {
     ] {
         assert!(help.contains(var), "{var} missing from --help");
     }
+}
+
+/// What an upstream routing the way common frameworks do executed: the
+/// method after overrides and upper-casing, the path decoded before
+/// splitting (WSGI), compared case-insensitively (Express), without `;`
+/// parameters (Tomcat) or a format suffix (Rails), with dot segments
+/// resolved: the operations `POST /appointments` and
+/// `DELETE /appointments/{id}`, and whether a key came with them.
+#[derive(Default)]
+struct FrameworkUpstream {
+    seen_paths: Mutex<Vec<String>>,
+    executed: Mutex<Vec<(String, bool)>>,
+}
+
+impl FrameworkUpstream {
+    fn route(method: &str, path: &str, headers: &HeaderMap) -> Option<String> {
+        let mut method = method.to_ascii_uppercase();
+        for name in [
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+        ] {
+            if let Some(value) = headers.get(name) {
+                method = value.to_str().unwrap_or("").trim().to_ascii_uppercase();
+            }
+        }
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
+        for pair in query.split('&') {
+            if let Some(value) = pair.strip_prefix("_method=") {
+                method = value.to_ascii_uppercase();
+            }
+        }
+        let decoded = percent_encoding::percent_decode_str(path)
+            .decode_utf8_lossy()
+            .replace('\\', "/");
+        let mut segments: Vec<String> = Vec::new();
+        for segment in decoded.split('/') {
+            let segment = segment.split(';').next().unwrap_or("").to_lowercase();
+            match segment.as_str() {
+                "" | "." => {}
+                ".." => {
+                    segments.pop();
+                }
+                _ => segments.push(segment),
+            }
+        }
+        if let Some(last) = segments.last_mut()
+            && let Some(dot) = last.rfind('.')
+            && dot > 0
+        {
+            last.truncate(dot);
+        }
+        if segments.first().map(String::as_str) == Some("v2") {
+            segments.remove(0);
+        }
+        match (method.as_str(), segments.as_slice()) {
+            ("POST", [a]) if a == "appointments" => Some("POST /appointments".into()),
+            ("DELETE", [a, _]) if a == "appointments" => Some("DELETE /appointments/{id}".into()),
+            _ => None,
+        }
+    }
+
+    fn executed(&self) -> Vec<(String, bool)> {
+        self.executed.lock().unwrap().clone()
+    }
+}
+
+async fn start_framework_upstream() -> (SocketAddr, Arc<FrameworkUpstream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = Arc::new(FrameworkUpstream::default());
+    let shared = upstream.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let upstream = shared.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let upstream = upstream.clone();
+                    async move {
+                        let target = req.uri().to_string();
+                        upstream.seen_paths.lock().unwrap().push(target.clone());
+                        let route =
+                            FrameworkUpstream::route(req.method().as_str(), &target, req.headers());
+                        let keyed = req.headers().contains_key("idempotency-key");
+                        if let Some(route) = route {
+                            upstream.executed.lock().unwrap().push((route, keyed));
+                        }
+                        Ok::<_, Infallible>(reply(StatusCode::CREATED, "done".into()))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, upstream)
+}
+
+/// Sends `head` (request line and headers, without the blank line) over a
+/// connection of its own, exactly as written; the answer's status and body.
+async fn raw_request(addr: SocketAddr, head: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("{head}\r\nHost: api.test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("no answer within 10 s")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+const SPELLINGS: &[(&str, &str)] = &[
+    ("post /appointments", ""),
+    ("Post /appointments", ""),
+    ("delete /appointments/42", ""),
+    ("POST /appointments%2F42", ""),
+    ("POST /Appointments", ""),
+    ("POST /APPOINTMENTS/", ""),
+    ("POST /appointments;jsessionid=1", ""),
+    ("POST /appointments.json", ""),
+    ("POST /./appointments;v=1", ""),
+    ("POST /appointments/42", "X-HTTP-Method-Override: DELETE"),
+    ("POST /appointments/42", "X-HTTP-Method: delete"),
+    ("POST /appointments/42", "X-Method-Override: DELETE"),
+    ("POST /appointments/42?_method=DELETE", ""),
+    ("POST /appoint%6Dents", ""),
+    ("POST /%61ppointments/", ""),
+    ("POST /appointments%5C42", ""),
+    ("POST //appointments", ""),
+    ("DELETE /Appointments/42;a=b", ""),
+    ("DELETE /appointments/42.xml", ""),
+    ("POST /x/../appointments", ""),
+    ("POST /%2e%2e/appointments", ""),
+];
+
+#[tokio::test]
+async fn no_spelling_of_a_required_operation_reaches_the_upstream_without_a_key() {
+    let (upstream_addr, upstream) = start_framework_upstream().await;
+    let openapi = r#"
+openapi: 3.1.0
+paths:
+  /appointments:
+    post: { x-side-effects: transactional }
+  /appointments/{id}:
+    delete: { x-idempotency: required }
+"#;
+    let path = openapi_file();
+    std::fs::write(&path, openapi).unwrap();
+    let gateway = start_gateway(upstream_addr, &["--openapi", path.to_str().unwrap()]).await;
+    for (line, header) in SPELLINGS {
+        let head = if header.is_empty() {
+            format!("{line} HTTP/1.1\r\nAuthorization: Bearer alice")
+        } else {
+            format!("{line} HTTP/1.1\r\nAuthorization: Bearer alice\r\n{header}")
+        };
+        let (status, body) = raw_request(gateway.addr, &head).await;
+        assert_eq!(status, 400, "{line} {header}: {body}");
+        assert!(
+            body.contains("missing-key") || body.contains("path-ambiguous"),
+            "{line} {header}: {body}"
+        );
+    }
+    assert_eq!(upstream.executed(), [], "executed without a key");
+
+    // With a key, each spelling runs once, protected.
+    for (i, (line, header)) in SPELLINGS.iter().enumerate() {
+        let head = format!(
+            "{line} HTTP/1.1\r\nAuthorization: Bearer alice\r\nIdempotency-Key: s-{i}\r\n{header}"
+        );
+        for _ in 0..2 {
+            raw_request(gateway.addr, head.trim_end()).await;
+        }
+    }
+    let executed = upstream.executed();
+    assert!(executed.iter().all(|(_, keyed)| *keyed), "{executed:?}");
+    // Refused spellings never run; overrides are removed, so the upstream
+    // runs the POST that was matched, which routes nowhere; the rest run
+    // once for two sends.
+    let runs = SPELLINGS
+        .iter()
+        .filter(|(line, header)| {
+            let refused = line.contains("%2F") || line.contains("%5C");
+            let overridden = !header.is_empty() || line.contains("_method");
+            !refused && !overridden
+        })
+        .count();
+    assert_eq!(executed.len(), runs, "{executed:?}");
+}
+
+#[tokio::test]
+async fn no_path_climbs_out_of_the_upstream_base_path() {
+    let (upstream_addr, upstream) = start_framework_upstream().await;
+    let gateway = Gateway::start_with_upstream(&format!("http://{upstream_addr}/v2"), &[]).await;
+    for path in [
+        "/../v2/appointments",
+        "/%2e%2e/admin",
+        "/.%2E/.%2e/admin",
+        "/a/../../admin",
+        "/..",
+    ] {
+        let (status, body) = raw_request(
+            gateway.addr,
+            &format!("GET {path} HTTP/1.1\r\nAuthorization: Bearer alice"),
+        )
+        .await;
+        assert!(status == 201 || status == 400, "{path}: {status} {body}");
+    }
+    let seen = upstream.seen_paths.lock().unwrap().clone();
+    assert!(!seen.is_empty());
+    for path in &seen {
+        assert!(path.starts_with("/v2/"), "reached {path}");
+        assert!(!path.contains(".."), "reached {path}");
+    }
+    assert!(seen.contains(&"/v2/v2/appointments".to_owned()), "{seen:?}");
+    assert!(seen.contains(&"/v2/admin".to_owned()), "{seen:?}");
 }
