@@ -281,7 +281,7 @@ async fn renew_until_fenced<St: Store>(config: Arc<Config<St>>, key: RecordKey, 
     let every = (config.lease / 3).max(Duration::from_millis(1));
     loop {
         tokio::time::sleep(every).await;
-        let op = config.store.renew(&key, token, config.lease);
+        let op = config.store.renew(&key, token, config.claim_lease());
         match bounded(op, config.store_timeout, ("renew", config.store.name())).await {
             Ok(()) => {}
             Err(StoreError::Fenced) => {
@@ -401,7 +401,7 @@ async fn complete_retrying<St: Store>(
         if attempt != Attempt::Failed {
             return attempt;
         }
-        let renewal = config.store.renew(key, token, config.lease);
+        let renewal = config.store.renew(key, token, config.claim_lease());
         let label = ("renew", config.store.name());
         if let Err(StoreError::Fenced) = bounded(renewal, config.store_timeout, label).await {
             tracing::warn!(

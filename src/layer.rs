@@ -83,6 +83,34 @@ impl RecordPolicy for RecordUnlessRetryable {
     }
 }
 
+/// What a request does when it finds its key claimed by an earlier request
+/// whose lease ran out (SPEC 3.8): the holder stopped renewing, because its
+/// process died, stalled, or lost the store for longer than the lease.
+///
+/// A holder that only stalled is still running the work, and may finish
+/// it; an application chooses which risk it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Lapse {
+    /// Take the claim over and execute again, telling the handler
+    /// ([`IdempotencyContext::took_over`](crate::IdempotencyContext::took_over)),
+    /// which should check what the earlier execution left behind. The
+    /// earlier holder is fenced: its late response is not recorded. The
+    /// default: a dead holder's key is free again after one lease.
+    #[default]
+    TakeOver,
+    /// Never execute a key a second time. A claim is held for the whole
+    /// [maximum execution time](IdempotencyLayer::with_max_execution) plus
+    /// one lease (renewed as usual while the holder runs), so retries are
+    /// answered 409 in flight while the first execution may still finish,
+    /// and its late response still records. Only a claim whose holder
+    /// stopped for longer than that is taken, and then nothing executes:
+    /// the key is settled as `outcome-unknown` (a 500 problem to this and
+    /// every later retry). For handlers that cannot read the context, and
+    /// for proxies whose upstream cannot be told.
+    Settle,
+}
+
 #[derive(Clone)]
 pub(crate) struct Config<St> {
     pub(crate) store: St,
@@ -100,6 +128,7 @@ pub(crate) struct Config<St> {
     pub(crate) response_body_limit: usize,
     pub(crate) ttl: Duration,
     pub(crate) lease: Duration,
+    pub(crate) lapse: Lapse,
     pub(crate) record: Arc<dyn RecordPolicy>,
     pub(crate) mismatch_status: StatusCode,
     pub(crate) wait: Option<Duration>,
@@ -133,6 +162,16 @@ fn default_route(parts: &http::request::Parts) -> String {
 }
 
 impl<St> Config<St> {
+    /// The lease a claim is taken and renewed with: one lease, or, when a
+    /// lapsed claim is never taken over, the maximum execution time plus
+    /// one lease.
+    pub(crate) fn claim_lease(&self) -> Duration {
+        match self.lapse {
+            Lapse::TakeOver => self.lease,
+            Lapse::Settle => self.max_execution.saturating_add(self.lease),
+        }
+    }
+
     /// A request's place in the audit chain: `Ok(None)` without an audit
     /// log, `Err` when there is no room and the request must not run.
     #[inline]
@@ -175,6 +214,7 @@ impl<St> Config<St> {
 /// | request / response body limit | 1 MiB / 1 MiB |
 /// | TTL of a completed record | 24 hours |
 /// | lease of an in-flight claim | 30 seconds, renewed every 10 while the request runs |
+/// | a claim whose lease ran out | taken over, the handler told ([`Lapse`]) |
 /// | recorded responses | all but 408, 429, 503 |
 /// | key reused for a different request | 400 |
 /// | duplicate while in flight | 409 at once, `Retry-After: 1` |
@@ -208,6 +248,7 @@ impl<St> fmt::Debug for IdempotencyLayer<St> {
             .field("require_key", &c.require_key)
             .field("ttl", &c.ttl)
             .field("lease", &c.lease)
+            .field("lapse", &c.lapse)
             .finish_non_exhaustive()
     }
 }
@@ -230,6 +271,7 @@ impl<St> IdempotencyLayer<St> {
                 response_body_limit: 1024 * 1024,
                 ttl: Duration::from_secs(24 * 60 * 60),
                 lease: Duration::from_secs(30),
+                lapse: Lapse::TakeOver,
                 record: Arc::new(RecordUnlessRetryable),
                 mismatch_status: StatusCode::BAD_REQUEST,
                 wait: None,
@@ -488,6 +530,19 @@ impl<St: Clone> IdempotencyLayer<St> {
     /// ```
     pub fn with_lease(self, lease: Duration) -> Self {
         self.with(|c| c.lease = lease.max(Duration::from_millis(1)))
+    }
+
+    /// What a retry does with a claim whose holder stopped renewing it
+    /// (default [`Lapse::TakeOver`]); see [`Lapse`].
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, Lapse, MemoryStore};
+    /// // The handler cannot check what a stalled first execution did:
+    /// // never run it twice, settle the key as outcome-unknown instead.
+    /// let layer = IdempotencyLayer::new(MemoryStore::default()).with_lapse(Lapse::Settle);
+    /// ```
+    pub fn with_lapse(self, lapse: Lapse) -> Self {
+        self.with(|c| c.lapse = lapse)
     }
 
     /// Which final responses are recorded (default

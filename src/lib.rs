@@ -193,7 +193,8 @@ pub use fingerprint::Fingerprint;
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
 pub use layer::{
-    IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyLayer, RecordPolicy, RecordUnlessRetryable,
+    IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyLayer, Lapse, RecordPolicy,
+    RecordUnlessRetryable,
 };
 pub use outcome::Outcome;
 pub use rejection::{PROBLEM_TYPE_BASE, ProblemJson, Rejection, RejectionKind, RejectionResponse};

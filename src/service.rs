@@ -22,7 +22,7 @@ use crate::{
     body::{Recording, Tee, detach_tee},
     claim::{Finish, Held, HeldClaim, KeyHash, ScopeHash, bounded},
     key,
-    layer::{Config, IDEMPOTENT_REPLAYED},
+    layer::{Config, IDEMPOTENT_REPLAYED, Lapse},
     record::{self, RecordBuilder},
     store::{Claim, RecordKey, Store},
     trail::Trail,
@@ -377,10 +377,15 @@ where
         }
     }
 
-    let context = IdempotencyContext::new(record_key.clone(), fingerprint, took_over);
-    parts.extensions.insert(context);
     let mut held: Box<dyn HeldClaim> =
-        Box::new(Held::new(config.clone(), record_key, token, trail));
+        Box::new(Held::new(config.clone(), record_key.clone(), token, trail));
+    if took_over && config.lapse == Lapse::Settle {
+        // The earlier holder stopped for longer than it may run: whether
+        // its work took effect is unknown, and nothing runs again.
+        return Ok(settle(&config, held, outcome_unknown_lapsed()).await);
+    }
+    let context = IdempotencyContext::new(record_key, fingerprint, took_over);
+    parts.extensions.insert(context);
     let req = Request::from_parts(*parts, RequestBody::buffered(body, trailers));
     let result = {
         let mut call = pin!(inner.call(req));
@@ -406,7 +411,15 @@ where
         // stops before its key is settled.
     };
     let Some(result) = result else {
-        return Ok(settle_unfinished(&config, held, lifeline.must_settle()).await);
+        config.background.settled_unfinished();
+        if lifeline.must_settle() {
+            tracing::warn!("request stopped at the drain deadline; recorded as outcome-unknown");
+        } else {
+            tracing::warn!(
+                "request stopped past its maximum execution time; recorded as outcome-unknown"
+            );
+        }
+        return Ok(settle(&config, held, outcome_unknown()).await);
     };
 
     let (mut parts, body) = match result {
@@ -454,16 +467,15 @@ enum Claimed<B> {
 }
 
 /// The request ran past the maximum execution time, or past a drain's
-/// deadline, and its service was stopped: record `outcome-unknown`, so that
-/// neither this client nor any retry sees the intent run again, and answer
-/// with it.
-async fn settle_unfinished<St: Store, B>(
+/// deadline, and its service was stopped, or it found a claim lapsed past
+/// that time under [`Lapse::Settle`]: record `rejection` (an
+/// `outcome-unknown`), so that neither this client nor any retry sees the
+/// intent run again, and answer with it.
+async fn settle<St: Store, B>(
     config: &Config<St>,
     mut held: Box<dyn HeldClaim>,
-    by_drain: bool,
+    rejection: Rejection,
 ) -> Response<ResponseBody<B>> {
-    config.background.settled_unfinished();
-    let rejection = outcome_unknown();
     let (mut parts, body) = config.responder.response(&rejection).into_parts();
     let mut builder = RecordBuilder::new(
         parts.status,
@@ -473,13 +485,6 @@ async fn settle_unfinished<St: Store, B>(
         body.len(),
     );
     builder.push(&body);
-    if by_drain {
-        tracing::warn!("request stopped at the drain deadline; recorded as outcome-unknown");
-    } else {
-        tracing::warn!(
-            "request stopped past its maximum execution time; recorded as outcome-unknown"
-        );
-    }
     let finish = Finish {
         settled: true,
         status: parts.status.as_u16(),
@@ -506,7 +511,7 @@ async fn claim<St: Store, B>(
     let mut waited: Option<(Instant, Duration)> = None;
     loop {
         lifeline.set_detachable(true);
-        let op = config.store.claim(key, fingerprint, config.lease);
+        let op = config.store.claim(key, fingerprint, config.claim_lease());
         let found = match bounded(op, config.store_timeout, ("claim", config.store.name())).await {
             Ok(found) => found,
             Err(err) if config.fail_open => {
@@ -699,6 +704,16 @@ fn outcome_unknown() -> Rejection {
         RejectionKind::OutcomeUnknown,
         StatusCode::INTERNAL_SERVER_ERROR,
         "The request with this idempotency key ran past the server's time limit and was stopped. It may or may not have taken effect, and it will not be executed again under this key: check the state of what it changes before sending a new request with a new key.",
+    )
+}
+
+/// A retry found its key's claim lapsed past the maximum execution time,
+/// under [`Lapse::Settle`].
+fn outcome_unknown_lapsed() -> Rejection {
+    Rejection::new(
+        RejectionKind::OutcomeUnknown,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "The first request with this idempotency key stopped answering before it finished (its server stalled or went away), so it may or may not have taken effect. It will not be executed again under this key: check the state of what it changes before sending a new request with a new key.",
     )
 }
 

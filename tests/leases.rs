@@ -294,3 +294,102 @@ async fn a_stalled_holder_nobody_took_over_still_records() {
     assert_eq!(body_bytes(replay).await, "booking 1");
     assert_eq!(counter.get(), 1);
 }
+
+/// `Lapse::Settle`: a holder whose renewals fail past its lease (a stall,
+/// a partition from the store) is never run a second time; the retry is
+/// answered in flight, and the holder's late response still records.
+#[tokio::test(start_paused = true)]
+async fn under_settle_a_lapsed_holder_is_not_taken_over_and_its_late_response_records() {
+    let counter = Counter::default();
+    let (router, mut started, gate) = gated(&counter);
+    let store = FaultyStore::new(MemoryStore::default());
+    store.set_fault(Op::Renew, Some(Fault::Unavailable));
+    let app = router.layer(
+        IdempotencyLayer::new(store.clone())
+            .with_lease(Duration::from_secs(3))
+            .with_max_execution(Duration::from_secs(60))
+            .with_lapse(tower_idempotency::Lapse::Settle),
+    );
+    let first = tokio::spawn(app.clone().oneshot(post_with_key("k", "x")));
+    assert_eq!(started.recv().await, Some(1));
+    for _ in 0..5 {
+        tokio::time::advance(Duration::from_secs(4)).await;
+        let (status, kind, _) =
+            problem(app.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{kind}");
+    }
+    gate.send(true).unwrap();
+    assert_eq!(body_bytes(first.await.unwrap().unwrap()).await, "booking 1");
+    let replay = app.oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(body_bytes(replay).await, "booking 1");
+    assert_eq!(counter.get(), 1);
+}
+
+/// `Lapse::Settle`: the store away for longer than the lease while the
+/// holder holds its answer: the retries after the store returns are in
+/// flight until the holder's record lands, then replay it.
+#[tokio::test(start_paused = true)]
+async fn under_settle_a_store_outage_past_the_lease_lets_the_holder_record() {
+    let counter = Counter::default();
+    let store = FaultyStore::new(MemoryStore::default());
+    let app = common::booking_router(counter.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .with_lease(Duration::from_secs(3))
+            .with_lapse(tower_idempotency::Lapse::Settle),
+    );
+    store.set_fault(Op::Renew, Some(Fault::Unavailable));
+    store.set_fault(Op::Complete, Some(Fault::Unavailable));
+    let first = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let _ = body_bytes(first).await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let (status, _, _) = problem(app.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "the retry took the key over");
+    store.set_fault(Op::Renew, None);
+    store.set_fault(Op::Complete, None);
+    // The holder's completion retries back off to a third of the lease.
+    for _ in 0..20 {
+        tokio::time::advance(Duration::from_millis(500)).await;
+    }
+    let replay = app.oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(replay.status(), StatusCode::CREATED);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(counter.get(), 1);
+}
+
+/// `Lapse::Settle`: a claim whose holder stopped for longer than the
+/// maximum execution time plus a lease is settled `outcome-unknown`, and
+/// nothing runs.
+#[tokio::test(start_paused = true)]
+async fn under_settle_a_claim_abandoned_past_its_maximum_is_settled_not_run() {
+    let counter = Counter::default();
+    let store = MemoryStore::default();
+    let app = common::booking_router(counter.clone()).layer(
+        IdempotencyLayer::new(store.clone())
+            .with_lease(Duration::from_secs(10))
+            .with_max_execution(Duration::from_secs(60))
+            .with_lapse(tower_idempotency::Lapse::Settle)
+            .with_scope(|_: &http::request::Parts| Some(tower_idempotency::Scope::global())),
+    );
+    let (parts, ()) = http::Request::post("/book").body(()).unwrap().into_parts();
+    let fingerprint = Fingerprint::compute(&parts, &[], b"x");
+    let key = RecordKey::new("", "k");
+    assert!(matches!(
+        store
+            .claim(&key, fingerprint, Duration::from_secs(70))
+            .await,
+        Ok(Claim::Acquired { .. })
+    ));
+    tokio::time::advance(Duration::from_secs(65)).await;
+    let (status, _, _) = problem(app.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "taken before max execution");
+    tokio::time::advance(Duration::from_secs(6)).await;
+    for _ in 0..2 {
+        let (status, kind, _) =
+            problem(app.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(kind.ends_with("outcome-unknown"), "{kind}");
+    }
+    assert_eq!(counter.get(), 0);
+}

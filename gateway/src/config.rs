@@ -77,6 +77,24 @@ pub struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub upstream_timeout_secs: u64,
 
+    /// Take over a claim whose gateway stopped renewing it (stalled, cut off
+    /// from the store, or dead) after one lease, and forward the request
+    /// again with `Idempotent-Take-Over: true`, for an upstream that checks
+    /// what a first execution left behind. By default a claim is never
+    /// forwarded twice: retries get 409 until the first forward ends or
+    /// the upstream timeout plus one lease passes, and then the key is
+    /// settled as `outcome-unknown`.
+    #[arg(long, env = "GATEWAY_TAKE_OVER")]
+    pub take_over: bool,
+
+    /// How long an idle pooled connection to the upstream is kept: below
+    /// the upstream's own keep-alive timeout (gunicorn's is 2 s, Node's
+    /// 5 s), so the gateway never sends a request into a connection the
+    /// upstream is closing.
+    #[arg(long, env = "GATEWAY_UPSTREAM_IDLE_SECS", value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub upstream_idle_secs: u64,
+
     /// How long a connection to the upstream may take; a failed connection
     /// is a 502 and releases the key.
     #[arg(long, env = "GATEWAY_CONNECT_TIMEOUT_SECS", value_name = "N", default_value_t = 5,

@@ -92,11 +92,10 @@ impl Upstream {
     }
 }
 
-/// How long an idle pooled connection is kept: shorter than the keep-alive
-/// timeout of common upstream servers (Node's is 5 s), so the gateway
-/// closes it before the upstream does and a request is never written into
-/// a connection the upstream is closing.
-const POOL_IDLE: Duration = Duration::from_secs(4);
+/// Sent to the upstream with a request forwarded again after its key's
+/// earlier holder stopped (only with `--take-over`): this may be a second
+/// execution. Removed from what clients send.
+pub const IDEMPOTENT_TAKE_OVER: HeaderName = HeaderName::from_static("idempotent-take-over");
 
 /// The client's address, put into each request's extensions by the server.
 #[derive(Debug, Clone, Copy)]
@@ -120,14 +119,20 @@ impl Forwarder {
     /// A forwarder to `upstream`, giving up on a response head after
     /// `timeout` (for requests the idempotency layer holds a key for, the
     /// layer's maximum execution time does, and settles the key) and on a
-    /// connection after `connect_timeout`.
-    pub fn new(upstream: Upstream, timeout: Duration, connect_timeout: Duration) -> Self {
+    /// connection after `connect_timeout`, keeping idle connections for
+    /// `idle`.
+    pub fn new(
+        upstream: Upstream,
+        timeout: Duration,
+        connect_timeout: Duration,
+        idle: Duration,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout.min(timeout)));
         connector.enforce_http(true);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
+            .pool_idle_timeout(idle)
             .build(connector);
         Forwarder {
             client,
@@ -173,7 +178,7 @@ where
                     upstream_metric("response", seconds);
                     incoming(response)
                 }
-                Ok(Err(err)) if err.is_connect() => {
+                Ok(Err(err)) if err.is_connect() || never_sent(&err) => {
                     upstream_metric("unreachable", seconds);
                     let cause = error_chain(&err);
                     eprintln!("idempotency-gateway: upstream unreachable: {cause}");
@@ -219,6 +224,20 @@ where
     }
 }
 
+/// Whether hyper gave the request back unsent: the connection closed
+/// before it was written (hyper-util already tried again on a fresh one
+/// when the closed one was pooled).
+fn never_sent(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = err.source();
+    while let Some(cause) = source {
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
+            return hyper.is_canceled();
+        }
+        source = cause.source();
+    }
+    false
+}
+
 fn upstream_metric(outcome: &'static str, seconds: f64) {
     metrics::counter!("gateway_upstream_requests_total", "outcome" => outcome).increment(1);
     metrics::histogram!("gateway_upstream_duration_seconds").record(seconds);
@@ -250,6 +269,16 @@ where
     });
     remove_hop_by_hop(&mut parts.headers);
     join_cookies(&mut parts.headers);
+    parts.headers.remove(IDEMPOTENT_TAKE_OVER);
+    if parts
+        .extensions
+        .get::<IdempotencyContext>()
+        .is_some_and(IdempotencyContext::took_over)
+    {
+        parts
+            .headers
+            .insert(IDEMPOTENT_TAKE_OVER, HeaderValue::from_static("true"));
+    }
     let client = parts.extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
     if let Some(ip) = client {
         let mut list: Vec<u8> = Vec::new();

@@ -28,7 +28,7 @@ use hyper_util::{
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tower_idempotency::{
-    Anonymous, BoxStore, DefaultScope, IdempotencyLayer, MemoryStore,
+    Anonymous, BoxStore, DefaultScope, IdempotencyLayer, Lapse, MemoryStore,
     audit::{AuditLog, AuditSigner, JsonlSink},
 };
 use tower_service::Service;
@@ -72,6 +72,7 @@ pub async fn serve(
         upstream,
         args.upstream_timeout(),
         Duration::from_secs(args.connect_timeout_secs),
+        Duration::from_secs(args.upstream_idle_secs),
     );
     describe(&api, &args, store_name);
     let health = Health {
@@ -169,6 +170,11 @@ fn layer(args: &Args, store: BoxStore, audit: Option<AuditLog>) -> IdempotencyLa
         .with_ttl(args.ttl())
         .with_lease(args.lease())
         .with_max_execution(args.upstream_timeout())
+        .with_lapse(if args.take_over {
+            Lapse::TakeOver
+        } else {
+            Lapse::Settle
+        })
         .with_request_body_limit(args.request_body_limit)
         .with_response_body_limit(args.response_body_limit)
         .with_scope(scope);

@@ -1131,3 +1131,278 @@ async fn no_path_climbs_out_of_the_upstream_base_path() {
     assert!(seen.contains(&"/v2/v2/appointments".to_owned()), "{seen:?}");
     assert!(seen.contains(&"/v2/admin".to_owned()), "{seen:?}");
 }
+
+/// Sends `signal` (`STOP`, `CONT`, `KILL`, ...) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The gateway binary on a port of its own, with `args`; its address once
+/// it is listening.
+async fn spawn_gateway_binary(
+    upstream: SocketAddr,
+    args: &[&str],
+) -> (tokio::process::Child, SocketAddr) {
+    let openapi = openapi_file();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_idempotency-gateway"))
+        .args(["--listen", "127.0.0.1:0", "--openapi"])
+        .arg(&openapi)
+        .args(args)
+        .env("GATEWAY_UPSTREAM", format!("http://{upstream}"))
+        .env("GATEWAY_SCOPE_SECRET", "test-secret")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next_line().await.unwrap().unwrap();
+    let addr: SocketAddr = first
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("first line: {first}"))
+        .parse()
+        .unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}
+
+/// Redis's clock, in milliseconds.
+fn redis_now_ms(url: &str) -> u64 {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-u", url, "TIME"])
+        .output()
+        .expect("redis-cli is on the PATH");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut parts = text.split_whitespace();
+    let secs: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap();
+    let micros: u64 = parts.next().and_then(|s| s.parse().ok()).unwrap();
+    secs * 1000 + micros / 1000
+}
+
+/// Waits until `ms` milliseconds have passed on Redis's clock, which
+/// decides leases.
+async fn wait_on_redis_clock(url: &str, ms: u64) {
+    let start = redis_now_ms(url);
+    while redis_now_ms(url) < start + ms {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `POST /slow` with `key`, as one public host: two gateways behind one
+/// load balancer.
+async fn post_slow(gateway: SocketAddr, key: &str) -> Reply {
+    let host = [("host", "clinic.example")];
+    send_with(
+        &client(),
+        gateway,
+        Method::POST,
+        "/slow",
+        Some(key),
+        "{}",
+        &host,
+    )
+    .await
+}
+
+/// Retries `key` at `gateway` until it is no longer in flight (bounded).
+async fn settled_answer(gateway: SocketAddr, key: &str) -> Reply {
+    for _ in 0..200 {
+        let reply = post_slow(gateway, key).await;
+        if reply.status != StatusCode::CONFLICT && reply.status != StatusCode::SERVICE_UNAVAILABLE {
+            return reply;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{key} stayed in flight");
+}
+
+fn unique(name: &str) -> String {
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+#[tokio::test]
+async fn a_gateway_stopped_past_its_lease_is_never_forwarded_twice() {
+    let Ok(redis) = std::env::var("REDIS_URL") else {
+        eprintln!("skipped: set REDIS_URL (redis://127.0.0.1:6379) to run");
+        return;
+    };
+    let (upstream_addr, upstream) = start_upstream().await;
+    let flags = ["--store", redis.as_str(), "--lease-secs", "1"];
+    let (holder, a) = spawn_gateway_binary(upstream_addr, &flags).await;
+    let b = start_gateway(upstream_addr, &flags).await;
+    let key = unique("stopped");
+    let first = tokio::spawn({
+        let key = key.clone();
+        async move { post_slow(a, &key).await }
+    });
+    upstream.started().await;
+    let pid = holder.id().unwrap();
+    signal(pid, "STOP");
+    // Three leases pass on the store's clock with the holder stopped.
+    wait_on_redis_clock(&redis, 3000).await;
+    upstream.release();
+    let retry = post_slow(b.addr, &key).await;
+    assert_eq!(retry.status, StatusCode::CONFLICT, "{}", retry.text());
+    assert_eq!(upstream.count("/slow"), 1, "forwarded a second time");
+    signal(pid, "CONT");
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
+    let answer = settled_answer(b.addr, &key).await;
+    assert!(answer.replayed(), "{}", answer.text());
+    assert_eq!(answer.body, first.body);
+    assert_eq!(upstream.count("/slow"), 1);
+}
+
+#[tokio::test]
+async fn a_store_paused_past_the_lease_never_runs_a_write_twice() {
+    if std::env::var("REDIS_URL").is_err() {
+        eprintln!("skipped: set REDIS_URL (and have redis-server on the PATH) to run");
+        return;
+    }
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mut server = tokio::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server is on the PATH");
+    let url = format!("redis://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (upstream_addr, upstream) = start_upstream().await;
+    let flags = ["--store", url.as_str(), "--lease-secs", "1"];
+    let a = start_gateway(upstream_addr, &flags).await;
+    let b = start_gateway(upstream_addr, &flags).await;
+    let key = unique("paused");
+    let first = tokio::spawn({
+        let key = key.clone();
+        async move { post_slow(a.addr, &key).await }
+    });
+    upstream.started().await;
+    let pid = server.id().unwrap();
+    signal(pid, "STOP");
+    // Past the lease with the store away: the holder cannot renew, and a
+    // retry's claim waits in Redis's queue.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let retry = post_slow(b.addr, &key).await;
+    assert_eq!(
+        retry.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        retry.text()
+    );
+    signal(pid, "CONT");
+    upstream.release();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
+    let answer = settled_answer(b.addr, &key).await;
+    assert!(answer.replayed(), "{}", answer.text());
+    assert_eq!(answer.body, first.body);
+    assert_eq!(upstream.count("/slow"), 1);
+    let _ = server.kill().await;
+}
+
+/// An upstream that answers each request and closes the connection at once
+/// without saying so (no `Connection: close`), as a server whose
+/// keep-alive timeout just ran out does: the keys it received.
+async fn start_closing_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let keys = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let keys = keys.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                let header = |name: &str| {
+                    head.lines()
+                        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                        .map(str::to_owned)
+                };
+                let length: usize = header("content-length")
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0; length];
+                if stream.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                let key = header("idempotency-key").unwrap_or_default();
+                keys.lock().unwrap().push(key.clone());
+                let answer = format!(
+                    "HTTP/1.1 201 Created\r\ncontent-length: {}\r\n\r\n{key}",
+                    key.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_never_records_an_unsent_request() {
+    let (upstream_addr, seen) = start_closing_upstream().await;
+    let gateway = start_gateway(upstream_addr, &[]).await;
+    let client = client();
+    let mut lost = Vec::new();
+    for i in 0..200 {
+        let key = format!("pool-{i}");
+        let reply = send_with(
+            &client,
+            gateway.addr,
+            Method::POST,
+            "/appointments",
+            Some(&key),
+            "{}",
+            &[],
+        )
+        .await;
+        if reply.status != StatusCode::CREATED {
+            lost.push((key, reply.status, reply.code()));
+        }
+    }
+    let seen = seen.lock().unwrap().clone();
+    for (key, status, code) in &lost {
+        assert!(
+            seen.contains(key),
+            "{key}: {status} {code}, but the upstream never received it"
+        );
+    }
+    let mut unique = seen.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "a key reached the upstream twice");
+}

@@ -138,6 +138,12 @@ return 0
 ///   default) after its lease. Expired records disappear by themselves.
 /// - A key holding something else (a string, a hash without the expected
 ///   fields) is [`StoreError::Corrupt`], never a panic or a fresh claim.
+/// - A claim whose caller stopped waiting for the answer (the layer's
+///   store timeout, with Redis paused or slow) is followed by a release
+///   under its token on the same connection: if Redis runs the claim
+///   later, it does not hold the key for nobody, and it cannot keep a
+///   retry from executing, or, under [`Lapse::Settle`](crate::Lapse::Settle),
+///   turn into an `outcome-unknown` for a request that never ran.
 ///
 /// # What Redis must guarantee
 ///
@@ -218,6 +224,14 @@ impl RedisStore {
     /// holder to renew or complete it if nobody takes it over: 24 hours.
     pub const DEFAULT_LAPSED_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
+    /// How long [`connect`](Self::connect) and
+    /// [`connect_cluster`](Self::connect_cluster) let the client wait for
+    /// an answer: 30 seconds, above the layer's
+    /// [store timeout](crate::IdempotencyLayer::with_store_timeout), which
+    /// answers the request first (the `redis` crate's own default, 500 ms,
+    /// would fail a claim that Redis, once it catches up, still runs).
+    pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
     fn with_connection(connection: Connection) -> Self {
         RedisStore {
             connection,
@@ -254,7 +268,9 @@ impl RedisStore {
             return Self::connect_cluster(&nodes).await;
         }
         let client = redis::Client::open(url).map_err(StoreError::unavailable)?;
-        let connection = ConnectionManager::new(client)
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(Self::RESPONSE_TIMEOUT));
+        let connection = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(StoreError::unavailable)?;
         let store = Self::new(connection);
@@ -267,7 +283,10 @@ impl RedisStore {
     /// evict records.
     pub async fn connect_cluster(nodes: &[impl AsRef<str>]) -> Result<Self, StoreError> {
         let nodes: Vec<&str> = nodes.iter().map(AsRef::as_ref).collect();
-        let client = redis::cluster::ClusterClient::new(nodes).map_err(StoreError::unavailable)?;
+        let client = redis::cluster::ClusterClient::builder(nodes)
+            .response_timeout(Self::RESPONSE_TIMEOUT)
+            .build()
+            .map_err(StoreError::unavailable)?;
         let connection = client
             .get_async_connection()
             .await
@@ -457,6 +476,27 @@ fn parse_claim(value: Value, token: Token) -> Result<Claim, StoreError> {
     }
 }
 
+/// A claim sent and not yet answered; see [`Store::claim`] for Redis.
+struct Unanswered(Option<(RedisStore, String, Token)>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        let Some((store, redis_key, token)) = self.0.take() else {
+            return;
+        };
+        // On the same connection (and, on a cluster, the same node) the
+        // release runs after the claim: it removes the claim if it landed
+        // under this token, and changes nothing otherwise.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let mut invocation = RELEASE.key(redis_key);
+                invocation.arg(token.0.to_string());
+                let _ = store.run(invocation).await;
+            });
+        }
+    }
+}
+
 fn fenced_unless_one(value: Value) -> Result<(), StoreError> {
     match value {
         Value::Int(1) => Ok(()),
@@ -479,13 +519,19 @@ impl Store for RedisStore {
         let redis_key = self.redis_key(key);
         let token = Token(crate::random_u64());
         async move {
-            let mut invocation = CLAIM.key(redis_key);
+            let mut invocation = CLAIM.key(&redis_key);
             invocation
                 .arg(&fingerprint.as_bytes()[..])
                 .arg(token.0.to_string())
                 .arg(millis(lease))
                 .arg(millis(self.lapsed_retention));
-            parse_claim(self.run(invocation).await?, token)
+            // Dropped before the answer (the layer's store timeout): the
+            // script may still run, so a release under the same token
+            // follows it and undoes a claim nobody holds.
+            let mut unanswered = Unanswered(Some((self.clone(), redis_key.clone(), token)));
+            let answer = self.run(invocation).await;
+            unanswered.0 = None;
+            parse_claim(answer?, token)
         }
     }
 
