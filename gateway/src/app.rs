@@ -26,6 +26,7 @@ use tower_service::Service;
 
 use crate::{
     forward::{BoxError, Forwarder, GatewayBody, Unreached, full, problem},
+    limits::Limits,
     openapi::{Api, Matched, Protection},
     route::{OVERRIDE_HEADERS, canonical},
 };
@@ -79,6 +80,8 @@ pub struct Gateway {
     health: Arc<Health>,
     metrics: Option<PrometheusHandle>,
     reject_unknown: bool,
+    limits: Arc<Limits>,
+    key_header: http::HeaderName,
 }
 
 impl Gateway {
@@ -90,6 +93,7 @@ impl Gateway {
         health: Health,
         metrics: Option<PrometheusHandle>,
         reject_unknown: bool,
+        limits: Limits,
     ) -> Self {
         use tower_layer::Layer;
         let required = layer.clone().with_required_key(true);
@@ -102,6 +106,8 @@ impl Gateway {
             health: Arc::new(health),
             metrics,
             reject_unknown,
+            limits: Arc::new(limits),
+            key_header: tower_idempotency::IDEMPOTENCY_KEY,
         }
     }
 }
@@ -147,18 +153,11 @@ where
             &canonical.overrides,
             &canonical.path.segments,
         );
-        match matched {
+        let (template, protection) = match matched {
             Matched::Operation {
                 template,
                 protection,
-            } => {
-                req.extensions_mut().insert(Route(template));
-                match protection {
-                    Protection::Required => boxed(self.required.call(req)),
-                    Protection::Optional => boxed(self.optional.call(req)),
-                    Protection::Off => Box::pin(self.forward.call(req)),
-                }
-            }
+            } => (Some(template), protection),
             Matched::UndescribedMethod {
                 template,
                 allow,
@@ -178,12 +177,7 @@ where
                     return ready(response);
                 }
                 // A described path: an unmarked method's default applies.
-                req.extensions_mut().insert(Route(template));
-                match default {
-                    Protection::Required => boxed(self.required.call(req)),
-                    Protection::Optional => boxed(self.optional.call(req)),
-                    Protection::Off => Box::pin(self.forward.call(req)),
-                }
+                (Some(template), default)
             }
             Matched::UnknownPath => {
                 if self.reject_unknown {
@@ -193,9 +187,31 @@ where
                         "The API's OpenAPI document does not describe this path.",
                     ));
                 }
-                Box::pin(self.forward.call(req))
+                (None, Protection::Off)
             }
+        };
+        let buffered = match protection {
+            Protection::Required => true,
+            Protection::Optional => req.headers().contains_key(&self.key_header),
+            Protection::Off => false,
+        };
+        let held = match self.limits.admit(req.headers(), buffered) {
+            Ok(held) => held,
+            Err(overloaded) => return ready(overloaded.response()),
+        };
+        if let Some(template) = template {
+            req.extensions_mut().insert(Route(template));
         }
+        let future = match protection {
+            Protection::Required => boxed(self.required.call(req)),
+            Protection::Optional => boxed(self.optional.call(req)),
+            Protection::Off => Box::pin(self.forward.call(req)),
+        };
+        Box::pin(async move {
+            let response = future.await;
+            drop(held);
+            response
+        })
     }
 }
 

@@ -162,8 +162,38 @@ pub struct Args {
     )]
     pub response_body_limit: usize,
 
-    /// On SIGTERM, how long open connections and requests whose clients
-    /// went away have to finish.
+    /// How long a client has to send a request head in full, from the
+    /// moment its connection is ready for one (a new connection, or the end
+    /// of the previous response): bounds half-sent heads and idle
+    /// keep-alive connections alike. Closed past it.
+    #[arg(long, env = "GATEWAY_HEADER_READ_TIMEOUT_SECS", value_name = "N", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_secs: u64,
+
+    /// The most client connections open at once; one more is answered 503
+    /// and closed.
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", value_name = "N", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// The most requests in progress at once, over every connection; one
+    /// more is answered 503 (`overloaded`, with Retry-After) and not
+    /// forwarded.
+    #[arg(long, env = "GATEWAY_MAX_REQUESTS", value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_requests: u64,
+
+    /// The most bytes of keyed request bodies held at once (each is read
+    /// whole to be fingerprinted, reserved by its Content-Length, or the
+    /// request body limit without one); a keyed request that would pass it
+    /// is answered 503 (`overloaded`) before its body is read.
+    #[arg(long, env = "GATEWAY_MAX_BUFFERED_BYTES", value_name = "BYTES",
+          default_value_t = 64 * 1024 * 1024)]
+    pub max_buffered_bytes: usize,
+
+    /// On SIGTERM, how long the gateway has to stop: open connections get
+    /// the first half, then requests whose clients went away are finished
+    /// or settled, and the audit chain is closed, all within N seconds.
     #[arg(
         long,
         env = "GATEWAY_DRAIN_SECS",

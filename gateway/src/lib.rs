@@ -15,14 +15,19 @@
 pub mod app;
 pub mod config;
 pub mod forward;
+mod limits;
 pub mod openapi;
 pub mod route;
 
-use std::{future::Future, sync::OnceLock, time::Duration};
+use std::{
+    future::Future,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use hyper::{Request, body::Incoming};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -88,13 +93,33 @@ pub async fn serve(
         health,
         metrics_handle(),
         args.reject_unknown_paths,
+        limits::Limits::new(
+            usize::try_from(args.max_requests).unwrap_or(usize::MAX),
+            args.max_buffered_bytes,
+            args.request_body_limit,
+        ),
     );
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("listening on http://{addr}");
 
     let graceful = GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(args.header_read_timeout_secs));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Duration::from_secs(args.header_read_timeout_secs))
+        .keep_alive_timeout(Duration::from_secs(args.header_read_timeout_secs));
+    let open = Arc::new(tokio::sync::Semaphore::new(
+        usize::try_from(args.max_connections)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS),
+    ));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         while connections.try_join_next().is_some() {}
@@ -110,6 +135,10 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            connections.spawn(refuse_connection(stream));
+            continue;
+        };
         // The head and the body of a recorded response go out in separate
         // writes: without TCP_NODELAY the body waits for a delayed ACK.
         let _ = stream.set_nodelay(true);
@@ -124,38 +153,49 @@ pub async fn serve(
         let connection = graceful.watch(connection);
         connections.spawn(async move {
             let _ = connection.await;
+            drop(permit);
         });
     }
     drop(listener);
     eprintln!("idempotency-gateway: shutting down");
-    // One budget for both steps: open connections first, then what the
-    // layer still runs for clients that went away.
-    let deadline = tokio::time::Instant::now() + args.drain();
+    // One budget for every step: open connections get the first half, then
+    // what the layer still runs for clients that went away, and the audit
+    // chain's close, all before the deadline.
+    let started = tokio::time::Instant::now();
+    let deadline = started + args.drain();
     tokio::select! {
         () = graceful.shutdown() => {}
-        () = tokio::time::sleep_until(deadline) => {
+        () = tokio::time::sleep_until(started + args.drain() / 2) => {
             // Dropping a connection's requests detaches the keyed ones: the
             // layer's drain below finishes or settles them.
             eprintln!(
                 "idempotency-gateway: {} connections still open after {} s, closed",
                 connections.len(),
-                args.drain_secs
+                (args.drain() / 2).as_secs_f64()
             );
             connections.abort_all();
         }
     }
     while connections.join_next().await.is_some() {}
-    let left = deadline
-        .saturating_duration_since(tokio::time::Instant::now())
-        .max(Duration::from_secs(1));
-    let drained = layer.drain(left).await;
-    println!("drained: {drained}");
+    // Settling what is still running takes a store write: a quarter of the
+    // budget is kept for it, inside the layer's drain.
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let drained = tokio::time::timeout(left, layer.drain(left.mul_f64(0.75))).await;
+    match drained {
+        Ok(drained) => println!("drained: {drained}"),
+        Err(_) => println!("drained: cut at the deadline"),
+    }
     if let Some(audit) = audit {
-        let summary = audit
-            .close()
-            .await
-            .map_err(|e| format!("audit chain: {e}"))?;
-        eprintln!("audit chain closed at seq {}", summary.seq);
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(100));
+        match tokio::time::timeout(left, audit.close()).await {
+            Ok(Ok(summary)) => eprintln!("audit chain closed at seq {}", summary.seq),
+            Ok(Err(e)) => return Err(format!("audit chain: {e}")),
+            Err(_) => {
+                eprintln!("idempotency-gateway: the audit chain did not close by the deadline")
+            }
+        }
     }
     Ok(())
 }
@@ -294,6 +334,14 @@ fn metrics_handle() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
         .clone()
+}
+
+/// Answers a connection past `--max-connections` with a 503 and closes it.
+async fn refuse_connection(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    const ANSWER: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 123\r\n\r\n{\"type\":\"about:blank\",\"title\":\"Service Unavailable\",\"status\":503,\"code\":\"overloaded\",\"detail\":\"Too many open connections.\"}";
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(ANSWER)).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Resolves on SIGTERM (what a deploy sends) or Ctrl-C.

@@ -1406,3 +1406,162 @@ async fn a_pooled_connection_the_upstream_closed_never_records_an_unsent_request
     unique.dedup();
     assert_eq!(unique.len(), seen.len(), "a key reached the upstream twice");
 }
+
+#[tokio::test]
+async fn half_sent_heads_are_closed_and_never_keep_others_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &["--header-read-timeout-secs", "1"]).await;
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+        stream
+            .write_all(b"POST /appointments HTTP/1.1\r\nHost: x\r\nIdempotency-Key: s")
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    let reply = send(gateway.addr, Method::GET, "/appointments", None, "").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    for mut stream in slow {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest))
+            .await
+            .expect("a half-sent head was kept open");
+        // Closed (hyper may answer 408 first), never forwarded.
+        drop(closed);
+    }
+    assert_eq!(upstream.count("/appointments"), 1);
+}
+
+#[tokio::test]
+async fn connections_requests_and_buffered_bodies_are_bounded_and_answered() {
+    use tokio::io::AsyncWriteExt;
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(
+        upstream_addr,
+        &[
+            "--max-buffered-bytes",
+            "4096",
+            "--request-body-limit",
+            "4096",
+        ],
+    )
+    .await;
+    // A keyed body held half-sent reserves its length.
+    let mut held = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    held.write_all(
+        b"POST /appointments HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a\r\nIdempotency-Key: big\r\nContent-Length: 4096\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let client = client();
+    let mut refused = None;
+    for _ in 0..100 {
+        let reply = send_with(
+            &client,
+            gateway.addr,
+            Method::POST,
+            "/appointments",
+            Some("b-2"),
+            "{}",
+            &[],
+        )
+        .await;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            refused = Some(reply);
+            break;
+        }
+        // The held body may not have been admitted yet.
+        assert_eq!(reply.status, StatusCode::CREATED);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = refused.expect("a keyed body past the bound was accepted");
+    assert_eq!(refused.code(), "overloaded");
+    assert_eq!(refused.headers["retry-after"], "1");
+    // Unkeyed reads are not held to the body bound.
+    let read = send_with(
+        &client,
+        gateway.addr,
+        Method::GET,
+        "/appointments",
+        None,
+        "",
+        &[],
+    )
+    .await;
+    assert_eq!(read.status, StatusCode::OK);
+    drop(held);
+
+    // Two requests in progress: a third is answered 503, not forwarded.
+    let gateway = start_gateway(upstream_addr, &["--max-requests", "2"]).await;
+    let slow: Vec<_> = (0..2)
+        .map(|i| {
+            let client = client.clone();
+            let addr = gateway.addr;
+            tokio::spawn(async move {
+                send_with(
+                    &client,
+                    addr,
+                    Method::POST,
+                    "/slow",
+                    Some(&format!("slow-{i}")),
+                    "{}",
+                    &[],
+                )
+                .await
+            })
+        })
+        .collect();
+    upstream.started().await;
+    let mut third = None;
+    for _ in 0..100 {
+        let reply = send_with(&client, gateway.addr, Method::GET, "/echo", None, "", &[]).await;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            third = Some(reply);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        third.expect("a third request was forwarded").code(),
+        "overloaded"
+    );
+    upstream.release();
+    for task in slow {
+        assert_eq!(task.await.unwrap().status, StatusCode::CREATED);
+    }
+
+    // Three connections open: a fourth is answered 503 and closed.
+    let gateway = start_gateway(upstream_addr, &["--max-connections", "3"]).await;
+    let fresh = || {
+        Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1)
+            .build_http::<Full<Bytes>>()
+    };
+    let open: Vec<_> = (0..3).map(|_| fresh()).collect();
+    for c in &open {
+        let reply = send_with(c, gateway.addr, Method::GET, "/echo", None, "", &[]).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    let (status, body) = raw_request(gateway.addr, "GET /echo HTTP/1.1").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("overloaded"), "{body}");
+}
+
+#[tokio::test]
+async fn shutdown_finishes_within_the_drain_budget() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let (mut child, addr) = spawn_gateway_binary(upstream_addr, &["--drain-secs", "2"]).await;
+    let stuck =
+        tokio::spawn(async move { send(addr, Method::POST, "/slow", Some("drain-1"), "{}").await });
+    upstream.started().await;
+    signal(child.id().unwrap(), "TERM");
+    let exit = tokio::time::timeout(Duration::from_millis(3500), child.wait())
+        .await
+        .expect("the gateway took longer than --drain-secs (and a margin) to stop")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    stuck.abort();
+    upstream.release();
+}
