@@ -226,17 +226,21 @@ impl DefaultScope {
     }
 
     fn hashed(&self, prefix: &str, value: &[u8]) -> Scope {
+        self.hashed_parts(prefix, &[value])
+    }
+
+    fn hashed_parts(&self, prefix: &str, value: &[&[u8]]) -> Scope {
         let digest: [u8; 32] = match &self.keyed {
             Some(keyed) => {
                 let mut mac = keyed.clone();
                 mac.update(prefix.as_bytes());
-                mac.update(value);
+                value.iter().for_each(|part| mac.update(part));
                 mac.finalize().into_bytes().into()
             }
             None => {
                 let mut hasher = Sha256::new();
                 hasher.update(prefix.as_bytes());
-                hasher.update(value);
+                value.iter().for_each(|part| hasher.update(part));
                 hasher.finalize().into()
             }
         };
@@ -265,8 +269,21 @@ impl ScopeExtractor for DefaultScope {
         if let Some(principal) = parts.extensions.get::<Principal>() {
             return Some(self.hashed("principal:", principal.as_str().as_bytes()));
         }
-        let credential = parts.headers.get(&self.header)?;
-        Some(self.hashed("credential:", credential.as_bytes()))
+        let credential = parts.headers.get(&self.header)?.as_bytes().trim_ascii();
+        if credential.is_empty() {
+            return None;
+        }
+        // `Authorization: <scheme> <credentials>`: the scheme is
+        // case-insensitive (RFC 9110, section 11.1), so `bearer x` and
+        // `Bearer  x` are one caller.
+        let authorization =
+            self.header == header::AUTHORIZATION || self.header == header::PROXY_AUTHORIZATION;
+        if authorization && let Some(space) = credential.iter().position(|b| *b == b' ') {
+            let scheme = credential[..space].to_ascii_lowercase();
+            let rest = credential[space..].trim_ascii_start();
+            return Some(self.hashed_parts("credential:", &[&scheme, b" ", rest]));
+        }
+        Some(self.hashed("credential:", credential))
     }
 }
 
@@ -315,6 +332,22 @@ mod tests {
             .headers
             .insert("x-api-key", http::HeaderValue::from_static("k-bob"));
         assert_ne!(by_key.scope(&other), Some(scope));
+    }
+
+    #[test]
+    fn an_authorization_scheme_is_case_insensitive_and_an_empty_credential_is_none() {
+        let alice = scope_of(Some("Bearer alice")).unwrap();
+        for same in [
+            "bearer alice",
+            "BEARER alice",
+            "Bearer   alice",
+            " Bearer alice ",
+        ] {
+            assert_eq!(scope_of(Some(same)), Some(alice.clone()), "{same:?}");
+        }
+        assert_ne!(scope_of(Some("Bearer Alice")), Some(alice));
+        assert_eq!(scope_of(Some("")), None);
+        assert_eq!(scope_of(Some("   ")), None);
     }
 
     #[test]

@@ -82,6 +82,7 @@ pub struct Gateway {
     reject_unknown: bool,
     limits: Arc<Limits>,
     key_header: http::HeaderName,
+    scope_header: http::HeaderName,
 }
 
 impl Gateway {
@@ -94,6 +95,7 @@ impl Gateway {
         metrics: Option<PrometheusHandle>,
         reject_unknown: bool,
         limits: Limits,
+        scope_header: http::HeaderName,
     ) -> Self {
         use tower_layer::Layer;
         let required = layer.clone().with_required_key(true);
@@ -108,6 +110,7 @@ impl Gateway {
             reject_unknown,
             limits: Arc::new(limits),
             key_header: tower_idempotency::IDEMPOTENCY_KEY,
+            scope_header,
         }
     }
 }
@@ -132,6 +135,9 @@ where
             "/healthz" => return self.healthz(req.method()),
             "/metrics" => return self.metrics(req.method()),
             _ => {}
+        }
+        if let Some(refused) = self.refuse_head(req.headers()) {
+            return ready(refused);
         }
         // One reading of the request, matched and forwarded alike.
         let canonical = match canonical(req.method(), req.uri(), req.headers())
@@ -216,6 +222,46 @@ where
 }
 
 impl Gateway {
+    /// Heads the gateway cannot forward as they are: two `Host` headers, a
+    /// transfer coding other than `chunked` (the upstream would get the
+    /// coded bytes as plain data), a repeated scope header.
+    fn refuse_head(&self, headers: &http::HeaderMap) -> Option<Response<GatewayBody>> {
+        if headers.get_all(header::HOST).iter().nth(1).is_some() {
+            return Some(problem(
+                StatusCode::BAD_REQUEST,
+                "host-repeated",
+                "The request has more than one Host header.",
+            ));
+        }
+        let codings = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+            .map(str::trim);
+        for coding in codings {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Some(problem(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "transfer-coding-unsupported",
+                    &format!(
+                        "The gateway forwards bodies sent plain or chunked, not with the transfer coding {coding:?}; send the body with Content-Encoding instead."
+                    ),
+                ));
+            }
+        }
+        if headers.get_all(&self.scope_header).iter().nth(1).is_some() {
+            return Some(problem(
+                StatusCode::BAD_REQUEST,
+                "scope-repeated",
+                &format!(
+                    "The request has more than one {} header, so the gateway cannot tell who is calling.",
+                    self.scope_header
+                ),
+            ));
+        }
+        None
+    }
+
     fn healthz(&self, method: &Method) -> BoxFuture {
         if method != Method::GET && method != Method::HEAD {
             return ready(not_allowed("GET, HEAD"));

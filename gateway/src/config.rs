@@ -101,6 +101,17 @@ pub struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub connect_timeout_secs: u64,
 
+    /// The proxies in front of the gateway (a TLS load balancer, say),
+    /// as CIDR blocks (`10.0.0.0/8`, `::1/128`) or single addresses, comma
+    /// separated: their `X-Forwarded-For`, `-Proto` and `-Host`,
+    /// `Forwarded`, `X-Real-IP` and `True-Client-IP` are kept. From any
+    /// other client those are removed, and the gateway sets
+    /// `X-Forwarded-For` to the client's address, `-Proto` to `http` and
+    /// `-Host` to its `Host`.
+    #[arg(long, env = "GATEWAY_TRUSTED_PROXIES", value_name = "CIDR", value_delimiter = ',',
+          value_parser = parse_cidr)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
     /// The header whose value scopes keys, so two clients' keys never meet
     /// (hashed, never stored).
     #[arg(
@@ -201,6 +212,17 @@ pub struct Args {
         default_value_t = 20
     )]
     pub drain_secs: u64,
+}
+
+/// A CIDR block, or one address as a block of one.
+fn parse_cidr(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<ipnet::IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(ipnet::IpNet::from)
+        .map_err(|_| format!("{text:?} is not a CIDR block (10.0.0.0/8) or an address"))
 }
 
 impl Args {

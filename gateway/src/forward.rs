@@ -113,6 +113,7 @@ pub struct Forwarder {
     client: Client<HttpConnector, GatewayBody>,
     upstream: Arc<Upstream>,
     timeout: Duration,
+    trusted: Arc<[ipnet::IpNet]>,
 }
 
 impl Forwarder {
@@ -138,7 +139,15 @@ impl Forwarder {
             client,
             upstream: Arc::new(upstream),
             timeout,
+            trusted: Arc::from([]),
         }
+    }
+
+    /// Keeps the forwarding headers of clients in `proxies`.
+    #[must_use]
+    pub fn with_trusted_proxies(mut self, proxies: &[ipnet::IpNet]) -> Self {
+        self.trusted = Arc::from(proxies);
+        self
     }
 }
 
@@ -163,7 +172,7 @@ where
         } else {
             Some(self.timeout)
         };
-        let request = outgoing(&self.upstream, req);
+        let request = outgoing(&self.upstream, &self.trusted, req);
         let sent = self.client.request(request);
         let timeout = self.timeout;
         Box::pin(async move {
@@ -255,7 +264,11 @@ fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// The request as the upstream gets it.
-fn outgoing<B>(upstream: &Upstream, req: Request<B>) -> Request<GatewayBody>
+fn outgoing<B>(
+    upstream: &Upstream,
+    trusted: &[ipnet::IpNet],
+    req: Request<B>,
+) -> Request<GatewayBody>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
@@ -280,6 +293,19 @@ where
             .insert(IDEMPOTENT_TAKE_OVER, HeaderValue::from_static("true"));
     }
     let client = parts.extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
+    let from_proxy = client.is_some_and(|ip| trusted.iter().any(|net| net.contains(&ip)));
+    if !from_proxy {
+        for name in [
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+            &header::FORWARDED,
+            &X_REAL_IP,
+            &TRUE_CLIENT_IP,
+        ] {
+            parts.headers.remove(name);
+        }
+    }
     if let Some(ip) = client {
         let mut list: Vec<u8> = Vec::new();
         for earlier in parts.headers.get_all(X_FORWARDED_FOR) {
@@ -292,13 +318,17 @@ where
             parts.headers.insert(X_FORWARDED_FOR, value);
         }
     }
-    parts
-        .headers
-        .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    match original_host {
-        Some(host) => parts.headers.insert(X_FORWARDED_HOST, host),
-        None => parts.headers.remove(X_FORWARDED_HOST),
-    };
+    if !parts.headers.contains_key(X_FORWARDED_PROTO) {
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if !parts.headers.contains_key(X_FORWARDED_HOST) {
+        match original_host {
+            Some(host) => parts.headers.insert(X_FORWARDED_HOST, host),
+            None => parts.headers.remove(X_FORWARDED_HOST),
+        };
+    }
     parts.headers.insert(header::HOST, upstream.host.clone());
     parts.uri = upstream.uri(parts.uri.path_and_query());
     parts.version = Version::HTTP_11;
@@ -333,6 +363,8 @@ fn incoming(response: Response<hyper::body::Incoming>) -> Response<GatewayBody> 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const TRUE_CLIENT_IP: HeaderName = HeaderName::from_static("true-client-ip");
 
 /// The headers that describe one connection, not the message (RFC 9110
 /// section 7.6.1), and those the `Connection` header names.

@@ -78,7 +78,8 @@ pub async fn serve(
         args.upstream_timeout(),
         Duration::from_secs(args.connect_timeout_secs),
         Duration::from_secs(args.upstream_idle_secs),
-    );
+    )
+    .with_trusted_proxies(&args.trusted_proxies);
     describe(&api, &args, store_name);
     let health = Health {
         store,
@@ -98,6 +99,7 @@ pub async fn serve(
             args.max_buffered_bytes,
             args.request_body_limit,
         ),
+        args.scope_header.clone(),
     );
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("listening on http://{addr}");

@@ -669,7 +669,8 @@ async fn forwarding_sets_forwarded_headers_and_drops_hop_by_hop_ones() {
     assert_eq!(seen["uri"], "/echo?page=2");
     assert_eq!(headers["idempotency-key"], "e-1");
     assert_eq!(headers["x-app"], "kept");
-    assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    // From a client that is not a trusted proxy, its own list is dropped.
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(headers["x-forwarded-proto"], "http");
     assert_eq!(headers["x-forwarded-host"], gateway.addr.to_string());
     assert_eq!(headers["host"], upstream_addr.to_string());
@@ -1564,4 +1565,111 @@ async fn shutdown_finishes_within_the_drain_budget() {
     assert!(exit.success(), "{exit:?}");
     stuck.abort();
     upstream.release();
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_kept_only_from_trusted_proxies() {
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let spoofed = [
+        ("x-forwarded-for", "10.0.0.1"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "api.example"),
+        ("forwarded", "for=10.0.0.1;proto=https"),
+        ("x-real-ip", "10.0.0.1"),
+        ("true-client-ip", "10.0.0.1"),
+        ("idempotent-take-over", "true"),
+    ];
+    let echo = |addr| async move {
+        let reply = send_with(&client(), addr, Method::GET, "/echo", None, "", &spoofed).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let seen: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        seen["headers"].clone()
+    };
+    let untrusted = start_gateway(upstream_addr, &[]).await;
+    let headers = echo(untrusted.addr).await;
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-forwarded-host"], untrusted.addr.to_string());
+    for name in [
+        "forwarded",
+        "x-real-ip",
+        "true-client-ip",
+        "idempotent-take-over",
+    ] {
+        assert!(headers.get(name).is_none(), "{name} forwarded: {headers}");
+    }
+    let behind_proxy = start_gateway(
+        upstream_addr,
+        &["--trusted-proxies", "10.9.0.0/16,127.0.0.1"],
+    )
+    .await;
+    let headers = echo(behind_proxy.addr).await;
+    assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "https");
+    assert_eq!(headers["x-forwarded-host"], "api.example");
+    assert_eq!(headers["forwarded"], "for=10.0.0.1;proto=https");
+    assert!(headers.get("idempotent-take-over").is_none(), "{headers}");
+}
+
+#[tokio::test]
+async fn heads_the_upstream_would_misread_are_refused() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &[]).await;
+    for (head, code) in [
+        ("POST /echo HTTP/1.1\r\nHost: b.example", "host-repeated"),
+        (
+            "POST /echo HTTP/1.1\r\nTransfer-Encoding: gzip, chunked",
+            "transfer-coding-unsupported",
+        ),
+        (
+            "POST /appointments HTTP/1.1\r\nAuthorization: Bearer alice\r\nAuthorization: Bearer bob\r\nIdempotency-Key: r-1",
+            "scope-repeated",
+        ),
+    ] {
+        let (status, body) = raw_request(gateway.addr, head).await;
+        assert!(status == 400 || status == 501, "{head}: {status} {body}");
+        assert!(body.contains(code), "{head}: {status} {body}");
+    }
+    assert_eq!(upstream.count("/echo") + upstream.count("/appointments"), 0);
+}
+
+#[tokio::test]
+async fn an_authorization_scheme_in_any_case_is_one_caller() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &[]).await;
+    let client = client();
+    let first = send_with(
+        &client,
+        gateway.addr,
+        Method::POST,
+        "/appointments",
+        Some("case-1"),
+        "{}",
+        &[("authorization", "Bearer alice")],
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let again = send_with(
+        &client,
+        gateway.addr,
+        Method::POST,
+        "/appointments",
+        Some("case-1"),
+        "{}",
+        &[("authorization", "bearer alice")],
+    )
+    .await;
+    assert!(again.replayed(), "{}", again.text());
+    let empty = send_with(
+        &client,
+        gateway.addr,
+        Method::POST,
+        "/appointments",
+        Some("case-2"),
+        "{}",
+        &[("authorization", "")],
+    )
+    .await;
+    assert_eq!(empty.status, StatusCode::UNAUTHORIZED, "{}", empty.text());
+    assert_eq!(upstream.count("/appointments"), 1);
 }
