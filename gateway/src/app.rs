@@ -70,6 +70,16 @@ pub(crate) fn configure(layer: IdempotencyLayer<BoxStore>) -> IdempotencyLayer<B
         })
 }
 
+/// What the gateway refuses, besides what the layer does.
+pub(crate) struct Rules {
+    /// `--reject-unknown-paths`.
+    pub(crate) reject_unknown: bool,
+    /// Requests in progress and buffered bodies.
+    pub(crate) limits: Limits,
+    /// The header that scopes keys, refused when repeated.
+    pub(crate) scope_header: http::HeaderName,
+}
+
 /// The gateway: route, protect, forward.
 #[derive(Clone)]
 pub struct Gateway {
@@ -93,9 +103,7 @@ impl Gateway {
         forward: Forwarder,
         health: Health,
         metrics: Option<PrometheusHandle>,
-        reject_unknown: bool,
-        limits: Limits,
-        scope_header: http::HeaderName,
+        rules: Rules,
     ) -> Self {
         use tower_layer::Layer;
         let required = layer.clone().with_required_key(true);
@@ -107,10 +115,10 @@ impl Gateway {
             forward,
             health: Arc::new(health),
             metrics,
-            reject_unknown,
-            limits: Arc::new(limits),
+            reject_unknown: rules.reject_unknown,
+            limits: Arc::new(rules.limits),
             key_header: tower_idempotency::IDEMPOTENCY_KEY,
-            scope_header,
+            scope_header: rules.scope_header,
         }
     }
 }

@@ -93,13 +93,15 @@ pub async fn serve(
         forward,
         health,
         metrics_handle(),
-        args.reject_unknown_paths,
-        limits::Limits::new(
-            usize::try_from(args.max_requests).unwrap_or(usize::MAX),
-            args.max_buffered_bytes,
-            args.request_body_limit,
-        ),
-        args.scope_header.clone(),
+        app::Rules {
+            reject_unknown: args.reject_unknown_paths,
+            limits: limits::Limits::new(
+                usize::try_from(args.max_requests).unwrap_or(usize::MAX),
+                args.max_buffered_bytes,
+                args.request_body_limit,
+            ),
+            scope_header: args.scope_header.clone(),
+        },
     );
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("listening on http://{addr}");
