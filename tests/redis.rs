@@ -390,3 +390,56 @@ async fn at_most_once_racing_calls_run_once() {
         .with_prefix(&prefix("once"));
     common::at_most_once_races(store, "tools").await;
 }
+
+/// A claim sent to a paused Redis and given up on (the layer's store
+/// timeout) runs when Redis resumes; it must not leave the key held for
+/// nobody: the next claim of the key acquires it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_nobody_waited_for_does_not_hold_the_key() {
+    if redis_url().is_none() {
+        return;
+    }
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("tower-idempotency-paused-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let server = OwnRedis::start(port, dir);
+    server.wait_until_up().await;
+    let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let key = RecordKey::new("scope", "unanswered");
+    let fingerprint = tower_idempotency::Fingerprint::from_bytes([7; 32]);
+    let pid = server.child.as_ref().unwrap().id().to_string();
+    let signal = |name: &str| {
+        assert!(
+            Command::new("kill")
+                .args([name, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    let lease = Duration::from_secs(600);
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        tower_idempotency::Store::claim(&store, &key, fingerprint, lease),
+    )
+    .await;
+    assert!(gave_up.is_err(), "a paused Redis answered");
+    signal("-CONT");
+    // The queued claim, then the release that follows it, run now: the key
+    // is free again at once, not held for the claim's ten-minute lease.
+    let mut next = None;
+    for _ in 0..100 {
+        let claim = tower_idempotency::Store::claim(&store, &key, fingerprint, lease)
+            .await
+            .unwrap();
+        if let tower_idempotency::store::Claim::Acquired { took_over, .. } = claim {
+            next = Some(took_over);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(next, Some(false), "the unanswered claim held the key");
+}
