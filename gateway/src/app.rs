@@ -26,9 +26,9 @@ use tower_service::Service;
 
 use crate::{
     forward::{BoxError, Forwarder, GatewayBody, Unreached, full, problem},
-    limits::Limits,
+    limits::{Deadline, Limits},
     openapi::{Api, Matched, Protection},
-    route::{OVERRIDE_HEADERS, canonical},
+    route::{canonical, is_override_header},
 };
 
 /// The operation a request matched, for the metrics' `route` label.
@@ -62,6 +62,8 @@ pub(crate) fn configure(layer: IdempotencyLayer<BoxStore>) -> IdempotencyLayer<B
             Method::TRACE,
         ])
         .with_record_policy(UpstreamRecordPolicy)
+        // The same bytes under another coding are another request.
+        .with_fingerprint_headers([header::CONTENT_ENCODING])
         .with_metrics_route(|parts: &http::request::Parts| {
             parts
                 .extensions
@@ -78,6 +80,8 @@ pub(crate) struct Rules {
     pub(crate) limits: Limits,
     /// The header that scopes keys, refused when repeated.
     pub(crate) scope_header: http::HeaderName,
+    /// `--body-read-timeout-secs`.
+    pub(crate) body_timeout: Duration,
 }
 
 /// The gateway: route, protect, forward.
@@ -93,6 +97,7 @@ pub struct Gateway {
     limits: Arc<Limits>,
     key_header: http::HeaderName,
     scope_header: http::HeaderName,
+    body_timeout: Duration,
 }
 
 impl Gateway {
@@ -119,6 +124,7 @@ impl Gateway {
             limits: Arc::new(rules.limits),
             key_header: tower_idempotency::IDEMPOTENCY_KEY,
             scope_header: rules.scope_header,
+            body_timeout: rules.body_timeout,
         }
     }
 }
@@ -157,7 +163,19 @@ where
             }
         };
         let (canonical, uri) = canonical;
-        for name in &OVERRIDE_HEADERS {
+        // Overrides are read; they, and every other name with `_` (which
+        // WSGI, CGI and PHP read as `-`: `X_Real_IP` is `X-Real-IP`), are
+        // not forwarded, as nginx does by default.
+        let dropped: Vec<http::HeaderName> = req
+            .headers()
+            .keys()
+            .filter(|name| {
+                (name.as_str().contains('_') && **name != self.scope_header)
+                    || is_override_header(name)
+            })
+            .cloned()
+            .collect();
+        for name in &dropped {
             req.headers_mut().remove(name);
         }
         *req.uri_mut() = uri;
@@ -216,6 +234,8 @@ where
         if let Some(template) = template {
             req.extensions_mut().insert(Route(template));
         }
+        let idle = self.body_timeout;
+        let req = req.map(|body| Deadline::new(body, idle, buffered));
         let future = match protection {
             Protection::Required => boxed(self.required.call(req)),
             Protection::Optional => boxed(self.optional.call(req)),

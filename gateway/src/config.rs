@@ -181,6 +181,14 @@ pub struct Args {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub header_read_timeout_secs: u64,
 
+    /// How long a request body may go without sending anything; a keyed
+    /// body (read whole to be fingerprinted) must also have arrived in full
+    /// within it. Cut past it: a keyed request is answered 400 and nothing
+    /// runs, an unkeyed one is cut on its way to the upstream.
+    #[arg(long, env = "GATEWAY_BODY_READ_TIMEOUT_SECS", value_name = "N", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout_secs: u64,
+
     /// The most client connections open at once; one more is answered 503
     /// and closed.
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", value_name = "N", default_value_t = 1000,

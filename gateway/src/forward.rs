@@ -300,9 +300,10 @@ where
             &X_FORWARDED_PROTO,
             &X_FORWARDED_HOST,
             &header::FORWARDED,
-            &X_REAL_IP,
-            &TRUE_CLIENT_IP,
-        ] {
+        ]
+        .into_iter()
+        .chain(&PROXY_SET)
+        {
             parts.headers.remove(name);
         }
     }
@@ -363,8 +364,25 @@ fn incoming(response: Response<hyper::body::Incoming>) -> Response<GatewayBody> 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-const TRUE_CLIENT_IP: HeaderName = HeaderName::from_static("true-client-ip");
+/// Headers that proxies and CDNs set to tell an upstream who the client
+/// is, which scheme, port or prefix it used, or which URL to route (IIS's
+/// `X-Original-URL`): kept only from `--trusted-proxies`.
+const PROXY_SET: [HeaderName; 14] = [
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("fastly-client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("x-forwarded"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+];
 
 /// The headers that describe one connection, not the message (RFC 9110
 /// section 7.6.1), and those the `Connection` header names.

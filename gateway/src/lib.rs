@@ -101,6 +101,7 @@ pub async fn serve(
                 args.request_body_limit,
             ),
             scope_header: args.scope_header.clone(),
+            body_timeout: Duration::from_secs(args.body_read_timeout_secs),
         },
     );
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -147,7 +148,13 @@ pub async fn serve(
         // writes: without TCP_NODELAY the body waits for a delayed ACK.
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
+        // Set by the first request: until then the connection has only the
+        // header-read timeout (hyper's own timer starts only once it knows
+        // the protocol, which a silent client never lets it learn).
+        let spoke = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let first = spoke.clone();
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            first.store(true, std::sync::atomic::Ordering::Relaxed);
             req.extensions_mut().insert(ClientAddr(peer));
             gateway.clone().call(req)
         });
@@ -155,8 +162,17 @@ pub async fn serve(
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
+        let first_head = Duration::from_secs(args.header_read_timeout_secs);
         connections.spawn(async move {
-            let _ = connection.await;
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = tokio::time::sleep(first_head) => {
+                    if spoke.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = connection.await;
+                    }
+                }
+            }
             drop(permit);
         });
     }

@@ -1,13 +1,26 @@
 //! What clients may hold of the gateway at once: requests in progress and
-//! bytes of keyed bodies read whole. Past either, a request is answered
-//! 503 at once (never queued, never dropped) and nothing is forwarded.
+//! bytes of keyed bodies read whole, past either of which a request is
+//! answered 503 at once (never queued, never dropped) and nothing is
+//! forwarded; and how long a body may take.
 
-use std::sync::Arc;
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use http_body::{Body, Frame, SizeHint};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::{Instant, Sleep},
+};
 
-use crate::forward::{GatewayBody, problem};
+use crate::forward::{BoxError, GatewayBody, problem};
 
 /// Bytes are reserved in units of this many.
 const UNIT: usize = 1024;
@@ -109,5 +122,99 @@ pub(crate) mod overload {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             response
         }
+    }
+}
+
+/// A request body that must keep coming: cut (with an error, so nothing is
+/// forwarded as if it had ended) when no frame arrives for `idle`, and, for
+/// a body read whole (a keyed one), when it has not ended `idle` after the
+/// request began. The timer is made only once the body makes us wait.
+#[derive(Debug)]
+pub(crate) struct Deadline<B> {
+    inner: Pin<Box<B>>,
+    idle: Duration,
+    last: Instant,
+    whole_by: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// The error a cut body ends with.
+#[derive(Debug)]
+pub(crate) struct BodyTimedOut(Duration);
+
+impl fmt::Display for BodyTimedOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the request body did not arrive within {:?}", self.0)
+    }
+}
+
+impl std::error::Error for BodyTimedOut {}
+
+impl<B> Deadline<B> {
+    pub(crate) fn new(inner: B, idle: Duration, whole: bool) -> Self {
+        let now = Instant::now();
+        Deadline {
+            inner: Box::pin(inner),
+            idle,
+            last: now,
+            whole_by: whole.then(|| now + idle),
+            timer: None,
+        }
+    }
+
+    fn due(&self) -> Instant {
+        let idle_by = self.last + self.idle;
+        self.whole_by.map_or(idle_by, |whole| whole.min(idle_by))
+    }
+}
+
+impl<B> Body for Deadline<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Poll::Ready(frame) = self.inner.as_mut().poll_frame(cx) {
+            if self.timer.is_some() {
+                self.last = Instant::now();
+            }
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        loop {
+            let due = self.due();
+            let timer = match &mut self.timer {
+                Some(timer) => timer,
+                None => {
+                    // The first wait: progress so far counts from now.
+                    self.last = Instant::now();
+                    let due = self.due();
+                    self.timer.insert(Box::pin(tokio::time::sleep_until(due)))
+                }
+            };
+            if timer.deadline() != due {
+                timer.as_mut().reset(due);
+            }
+            match timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if Instant::now() >= self.due() => {
+                    return Poll::Ready(Some(Err(Box::new(BodyTimedOut(self.idle)))));
+                }
+                Poll::Ready(()) => continue,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

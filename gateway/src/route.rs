@@ -52,8 +52,9 @@ pub struct CanonicalPath {
 pub struct PathSegment {
     /// The segment, percent-decoded.
     pub decoded: String,
-    /// Where, in `decoded`, the segment's `;` parameters begin (a raw `;`,
-    /// as Tomcat and Spring read it); `None` without any.
+    /// Where, in `decoded`, the segment's `;` parameters begin (the first
+    /// `;`, raw or encoded: Tomcat and Spring read a raw one, and the
+    /// stricter reading costs nothing); `None` without any.
     pub params_at: Option<usize>,
 }
 
@@ -145,15 +146,22 @@ pub fn canonical(method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Cano
     let method = upper(method.as_str())?;
     let path = canonical_path(uri.path())?;
     let mut overrides = Vec::new();
-    for name in &OVERRIDE_HEADERS {
-        for value in headers.get_all(name) {
-            let text = value
-                .to_str()
-                .map_err(|_| Refusal::Override(String::from_utf8_lossy(value.as_bytes()).into()))?;
-            for one in text.split(',') {
-                overrides.push(upper(one.trim())?);
-            }
+    for (name, value) in headers {
+        if !is_override_header(name) {
+            continue;
         }
+        let text = value
+            .to_str()
+            .map_err(|_| Refusal::Override(String::from_utf8_lossy(value.as_bytes()).into()))?;
+        for one in text.split(',') {
+            overrides.push(upper(one.trim())?);
+        }
+    }
+    // A form may carry `_method` in its body (Rails, Laravel, Symfony
+    // honour it on POST): the body is not read here, so the POST is read as
+    // each method a form may name.
+    if method == Method::POST && is_form(headers) {
+        overrides.extend([Method::PUT, Method::PATCH, Method::DELETE]);
     }
     let query = match uri.query() {
         Some(query) => strip_override_parameter(query, &mut overrides)?,
@@ -167,6 +175,35 @@ pub fn canonical(method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Cano
         path,
         query,
     })
+}
+
+/// Whether `name` is a method-override header, also spelled with `_` as
+/// WSGI, CGI and PHP servers read it (`X_HTTP_Method_Override`).
+pub(crate) fn is_override_header(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    OVERRIDE_HEADERS.iter().any(|known| {
+        let known = known.as_str();
+        known.len() == name.len()
+            && known
+                .bytes()
+                .zip(name.bytes())
+                .all(|(k, n)| k == n || (k == b'-' && n == b'_'))
+    })
+}
+
+/// Whether the body is a form (URL-encoded or multipart), whose fields a
+/// framework may read a `_method` from.
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CONTENT_TYPE)
+        .iter()
+        .any(|value| {
+            let value = value.as_bytes().trim_ascii_start();
+            let starts = |prefix: &[u8]| {
+                value.len() >= prefix.len() && value[..prefix.len()].eq_ignore_ascii_case(prefix)
+            };
+            starts(b"application/x-www-form-urlencoded") || starts(b"multipart/form-data")
+        })
 }
 
 /// The method token `text`, upper-cased.
@@ -219,6 +256,15 @@ pub fn canonical_path(path: &str) -> Result<CanonicalPath, Refusal> {
     for raw in path.split('/') {
         let decoded = decode(raw)?;
         trailing = false;
+        // Tomcat and Spring drop `;` parameters before they resolve dot
+        // segments: `..;x` is `..` to them and a name to others.
+        let params_at = decoded.find(';');
+        let bare = &decoded[..params_at.unwrap_or(decoded.len())];
+        if params_at.is_some() && matches!(bare, "" | "." | "..") {
+            return Err(Refusal::Path(
+                "a segment is empty or a dot segment once its `;` parameters are dropped",
+            ));
+        }
         match decoded.as_str() {
             "" => {}
             "." => trailing = true,
@@ -227,11 +273,12 @@ pub fn canonical_path(path: &str) -> Result<CanonicalPath, Refusal> {
                 segments.pop();
                 trailing = true;
             }
+            _ if bare.ends_with('.') => {
+                return Err(Refusal::Path(
+                    "a segment ends with `.`, which some servers drop",
+                ));
+            }
             _ => {
-                let params_at = match raw.find(';') {
-                    Some(at) => Some(decode(&raw[..at])?.len()),
-                    None => None,
-                };
                 raw_segments.push(raw);
                 segments.push(PathSegment { decoded, params_at });
             }
@@ -267,6 +314,13 @@ fn decode(raw: &str) -> Result<String, Refusal> {
             match hi * 16 + lo {
                 0x2F => return Err(Refusal::Path("it holds an encoded `/` (%2F)")),
                 0x5C => return Err(Refusal::Path("it holds an encoded `\\` (%5C)")),
+                0x25 if bytes.get(i + 3).is_some_and(u8::is_ascii_hexdigit)
+                    && bytes.get(i + 4).is_some_and(u8::is_ascii_hexdigit) =>
+                {
+                    return Err(Refusal::Path(
+                        "it is encoded twice (`%25` before two hex digits)",
+                    ));
+                }
                 _ => {}
             }
             i += 3;
@@ -333,6 +387,14 @@ mod tests {
             "/a%C0%AE",
             "/a%00b",
             "/a%0Ab",
+            "/appointments/..;/appointments",
+            "/;/appointments",
+            "/a/.;x",
+            "/a%3B/..%3B/b",
+            "/appointments.",
+            "/reports/2024-01.pdf.",
+            "/%2561ppointments",
+            "/a%252F",
         ] {
             assert!(
                 matches!(canonical_path(path), Err(Refusal::Path(_))),
@@ -342,10 +404,10 @@ mod tests {
     }
 
     #[test]
-    fn params_are_found_by_their_raw_semicolon() {
+    fn params_begin_at_the_first_semicolon_raw_or_encoded() {
         let path = canonical_path("/appointments;jsessionid=1/a%3Bb").unwrap();
         assert_eq!(path.segments[0].without_params(), "appointments");
-        assert_eq!(path.segments[1].without_params(), "a;b");
+        assert_eq!(path.segments[1].without_params(), "a");
     }
 
     #[test]
