@@ -10,6 +10,10 @@
 # alternating, ROUNDS times (default 3), LOAD_SECONDS each (default 10), with
 # CONNECTIONS open connections (default 32) from one wrk thread.
 #   bash scripts/gateway-load.sh
+# With BASELINE set to another build of the gateway binary (an earlier
+# commit's, say), it runs as two more targets, `base-fwd` and `base-gw`, in
+# the same rounds, so the two builds are compared side by side:
+#   BASELINE=/path/to/idempotency-gateway bash scripts/gateway-load.sh
 # Needs wrk and nginx, from Debian's packages; installed here with apt-get
 # when missing (as root), else install them yourself:
 #   apt-get update && apt-get install -y wrk nginx-light
@@ -41,6 +45,13 @@ upstream=127.0.0.1:39180
 nginx_at=127.0.0.1:39181
 gateway_at=127.0.0.1:39182
 forward_at=127.0.0.1:39183
+base_gateway_at=127.0.0.1:39184
+base_forward_at=127.0.0.1:39185
+baseline=${BASELINE:-}
+if [ -n "$baseline" ] && [ ! -x "$baseline" ]; then
+  echo "gateway-load: BASELINE=$baseline is not an executable" >&2
+  exit 1
+fi
 
 cat > "$dir/api.yaml" <<'YAML'
 openapi: 3.1.0
@@ -103,7 +114,19 @@ GATEWAY_SCOPE_SECRET=load-test ./target/release/idempotency-gateway \
   --upstream "http://$upstream" --listen "$forward_at" --openapi "$dir/api-off.yaml" \
   >/dev/null 2>"$dir/forward.log" &
 pids+=($!)
-for at in "$upstream" "$nginx_at" "$gateway_at" "$forward_at"; do
+targets=("$upstream" "$nginx_at" "$gateway_at" "$forward_at")
+if [ -n "$baseline" ]; then
+  GATEWAY_SCOPE_SECRET=load-test "$baseline" \
+    --upstream "http://$upstream" --listen "$base_gateway_at" --openapi "$dir/api.yaml" \
+    >/dev/null 2>"$dir/base-gateway.log" &
+  pids+=($!)
+  GATEWAY_SCOPE_SECRET=load-test "$baseline" \
+    --upstream "http://$upstream" --listen "$base_forward_at" --openapi "$dir/api-off.yaml" \
+    >/dev/null 2>"$dir/base-forward.log" &
+  pids+=($!)
+  targets+=("$base_gateway_at" "$base_forward_at")
+fi
+for at in "${targets[@]}"; do
   for _ in $(seq 1 100); do
     curl -s -o /dev/null "http://$at/" && break
     sleep 0.1
@@ -129,6 +152,8 @@ for round in $(seq 1 "$rounds"); do
   echo "round $round"
   run direct "$upstream"
   run nginx "$nginx_at"
+  [ -z "$baseline" ] || run base-fwd "$base_forward_at"
   run forward "$forward_at"
+  [ -z "$baseline" ] || run base-gw "$base_gateway_at"
   run gateway "$gateway_at"
 done

@@ -279,9 +279,23 @@ impl ScopeExtractor for DefaultScope {
         let authorization =
             self.header == header::AUTHORIZATION || self.header == header::PROXY_AUTHORIZATION;
         if authorization && let Some(space) = credential.iter().position(|b| *b == b' ') {
-            let scheme = credential[..space].to_ascii_lowercase();
             let rest = credential[space..].trim_ascii_start();
-            return Some(self.hashed_parts("credential:", &[&scheme, b" ", rest]));
+            // Schemes are short (`bearer`, `basic`): lower-cased on the
+            // stack, without an allocation per request.
+            let mut short = [0u8; 32];
+            let long;
+            let scheme: &[u8] = match short.get_mut(..space) {
+                Some(buffer) => {
+                    buffer.copy_from_slice(&credential[..space]);
+                    buffer.make_ascii_lowercase();
+                    buffer
+                }
+                None => {
+                    long = credential[..space].to_ascii_lowercase();
+                    &long
+                }
+            };
+            return Some(self.hashed_parts("credential:", &[scheme, b" ", rest]));
         }
         Some(self.hashed("credential:", credential))
     }
@@ -346,6 +360,11 @@ mod tests {
             assert_eq!(scope_of(Some(same)), Some(alice.clone()), "{same:?}");
         }
         assert_ne!(scope_of(Some("Bearer Alice")), Some(alice));
+        let long = "X".repeat(40);
+        assert_eq!(
+            scope_of(Some(&format!("{long} t"))),
+            scope_of(Some(&format!("{} t", long.to_lowercase())))
+        );
         assert_eq!(scope_of(Some("")), None);
         assert_eq!(scope_of(Some("   ")), None);
     }

@@ -26,7 +26,7 @@ use tower_service::Service;
 
 use crate::{
     forward::{BoxError, Forwarder, GatewayBody, Unreached, full, problem},
-    limits::{Deadline, Limits},
+    limits::{Deadline, Held, Limits},
     openapi::{Api, Matched, Protection},
     route::{canonical, is_override_header},
 };
@@ -144,7 +144,19 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<B>) -> BoxFuture {
+    fn call(&mut self, req: Request<B>) -> BoxFuture {
+        self.handle(req)
+    }
+}
+
+impl Gateway {
+    /// Answers `req`: what [`Service::call`] does, from a shared
+    /// reference, cloning only the service the request goes to.
+    pub fn handle<B>(&self, mut req: Request<B>) -> BoxFuture
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         match req.uri().path() {
             "/healthz" => return self.healthz(req.method()),
             "/metrics" => return self.metrics(req.method()),
@@ -178,7 +190,9 @@ where
         for name in &dropped {
             req.headers_mut().remove(name);
         }
-        *req.uri_mut() = uri;
+        if let Some(uri) = uri {
+            *req.uri_mut() = uri;
+        }
         *req.method_mut() = canonical.method.clone();
         let matched = self.api.decide(
             &canonical.method,
@@ -236,16 +250,18 @@ where
         }
         let idle = self.body_timeout;
         let req = req.map(|body| Deadline::new(body, idle, buffered));
-        let future = match protection {
-            Protection::Required => boxed(self.required.call(req)),
-            Protection::Optional => boxed(self.optional.call(req)),
-            Protection::Off => Box::pin(self.forward.call(req)),
-        };
-        Box::pin(async move {
-            let response = future.await;
-            drop(held);
-            response
-        })
+        match protection {
+            Protection::Required => holding(self.required.clone().call(req), held),
+            Protection::Optional => holding(self.optional.clone().call(req), held),
+            Protection::Off => {
+                let sent = self.forward.send(req);
+                Box::pin(async move {
+                    let response = sent.await;
+                    drop(held);
+                    Ok(response)
+                })
+            }
+        }
     }
 }
 
@@ -337,13 +353,15 @@ fn ready(response: Response<GatewayBody>) -> BoxFuture {
     Box::pin(std::future::ready(Ok(response)))
 }
 
-fn boxed<F, ResB>(future: F) -> BoxFuture
+/// The layer's answer, its body boxed, with `held` kept until its head.
+fn holding<F, ResB>(future: F, held: Held) -> BoxFuture
 where
     F: Future<Output = Result<Response<ResB>, Infallible>> + Send + 'static,
     ResB: Body<Data = Bytes, Error = BoxError> + Send + 'static,
 {
     Box::pin(async move {
         let response = future.await?;
+        drop(held);
         Ok(response.map(BodyExt::boxed_unsync))
     })
 }

@@ -165,6 +165,22 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        let sent = self.send(req);
+        Box::pin(async move { Ok(sent.await) })
+    }
+}
+
+impl Forwarder {
+    /// Sends `req` to the upstream: its response, or a problem+json
+    /// response for every failure.
+    pub fn send<B>(
+        &self,
+        req: Request<B>,
+    ) -> impl Future<Output = Response<GatewayBody>> + Send + 'static
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         // A keyed request's deadline is the layer's: past it the key is
         // settled, never released into a second execution.
         let deadline = if req.extensions().get::<IdempotencyContext>().is_some() {
@@ -175,14 +191,14 @@ where
         let request = outgoing(&self.upstream, &self.trusted, req);
         let sent = self.client.request(request);
         let timeout = self.timeout;
-        Box::pin(async move {
+        async move {
             let started = Instant::now();
             let result = match deadline {
                 Some(deadline) => tokio::time::timeout(deadline, sent).await,
                 None => Ok(sent.await),
             };
             let seconds = started.elapsed().as_secs_f64();
-            let response = match result {
+            match result {
                 Ok(Ok(response)) => {
                     upstream_metric("response", seconds);
                     incoming(response)
@@ -227,9 +243,8 @@ where
                         ),
                     )
                 }
-            };
-            Ok(response)
-        })
+            }
+        }
     }
 }
 
@@ -295,15 +310,14 @@ where
     let client = parts.extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
     let from_proxy = client.is_some_and(|ip| trusted.iter().any(|net| net.contains(&ip)));
     if !from_proxy {
-        for name in [
-            &X_FORWARDED_FOR,
-            &X_FORWARDED_PROTO,
-            &X_FORWARDED_HOST,
-            &header::FORWARDED,
-        ]
-        .into_iter()
-        .chain(&PROXY_SET)
-        {
+        // One pass over the names; removals only for what is there.
+        let spoofed: Vec<HeaderName> = parts
+            .headers
+            .keys()
+            .filter(|name| is_proxy_set(name))
+            .cloned()
+            .collect();
+        for name in &spoofed {
             parts.headers.remove(name);
         }
     }
@@ -364,25 +378,33 @@ fn incoming(response: Response<hyper::body::Incoming>) -> Response<GatewayBody> 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-/// Headers that proxies and CDNs set to tell an upstream who the client
-/// is, which scheme, port or prefix it used, or which URL to route (IIS's
-/// `X-Original-URL`): kept only from `--trusted-proxies`.
-const PROXY_SET: [HeaderName; 14] = [
-    HeaderName::from_static("x-real-ip"),
-    HeaderName::from_static("true-client-ip"),
-    HeaderName::from_static("x-client-ip"),
-    HeaderName::from_static("client-ip"),
-    HeaderName::from_static("cf-connecting-ip"),
-    HeaderName::from_static("fastly-client-ip"),
-    HeaderName::from_static("x-cluster-client-ip"),
-    HeaderName::from_static("x-forwarded"),
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-forwarded-prefix"),
-    HeaderName::from_static("x-forwarded-ssl"),
-    HeaderName::from_static("x-forwarded-scheme"),
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-];
+/// Whether `name` is one of the headers proxies and CDNs set to tell an
+/// upstream who the client is, which scheme, host, port or prefix it used,
+/// or which URL to route (IIS's `X-Original-URL`): kept only from
+/// `--trusted-proxies`.
+fn is_proxy_set(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-forwarded-for"
+            | "x-forwarded-proto"
+            | "x-forwarded-host"
+            | "forwarded"
+            | "x-real-ip"
+            | "true-client-ip"
+            | "x-client-ip"
+            | "client-ip"
+            | "cf-connecting-ip"
+            | "fastly-client-ip"
+            | "x-cluster-client-ip"
+            | "x-forwarded"
+            | "x-forwarded-port"
+            | "x-forwarded-prefix"
+            | "x-forwarded-ssl"
+            | "x-forwarded-scheme"
+            | "x-original-url"
+            | "x-rewrite-url"
+    )
+}
 
 /// The headers that describe one connection, not the message (RFC 9110
 /// section 7.6.1), and those the `Connection` header names.

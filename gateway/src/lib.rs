@@ -36,7 +36,6 @@ use tower_idempotency::{
     Anonymous, BoxStore, DefaultScope, IdempotencyLayer, Lapse, MemoryStore,
     audit::{AuditLog, AuditSigner, JsonlSink},
 };
-use tower_service::Service;
 
 pub use crate::{app::Gateway, config::Args};
 use crate::{
@@ -87,7 +86,7 @@ pub async fn serve(
         audit: audit.clone(),
         timeout: Duration::from_secs(2),
     };
-    let gateway = Gateway::new(
+    let gateway = Arc::new(Gateway::new(
         api,
         &layer,
         forward,
@@ -103,7 +102,7 @@ pub async fn serve(
             scope_header: args.scope_header.clone(),
             body_timeout: Duration::from_secs(args.body_read_timeout_secs),
         },
-    );
+    ));
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("listening on http://{addr}");
 
@@ -156,24 +155,24 @@ pub async fn serve(
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             first.store(true, std::sync::atomic::Ordering::Relaxed);
             req.extensions_mut().insert(ClientAddr(peer));
-            gateway.clone().call(req)
+            gateway.handle(req)
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
         let first_head = Duration::from_secs(args.header_read_timeout_secs);
-        connections.spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                () = tokio::time::sleep(first_head) => {
-                    if spoke.load(std::sync::atomic::Ordering::Relaxed) {
-                        let _ = connection.await;
-                    }
-                }
-            }
+        let served = connections.spawn(async move {
+            let _ = connection.await;
             drop(permit);
+        });
+        // A watchdog beside it, so the connection itself polls no timer:
+        // a client that sent no request in time loses the connection.
+        tokio::spawn(async move {
+            tokio::time::sleep(first_head).await;
+            if !spoke.load(std::sync::atomic::Ordering::Relaxed) {
+                served.abort();
+            }
         });
     }
     drop(listener);

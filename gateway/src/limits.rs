@@ -125,17 +125,21 @@ pub(crate) mod overload {
     }
 }
 
-/// A request body that must keep coming: cut (with an error, so nothing is
-/// forwarded as if it had ended) when no frame arrives for `idle`, and, for
-/// a body read whole (a keyed one), when it has not ended `idle` after the
-/// request began. The timer is made only once the body makes us wait.
-#[derive(Debug)]
-pub(crate) struct Deadline<B> {
-    inner: Pin<Box<B>>,
-    idle: Duration,
-    last: Instant,
-    whole_by: Option<Instant>,
-    timer: Option<Pin<Box<Sleep>>>,
+pin_project_lite::pin_project! {
+    /// A request body that must keep coming: cut (with an error, so nothing
+    /// is forwarded as if it had ended) when no frame arrives for `idle`,
+    /// and, for a body read whole (a keyed one), when it has not ended
+    /// `idle` after the request began. The timer is made only once the body
+    /// makes us wait.
+    #[derive(Debug)]
+    pub(crate) struct Deadline<B> {
+        #[pin]
+        inner: B,
+        idle: Duration,
+        last: Instant,
+        whole_by: Option<Instant>,
+        timer: Option<Pin<Box<Sleep>>>,
+    }
 }
 
 /// The error a cut body ends with.
@@ -154,7 +158,7 @@ impl<B> Deadline<B> {
     pub(crate) fn new(inner: B, idle: Duration, whole: bool) -> Self {
         let now = Instant::now();
         Deadline {
-            inner: Box::pin(inner),
+            inner,
             idle,
             last: now,
             whole_by: whole.then(|| now + idle),
@@ -162,9 +166,9 @@ impl<B> Deadline<B> {
         }
     }
 
-    fn due(&self) -> Instant {
-        let idle_by = self.last + self.idle;
-        self.whole_by.map_or(idle_by, |whole| whole.min(idle_by))
+    fn due(last: Instant, idle: Duration, whole_by: Option<Instant>) -> Instant {
+        let idle_by = last + idle;
+        whole_by.map_or(idle_by, |whole| whole.min(idle_by))
     }
 }
 
@@ -177,36 +181,32 @@ where
     type Error = BoxError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Poll::Ready(frame) = self.inner.as_mut().poll_frame(cx) {
-            if self.timer.is_some() {
-                self.last = Instant::now();
+        let this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            if this.timer.is_some() {
+                *this.last = Instant::now();
             }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        loop {
-            let due = self.due();
-            let timer = match &mut self.timer {
-                Some(timer) => timer,
-                None => {
-                    // The first wait: progress so far counts from now.
-                    self.last = Instant::now();
-                    let due = self.due();
-                    self.timer.insert(Box::pin(tokio::time::sleep_until(due)))
-                }
-            };
-            if timer.deadline() != due {
-                timer.as_mut().reset(due);
-            }
-            match timer.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) if Instant::now() >= self.due() => {
-                    return Poll::Ready(Some(Err(Box::new(BodyTimedOut(self.idle)))));
-                }
-                Poll::Ready(()) => continue,
-            }
+        if this.timer.is_none() {
+            // The first wait: the idle time counts from now.
+            *this.last = Instant::now();
+        }
+        let due = Self::due(*this.last, *this.idle, *this.whole_by);
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        // Reset to the latest due time before each poll: ready means it
+        // passed with no frame since.
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(*this.idle))))),
         }
     }
 

@@ -13,7 +13,7 @@
 //! `{name}.json`) standing for one non-empty segment, and a concrete path
 //! chosen before a templated one (`/orders/mine` before `/orders/{id}`).
 
-use std::{collections::HashMap, fmt, path::Path, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, fmt, path::Path, sync::Arc};
 
 use http::Method;
 use percent_encoding::percent_decode_str;
@@ -118,6 +118,8 @@ pub struct Api {
 #[derive(Debug, Clone)]
 struct Route {
     template: Arc<str>,
+    /// The template under each of the servers' prefixes, in their order.
+    prefixed: Vec<Arc<str>>,
     segments: Vec<Segment>,
     operations: Vec<(Method, Protection)>,
     allow: Arc<str>,
@@ -215,8 +217,19 @@ impl Api {
                 )));
             }
             let allow: Vec<&str> = operations.iter().map(|(m, _)| m.as_str()).collect();
+            let prefixed = prefixes
+                .iter()
+                .map(|prefix| {
+                    if prefix.is_empty() {
+                        template.clone()
+                    } else {
+                        Arc::from(format!("{prefix}{template}"))
+                    }
+                })
+                .collect();
             routes.push(Route {
                 template,
+                prefixed,
                 segments,
                 allow: Arc::from(allow.join(", ")),
                 operations,
@@ -287,20 +300,25 @@ impl Api {
     /// segment, and without both. Of the operations found, the strictest
     /// protection wins (`required`, then `optional`, then `off`); on a tie,
     /// the plain reading. `UnknownPath` only when no reading matches.
-    pub fn decide(
+    pub fn decide<'s>(
         &self,
         method: &Method,
         overrides: &[Method],
-        segments: &[crate::route::PathSegment],
+        segments: &'s [crate::route::PathSegment],
     ) -> Matched {
-        let fold = |text: &str| {
-            if self.case_sensitive {
-                text.to_owned()
+        // Borrowed unless lower-casing changes something.
+        let fold = |text: &'s str| -> Cow<'s, str> {
+            if self.case_sensitive
+                || text
+                    .bytes()
+                    .all(|b| b.is_ascii() && !b.is_ascii_uppercase())
+            {
+                Cow::Borrowed(text)
             } else {
-                text.to_lowercase()
+                Cow::Owned(text.to_lowercase())
             }
         };
-        let plain: Vec<String> = segments.iter().map(|s| fold(&s.decoded)).collect();
+        let plain: Vec<Cow<'_, str>> = segments.iter().map(|s| fold(&s.decoded)).collect();
         let mut readings = vec![plain];
         if segments.iter().any(|s| s.params_at.is_some()) {
             let bare = segments.iter().map(|s| fold(s.without_params())).collect();
@@ -324,17 +342,20 @@ impl Api {
         best.map_or(Matched::UnknownPath, |(_, matched)| matched)
     }
 
-    fn match_segments(&self, method: &Method, segments: &[String]) -> Matched {
-        for (prefix, prefix_segments) in self.prefixes.iter().zip(&self.prefix_segments) {
+    fn match_segments(&self, method: &Method, segments: &[Cow<'_, str>]) -> Matched {
+        for (at, prefix_segments) in self.prefix_segments.iter().enumerate() {
             let starts = segments.len() >= prefix_segments.len()
-                && segments.iter().zip(prefix_segments).all(|(s, p)| s == p);
+                && segments
+                    .iter()
+                    .zip(prefix_segments)
+                    .all(|(s, p)| **s == **p);
             if !starts {
                 continue;
             }
             let rest = &segments[prefix_segments.len()..];
             for route in &self.routes {
                 if route.matches(rest) {
-                    return route.operation(prefix, method);
+                    return route.operation(at, method);
                 }
             }
         }
@@ -360,14 +381,14 @@ impl Api {
 
 /// `segments` with a format suffix (`.json`) taken off the last one, if it
 /// has one and something is left before it.
-fn without_suffix(segments: &[String]) -> Option<Vec<String>> {
+fn without_suffix<'s>(segments: &[Cow<'s, str>]) -> Option<Vec<Cow<'s, str>>> {
     let last = segments.last()?;
     let dot = last
         .rfind('.')
         .filter(|at| *at > 0 && *at + 1 < last.len())?;
     let mut stripped = segments.to_vec();
     let end = stripped.len() - 1;
-    stripped[end].truncate(dot);
+    stripped[end].to_mut().truncate(dot);
     Some(stripped)
 }
 
@@ -388,7 +409,7 @@ impl Matched {
 }
 
 impl Route {
-    fn matches(&self, segments: &[String]) -> bool {
+    fn matches(&self, segments: &[Cow<'_, str>]) -> bool {
         self.segments.len() == segments.len()
             && self
                 .segments
@@ -397,12 +418,8 @@ impl Route {
                 .all(|(pattern, segment)| pattern.matches(segment))
     }
 
-    fn operation(&self, prefix: &str, method: &Method) -> Matched {
-        let template: Arc<str> = if prefix.is_empty() {
-            self.template.clone()
-        } else {
-            Arc::from(format!("{prefix}{}", self.template))
-        };
+    fn operation(&self, prefix: usize, method: &Method) -> Matched {
+        let template = self.prefixed[prefix].clone();
         // HEAD is answered like GET where only GET is described.
         let found = self
             .operations

@@ -84,8 +84,12 @@ pub struct Canonical {
 
 impl Canonical {
     /// The URI to forward: the original scheme and authority (if any), the
-    /// canonical path and the remaining query.
-    pub fn uri(&self, original: &Uri) -> Result<Uri, Refusal> {
+    /// canonical path and the remaining query; `None` when that is the
+    /// original URI already.
+    pub fn uri(&self, original: &Uri) -> Result<Option<Uri>, Refusal> {
+        if self.path.forwarded == original.path() && self.query.as_deref() == original.query() {
+            return Ok(None);
+        }
         let mut path_and_query = self.path.forwarded.clone();
         if let Some(query) = &self.query {
             path_and_query.push('?');
@@ -100,6 +104,7 @@ impl Canonical {
                 .map_err(|_| Refusal::Path("the path cannot be written back as a URI"))?,
         );
         Uri::from_parts(parts)
+            .map(Some)
             .map_err(|_| Refusal::Path("the path cannot be written back as a URI"))
     }
 }
@@ -143,7 +148,11 @@ impl Refusal {
 
 /// Reads `method`, `uri` and the override headers of a request.
 pub fn canonical(method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<Canonical, Refusal> {
-    let method = upper(method.as_str())?;
+    let method = if method.as_str().bytes().any(|b| b.is_ascii_lowercase()) {
+        upper(method.as_str())?
+    } else {
+        method.clone()
+    };
     let path = canonical_path(uri.path())?;
     let mut overrides = Vec::new();
     for (name, value) in headers {
@@ -420,7 +429,10 @@ mod tests {
         assert_eq!(c.method, Method::POST);
         assert_eq!(c.overrides, [Method::DELETE, Method::PUT]);
         assert_eq!(c.query.as_deref(), Some("a=1&b=2"));
-        assert_eq!(c.uri(&uri).unwrap(), "/appointments/42?a=1&b=2");
+        assert_eq!(c.uri(&uri).unwrap().unwrap(), "/appointments/42?a=1&b=2");
+        let plain: Uri = "/appointments/42?a=1".parse().unwrap();
+        let same = canonical(&Method::POST, &plain, &HeaderMap::new()).unwrap();
+        assert_eq!(same.uri(&plain).unwrap(), None);
         let encoded: Uri = "/x?%5Fmethod=DELETE".parse().unwrap();
         let c = canonical(&Method::POST, &encoded, &HeaderMap::new()).unwrap();
         assert_eq!(c.overrides, [Method::DELETE]);
