@@ -287,12 +287,7 @@ async fn a_stalled_holder_nobody_took_over_still_records() {
         store.calls(Op::Renew) >= 9,
         "renewals were attempted and lost"
     );
-    gate.send(true).unwrap();
-    assert_eq!(body_bytes(first.await.unwrap().unwrap()).await, "booking 1");
-    let replay = app.oneshot(post_with_key("k", "x")).await.unwrap();
-    assert_eq!(replay.headers()["idempotent-replayed"], "true");
-    assert_eq!(body_bytes(replay).await, "booking 1");
-    assert_eq!(counter.get(), 1);
+    first_booking_records_once(app, first, gate, &counter).await;
 }
 
 /// `Lapse::Settle`: a holder whose renewals fail past its lease (a stall,
@@ -318,12 +313,7 @@ async fn under_settle_a_lapsed_holder_is_not_taken_over_and_its_late_response_re
             problem(app.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
         assert_eq!(status, StatusCode::CONFLICT, "{kind}");
     }
-    gate.send(true).unwrap();
-    assert_eq!(body_bytes(first.await.unwrap().unwrap()).await, "booking 1");
-    let replay = app.oneshot(post_with_key("k", "x")).await.unwrap();
-    assert_eq!(replay.headers()["idempotent-replayed"], "true");
-    assert_eq!(body_bytes(replay).await, "booking 1");
-    assert_eq!(counter.get(), 1);
+    first_booking_records_once(app, first, gate, &counter).await;
 }
 
 /// `Lapse::Settle`: the store away for longer than the lease while the
@@ -392,4 +382,25 @@ async fn under_settle_a_claim_abandoned_past_its_maximum_is_settled_not_run() {
         assert!(kind.ends_with("outcome-unknown"), "{kind}");
     }
     assert_eq!(counter.get(), 0);
+}
+
+/// Opens the gate for the first (and only) execution of `k`: its client
+/// gets booking 1, a retry replays it, and nothing else ran.
+async fn first_booking_records_once<S, B>(
+    app: S,
+    first: tokio::task::JoinHandle<Result<http::Response<B>, S::Error>>,
+    gate: watch::Sender<bool>,
+    counter: &Counter,
+) where
+    S: tower::Service<http::Request<axum::body::Body>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    gate.send(true).unwrap();
+    assert_eq!(body_bytes(first.await.unwrap().unwrap()).await, "booking 1");
+    let replay = app.oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(body_bytes(replay).await, "booking 1");
+    assert_eq!(counter.get(), 1);
 }

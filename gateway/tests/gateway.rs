@@ -1008,23 +1008,26 @@ async fn start_framework_upstream() -> (SocketAddr, Arc<FrameworkUpstream>) {
 /// Sends `head` (request line and headers, without the blank line) over a
 /// connection of its own, exactly as written; the answer's status and body.
 async fn raw_request(addr: SocketAddr, head: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!("{head}\r\nHost: api.test\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
-        .await
-        .expect("no answer within 10 s")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let (status, answer) = raw_bytes(addr, request.as_bytes()).await;
     let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
     (status, body)
+}
+
+/// Reads what `stream` still sends until the gateway closes it, waiting
+/// at most `seconds`: a connection the gateway must close.
+async fn closed_by_the_gateway(
+    mut stream: tokio::net::TcpStream,
+    seconds: u64,
+    why: &str,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(seconds), stream.read_to_end(&mut rest))
+        .await
+        .unwrap_or_else(|_| panic!("{why}"))
+        .ok();
+    String::from_utf8_lossy(&rest).into_owned()
 }
 
 const SPELLINGS: &[(&str, &str)] = &[
@@ -1429,7 +1432,7 @@ async fn a_pooled_connection_the_upstream_closed_never_records_an_unsent_request
 
 #[tokio::test]
 async fn half_sent_heads_are_closed_and_never_keep_others_out() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (upstream_addr, upstream) = start_upstream().await;
     let gateway = start_gateway(upstream_addr, &["--header-read-timeout-secs", "1"]).await;
     let mut slow = Vec::new();
@@ -1443,13 +1446,9 @@ async fn half_sent_heads_are_closed_and_never_keep_others_out() {
     }
     let reply = send(gateway.addr, Method::GET, "/appointments", None, "").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    for mut stream in slow {
-        let mut rest = Vec::new();
-        let closed = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest))
-            .await
-            .expect("a half-sent head was kept open");
+    for stream in slow {
         // Closed (hyper may answer 408 first), never forwarded.
-        drop(closed);
+        closed_by_the_gateway(stream, 30, "a half-sent head was kept open").await;
     }
     assert_eq!(upstream.count("/appointments"), 1);
 }
@@ -1730,15 +1729,10 @@ async fn raw_request_with_body(addr: SocketAddr, request: &str) -> (u16, String)
 
 /// Writes `bytes` as they are and reads the answer to its end.
 async fn raw_bytes(addr: SocketAddr, bytes: &[u8]) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(bytes).await.unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
-        .await
-        .expect("no answer within 10 s")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let answer = closed_by_the_gateway(stream, 10, "no answer within 10 s").await;
     let status = answer
         .split(' ')
         .nth(1)
@@ -1772,7 +1766,7 @@ async fn underscored_header_names_are_not_forwarded() {
 
 #[tokio::test]
 async fn silent_connections_are_closed_after_the_header_read_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (upstream_addr, _upstream) = start_upstream().await;
     let gateway = start_gateway(
         upstream_addr,
@@ -1787,12 +1781,8 @@ async fn silent_connections_are_closed_after_the_header_read_timeout() {
         }
         silent.push(stream);
     }
-    for mut stream in silent {
-        let mut rest = Vec::new();
-        tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest))
-            .await
-            .expect("a silent connection was kept open")
-            .ok();
+    for stream in silent {
+        closed_by_the_gateway(stream, 30, "a silent connection was kept open").await;
     }
     let reply = send(gateway.addr, Method::GET, "/echo", None, "").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
@@ -1800,7 +1790,7 @@ async fn silent_connections_are_closed_after_the_header_read_timeout() {
 
 #[tokio::test]
 async fn a_stalled_keyed_body_is_cut_and_frees_its_room() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let (upstream_addr, upstream) = start_upstream().await;
     let gateway = start_gateway(
         upstream_addr,
@@ -1819,12 +1809,8 @@ async fn a_stalled_keyed_body_is_cut_and_frees_its_room() {
         .write_all(b"POST /appointments HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer a\r\nIdempotency-Key: stall\r\nContent-Length: 4096\r\n\r\n{")
         .await
         .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), stalled.read_to_end(&mut answer))
-        .await
-        .expect("a stalled body was waited for without end")
-        .ok();
-    let answer = String::from_utf8_lossy(&answer);
+    let answer =
+        closed_by_the_gateway(stalled, 30, "a stalled body was waited for without end").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     let reply = send(
         gateway.addr,
