@@ -232,8 +232,10 @@ fn strip_override_parameter(
     query: &str,
     overrides: &mut Vec<Method>,
 ) -> Result<Option<String>, Refusal> {
+    // Only a query that names `method` or holds an escape can carry the
+    // parameter (`_%6Dethod` is `_method` once decoded).
     let lower = query.to_ascii_lowercase();
-    if !lower.contains("method") {
+    if !lower.contains("method") && !query.contains('%') {
         return Ok(Some(query.to_owned()));
     }
     let mut kept: Vec<&str> = Vec::new();
@@ -433,6 +435,11 @@ mod tests {
         let plain: Uri = "/appointments/42?a=1".parse().unwrap();
         let same = canonical(&Method::POST, &plain, &HeaderMap::new()).unwrap();
         assert_eq!(same.uri(&plain).unwrap(), None);
+        for encoded in ["/x?_%6Dethod=DELETE", "/x?%5f%6d%65%74%68%6f%64=DELETE"] {
+            let encoded: Uri = encoded.parse().unwrap();
+            let c = canonical(&Method::POST, &encoded, &HeaderMap::new()).unwrap();
+            assert_eq!(c.overrides, [Method::DELETE], "{encoded}");
+        }
         let encoded: Uri = "/x?%5Fmethod=DELETE".parse().unwrap();
         let c = canonical(&Method::POST, &encoded, &HeaderMap::new()).unwrap();
         assert_eq!(c.overrides, [Method::DELETE]);

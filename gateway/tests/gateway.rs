@@ -1596,6 +1596,12 @@ async fn forwarding_headers_are_kept_only_from_trusted_proxies() {
         ("x-real-ip", "10.0.0.1"),
         ("true-client-ip", "10.0.0.1"),
         ("idempotent-take-over", "true"),
+        ("x-forwarded-protocol", "ssl"),
+        ("x-forwarded-client-cert", "Hash=1"),
+        ("front-end-https", "on"),
+        ("x-url-scheme", "https"),
+        ("x-original-host", "evil"),
+        ("x-arr-clientip", "10.0.0.1"),
     ];
     let echo = |addr| async move {
         let reply = send_with(&client(), addr, Method::GET, "/echo", None, "", &spoofed).await;
@@ -1627,6 +1633,23 @@ async fn forwarding_headers_are_kept_only_from_trusted_proxies() {
     assert_eq!(headers["x-forwarded-host"], "api.example");
     assert_eq!(headers["forwarded"], "for=10.0.0.1;proto=https");
     assert!(headers.get("idempotent-take-over").is_none(), "{headers}");
+    // A path to route by is never forwarded, not even from a proxy.
+    let reply = send_with(
+        &client(),
+        behind_proxy.addr,
+        Method::GET,
+        "/echo",
+        None,
+        "",
+        &[
+            ("x-original-url", "/appointments"),
+            ("x-rewrite-url", "/appointments"),
+        ],
+    )
+    .await;
+    let seen: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert!(seen["headers"].get("x-original-url").is_none(), "{seen}");
+    assert!(seen["headers"].get("x-rewrite-url").is_none(), "{seen}");
 }
 
 #[tokio::test]
