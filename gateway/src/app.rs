@@ -93,11 +93,7 @@ pub struct Gateway {
     forward: Forwarder,
     health: Arc<Health>,
     metrics: Option<PrometheusHandle>,
-    reject_unknown: bool,
-    limits: Arc<Limits>,
-    key_header: http::HeaderName,
-    scope_header: http::HeaderName,
-    body_timeout: Duration,
+    rules: Arc<Rules>,
 }
 
 impl Gateway {
@@ -120,11 +116,7 @@ impl Gateway {
             forward,
             health: Arc::new(health),
             metrics,
-            reject_unknown: rules.reject_unknown,
-            limits: Arc::new(rules.limits),
-            key_header: tower_idempotency::IDEMPOTENCY_KEY,
-            scope_header: rules.scope_header,
-            body_timeout: rules.body_timeout,
+            rules: Arc::new(rules),
         }
     }
 }
@@ -182,7 +174,7 @@ impl Gateway {
             .headers()
             .keys()
             .filter(|name| {
-                (name.as_str().contains('_') && **name != self.scope_header)
+                (name.as_str().contains('_') && **name != self.rules.scope_header)
                     || is_override_header(name)
             })
             .cloned()
@@ -209,7 +201,7 @@ impl Gateway {
                 allow,
                 default,
             } => {
-                if self.reject_unknown {
+                if self.rules.reject_unknown {
                     let mut response = problem(
                         StatusCode::METHOD_NOT_ALLOWED,
                         "method-not-described",
@@ -226,7 +218,7 @@ impl Gateway {
                 (Some(template), default)
             }
             Matched::UnknownPath => {
-                if self.reject_unknown {
+                if self.rules.reject_unknown {
                     return ready(problem(
                         StatusCode::NOT_FOUND,
                         "path-not-described",
@@ -238,17 +230,19 @@ impl Gateway {
         };
         let buffered = match protection {
             Protection::Required => true,
-            Protection::Optional => req.headers().contains_key(&self.key_header),
+            Protection::Optional => req
+                .headers()
+                .contains_key(tower_idempotency::IDEMPOTENCY_KEY),
             Protection::Off => false,
         };
-        let held = match self.limits.admit(req.headers(), buffered) {
+        let held = match self.rules.limits.admit(req.headers(), buffered) {
             Ok(held) => held,
             Err(overloaded) => return ready(overloaded.response()),
         };
         if let Some(template) = template {
             req.extensions_mut().insert(Route(template));
         }
-        let idle = self.body_timeout;
+        let idle = self.rules.body_timeout;
         let req = req.map(|body| Deadline::new(body, idle, buffered));
         match protection {
             Protection::Required => holding(self.required.clone().call(req), held),
@@ -293,13 +287,18 @@ impl Gateway {
                 ));
             }
         }
-        if headers.get_all(&self.scope_header).iter().nth(1).is_some() {
+        if headers
+            .get_all(&self.rules.scope_header)
+            .iter()
+            .nth(1)
+            .is_some()
+        {
             return Some(problem(
                 StatusCode::BAD_REQUEST,
                 "scope-repeated",
                 &format!(
                     "The request has more than one {} header, so the gateway cannot tell who is calling.",
-                    self.scope_header
+                    self.rules.scope_header
                 ),
             ));
         }

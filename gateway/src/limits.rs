@@ -57,16 +57,12 @@ impl Limits {
 
     /// A place for one request, and for a keyed one (`buffered`) room for
     /// its body: its `Content-Length`, or the body limit without one.
-    pub(crate) fn admit(
-        &self,
-        headers: &HeaderMap,
-        buffered: bool,
-    ) -> Result<Held, overload::Overloaded> {
+    pub(crate) fn admit(&self, headers: &HeaderMap, buffered: bool) -> Result<Held, Overloaded> {
         let request = self
             .requests
             .clone()
             .try_acquire_owned()
-            .map_err(|_| overload::Overloaded::Requests)?;
+            .map_err(|_| Overloaded::Requests)?;
         let bytes = if buffered {
             let length = headers
                 .get(header::CONTENT_LENGTH)
@@ -81,7 +77,7 @@ impl Limits {
                 self.bytes
                     .clone()
                     .try_acquire_many_owned(units)
-                    .map_err(|_| overload::Overloaded::Bytes)?,
+                    .map_err(|_| Overloaded::Bytes)?,
             )
         } else {
             None
@@ -93,35 +89,30 @@ impl Limits {
     }
 }
 
-pub(crate) mod overload {
-    //! The refusal.
-    use super::*;
+/// Which bound a request met.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Overloaded {
+    Requests,
+    Bytes,
+}
 
-    /// Which bound a request met.
-    #[derive(Debug, Clone, Copy)]
-    pub(crate) enum Overloaded {
-        Requests,
-        Bytes,
-    }
-
-    impl Overloaded {
-        /// 503 `overloaded`, `Retry-After: 1`: nothing was forwarded, and a
-        /// retry with the same key is safe.
-        pub(crate) fn response(self) -> http::Response<GatewayBody> {
-            let detail = match self {
-                Overloaded::Requests => {
-                    "The gateway has as many requests in progress as it accepts; nothing was forwarded. Retry shortly (with the same key)."
-                }
-                Overloaded::Bytes => {
-                    "The gateway holds as many request bodies as it accepts; nothing was forwarded. Retry shortly (with the same key)."
-                }
-            };
-            let mut response = problem(StatusCode::SERVICE_UNAVAILABLE, "overloaded", detail);
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response
-        }
+impl Overloaded {
+    /// 503 `overloaded`, `Retry-After: 1`: nothing was forwarded, and a
+    /// retry with the same key is safe.
+    pub(crate) fn response(self) -> http::Response<GatewayBody> {
+        let detail = match self {
+            Overloaded::Requests => {
+                "The gateway has as many requests in progress as it accepts; nothing was forwarded. Retry shortly (with the same key)."
+            }
+            Overloaded::Bytes => {
+                "The gateway holds as many request bodies as it accepts; nothing was forwarded. Retry shortly (with the same key)."
+            }
+        };
+        let mut response = problem(StatusCode::SERVICE_UNAVAILABLE, "overloaded", detail);
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        response
     }
 }
 

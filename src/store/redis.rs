@@ -528,7 +528,9 @@ impl Store for RedisStore {
             // Dropped before the answer (the layer's store timeout): the
             // script may still run, so a release under the same token
             // follows it and undoes a claim nobody holds.
-            let mut unanswered = Unanswered(Some((self.clone(), redis_key.clone(), token)));
+            // (The invocation holds the key's bytes already: the string
+            // itself moves into the guard, no copy.)
+            let mut unanswered = Unanswered(Some((self.clone(), redis_key, token)));
             let answer = self.run(invocation).await;
             unanswered.0 = None;
             parse_claim(answer?, token)
