@@ -309,23 +309,18 @@ where
     }
     let client = parts.extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
     let from_proxy = client.is_some_and(|ip| trusted.iter().any(|net| net.contains(&ip)));
-    // Headers some servers route by (IIS's `X-Original-URL`): the gateway
-    // matched the request line, so they never reach the upstream, whoever
-    // sent them.
-    for name in ROUTING {
+    // One pass over the names, removals only for what is there: headers
+    // some servers route by (IIS's `X-Original-URL`), never forwarded since
+    // the gateway matched the request line; and, unless the client is a
+    // trusted proxy, what proxies say about the client.
+    let dropped: Vec<HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|name| is_routing(name) || (!from_proxy && is_proxy_set(name)))
+        .cloned()
+        .collect();
+    for name in &dropped {
         parts.headers.remove(name);
-    }
-    if !from_proxy {
-        // One pass over the names; removals only for what is there.
-        let spoofed: Vec<HeaderName> = parts
-            .headers
-            .keys()
-            .filter(|name| is_proxy_set(name))
-            .cloned()
-            .collect();
-        for name in &spoofed {
-            parts.headers.remove(name);
-        }
     }
     if let Some(ip) = client {
         let mut list: Vec<u8> = Vec::new();
@@ -384,14 +379,14 @@ fn incoming(response: Response<hyper::body::Incoming>) -> Response<GatewayBody> 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-/// Headers that tell an upstream which path to route instead of the
+/// Whether `name` tells an upstream which path to route instead of the
 /// request line's.
-const ROUTING: [HeaderName; 4] = [
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-    HeaderName::from_static("x-original-uri"),
-    HeaderName::from_static("x-forwarded-prefix"),
-];
+fn is_routing(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-original-url" | "x-rewrite-url" | "x-original-uri" | "x-forwarded-prefix"
+    )
+}
 
 /// Whether `name` is one of the headers proxies and CDNs set to tell an
 /// upstream who the client is, which scheme, host, port or prefix it used,
@@ -399,26 +394,34 @@ const ROUTING: [HeaderName; 4] = [
 /// `--trusted-proxies`.
 fn is_proxy_set(name: &HeaderName) -> bool {
     let name = name.as_str();
-    // The whole `X-Forwarded-*` family (`-Protocol`, `-Client-Cert`,
-    // `-Server`, ...), and the client address, scheme and certificate
+    // The whole `X-Forwarded-*` family (`-For`, `-Proto`, `-Protocol`,
+    // `-Client-Cert`, ...), and the client address, scheme and certificate
     // headers of common proxies, CDNs and servers.
-    name.starts_with("x-forwarded-")
+    name.starts_with("x-forwarded")
         || name.starts_with("x-envoy-")
         || name.starts_with("x-arr-")
         || name.starts_with("x-azure-")
         || matches!(
             name,
-            "front-end-https"
+            "forwarded"
+                | "via"
+                | "front-end-https"
                 | "x-url-scheme"
                 | "x-scheme"
                 | "x-host"
                 | "x-original-host"
                 | "x-http-host-override"
-                | "x-original-uri"
                 | "x-original-forwarded-for"
+                | "x-real-ip"
+                | "true-client-ip"
+                | "x-client-ip"
+                | "client-ip"
                 | "cluster-client-ip"
+                | "x-cluster-client-ip"
                 | "proxy-client-ip"
                 | "wl-proxy-client-ip"
+                | "cf-connecting-ip"
+                | "fastly-client-ip"
                 | "akamai-client-ip"
                 | "fly-client-ip"
                 | "x-appengine-user-ip"
@@ -430,27 +433,6 @@ fn is_proxy_set(name: &HeaderName) -> bool {
                 | "x-ssl-client-cert"
                 | "ssl-client-cert"
                 | "x-client-cert"
-        )
-        || matches!(
-            name,
-            "x-forwarded-for"
-                | "x-forwarded-proto"
-                | "x-forwarded-host"
-                | "forwarded"
-                | "x-real-ip"
-                | "true-client-ip"
-                | "x-client-ip"
-                | "client-ip"
-                | "cf-connecting-ip"
-                | "fastly-client-ip"
-                | "x-cluster-client-ip"
-                | "x-forwarded"
-                | "x-forwarded-port"
-                | "x-forwarded-prefix"
-                | "x-forwarded-ssl"
-                | "x-forwarded-scheme"
-                | "x-original-url"
-                | "x-rewrite-url"
         )
 }
 

@@ -363,29 +363,39 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream) {
     let _ = stream.shutdown().await;
 }
 
-/// Resolves on SIGTERM (what a deploy sends) or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Resolves on SIGTERM (what a deploy sends) or Ctrl-C. The handlers are
+/// installed here, at the call, before the gateway says it is listening: a
+/// signal that comes early drains the gateway instead of killing it.
+fn shutdown_signal() -> impl Future<Output = ()> {
+    #[cfg(unix)]
+    let mut terminate = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let installed = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        match installed {
+            (Ok(terminate), Ok(interrupt)) => Some((terminate, interrupt)),
+            (Err(err), _) | (_, Err(err)) => {
+                eprintln!("idempotency-gateway: cannot listen for SIGTERM and SIGINT: {err}");
+                None
+            }
+        }
+    };
+    async move {
+        #[cfg(unix)]
+        match &mut terminate {
+            Some((terminate, interrupt)) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+        #[cfg(not(unix))]
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                eprintln!("idempotency-gateway: cannot listen for SIGTERM: {err}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
     }
 }
