@@ -14,7 +14,13 @@
 //! ```
 //!
 //! Decoding is zero-copy: the body and header values are slices of the
-//! stored bytes.
+//! stored bytes. It is fallible wherever a length or a count comes from the
+//! bytes: a damaged record is an error, never a panic.
+//!
+//! A head (headers or trailers) holds at most [`MAX_FIELDS`] field values.
+//! A response with more is recorded without its headers, trailers and body,
+//! as "not retained": the decoder refuses such counts, so a record it could
+//! not read back is never written.
 //!
 //! During a rolling deploy, instances of two versions of the crate read each
 //! other's records. A record in an encoding version this build does not know
@@ -31,6 +37,11 @@ const MAGIC: &[u8; 2] = b"TI";
 const VERSION: u8 = 1;
 const RETAINED: u8 = 1;
 const HAS_TRAILERS: u8 = 2;
+
+/// The most field values a recorded head (headers, or trailers) holds.
+/// `http`'s `HeaderMap` cannot hold many more distinct names (about 24,000),
+/// and no real response comes near it.
+pub(crate) const MAX_FIELDS: usize = 8192;
 
 /// A response read back from a store.
 #[derive(Debug)]
@@ -104,6 +115,8 @@ pub(crate) struct RecordBuilder {
     body_at: usize,
     limit: usize,
     retained: bool,
+    /// Whether the head is recorded (it has at most [`MAX_FIELDS`] values).
+    head_fits: bool,
 }
 
 impl RecordBuilder {
@@ -114,16 +127,29 @@ impl RecordBuilder {
         limit: usize,
         expected_body: usize,
     ) -> Self {
-        let retained = expected_body <= limit;
         let keep = |name: &HeaderName| is_replayable(name, headers, keep_cookies);
+        // A head the decoder would refuse is not kept: the record says only
+        // that the request ran, and with which status.
+        let head_fits = headers.len() <= MAX_FIELDS
+            || headers.iter().filter(|(name, _)| keep(name)).count() <= MAX_FIELDS;
+        let retained = head_fits && expected_body <= limit;
         let head_len = MAGIC.len() + 1 + 2 + 1 + headers_len(headers, keep) + 8;
+        let head_len = if head_fits { head_len } else { 16 };
         let mut buf = BytesMut::with_capacity(head_len + if retained { expected_body } else { 0 });
         buf.put_slice(MAGIC);
         buf.put_u8(VERSION);
         buf.put_u16(status.as_u16());
         let flags_at = buf.len();
         buf.put_u8(0);
-        put_headers(&mut buf, headers, keep);
+        if head_fits {
+            put_headers(&mut buf, headers, keep);
+        } else {
+            tracing::warn!(
+                values = headers.len(),
+                "response head has more header values than a record keeps ({MAX_FIELDS}); recorded as not retained"
+            );
+            put_headers(&mut buf, &HeaderMap::new(), |_| true);
+        }
         let body_at = buf.len();
         buf.put_u64(0);
         RecordBuilder {
@@ -132,6 +158,7 @@ impl RecordBuilder {
             body_at,
             limit,
             retained,
+            head_fits,
         }
     }
 
@@ -163,6 +190,18 @@ impl RecordBuilder {
 
     /// Finishes the record: the response is complete, trailers included.
     pub(crate) fn finish(mut self, trailers: Option<&HeaderMap>) -> Bytes {
+        let trailers = match trailers {
+            Some(trailers) if trailers.len() > MAX_FIELDS => {
+                tracing::warn!(
+                    values = trailers.len(),
+                    "response trailers have more values than a record keeps ({MAX_FIELDS}); recorded as not retained"
+                );
+                self.give_up_body();
+                None
+            }
+            _ if !self.head_fits => None,
+            other => other,
+        };
         let mut flags = 0;
         if self.retained {
             flags |= RETAINED;
@@ -284,19 +323,21 @@ fn take_len(bytes: &mut Bytes, width: usize) -> Result<usize, Corrupt> {
 fn take_headers(bytes: &mut Bytes) -> Result<HeaderMap, Corrupt> {
     let count = take_count(bytes)?;
     // Each header takes at least 6 bytes: refuse counts the input cannot hold
-    // before reserving room for them.
-    if count > bytes.remaining() / 6 {
+    // before reserving room for them, and counts no record is written with.
+    if count > MAX_FIELDS || count > bytes.remaining() / 6 {
         return Err(Corrupt::Damaged);
     }
     // One spare slot: a replay adds `Idempotent-Replayed`.
-    let mut headers = HeaderMap::with_capacity(count + 1);
+    let mut headers = HeaderMap::try_with_capacity(count + 1).map_err(|_| Corrupt::Damaged)?;
     for _ in 0..count {
         let len = take_len(bytes, 2)?;
         let name = HeaderName::from_bytes(&bytes.split_to(len)).map_err(|_| Corrupt::Damaged)?;
         let len = take_len(bytes, 4)?;
         let value =
             HeaderValue::from_maybe_shared(bytes.split_to(len)).map_err(|_| Corrupt::Damaged)?;
-        headers.append(name, value);
+        headers
+            .try_append(name, value)
+            .map_err(|_| Corrupt::Damaged)?;
     }
     Ok(headers)
 }
@@ -418,5 +459,109 @@ mod tests {
         let mut newer = written.to_vec();
         newer[2] = 2;
         assert!(RecordBuilder::without_body(&newer.into()).is_err());
+    }
+
+    #[test]
+    fn trailers_past_the_field_limit_keep_only_the_status() {
+        let mut b = RecordBuilder::new(StatusCode::OK, &sample_headers(), false, 100, 0);
+        b.push(b"payload");
+        let mut trailers = HeaderMap::new();
+        for i in 0..=MAX_FIELDS {
+            trailers.append("x-t", HeaderValue::from(i));
+        }
+        let rec = decode(b.finish(Some(&trailers))).unwrap();
+        assert_eq!(rec.status, StatusCode::OK);
+        assert!(rec.body.is_none() && rec.trailers.is_none());
+    }
+
+    #[test]
+    fn a_head_at_the_field_limit_is_kept_and_one_past_it_is_not() {
+        for (count, kept) in [(MAX_FIELDS, true), (MAX_FIELDS + 1, false)] {
+            let mut headers = HeaderMap::new();
+            for i in 0..count {
+                headers.append("x-h", HeaderValue::from(i));
+            }
+            let mut b = RecordBuilder::new(StatusCode::CREATED, &headers, false, 100, 0);
+            b.push(b"ok");
+            let rec = decode(b.finish(None)).unwrap();
+            assert_eq!(rec.status, StatusCode::CREATED);
+            assert_eq!(rec.body.is_some(), kept, "{count}");
+            let expected = if kept { count } else { 0 };
+            assert_eq!(rec.headers.len(), expected, "{count}");
+        }
+    }
+
+    fn a_record() -> impl proptest::strategy::Strategy<Value = Bytes> {
+        use proptest::prelude::*;
+        let field = ("[a-z-]{1,12}", proptest::collection::vec(32u8..127, 0..20));
+        (
+            100u16..600,
+            proptest::collection::vec(field.clone(), 0..8),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
+            proptest::option::of(proptest::collection::vec(field, 0..4)),
+        )
+            .prop_map(|(status, headers, body, trailers)| {
+                let map = |fields: Vec<(String, Vec<u8>)>| {
+                    let mut map = HeaderMap::new();
+                    for (name, value) in fields {
+                        map.append(
+                            HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                            HeaderValue::from_bytes(&value).unwrap(),
+                        );
+                    }
+                    map
+                };
+                let status = StatusCode::from_u16(status).unwrap();
+                let limit = if body.is_some() { 64 } else { 0 };
+                let mut b = RecordBuilder::new(status, &map(headers), true, limit, 0);
+                b.push(body.as_deref().unwrap_or(b"x"));
+                b.finish(trailers.map(map).as_ref())
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+
+        /// Whatever the bytes, decoding answers (a record or an error) and
+        /// never panics; bytes not starting with the magic are `Damaged`.
+        #[test]
+        fn any_bytes_decode_or_fail_without_panic(
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            magic in proptest::prelude::any::<bool>(),
+        ) {
+            let mut bytes = if magic { b"TI\x01".to_vec() } else { Vec::new() };
+            bytes.extend_from_slice(&tail);
+            let starts = bytes.starts_with(MAGIC);
+            match decode(bytes.into()) {
+                Ok(rec) => proptest::prop_assert!(rec.headers.len() <= MAX_FIELDS),
+                Err(Corrupt::UnknownVersion(_)) => proptest::prop_assert!(starts),
+                Err(Corrupt::Damaged) => {}
+            }
+        }
+
+        /// A record this build wrote decodes; the same record with any byte
+        /// changed, cut or extended decodes or fails, never panics, and a
+        /// decoded record can always be slimmed and read again.
+        #[test]
+        fn damaged_records_fail_without_panic(
+            record in a_record(),
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            byte in proptest::prelude::any::<u8>(),
+            how in 0u8..3,
+        ) {
+            proptest::prop_assert!(decode(record.clone()).is_ok());
+            let mut damaged = record.to_vec();
+            let i = at.index(damaged.len());
+            match how {
+                0 => damaged[i] = byte,
+                1 => damaged.truncate(i),
+                _ => damaged.insert(i, byte),
+            }
+            let damaged = Bytes::from(damaged);
+            if decode(damaged.clone()).is_ok() {
+                let slim = RecordBuilder::without_body(&damaged).unwrap();
+                proptest::prop_assert!(decode(slim).is_ok());
+            }
+        }
     }
 }

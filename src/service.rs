@@ -575,9 +575,14 @@ fn replay<St, B>(config: &Config<St>, key: &RecordKey, record: Bytes) -> Respons
     let mut response = Response::new(ResponseBody::buffered(body, recorded.trailers));
     *response.status_mut() = recorded.status;
     *response.headers_mut() = recorded.headers;
-    response
+    let marked = response
         .headers_mut()
-        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+        .try_insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    if marked.is_err() {
+        // The decoder left room for it; a head without room is unreadable.
+        tracing::error!(key = %KeyHash(key), "stored record has no room for the replay header");
+        return reject(config, store_unavailable());
+    }
     response.extensions_mut().insert(Outcome::Replayed);
     response
 }

@@ -284,12 +284,20 @@ proptest! {
     }
 }
 
-/// A store shared with a newer release of the crate, during a rolling
-/// deploy: every record it completes comes back in encoding version 2.
-#[derive(Clone, Default)]
-struct WrittenByANewerRelease(MemoryStore);
+/// A store that changes every record it completes: one shared with a newer
+/// release of the crate during a rolling deploy, or a damaged one.
+#[derive(Clone)]
+struct Rewritten(MemoryStore, fn(&[u8]) -> Vec<u8>);
 
-impl tower_idempotency::Store for WrittenByANewerRelease {
+/// Every record comes back in encoding version 2.
+fn written_by_a_newer_release(record: &[u8]) -> Vec<u8> {
+    let mut newer = record.to_vec();
+    assert_eq!(&newer[..3], b"TI\x01", "this build writes version 1");
+    newer[2] = 2;
+    newer
+}
+
+impl tower_idempotency::Store for Rewritten {
     fn claim(
         &self,
         key: &tower_idempotency::store::RecordKey,
@@ -319,10 +327,8 @@ impl tower_idempotency::Store for WrittenByANewerRelease {
         ttl: std::time::Duration,
     ) -> impl std::future::Future<Output = Result<(), tower_idempotency::store::StoreError>> + Send
     {
-        let mut newer = record.to_vec();
-        assert_eq!(&newer[..3], b"TI\x01", "this build writes version 1");
-        newer[2] = 2;
-        self.0.complete(key, token, Bytes::from(newer), ttl)
+        self.0
+            .complete(key, token, Bytes::from((self.1)(&record)), ttl)
     }
 
     fn release(
@@ -340,8 +346,10 @@ impl tower_idempotency::Store for WrittenByANewerRelease {
 #[tokio::test]
 async fn a_record_in_an_unknown_encoding_version_is_503_never_a_second_execution() {
     let counter = common::Counter::default();
-    let app = common::booking_router(counter.clone())
-        .layer(IdempotencyLayer::new(WrittenByANewerRelease::default()));
+    let app = common::booking_router(counter.clone()).layer(IdempotencyLayer::new(Rewritten(
+        MemoryStore::default(),
+        written_by_a_newer_release,
+    )));
     let first = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
     assert_eq!(first.status(), StatusCode::CREATED);
     body_bytes(first).await;
@@ -393,4 +401,74 @@ fn each_protected_request_has_a_span_with_its_outcome() {
     }
     assert!(!text.contains("span-key-7c1d"), "the raw key never appears");
     assert!(!text.contains("test-caller"), "nor the credential");
+}
+
+/// A response with more header values than a record keeps: the first
+/// caller gets it whole; every retry is told it ran and with which status
+/// (410 `response-not-retained`), never a panic, never a second execution.
+#[tokio::test]
+async fn a_response_with_too_many_header_values_is_kept_as_not_retained() {
+    let counter = common::Counter::default();
+    let runs = counter.clone();
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(MemoryStore::default()))
+        .service(service_fn(move |_req| {
+            runs.hit();
+            async {
+                let mut response =
+                    Response::new(http_body_util::Full::new(Bytes::from_static(b"booked")));
+                *response.status_mut() = StatusCode::CREATED;
+                for i in 0..30_000u32 {
+                    response
+                        .headers_mut()
+                        .append("x-many", HeaderValue::from(i));
+                }
+                Ok::<_, Infallible>(response)
+            }
+        }));
+    let first = svc.clone().oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert_eq!(first.headers().get_all("x-many").iter().count(), 30_000);
+    assert_eq!(body_bytes(first).await, "booked");
+    for _ in 0..2 {
+        let retry = svc.clone().oneshot(post_with_key("k", "x")).await.unwrap();
+        let (status, code, doc) = common::problem(retry).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::GONE, "response-not-retained")
+        );
+        assert!(doc["detail"].as_str().unwrap().contains("201"), "{doc}");
+    }
+    assert_eq!(counter.get(), 1, "the intent ran once");
+}
+
+/// A record whose header count the `http` crate cannot hold (written by a
+/// damaged or hostile store) is 503 on replay, not a panic.
+#[tokio::test]
+async fn a_record_with_a_huge_header_count_is_503_not_a_panic() {
+    fn huge_head(_: &[u8]) -> Vec<u8> {
+        let count = 30_000u32;
+        let mut record = b"TI\x01\x00\xc9\x00".to_vec();
+        record.extend_from_slice(&count.to_be_bytes());
+        for _ in 0..count {
+            record.extend_from_slice(&1u16.to_be_bytes());
+            record.push(b'x');
+            record.extend_from_slice(&1u32.to_be_bytes());
+            record.push(b'1');
+        }
+        record
+    }
+    let counter = common::Counter::default();
+    let store = Rewritten(MemoryStore::default(), huge_head);
+    let app = common::booking_router(counter.clone()).layer(IdempotencyLayer::new(store));
+    let first = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    body_bytes(first).await;
+    let retry = app.oneshot(post_with_key("k", "x")).await.unwrap();
+    let (status, code, _) = common::problem(retry).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable")
+    );
+    assert_eq!(counter.get(), 1);
 }
