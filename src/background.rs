@@ -26,6 +26,11 @@ pub(crate) struct Background {
     abandon: CancellationToken,
     completions_abandoned: AtomicU64,
     settled: AtomicU64,
+    /// Detached requests settled at a drain's deadline.
+    drain_settled: AtomicU64,
+    /// Detached requests whose handler had not started at a drain's
+    /// deadline, released instead.
+    drain_released: AtomicU64,
 }
 
 impl Background {
@@ -68,8 +73,19 @@ impl Background {
         self.completions_abandoned.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn settled_unfinished(&self) {
+    /// A request was stopped and settled `outcome-unknown`; `at_drain` when
+    /// a drain's deadline stopped it.
+    pub(crate) fn settled_unfinished(&self, at_drain: bool) {
         self.settled.fetch_add(1, Ordering::Relaxed);
+        if at_drain {
+            self.drain_settled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A detached request reached a drain's deadline before its handler
+    /// started, and its claim was released.
+    pub(crate) fn released_unstarted(&self) {
+        self.drain_released.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn stats(&self) -> BackgroundStats {
@@ -92,18 +108,21 @@ impl Background {
             return Drained::default();
         }
         // Past the deadline: settle what still runs, as a request past its
-        // maximum execution time is settled, and give the store a moment to
-        // take those records.
-        let running = self.detached.len();
+        // maximum execution time is settled, release what never started,
+        // and give the store a moment to take those records.
+        let count = |counter: &AtomicU64| counter.load(Ordering::Relaxed) as usize;
+        let (settled, released) = (count(&self.drain_settled), count(&self.drain_released));
         self.abandon.cancel();
         let _ = tokio::time::timeout(grace, self.detached.wait()).await;
         let drained = Drained {
-            settled: running.saturating_sub(self.detached.len()),
+            settled: count(&self.drain_settled) - settled,
+            released: count(&self.drain_released) - released,
             abandoned_requests: self.detached.len(),
             abandoned_completions: self.completions.len(),
         };
         tracing::warn!(
             settled = drained.settled,
+            released = drained.released,
             abandoned_requests = drained.abandoned_requests,
             abandoned_completions = drained.abandoned_completions,
             "idempotency drain deadline passed"
@@ -113,38 +132,47 @@ impl Background {
 }
 
 /// Where a protected request stands, shared by its path and its future: may
-/// it move into the background if its client goes away, and must it settle
-/// now.
+/// it move into the background if its client goes away, has it, and must it
+/// settle now. Each is a bit of its own, so no stage overwrites another.
 #[derive(Debug, Default)]
 pub(crate) struct Lifeline(AtomicU8);
 
-const ENDS_WITH_CLIENT: u8 = 0;
 const DETACHABLE: u8 = 1;
-const SETTLE: u8 = 2;
+const DETACHED: u8 = 2;
+const SETTLE: u8 = 4;
 
 impl Lifeline {
     /// Set while the key is being claimed and from the moment it is held;
     /// cleared between the claims of wait mode.
     pub(crate) fn set_detachable(&self, detachable: bool) {
-        let stage = if detachable {
-            DETACHABLE
+        if detachable {
+            self.0.fetch_or(DETACHABLE, Ordering::AcqRel);
         } else {
-            ENDS_WITH_CLIENT
-        };
-        self.0.store(stage, Ordering::Release);
+            self.0.fetch_and(!DETACHABLE, Ordering::AcqRel);
+        }
     }
 
     pub(crate) fn is_detachable(&self) -> bool {
-        self.0.load(Ordering::Acquire) != ENDS_WITH_CLIENT
+        self.0.load(Ordering::Acquire) & DETACHABLE != 0
+    }
+
+    /// The client went away and the request moved into the background.
+    pub(crate) fn detach(&self) {
+        self.0.fetch_or(DETACHED, Ordering::AcqRel);
+    }
+
+    /// Whether nobody waits for the answer any more.
+    pub(crate) fn is_detached(&self) -> bool {
+        self.0.load(Ordering::Acquire) & DETACHED != 0
     }
 
     /// A drain's deadline has passed while the request ran detached.
     pub(crate) fn settle(&self) {
-        self.0.store(SETTLE, Ordering::Release);
+        self.0.fetch_or(SETTLE, Ordering::AcqRel);
     }
 
     pub(crate) fn must_settle(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == SETTLE
+        self.0.load(Ordering::Acquire) & SETTLE != 0
     }
 }
 
@@ -192,6 +220,10 @@ pub struct Drained {
     /// recorded as `outcome-unknown` (retries get that answer, never a
     /// second execution).
     pub settled: usize,
+    /// Detached requests whose handler had not started at the deadline
+    /// (their key was still being claimed): their claims are released, so a
+    /// retry executes them, since nothing ran.
+    pub released: usize,
     /// Detached requests that could not even be settled in the grace period
     /// after the deadline (the store did not answer): their keys end as
     /// lapsed claims, which only the same request may take over, with the
@@ -217,8 +249,8 @@ impl fmt::Display for Drained {
         }
         write!(
             f,
-            "{} request(s) settled as outcome-unknown, {} request(s) and {} completion(s) abandoned",
-            self.settled, self.abandoned_requests, self.abandoned_completions
+            "{} request(s) settled as outcome-unknown, {} released before they started, {} request(s) and {} completion(s) abandoned",
+            self.settled, self.released, self.abandoned_requests, self.abandoned_completions
         )
     }
 }

@@ -29,7 +29,9 @@ pin_project! {
     /// execution time, and drained on shutdown), and its response is recorded
     /// for the retry that will follow. Dropped before that (while its body is
     /// read, or while it waits for another request with its key), it simply
-    /// ends.
+    /// ends; dropped while a claim is under way, it ends once that claim
+    /// finds the key taken (in wait mode too), and a claim that lands at a
+    /// drain's deadline is released unrun.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
@@ -79,6 +81,7 @@ impl<B, E> Drop for Keyed<B, E> {
         if let Some(future) = self.future.take()
             && self.lifeline.is_detachable()
         {
+            self.lifeline.detach();
             (self.detach)(future, self.lifeline.clone(), &self.background);
         }
     }

@@ -315,9 +315,11 @@ impl<St> IdempotencyLayer<St> {
     /// after its key was claimed) and every completion being retried has
     /// finished, or once `within` has passed. Then, every detached request
     /// still running is stopped and settled as the
-    /// [maximum execution time](Self::with_max_execution) settles it, and
-    /// the store gets up to the [store timeout](Self::with_store_timeout) to
-    /// take those records. The result says what was settled and what was
+    /// [maximum execution time](Self::with_max_execution) settles it; one
+    /// whose handler had not started (its claim was still under way) is
+    /// released instead, since nothing ran; one waiting for another request
+    /// with its key stops waiting. The store gets up to the
+    /// [store timeout](Self::with_store_timeout) to take those records. The result says what was settled and what was
     /// abandoned; abandoned keys end as lapsed claims, which only the same
     /// request may take over (its handler then sees
     /// [`IdempotencyContext::took_over`](crate::IdempotencyContext::took_over)).

@@ -384,6 +384,18 @@ where
         // its work took effect is unknown, and nothing runs again.
         return Ok(settle(&config, held, outcome_unknown_lapsed()).await);
     }
+    if lifeline.must_settle() {
+        // A drain's deadline passed while the key was being claimed: the
+        // handler never started, so nothing is settled. The key is freed
+        // for the retry.
+        config.background.released_unstarted();
+        tracing::warn!(
+            key = %KeyHash(&record_key),
+            "request reached a drain's deadline before its handler started; claim released"
+        );
+        held.release(None).await;
+        return Ok(reject(&config, shutting_down()));
+    }
     let context = IdempotencyContext::new(record_key, fingerprint, took_over);
     parts.extensions.insert(context);
     let req = Request::from_parts(*parts, RequestBody::buffered(body, trailers));
@@ -411,7 +423,7 @@ where
         // stops before its key is settled.
     };
     let Some(result) = result else {
-        config.background.settled_unfinished();
+        config.background.settled_unfinished(lifeline.must_settle());
         if lifeline.must_settle() {
             tracing::warn!("request stopped at the drain deadline; recorded as outcome-unknown");
         } else {
@@ -501,7 +513,8 @@ async fn settle<St: Store, B>(
 /// replay, or a rejection. While a claim is under way the request is
 /// detachable: dropped then, it finishes in the background, so a claim
 /// that lands is never left behind. Between the claims of wait mode it is
-/// not, and dropping it ends it.
+/// not, and dropping it ends it; a request dropped during one of those
+/// claims, or told to settle, waits no longer.
 async fn claim<St: Store, B>(
     config: &Config<St>,
     key: &RecordKey,
@@ -539,7 +552,10 @@ async fn claim<St: Store, B>(
             Claim::InFlight {
                 lease_remaining, ..
             } => {
-                if let Some(bound) = config.wait {
+                // Nobody waits for the answer once the request was dropped,
+                // and nothing starts past a drain's deadline: stop waiting.
+                let gone = lifeline.is_detached() || lifeline.must_settle();
+                if let Some(bound) = config.wait.filter(|_| !gone) {
                     let (start, backoff) =
                         waited.get_or_insert((Instant::now(), Duration::from_millis(5)));
                     let left = bound.saturating_sub(start.elapsed());
@@ -728,6 +744,18 @@ fn audit_unavailable() -> Rejection {
         RejectionKind::AuditUnavailable,
         StatusCode::SERVICE_UNAVAILABLE,
         "The audit log cannot record this request right now, so it was not executed. Retry with the same key.",
+    )
+    .with_retry_after(1)
+}
+
+/// A detached request's claim landed after a drain's deadline: released,
+/// and nothing ran. Nobody reads this answer (the client had gone); it is
+/// what the request's span and metrics record.
+fn shutting_down() -> Rejection {
+    Rejection::new(
+        RejectionKind::StoreUnavailable,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The server was shutting down before this request started, so it was not executed. Retry with the same key.",
     )
     .with_retry_after(1)
 }

@@ -371,3 +371,144 @@ async fn a_detached_body_is_cut_at_the_maximum_execution_time() {
     );
     assert_eq!(counter.get(), 1);
 }
+
+/// A store whose claims answer only after `delay` (a slow network, a busy
+/// Redis), so a client can leave while its claim is under way.
+#[derive(Clone)]
+struct SlowClaims(MemoryStore, Duration);
+
+impl tower_idempotency::Store for SlowClaims {
+    async fn claim(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        fingerprint: tower_idempotency::Fingerprint,
+        lease: Duration,
+    ) -> Result<tower_idempotency::store::Claim, tower_idempotency::store::StoreError> {
+        tokio::time::sleep(self.1).await;
+        self.0.claim(key, fingerprint, lease).await
+    }
+
+    fn renew(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        token: tower_idempotency::store::Token,
+        lease: Duration,
+    ) -> impl std::future::Future<Output = Result<(), tower_idempotency::store::StoreError>> + Send
+    {
+        self.0.renew(key, token, lease)
+    }
+
+    fn complete(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        token: tower_idempotency::store::Token,
+        record: Bytes,
+        ttl: Duration,
+    ) -> impl std::future::Future<Output = Result<(), tower_idempotency::store::StoreError>> + Send
+    {
+        self.0.complete(key, token, record, ttl)
+    }
+
+    fn release(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        token: tower_idempotency::store::Token,
+    ) -> impl std::future::Future<Output = Result<(), tower_idempotency::store::StoreError>> + Send
+    {
+        self.0.release(key, token)
+    }
+}
+
+/// The client leaves while its claim is under way; the drain's deadline
+/// passes before the claim lands. The handler never started, so the claim
+/// is released (a retry executes it once), never settled `outcome-unknown`.
+#[tokio::test(start_paused = true)]
+async fn a_drain_releases_a_claim_whose_handler_never_started() {
+    let counter = Counter::default();
+    let layer = IdempotencyLayer::new(SlowClaims(MemoryStore::default(), Duration::from_secs(3)));
+    let app = booking_router(counter.clone()).layer(layer.clone());
+    let mut first = Box::pin(app.clone().oneshot(post_with_key("k", "x")));
+    assert!((&mut first).now_or_never().is_none());
+    drop(first);
+
+    let drained = layer.drain(Duration::from_secs(1)).await;
+    assert_eq!(
+        (
+            drained.settled,
+            drained.released,
+            drained.abandoned_requests
+        ),
+        (0, 1, 0),
+        "{drained}"
+    );
+    assert_eq!(counter.get(), 0, "the handler never ran");
+    let retry = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert_eq!(body_bytes(retry).await, "booking 1: x");
+    assert_eq!(counter.get(), 1);
+}
+
+/// In wait mode, a request dropped during one of its claims waits no
+/// longer: after a drain's deadline has passed, the key's holder releases
+/// it, and the dropped request never runs (old code: its next claim
+/// cleared the settle flag, it ran, and the drain called it settled).
+#[tokio::test(start_paused = true)]
+async fn a_dropped_waiting_request_never_runs_after_a_drain() {
+    let counter = Counter::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (c, g) = (counter.clone(), gate.clone());
+    let router = Router::new().route(
+        "/book",
+        post(move || {
+            let (c, g) = (c.clone(), g.clone());
+            async move {
+                let n = c.hit();
+                if n == 1 {
+                    // The first run waits for the test, then declines
+                    // ("not processed, try again"), which frees the key.
+                    let _ = g.acquire().await.unwrap();
+                    return (StatusCode::SERVICE_UNAVAILABLE, "later".to_owned());
+                }
+                (StatusCode::CREATED, format!("booking {n}"))
+            }
+        }),
+    );
+    let layer = IdempotencyLayer::new(SlowClaims(
+        MemoryStore::default(),
+        Duration::from_millis(100),
+    ))
+    .with_wait(Duration::from_secs(60));
+    let app = router.layer(layer.clone());
+    let mut holder = Box::pin(app.clone().oneshot(post_with_key("k", "x")));
+    tokio::select! {
+        _ = &mut holder => panic!("the first request is held at its gate"),
+        () = until_async(|| counter.get() == 1) => {}
+    }
+    let mut waiter = Box::pin(app.clone().oneshot(post_with_key("k", "x")));
+    assert!(
+        (&mut waiter).now_or_never().is_none(),
+        "its claim is under way"
+    );
+    drop(waiter);
+
+    let drain = tokio::spawn({
+        let layer = layer.clone();
+        async move { layer.drain(Duration::from_secs(1)).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    gate.add_permits(1);
+    let declined = holder.await.unwrap();
+    assert_eq!(declined.status(), StatusCode::SERVICE_UNAVAILABLE);
+    body_bytes(declined).await;
+    let drained = drain.await.unwrap();
+    assert_eq!(layer.stats().detached_running, 0);
+    assert_eq!((drained.settled, drained.released), (0, 0), "{drained}");
+    assert_eq!(counter.get(), 1, "the dropped request never ran");
+}
+
+/// Polls `done` between timer ticks of the paused clock.
+async fn until_async(mut done: impl FnMut() -> bool) {
+    while !done() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
