@@ -429,7 +429,10 @@ mod fair_eviction {
     /// scope's records for more: it is refused (`Full`, a 503) instead.
     #[tokio::test]
     async fn in_flight_claims_of_one_scope_never_evict_a_lighter_scopes_records() {
-        let store = MemoryStore::builder().max_entries(30).build();
+        let store = MemoryStore::builder()
+            .max_entries(30)
+            .max_in_flight_per_scope(20)
+            .build();
         for i in 0..10 {
             record(&store, "alice", i, 64).await.unwrap();
         }
@@ -449,5 +452,91 @@ mod fair_eviction {
             assert!(replayed(&store, "alice", i).await, "alice/k{i} was evicted");
         }
         assert_eq!(store.evicted_live(), 0);
+    }
+
+    fn claim_of(scope: &str, i: usize) -> RecordKey {
+        RecordKey::new(scope, &format!("claim{i}"))
+    }
+
+    /// 100 slots: a light scope's 10 records, then a flood of 90 claims
+    /// that never complete, then a third scope's 10 claims. The flood holds
+    /// at most half the store; the third scope finds room without evicting
+    /// anything of the light scope's.
+    #[tokio::test]
+    async fn a_flood_of_claims_never_costs_another_scope_its_records() {
+        let store = MemoryStore::builder().max_entries(100).build();
+        for i in 0..10 {
+            record(&store, "alice", i, 64).await.unwrap();
+        }
+        let mut held = 0;
+        for i in 0..90 {
+            match store.claim(&claim_of("mallory", i), fp(), LEASE).await {
+                Ok(Claim::Acquired { .. }) => held += 1,
+                Err(StoreError::Full) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(held, 50, "one scope holds at most half the store in claims");
+        for i in 0..10 {
+            assert!(
+                matches!(
+                    store.claim(&claim_of("carol", i), fp(), LEASE).await,
+                    Ok(Claim::Acquired { .. })
+                ),
+                "carol's claim {i}"
+            );
+        }
+        for i in 0..10 {
+            assert!(replayed(&store, "alice", i).await, "alice/k{i} was evicted");
+        }
+        assert_eq!(store.evicted_live(), 0);
+    }
+
+    /// A full store whose heaviest scope holds only claims: a newcomer is
+    /// refused, and no lighter scope's records pay for it. Once the
+    /// heaviest scope completes some of them, the newcomer's room comes
+    /// from those.
+    #[tokio::test]
+    async fn a_newcomer_never_takes_room_from_a_scope_lighter_than_the_heaviest() {
+        let store = MemoryStore::builder().max_entries(100).build();
+        let mut tokens = Vec::new();
+        for i in 0..50 {
+            let acquired = store.claim(&claim_of("mallory", i), fp(), LEASE).await;
+            let Ok(Claim::Acquired { token, .. }) = acquired else {
+                panic!("{acquired:?}");
+            };
+            tokens.push(token);
+        }
+        for i in 0..10 {
+            record(&store, "alice", i, 64).await.unwrap();
+        }
+        for i in 0..40 {
+            let acquired = store.claim(&claim_of("carol", i), fp(), LEASE).await;
+            assert!(matches!(acquired, Ok(Claim::Acquired { .. })));
+        }
+        assert_eq!(store.len(), 100);
+        assert!(matches!(
+            store.claim(&claim_of("dave", 0), fp(), LEASE).await,
+            Err(StoreError::Full)
+        ));
+        assert_eq!(store.evicted_live(), 0);
+        for (i, token) in tokens.into_iter().enumerate().take(5) {
+            let done = Bytes::from_static(b"done");
+            store
+                .complete(&claim_of("mallory", i), token, done, TTL)
+                .await
+                .unwrap();
+        }
+        for i in 0..5 {
+            let acquired = store.claim(&claim_of("dave", i), fp(), LEASE).await;
+            assert!(
+                matches!(acquired, Ok(Claim::Acquired { .. })),
+                "{acquired:?}"
+            );
+        }
+        assert_eq!(store.evicted_live(), 5);
+        for i in 0..10 {
+            assert!(replayed(&store, "alice", i).await, "alice/k{i} was evicted");
+        }
     }
 }

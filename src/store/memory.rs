@@ -97,6 +97,14 @@ impl Clock for ManualClock {
 ///   heaviest scope. [`evicted_live`](MemoryStore::evicted_live) counts the
 ///   records evicted before their TTL. The bookkeeping (per-scope counts
 ///   and queues) is not counted against `max_bytes`.
+/// - Claims count in a scope's weight like completed records do: when the
+///   heaviest scope holds only claims, which are never evicted, no lighter
+///   scope pays for it, and a newcomer is refused with [`StoreError::Full`]
+///   until room frees up. One scope holds at most
+///   [`max_in_flight_per_scope`](MemoryStoreBuilder::max_in_flight_per_scope)
+///   claims (half the store by default); past that its claims are refused,
+///   so a flood of requests held open (a slow handler, a client that left)
+///   cannot take the room of others.
 /// - It never evicts a live in-flight record; full of them, [`Store::claim`]
 ///   fails with [`StoreError::Full`] and the layer answers 503. An in-flight
 ///   record whose lease has passed (its holder stopped renewing) is only
@@ -150,6 +158,8 @@ struct Inner {
     token_salt: u64,
     max_entries: usize,
     max_bytes: usize,
+    /// The most claims one scope holds at once.
+    max_in_flight: usize,
     /// How long a lapsed claim is kept after its lease, in nanoseconds.
     lapsed_retention: Nanos,
     clock: Arc<dyn Clock>,
@@ -227,6 +237,8 @@ struct Delta {
 /// its share of `max_entries` and its share of `max_bytes`.
 struct Scopes {
     by_name: HashMap<Arc<str>, ScopeUse>,
+    /// `(weight, scope)` of every scope holding a record.
+    by_weight: BTreeSet<(u128, Arc<str>)>,
     /// `(weight, scope)` of every scope holding a completed record.
     evictable: BTreeSet<(u128, Arc<str>)>,
     max_entries: u128,
@@ -237,6 +249,7 @@ impl Scopes {
     fn new(max_entries: usize, max_bytes: usize) -> Self {
         Scopes {
             by_name: HashMap::new(),
+            by_weight: BTreeSet::new(),
             evictable: BTreeSet::new(),
             max_entries: max_entries as u128,
             max_bytes: max_bytes as u128,
@@ -255,10 +268,12 @@ impl Scopes {
     fn update(&mut self, scope: &str, delta: Delta, completed: Option<(Nanos, RecordKey)>) -> bool {
         let (name, mut used) = match self.by_name.remove_entry(scope) {
             Some((name, used)) => {
+                let weighed = (self.weight(&used), name);
                 if used.completed > 0 {
-                    self.evictable.remove(&(self.weight(&used), name.clone()));
+                    self.evictable.remove(&weighed);
                 }
-                (name, used)
+                self.by_weight.remove(&weighed);
+                (weighed.1, used)
             }
             None => (Arc::from(scope), ScopeUse::default()),
         };
@@ -279,11 +294,20 @@ impl Scopes {
             return false;
         }
         let stale = used.queue.len() > 2 * used.completed + 16;
+        let weight = self.weight(&used);
         if used.completed > 0 {
-            self.evictable.insert((self.weight(&used), name.clone()));
+            self.evictable.insert((weight, name.clone()));
         }
+        self.by_weight.insert((weight, name.clone()));
         self.by_name.insert(name, used);
         stale
+    }
+
+    /// Live and lapsed claims `scope` holds.
+    fn in_flight(&self, scope: &str) -> usize {
+        self.by_name
+            .get(scope)
+            .map_or(0, |used| used.entries - used.completed)
     }
 
     /// Drops the queue entries of `scope` that `live` says no longer name a
@@ -295,16 +319,23 @@ impl Scopes {
     }
 
     /// The record to evict to make room for a record of `requester`: the
-    /// one closest to expiry of the heaviest scope holding completed
-    /// records, or of `requester` itself when it has some and weighs as
-    /// much. None when the heaviest such scope is not heavier than a
-    /// `requester` with nothing to give: no scope makes room by evicting a
-    /// lighter or equal one.
+    /// one closest to expiry of the heaviest scope, counting every record
+    /// it holds, in flight and completed, or of `requester` itself when it
+    /// weighs as much. None when the heaviest scope holds nothing to evict
+    /// (only claims), or is not heavier than a `requester` with nothing to
+    /// give: no scope makes room for another by evicting a scope lighter
+    /// than the heaviest, or lighter than or equal to the requester.
     fn victim(&mut self, requester: &str) -> Option<(Nanos, RecordKey)> {
         let (heaviest_weight, heaviest) = self
             .evictable
             .last()
             .map(|(weight, name)| (*weight, name.clone()))?;
+        let overall = self.by_weight.last().map_or(0, |(weight, _)| *weight);
+        if heaviest_weight < overall {
+            // The heaviest scope holds only claims: it cannot give, and
+            // nobody lighter pays for it.
+            return None;
+        }
         let own = self.by_name.get(requester).map(|used| {
             let evictable = used.completed > 0 && !used.queue.is_empty();
             (self.weight(used), evictable)
@@ -325,6 +356,7 @@ impl Scopes {
 pub struct MemoryStoreBuilder {
     max_entries: usize,
     max_bytes: usize,
+    max_in_flight: Option<usize>,
     lapsed_retention: Duration,
     clock: Arc<dyn Clock>,
 }
@@ -342,6 +374,17 @@ impl MemoryStoreBuilder {
     /// [`StoreError::Full`]; the layer then keeps it as "not retained".
     pub fn max_bytes(mut self, max: usize) -> Self {
         self.max_bytes = max;
+        self
+    }
+
+    /// The most claims (requests in flight, and lapsed claims) one scope
+    /// holds at once (default: half of [`max_entries`](Self::max_entries)).
+    /// A scope's claim past it fails with [`StoreError::Full`] (the layer
+    /// answers 503), so no caller can fill the store with claims, which are
+    /// never evicted, and leave others no room. Concurrent claims may pass
+    /// it by their number, briefly.
+    pub fn max_in_flight_per_scope(mut self, max: usize) -> Self {
+        self.max_in_flight = Some(max.max(1));
         self
     }
 
@@ -377,6 +420,7 @@ impl MemoryStoreBuilder {
                 token_salt: crate::random_u64(),
                 max_entries: self.max_entries,
                 max_bytes: self.max_bytes,
+                max_in_flight: self.max_in_flight.unwrap_or((self.max_entries / 2).max(1)),
                 lapsed_retention: nanos(self.lapsed_retention),
                 clock: self.clock,
             }),
@@ -412,6 +456,7 @@ impl MemoryStore {
         MemoryStoreBuilder {
             max_entries: 100_000,
             max_bytes: 256 * 1024 * 1024,
+            max_in_flight: None,
             lapsed_retention: Duration::from_secs(24 * 60 * 60),
             clock: Arc::new(TokioClock),
         }
@@ -488,6 +533,19 @@ impl Inner {
         // Unique within the store (a counter) and unlikely to match a token
         // from another store or process (salted).
         Token(self.next.fetch_add(1, Ordering::Relaxed) ^ self.token_salt)
+    }
+
+    /// Refuses a new claim of a scope that holds its share of claims. Free
+    /// while the whole store holds fewer records than that share.
+    fn admit_claim(&self, scope: &str) -> Result<(), StoreError> {
+        if self.entries.load(Ordering::Acquire) < self.max_in_flight {
+            return Ok(());
+        }
+        let scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+        if scopes.in_flight(scope) >= self.max_in_flight {
+            return Err(StoreError::Full);
+        }
+        Ok(())
     }
 
     /// Takes one entry slot for a record of `scope`, evicting to make room.
@@ -670,6 +728,7 @@ impl Inner {
         // since eviction locks other keys' shards. An expired record is taken
         // over in place and needs none.
         if absent {
+            self.admit_claim(key.scope())?;
             self.reserve_entry(now, key.scope())?;
         }
         let mut reserved = absent;
@@ -687,6 +746,15 @@ impl Inner {
                     }
                     // Expired: take it over in place. A claim past its lapsed
                     // retention is gone, so claiming it takes nothing over.
+                    if matches!(entry.get(), Record::Completed { .. })
+                        && let Err(full) = self.admit_claim(key.scope())
+                    {
+                        drop(entry);
+                        if reserved {
+                            self.entries.fetch_sub(1, Ordering::AcqRel);
+                        }
+                        return Err(full);
+                    }
                     let took_over = matches!(entry.get(), Record::InFlight { .. })
                         && !entry.get().is_removable(now, self.lapsed_retention);
                     let token = self.new_token();
@@ -735,6 +803,7 @@ impl Inner {
                     // Room must be made without holding the shard lock, since
                     // eviction locks other keys' shards; then look again.
                     drop(entry);
+                    self.admit_claim(key.scope())?;
                     self.reserve_entry(now, key.scope())?;
                     reserved = true;
                 }
@@ -973,6 +1042,7 @@ mod tests {
             scopes.evictable.len(),
             held.values().filter(|u| u.2 > 0).count()
         );
+        assert_eq!(scopes.by_weight.len(), held.len());
         assert_eq!(store.len(), held.values().map(|u| u.0).sum::<usize>());
         assert_eq!(store.bytes(), held.values().map(|u| u.1).sum::<usize>());
         assert!(store.evicted_live() > 0, "the race made the store evict");
