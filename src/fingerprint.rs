@@ -1,8 +1,9 @@
 //! The fingerprint: what makes two requests "the same request".
 //!
 //! SHA-256 over the method, the authority (`Host`), the full path and query,
-//! `Content-Type`, any extra headers the layer is configured with, and the
-//! body, so a replay never crosses hosts or routes. Every field is
+//! every `Content-Type` value, any extra headers the layer is configured
+//! with, the body and its trailers, so a replay never crosses hosts or
+//! routes. Every field is
 //! length-prefixed and optional fields carry a presence byte, so no two
 //! different requests can produce the same input by moving bytes from one
 //! field to the next.
@@ -40,8 +41,24 @@ impl Fingerprint {
     /// the service under a prefix it stripped.
     ///
     /// `extra_headers` names headers whose values (all of them, in order) are
-    /// part of the request's identity.
+    /// part of the request's identity. Every `Content-Type` value counts, in
+    /// order.
     pub fn compute(parts: &request::Parts, extra_headers: &[HeaderName], body: &[u8]) -> Self {
+        Self::compute_with_trailers(parts, extra_headers, body, None)
+    }
+
+    /// [`compute`](Self::compute), for a request whose body ended with
+    /// `trailers`: every trailer field, in order, is part of its identity.
+    ///
+    /// A request with one `Content-Type` (or none) and no trailers has the
+    /// fingerprint it had before trailers and further `Content-Type` values
+    /// counted, so records written by earlier releases still match.
+    pub fn compute_with_trailers(
+        parts: &request::Parts,
+        extra_headers: &[HeaderName],
+        body: &[u8],
+        trailers: Option<&HeaderMap>,
+    ) -> Self {
         let uri = full_uri(parts);
         let mut hasher = Hasher(Sha256::new());
         hasher.0.update(DOMAIN);
@@ -49,14 +66,26 @@ impl Fingerprint {
         hasher.authority(authority(parts));
         hasher.field(uri.path().as_bytes());
         hasher.optional(uri.query().map(str::as_bytes));
-        hasher.optional(
-            parts
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .map(|v| v.as_bytes()),
-        );
+        let content_types = parts.headers.get_all(http::header::CONTENT_TYPE);
+        hasher.optional(content_types.iter().next().map(|v| v.as_bytes()));
         hasher.headers(&parts.headers, extra_headers);
         hasher.field(body);
+        // Appended only when present: every field before is self-delimiting,
+        // so a request with them never hashes the same input as one without.
+        let trailers = trailers.filter(|t| !t.is_empty());
+        let more_types = content_types.iter().count().saturating_sub(1);
+        if more_types > 0 || trailers.is_some() {
+            hasher.field(b"more");
+            hasher.len(more_types);
+            for value in content_types.iter().skip(1) {
+                hasher.field(value.as_bytes());
+            }
+            hasher.len(trailers.map_or(0, HeaderMap::len));
+            for (name, value) in trailers.into_iter().flatten() {
+                hasher.field(name.as_str().as_bytes());
+                hasher.field(value.as_bytes());
+            }
+        }
         Fingerprint(hasher.0.finalize().into())
     }
 }
@@ -248,5 +277,66 @@ mod tests {
             b"",
         );
         assert_ne!(absent, with("", std::slice::from_ref(&tenant)));
+    }
+
+    #[test]
+    fn every_content_type_value_counts() {
+        let typed = |values: &[&str]| {
+            let mut req = post("/a");
+            for v in values {
+                req = req.header("content-type", *v);
+            }
+            fp(req.body(()).unwrap(), &[], b"")
+        };
+        assert_ne!(typed(&["a/b", "c/d"]), typed(&["a/b", "e/f"]));
+        assert_ne!(typed(&["a/b", "c/d"]), typed(&["a/b"]));
+        assert_ne!(typed(&["a/b", "c/d"]), typed(&["c/d", "a/b"]));
+    }
+
+    #[test]
+    fn trailers_count_and_none_is_the_fingerprint_without_them() {
+        let (parts, ()) = post("/a").body(()).unwrap().into_parts();
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let mut trailers = HeaderMap::new();
+            for (name, value) in pairs {
+                trailers.append(*name, http::HeaderValue::from_static(value));
+            }
+            Fingerprint::compute_with_trailers(&parts, &[], b"x", Some(&trailers))
+        };
+        let plain = Fingerprint::compute(&parts, &[], b"x");
+        assert_eq!(with(&[]), plain, "empty trailers are no trailers");
+        assert_ne!(with(&[("x-sum", "1")]), plain);
+        assert_ne!(with(&[("x-sum", "1")]), with(&[("x-sum", "2")]));
+        assert_ne!(with(&[("x-sum", "1")]), with(&[("x-sun", "1")]));
+    }
+
+    /// Records written before trailers and further content types counted
+    /// keep matching: a request with neither hashes as it did.
+    #[test]
+    fn the_common_fingerprint_is_unchanged() {
+        let (parts, ()) = post("http://a.example/book?x=1")
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut hasher = Sha256::new();
+        hasher.update(DOMAIN);
+        for field in [&b"POST"[..], b"a.example", b"/book"] {
+            if field == b"a.example" {
+                hasher.update([1]);
+            }
+            hasher.update((field.len() as u64).to_be_bytes());
+            hasher.update(field);
+        }
+        for optional in [&b"x=1"[..], b"application/json"] {
+            hasher.update([1]);
+            hasher.update((optional.len() as u64).to_be_bytes());
+            hasher.update(optional);
+        }
+        hasher.update(0u64.to_be_bytes());
+        hasher.update(4u64.to_be_bytes());
+        hasher.update(b"body");
+        let expected: [u8; 32] = hasher.finalize().into();
+        assert_eq!(Fingerprint::compute(&parts, &[], b"body").0, expected);
     }
 }

@@ -329,7 +329,12 @@ where
             return Ok(response);
         }
     };
-    let fingerprint = Fingerprint::compute(&parts, &config.fingerprint_headers, &body);
+    let fingerprint = Fingerprint::compute_with_trailers(
+        &parts,
+        &config.fingerprint_headers,
+        &body,
+        trailers.as_deref(),
+    );
     if let Some(trail) = &mut trail {
         trail.fingerprint(&fingerprint);
     }

@@ -472,3 +472,74 @@ async fn a_record_with_a_huge_header_count_is_503_not_a_panic() {
     );
     assert_eq!(counter.get(), 1);
 }
+
+/// A request whose body ends with `trailer`, and one `Content-Type` per
+/// entry of `types`.
+fn with_trailer(
+    trailer: &'static str,
+    types: &[&'static str],
+) -> http::Request<
+    http_body_util::StreamBody<
+        futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>,
+    >,
+> {
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", HeaderValue::from_static(trailer));
+    let frames = vec![
+        Ok(Frame::data(Bytes::from_static(b"{\"amount\":10}"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let mut req = http::Request::post("/pay")
+        .header("authorization", common::AUTH)
+        .header("idempotency-key", "k");
+    for t in types {
+        req = req.header("content-type", *t);
+    }
+    req.body(http_body_util::StreamBody::new(futures_util::stream::iter(
+        frames,
+    )))
+    .unwrap()
+}
+
+/// The same key with a different request trailer, or a different second
+/// `Content-Type`, is another request: `key-reused`, never a replay.
+#[tokio::test]
+async fn trailers_and_every_content_type_are_part_of_the_request() {
+    let counter = common::Counter::default();
+    let runs = counter.clone();
+    let svc = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(MemoryStore::default()))
+        .service(service_fn(move |_req| {
+            runs.hit();
+            async {
+                Ok::<_, Infallible>(Response::new(http_body_util::Full::new(
+                    Bytes::from_static(b"paid"),
+                )))
+            }
+        }));
+    let first = svc
+        .clone()
+        .oneshot(with_trailer("1", &["application/json", "charset=a"]))
+        .await
+        .unwrap();
+    assert_eq!(body_bytes(first).await, "paid");
+    let same = svc
+        .clone()
+        .oneshot(with_trailer("1", &["application/json", "charset=a"]))
+        .await
+        .unwrap();
+    assert_eq!(same.headers()["idempotent-replayed"], "true");
+    for changed in [
+        with_trailer("2", &["application/json", "charset=a"]),
+        with_trailer("1", &["application/json", "charset=b"]),
+        with_trailer("1", &["application/json"]),
+    ] {
+        let retry = svc.clone().oneshot(changed).await.unwrap();
+        let (status, code, _) = common::problem(retry).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::BAD_REQUEST, "key-reused")
+        );
+    }
+    assert_eq!(counter.get(), 1);
+}
