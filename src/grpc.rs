@@ -40,6 +40,7 @@
 //! | `response-not-retained` | 410 | `FAILED_PRECONDITION` (9) | it ran, but its response was too large to keep; do not retry |
 //! | `store-unavailable` | 503 | `UNAVAILABLE` (14) | transient; nothing ran; retry (`grpc-retry-pushback-ms` carries the hint) |
 //! | `audit-unavailable` | 503 | `UNAVAILABLE` (14) | transient; nothing ran; retry |
+//! | `overloaded` | 503 | `UNAVAILABLE` (14) | too many request bodies buffered at once; nothing ran; retry |
 //! | `outcome-unknown` | 500 | `UNKNOWN` (2) | stopped past the maximum execution time; it may have taken effect and will not run again under this key |
 //!
 //! A replay carries the recorded response as it was: initial metadata plus
@@ -143,9 +144,9 @@ impl GrpcCode {
             RejectionKind::BodyTooLarge => GrpcCode::ResourceExhausted,
             RejectionKind::BodyUnreadable => GrpcCode::InvalidArgument,
             RejectionKind::ResponseNotRetained => GrpcCode::FailedPrecondition,
-            RejectionKind::StoreUnavailable | RejectionKind::AuditUnavailable => {
-                GrpcCode::Unavailable
-            }
+            RejectionKind::StoreUnavailable
+            | RejectionKind::AuditUnavailable
+            | RejectionKind::Overloaded => GrpcCode::Unavailable,
             RejectionKind::OutcomeUnknown => GrpcCode::Unknown,
         }
     }
@@ -412,6 +413,7 @@ mod tests {
             (RejectionKind::RequestInFlight, "10"),
             (RejectionKind::StoreUnavailable, "14"),
             (RejectionKind::AuditUnavailable, "14"),
+            (RejectionKind::Overloaded, "14"),
             (RejectionKind::BodyTooLarge, "8"),
             (RejectionKind::ResponseNotRetained, "9"),
             (RejectionKind::OutcomeUnknown, "2"),

@@ -13,6 +13,9 @@ use crate::{
     ScopeExtractor, background::Background,
 };
 
+/// The default bound on request bytes buffered at once.
+const DEFAULT_MAX_BUFFERED: usize = 64 * 1024 * 1024;
+
 /// The default header carrying the key.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
@@ -125,6 +128,8 @@ pub(crate) struct Config<St> {
     pub(crate) anonymous_warned: Arc<AtomicBool>,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
     pub(crate) request_body_limit: usize,
+    /// Request bytes buffered at once, by every request of the layer.
+    pub(crate) buffered: Arc<crate::budget::Budget>,
     pub(crate) response_body_limit: usize,
     pub(crate) ttl: Duration,
     pub(crate) lease: Duration,
@@ -268,6 +273,7 @@ impl<St> IdempotencyLayer<St> {
                 anonymous_warned: Arc::new(AtomicBool::new(false)),
                 fingerprint_headers: Vec::new(),
                 request_body_limit: 1024 * 1024,
+                buffered: Arc::new(crate::budget::Budget::new(DEFAULT_MAX_BUFFERED)),
                 response_body_limit: 1024 * 1024,
                 ttl: Duration::from_secs(24 * 60 * 60),
                 lease: Duration::from_secs(30),
@@ -493,6 +499,24 @@ impl<St: Clone> IdempotencyLayer<St> {
     /// ```
     pub fn with_request_body_limit(self, bytes: usize) -> Self {
         self.with(|c| c.request_body_limit = bytes)
+    }
+
+    /// The most request bytes the layer holds buffered at once, across all
+    /// its requests (default 64 MiB: 64 bodies at the default body limit).
+    /// A keyed request whose body would pass it gets 503 `overloaded` with
+    /// `Retry-After`, and nothing runs; its retry is welcome. Bytes are
+    /// counted as they arrive, and held until the service has answered, so
+    /// slow uploads cannot hold more memory than this. Keep it at least the
+    /// [request body limit](Self::with_request_body_limit), or such bodies
+    /// never fit.
+    ///
+    /// ```
+    /// # use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    /// let layer = IdempotencyLayer::new(MemoryStore::default())
+    ///     .with_max_buffered_bytes(256 * 1024 * 1024);
+    /// ```
+    pub fn with_max_buffered_bytes(self, bytes: usize) -> Self {
+        self.with(|c| c.buffered = Arc::new(crate::budget::Budget::new(bytes)))
     }
 
     /// The largest response body recorded (default 1 MiB). A larger response

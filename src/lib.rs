@@ -166,6 +166,7 @@
 pub mod audit;
 mod background;
 mod body;
+mod budget;
 mod claim;
 pub mod client;
 mod context;

@@ -44,6 +44,7 @@ pub(crate) fn outcome_label(outcome: &Outcome) -> &'static str {
             RejectionKind::StoreUnavailable => "store_unavailable",
             RejectionKind::OutcomeUnknown => "outcome_unknown",
             RejectionKind::AuditUnavailable => "audit_unavailable",
+            RejectionKind::Overloaded => "overloaded",
         },
     }
 }

@@ -47,6 +47,10 @@ pub enum RejectionKind {
     /// full, or its sink is failing), and the policy is that nothing runs
     /// without one. 503, with `Retry-After`.
     AuditUnavailable,
+    /// The layer holds as many buffered request bodies as its bound allows
+    /// ([`with_max_buffered_bytes`](crate::IdempotencyLayer::with_max_buffered_bytes)):
+    /// nothing ran. 503, with `Retry-After`.
+    Overloaded,
 }
 
 impl RejectionKind {
@@ -54,7 +58,8 @@ impl RejectionKind {
     /// `missing-key`, `invalid-key`, `key-reused`, `anonymous-request`,
     /// `request-in-flight`,
     /// `body-too-large`, `body-unreadable`, `response-not-retained`,
-    /// `store-unavailable`, `outcome-unknown`, `audit-unavailable`.
+    /// `store-unavailable`, `outcome-unknown`, `audit-unavailable`,
+    /// `overloaded`.
     pub const fn code(self) -> &'static str {
         match self {
             RejectionKind::MissingKey => "missing-key",
@@ -68,6 +73,7 @@ impl RejectionKind {
             RejectionKind::StoreUnavailable => "store-unavailable",
             RejectionKind::OutcomeUnknown => "outcome-unknown",
             RejectionKind::AuditUnavailable => "audit-unavailable",
+            RejectionKind::Overloaded => "overloaded",
         }
     }
 
@@ -85,6 +91,7 @@ impl RejectionKind {
             RejectionKind::StoreUnavailable => "Idempotency store unavailable",
             RejectionKind::OutcomeUnknown => "Outcome of the original request unknown",
             RejectionKind::AuditUnavailable => "Audit log unavailable",
+            RejectionKind::Overloaded => "Server overloaded",
         }
     }
 }

@@ -20,6 +20,7 @@ use crate::{
     RequestBody, ResponseBody, ResponseFuture, Scope,
     background::Lifeline,
     body::{Recording, Tee, detach_tee},
+    budget::Reservation,
     claim::{Finish, Held, HeldClaim, KeyHash, ScopeHash, bounded},
     key,
     layer::{Config, IDEMPOTENT_REPLAYED, Lapse},
@@ -248,14 +249,18 @@ fn count<St, B>(config: &Config<St>, parts: &request::Parts, response: &Response
 /// Why a request body could not be buffered.
 enum Buffering<E> {
     TooLarge,
+    /// The layer's bound on buffered bytes has no room for it.
+    Overloaded,
     Unreadable(E),
 }
 
-/// Reads a request body to its end, up to `limit` bytes. A body that arrives
-/// in one frame is kept as it is, without a copy.
+/// Reads a request body to its end, up to `limit` bytes, taking each frame's
+/// bytes from `reserved`. A body that arrives in one frame is kept as it is,
+/// without a copy.
 async fn buffer<B: Body>(
     body: B,
     limit: usize,
+    reserved: &mut Reservation<'_>,
 ) -> Result<(Bytes, Option<Box<HeaderMap>>), Buffering<B::Error>> {
     let mut body = pin!(body);
     let mut first: Option<Bytes> = None;
@@ -276,6 +281,9 @@ async fn buffer<B: Body>(
         len = len.saturating_add(data.remaining());
         if len > limit {
             return Err(Buffering::TooLarge);
+        }
+        if !reserved.grow(data.remaining()) {
+            return Err(Buffering::Overloaded);
         }
         match (&mut joined, first.take()) {
             (Some(joined), _) => joined.put(data),
@@ -314,10 +322,17 @@ where
     ResB::Data: Send,
     ResB::Error: Send + 'static,
 {
-    let (body, trailers) = match buffer(body, config.request_body_limit).await {
+    let mut reserved = Reservation::new(&config.buffered);
+    let (body, trailers) = match buffer(body, config.request_body_limit, &mut reserved).await {
         Ok(buffered) => buffered,
         Err(Buffering::TooLarge) => {
             let response = reject(&config, body_too_large(&config));
+            answered(trail, &response);
+            return Ok(response);
+        }
+        Err(Buffering::Overloaded) => {
+            tracing::warn!(key = %KeyHash(&record_key), "request bodies buffered at the layer's bound; rejecting");
+            let response = reject(&config, overloaded());
             answered(trail, &response);
             return Ok(response);
         }
@@ -427,6 +442,8 @@ where
         // The service's future is dropped here: a handler past its time
         // stops before its key is settled.
     };
+    // The service has answered: its request body is no longer held here.
+    drop(reserved);
     let Some(result) = result else {
         config.background.settled_unfinished(lifeline.must_settle());
         if lifeline.must_settle() {
@@ -650,6 +667,15 @@ fn body_too_large<St>(config: &Config<St>) -> Rejection {
             config.request_body_limit
         ),
     )
+}
+
+fn overloaded() -> Rejection {
+    Rejection::new(
+        RejectionKind::Overloaded,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The server is holding as many request bodies as it can right now, so this request was not executed. Retry with the same key.",
+    )
+    .with_retry_after(1)
 }
 
 fn body_unreadable() -> Rejection {

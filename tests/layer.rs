@@ -670,3 +670,83 @@ async fn a_ready_body_is_recorded_before_the_head_goes_out() {
     assert_eq!(body_bytes(first).await, "booking 1: x");
     assert_eq!(counter.get(), 1);
 }
+
+/// A keyed booking whose body sends `bytes` and then stalls, as a slow or
+/// hostile upload does.
+fn stalled_upload(key: &str, bytes: usize) -> Request<Body> {
+    use futures_util::StreamExt;
+    let first = futures_util::stream::iter([Ok::<_, Infallible>(Bytes::from(vec![b'x'; bytes]))]);
+    let stalled = first.chain(futures_util::stream::pending());
+    Request::post("/book")
+        .header("authorization", common::AUTH)
+        .header("idempotency-key", key)
+        .body(Body::from_stream(stalled))
+        .unwrap()
+}
+
+/// Stalled uploads hold at most the layer's bound on buffered bytes: past
+/// it a keyed request gets 503 `overloaded` and nothing runs; once the
+/// uploads are gone, the bytes are free again.
+#[tokio::test]
+async fn buffered_bodies_are_bounded_across_requests() {
+    use futures_util::FutureExt;
+    let counter = Counter::default();
+    let app = app(&counter, layer().with_max_buffered_bytes(64 * 1024));
+    let mut stalled = Vec::new();
+    for i in 0..3 {
+        let mut upload = Box::pin(
+            app.clone()
+                .oneshot(stalled_upload(&format!("s{i}"), 20 * 1024)),
+        );
+        assert!((&mut upload).now_or_never().is_none(), "upload {i} is held");
+        stalled.push(upload);
+    }
+    let refused = app
+        .clone()
+        .oneshot(stalled_upload("s3", 20 * 1024))
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.extensions().get::<Outcome>(),
+        Some(&Outcome::Rejected(RejectionKind::Overloaded))
+    );
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let (status, code, _) = problem(refused).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+    );
+    drop(stalled);
+    let booked = app.oneshot(post_with_key("after", "x")).await.unwrap();
+    assert_eq!(booked.status(), StatusCode::CREATED);
+    assert_eq!(counter.get(), 1, "only the booking after the uploads ran");
+}
+
+/// The bound is on by default: 64 MiB, 64 stalled uploads at the default
+/// 1 MiB body limit; the 65th is refused.
+#[tokio::test]
+async fn buffered_bodies_are_bounded_by_default() {
+    use futures_util::FutureExt;
+    let counter = Counter::default();
+    let app = app(&counter, layer());
+    let mut stalled = Vec::new();
+    for i in 0..64 {
+        let mut upload = Box::pin(
+            app.clone()
+                .oneshot(stalled_upload(&format!("s{i}"), 1024 * 1024)),
+        );
+        assert!((&mut upload).now_or_never().is_none(), "upload {i} is held");
+        stalled.push(upload);
+    }
+    let mut one_more = Box::pin(app.clone().oneshot(stalled_upload("s64", 1024 * 1024)));
+    let refused = (&mut one_more)
+        .now_or_never()
+        .expect("refused at once, not held")
+        .unwrap();
+    let (status, code, _) = problem(refused).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+    );
+    assert_eq!(counter.get(), 0);
+}

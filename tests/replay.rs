@@ -473,16 +473,14 @@ async fn a_record_with_a_huge_header_count_is_503_not_a_panic() {
     assert_eq!(counter.get(), 1);
 }
 
+/// A request body of frames given up front.
+type Framed = http_body_util::StreamBody<
+    futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>,
+>;
+
 /// A request whose body ends with `trailer`, and one `Content-Type` per
 /// entry of `types`.
-fn with_trailer(
-    trailer: &'static str,
-    types: &[&'static str],
-) -> http::Request<
-    http_body_util::StreamBody<
-        futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>,
-    >,
-> {
+fn with_trailer(trailer: &'static str, types: &[&'static str]) -> http::Request<Framed> {
     let mut trailers = HeaderMap::new();
     trailers.insert("x-checksum", HeaderValue::from_static(trailer));
     let frames = vec![

@@ -235,6 +235,8 @@ fn layer(args: &Args, store: BoxStore, audit: Option<AuditLog>) -> IdempotencyLa
             Lapse::Settle
         })
         .with_request_body_limit(args.request_body_limit)
+        // The gateway admits keyed bodies against the same bound first.
+        .with_max_buffered_bytes(args.max_buffered_bytes)
         .with_response_body_limit(args.response_body_limit)
         .with_scope(scope);
     if args.allow_anonymous {
