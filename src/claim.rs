@@ -18,7 +18,7 @@ use crate::{
     layer::Config,
     record::RecordBuilder,
     scope::push_hex,
-    store::{RecordKey, Store, StoreError, Token},
+    store::{Peeked, RecordKey, Store, StoreError, Token},
     trail::Trail,
 };
 
@@ -226,20 +226,12 @@ impl<St: Store> HeldClaim for Held<St> {
         let (config, key, token) = (self.config.clone(), self.key.clone(), self.token);
         let mut trail = self.trail.take();
         Box::pin(async move {
-            match complete_once(&config, &key, token, &record).await {
-                Attempt::Recorded => {
-                    if let Some(trail) = trail.take() {
-                        trail.record(finish.decision(), Some(finish.status), finish.response);
-                    }
-                    return;
+            let attempt = complete_once(&config, &key, token, &record).await;
+            if let Some(decision) = attempt.decision(finish) {
+                if let Some(trail) = trail.take() {
+                    trail.record(decision, Some(finish.status), finish.response);
                 }
-                Attempt::Fenced => {
-                    if let Some(trail) = trail.take() {
-                        trail.record("fenced", Some(finish.status), finish.response);
-                    }
-                    return;
-                }
-                Attempt::Failed => {}
+                return;
             }
             // The work is done, so the record must land: keep trying in the
             // background and let the response end now. Until it lands,
@@ -285,10 +277,8 @@ async fn renew_until_fenced<St: Store>(config: Arc<Config<St>>, key: RecordKey, 
         match bounded(op, config.store_timeout, ("renew", config.store.name())).await {
             Ok(()) => {}
             Err(StoreError::Fenced) => {
-                tracing::warn!(
-                    key = %KeyHash(&key),
-                    "lease lost: another request took the key over; no longer renewing"
-                );
+                let why = why_fenced(&config, &key, token, None).await;
+                tracing::warn!(key = %KeyHash(&key), "lease lost: {}; no longer renewing", why.said());
                 return;
             }
             Err(err) => tracing::warn!(key = %KeyHash(&key), error = %err, "could not renew lease"),
@@ -302,8 +292,80 @@ enum Attempt {
     Recorded,
     /// Another request took the key over: nothing left to try.
     Fenced,
+    /// The claim is gone from the store (expired, or lost in a restart or
+    /// failover): nothing left to try.
+    Lost,
     /// The store failed; worth trying again.
     Failed,
+}
+
+impl Attempt {
+    /// The audit decision of a final attempt; `None` for a failed one.
+    fn decision(self, finish: Finish) -> Option<&'static str> {
+        match self {
+            Attempt::Recorded => Some(finish.decision()),
+            Attempt::Fenced => Some("fenced"),
+            Attempt::Lost => Some("claim_lost"),
+            Attempt::Failed => None,
+        }
+    }
+}
+
+/// Why the store refused a claim's token, as far as it can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fence {
+    /// The record under the key is this claim's: an earlier completion
+    /// landed, and only its answer was lost.
+    Landed,
+    /// Another claim holds the key, or completed it.
+    TakenOver,
+    /// Nothing holds the key: the claim expired, or the store lost it.
+    Gone,
+    /// The store cannot say.
+    Unknown,
+}
+
+impl Fence {
+    /// What a log line says happened.
+    pub(crate) fn said(self) -> &'static str {
+        match self {
+            Fence::Landed => "the record had already landed",
+            Fence::TakenOver => "another request took the key over",
+            Fence::Gone => {
+                "the claim is gone from the store (it expired, or the store lost it in a restart or failover)"
+            }
+            Fence::Unknown => {
+                "the claim is no longer held (the store cannot say whether another request took it over or it was lost)"
+            }
+        }
+    }
+}
+
+/// Asks the store why `token` was refused: `record` is what this claim
+/// tried to complete with, if it did.
+pub(crate) async fn why_fenced<St: Store>(
+    config: &Config<St>,
+    key: &RecordKey,
+    token: Token,
+    record: Option<&Bytes>,
+) -> Fence {
+    let op = config.store.peek(key);
+    match bounded(op, config.store_timeout, ("peek", config.store.name())).await {
+        Ok(Peeked::Completed { record: held }) => {
+            let ours = record.is_some_and(|record| {
+                held == *record
+                    || RecordBuilder::without_body(record).is_ok_and(|slim| held == slim)
+            });
+            if ours {
+                Fence::Landed
+            } else {
+                Fence::TakenOver
+            }
+        }
+        Ok(Peeked::InFlight { token: holder }) if holder != token => Fence::TakenOver,
+        Ok(Peeked::Absent) => Fence::Gone,
+        _ => Fence::Unknown,
+    }
 }
 
 /// One attempt to complete.
@@ -336,18 +398,34 @@ async fn complete_once<St: Store>(
             crate::metrics::recorded(recorded);
             Attempt::Recorded
         }
-        Err(StoreError::Fenced) => {
-            crate::metrics::completion_fenced();
-            tracing::warn!(
-                key = %KeyHash(key),
-                "response not recorded: the lease lapsed and another request took the key over"
-            );
-            Attempt::Fenced
-        }
+        Err(StoreError::Fenced) => fenced(config, key, token, record).await,
         Err(err) => {
             tracing::warn!(key = %KeyHash(key), error = %err, "could not record response; retrying");
             Attempt::Failed
         }
+    }
+}
+
+/// A completion refused for its token: recorded after all when an earlier
+/// attempt landed, else fenced or lost, as the store tells.
+async fn fenced<St: Store>(
+    config: &Config<St>,
+    key: &RecordKey,
+    token: Token,
+    record: &Bytes,
+) -> Attempt {
+    let why = why_fenced(config, key, token, Some(record)).await;
+    if why == Fence::Landed {
+        tracing::debug!(key = %KeyHash(key), "response recorded (an earlier attempt landed)");
+        crate::metrics::recorded(record.len());
+        return Attempt::Recorded;
+    }
+    crate::metrics::completion_fenced();
+    tracing::warn!(key = %KeyHash(key), "response not recorded: {}", why.said());
+    if why == Fence::Gone {
+        Attempt::Lost
+    } else {
+        Attempt::Fenced
     }
 }
 
@@ -363,13 +441,9 @@ async fn complete_until_done<St: Store>(
     finish: Finish,
     trail: Option<Trail>,
 ) {
-    let decision = complete_retrying(&config, &key, token, record).await;
+    let attempt = complete_retrying(&config, &key, token, record).await;
     if let Some(trail) = trail {
-        let decision = match decision {
-            Attempt::Recorded => finish.decision(),
-            Attempt::Fenced => "fenced",
-            Attempt::Failed => "abandoned",
-        };
+        let decision = attempt.decision(finish).unwrap_or("abandoned");
         trail.record(decision, Some(finish.status), finish.response);
     }
 }
@@ -404,11 +478,7 @@ async fn complete_retrying<St: Store>(
         let renewal = config.store.renew(key, token, config.claim_lease());
         let label = ("renew", config.store.name());
         if let Err(StoreError::Fenced) = bounded(renewal, config.store_timeout, label).await {
-            tracing::warn!(
-                key = %KeyHash(key),
-                "response not recorded: the lease lapsed and another request took the key over"
-            );
-            return Attempt::Fenced;
+            return fenced(config, key, token, &record).await;
         }
     }
 }

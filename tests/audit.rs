@@ -979,3 +979,127 @@ async fn a_request_dropped_before_its_decision_has_its_entry() {
     assert_eq!(entries(&lines)[0]["key"], sha256_hex(b"gone"));
     assert_eq!(counter.get(), 0);
 }
+
+/// A store that can lose everything it holds, as a Redis without
+/// persistence does when it restarts.
+#[derive(Clone, Default)]
+struct Restartable(Arc<Mutex<MemoryStore>>);
+
+impl Restartable {
+    fn current(&self) -> MemoryStore {
+        self.0.lock().unwrap().clone()
+    }
+
+    fn restart(&self) {
+        *self.0.lock().unwrap() = MemoryStore::default();
+    }
+}
+
+impl tower_idempotency::Store for Restartable {
+    async fn claim(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        fingerprint: tower_idempotency::Fingerprint,
+        lease: Duration,
+    ) -> Result<tower_idempotency::store::Claim, tower_idempotency::store::StoreError> {
+        self.current().claim(key, fingerprint, lease).await
+    }
+
+    async fn renew(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        token: tower_idempotency::store::Token,
+        lease: Duration,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        self.current().renew(key, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        token: tower_idempotency::store::Token,
+        record: bytes::Bytes,
+        ttl: Duration,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        self.current().complete(key, token, record, ttl).await
+    }
+
+    async fn release(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        token: tower_idempotency::store::Token,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        self.current().release(key, token).await
+    }
+
+    async fn peek(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+    ) -> Result<tower_idempotency::store::Peeked, tower_idempotency::store::StoreError> {
+        self.current().peek(key).await
+    }
+}
+
+/// A completion that landed but whose answer was lost is retried, refused
+/// for its token (the record is already there), and then found to be its
+/// own: recorded as `executed`, and nobody is said to have taken the key.
+#[tokio::test(start_paused = true)]
+async fn a_completion_whose_answer_was_lost_is_executed_not_fenced() {
+    let logs = common::Captured::default();
+    let _logging = tracing::subscriber::set_default(logs.subscriber(tracing::Level::DEBUG));
+    let sink = MemorySink::default();
+    let audit = AuditLog::builder("api-1", signer())
+        .start(sink.clone())
+        .await
+        .unwrap();
+    let counter = Counter::default();
+    let store = FaultyStore::new(MemoryStore::default());
+    store.set_fault_once(Op::Complete, Fault::AnswerLost);
+    let layer = IdempotencyLayer::new(store.clone()).with_audit(audit.clone());
+    let app = common::booking_router(counter.clone()).layer(layer.clone());
+    let first = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(body_bytes(first).await, "booking 1: x");
+    until(|| layer.stats().completions_pending == 0).await;
+    assert!(
+        store.calls(Op::Complete) >= 2,
+        "the completion was tried again"
+    );
+    let replay = app.oneshot(post_with_key("k", "x")).await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    audit.close().await.unwrap();
+    let lines = sink.lines();
+    assert_eq!(decisions(&lines), ["executed", "replayed"], "{lines:#?}");
+    let text = logs.text();
+    assert!(!text.contains("took the key over"), "{text}");
+    assert!(!text.contains("not recorded"), "{text}");
+    assert_eq!(counter.get(), 1);
+}
+
+/// The store loses the claim while the handler runs (a restart without
+/// persistence): the completion is refused, and the entry and the log say
+/// the claim was gone, not that another request took the key over.
+#[tokio::test(start_paused = true)]
+async fn a_completion_after_the_store_lost_its_claim_says_so() {
+    let logs = common::Captured::default();
+    let _logging = tracing::subscriber::set_default(logs.subscriber(tracing::Level::WARN));
+    let sink = MemorySink::default();
+    let audit = AuditLog::builder("api-1", signer())
+        .start(sink.clone())
+        .await
+        .unwrap();
+    let counter = Counter::default();
+    let (router, mut started, gate) = gated(&counter);
+    let store = Restartable::default();
+    let app = router.layer(IdempotencyLayer::new(store.clone()).with_audit(audit.clone()));
+    let first = tokio::spawn(app.clone().oneshot(post_with_key("k", "x")));
+    assert_eq!(started.recv().await, Some(1));
+    store.restart();
+    gate.send(true).unwrap();
+    body_bytes(first.await.unwrap().unwrap()).await;
+    audit.close().await.unwrap();
+    let lines = sink.lines();
+    assert_eq!(decisions(&lines), ["claim_lost"], "{lines:#?}");
+    let text = logs.text();
+    assert!(text.contains("the claim is gone from the store"), "{text}");
+    assert!(!text.contains("took the key over"), "{text}");
+}

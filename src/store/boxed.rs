@@ -4,7 +4,7 @@ use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 
-use super::{Claim, RecordKey, Store, StoreError, Token};
+use super::{Claim, Peeked, RecordKey, Store, StoreError, Token};
 use crate::Fingerprint;
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -32,6 +32,7 @@ trait DynStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn release<'a>(&'a self, key: RecordKey, token: Token)
     -> BoxFuture<'a, Result<(), StoreError>>;
+    fn peek<'a>(&'a self, key: RecordKey) -> BoxFuture<'a, Result<Peeked, StoreError>>;
     fn name(&self) -> &'static str;
 }
 
@@ -70,6 +71,10 @@ impl<S: Store> DynStore for S {
         token: Token,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move { Store::release(self, &key, token).await })
+    }
+
+    fn peek<'a>(&'a self, key: RecordKey) -> BoxFuture<'a, Result<Peeked, StoreError>> {
+        Box::pin(async move { Store::peek(self, &key).await })
     }
 
     fn name(&self) -> &'static str {
@@ -142,6 +147,10 @@ impl Store for BoxStore {
         token: Token,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         self.0.release(key.clone(), token)
+    }
+
+    fn peek(&self, key: &RecordKey) -> impl Future<Output = Result<Peeked, StoreError>> + Send {
+        self.0.peek(key.clone())
     }
 
     fn name(&self) -> &'static str {

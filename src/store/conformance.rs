@@ -108,6 +108,7 @@ macro_rules! store_conformance_tests {
             completed_records_expire_after_ttl,
             completed_records_are_final,
             corrupt_record_is_an_error,
+            peek_reads_without_changing,
         );
     };
     (@each (optional $make:path); $($check:ident),* $(,)?) => {
@@ -154,6 +155,7 @@ pub async fn run_all<H: Harness>(harness: &H) {
     completed_records_expire_after_ttl(harness).await;
     completed_records_are_final(harness).await;
     corrupt_record_is_an_error(harness).await;
+    peek_reads_without_changing(harness).await;
 }
 
 const TTL_LEASES: u32 = 4;
@@ -546,6 +548,49 @@ pub async fn release_frees_the_key<H: Harness>(h: &H) {
         .await
         .expect("the holder can release");
     acquire(&store, &key, fp(9), h.lease()).await;
+}
+
+/// [`Store::peek`] tells what holds a key and changes nothing: absent, a
+/// claim with its token (a lapsed one too), a completed record byte for
+/// byte, absent again after its TTL. A store may answer
+/// [`Peeked::Unknown`](super::Peeked::Unknown) throughout (the default).
+pub async fn peek_reads_without_changing<H: Harness>(h: &H) {
+    use super::Peeked;
+    let store = h.store();
+    let key = fresh_key("peek");
+    let peek = |store: &H::Store| {
+        let key = key.clone();
+        let store = store.clone();
+        async move { store.peek(&key).await.expect("peek answers") }
+    };
+    let first = peek(&store).await;
+    if first == Peeked::Unknown {
+        return;
+    }
+    assert_eq!(first, Peeked::Absent, "nothing holds a fresh key");
+    let token = acquire(&store, &key, fp(20), h.lease()).await;
+    assert_eq!(peek(&store).await, Peeked::InFlight { token });
+    h.advance(h.lease() * 2).await;
+    assert_eq!(
+        peek(&store).await,
+        Peeked::InFlight { token },
+        "a lapsed claim nobody took over still holds its key"
+    );
+    let record = Bytes::from_static(b"\x00peeked\xff");
+    store
+        .complete(&key, token, record.clone(), ttl(h))
+        .await
+        .expect("a lapsed claim nobody took over completes");
+    assert_eq!(peek(&store).await, Peeked::Completed { record });
+    assert!(
+        matches!(
+            store.claim(&key, fp(20), h.lease()).await,
+            Ok(Claim::Completed { .. })
+        ),
+        "peeking changed nothing"
+    );
+    h.advance(ttl(h) * 2).await;
+    assert_eq!(peek(&store).await, Peeked::Absent, "expired is absent");
 }
 
 /// A completed record lives for its TTL, then the key is new again.

@@ -12,7 +12,7 @@ use std::{
 
 use bytes::Bytes;
 
-use super::{Claim, RecordKey, Store, StoreError, Token};
+use super::{Claim, Peeked, RecordKey, Store, StoreError, Token};
 use crate::Fingerprint;
 
 /// A fault [`FaultyStore`] injects.
@@ -29,6 +29,10 @@ pub enum Fault {
     Corrupt,
     /// Fail with [`StoreError::Full`].
     Full,
+    /// Carry the operation out on the wrapped store, then fail with
+    /// [`StoreError::Unavailable`], as a store whose answer was lost after
+    /// it wrote (a timeout, a dropped connection) does.
+    AnswerLost,
 }
 
 /// A store operation, for [`FaultyStore`] to fault or count.
@@ -169,6 +173,24 @@ async fn faulted<T>(fault: Fault) -> Result<T, StoreError> {
         Fault::Stall => std::future::pending().await,
         Fault::Corrupt => Err(StoreError::Corrupt(Box::new(Injected("corrupt")))),
         Fault::Full => Err(StoreError::Full),
+        Fault::AnswerLost => Err(StoreError::unavailable(Injected("answer lost"))),
+    }
+}
+
+/// Runs `op` unless `fault` says otherwise; [`Fault::AnswerLost`] runs it
+/// and then fails. Called only when it is to run: a store may do its work
+/// as the future is made.
+async fn apply<T, F>(fault: Option<Fault>, op: impl FnOnce() -> F) -> Result<T, StoreError>
+where
+    F: Future<Output = Result<T, StoreError>>,
+{
+    match fault {
+        None => op().await,
+        Some(Fault::AnswerLost) => {
+            let _ = op().await;
+            faulted(Fault::AnswerLost).await
+        }
+        Some(fault) => faulted(fault).await,
     }
 }
 
@@ -182,12 +204,11 @@ impl<S: Store> Store for FaultyStore<S> {
         let fault = self.enter(Op::Claim);
         async move {
             match fault {
-                None => self.inner.claim(key, fingerprint, lease).await,
                 Some(Fault::Corrupt) => Ok(Claim::Completed {
                     fingerprint,
                     record: Bytes::from_static(b"\xffnot a record"),
                 }),
-                Some(fault) => faulted(fault).await,
+                fault => apply(fault, || self.inner.claim(key, fingerprint, lease)).await,
             }
         }
     }
@@ -199,12 +220,7 @@ impl<S: Store> Store for FaultyStore<S> {
         lease: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         let fault = self.enter(Op::Renew);
-        async move {
-            match fault {
-                None => self.inner.renew(key, token, lease).await,
-                Some(fault) => faulted(fault).await,
-            }
-        }
+        async move { apply(fault, || self.inner.renew(key, token, lease)).await }
     }
 
     fn complete(
@@ -215,12 +231,7 @@ impl<S: Store> Store for FaultyStore<S> {
         ttl: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         let fault = self.enter(Op::Complete);
-        async move {
-            match fault {
-                None => self.inner.complete(key, token, record, ttl).await,
-                Some(fault) => faulted(fault).await,
-            }
-        }
+        async move { apply(fault, || self.inner.complete(key, token, record, ttl)).await }
     }
 
     fn release(
@@ -229,12 +240,13 @@ impl<S: Store> Store for FaultyStore<S> {
         token: Token,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         let fault = self.enter(Op::Release);
-        async move {
-            match fault {
-                None => self.inner.release(key, token).await,
-                Some(fault) => faulted(fault).await,
-            }
-        }
+        async move { apply(fault, || self.inner.release(key, token)).await }
+    }
+
+    /// Never faulted, and not counted: it is how the layer explains a
+    /// fault after the fact.
+    fn peek(&self, key: &RecordKey) -> impl Future<Output = Result<Peeked, StoreError>> + Send {
+        self.inner.peek(key)
     }
 
     fn name(&self) -> &'static str {

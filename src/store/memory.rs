@@ -16,7 +16,7 @@ use bytes::Bytes;
 use dashmap::{DashMap, mapref::entry::Entry, try_result::TryResult};
 use tokio::time::Instant;
 
-use super::{Claim, RecordKey, Store, StoreError, Token};
+use super::{Claim, Peeked, RecordKey, Store, StoreError, Token};
 use crate::Fingerprint;
 
 /// Where a store reads the time that decides leases and expiry.
@@ -884,6 +884,20 @@ impl Inner {
         Ok(())
     }
 
+    fn peek(&self, key: &RecordKey) -> Peeked {
+        let now = self.now();
+        match self.map.get(key).as_deref() {
+            Some(record) if record.is_removable(now, self.lapsed_retention) => Peeked::Absent,
+            Some(Record::InFlight { token, .. }) => Peeked::InFlight { token: *token },
+            Some(Record::Completed {
+                record, expires_at, ..
+            }) if *expires_at > now => Peeked::Completed {
+                record: record.clone(),
+            },
+            _ => Peeked::Absent,
+        }
+    }
+
     fn release(&self, key: &RecordKey, token: Token) -> Result<(), StoreError> {
         let removed = self.map.remove_if(
             key,
@@ -982,6 +996,10 @@ impl Store for MemoryStore {
         token: Token,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         ready(self.inner.release(key, token))
+    }
+
+    fn peek(&self, key: &RecordKey) -> impl Future<Output = Result<Peeked, StoreError>> + Send {
+        ready(Ok(self.inner.peek(key)))
     }
 }
 

@@ -11,6 +11,7 @@
 //! | [`complete`](Store::complete) | Lua compare-token-and-set | `UPDATE ... WHERE token = $1` | entry under its shard lock |
 //! | [`renew`](Store::renew) | Lua compare-token-and-`PEXPIRE` | `UPDATE ... WHERE token = $1` | entry under its shard lock |
 //! | [`release`](Store::release) | Lua compare-token-and-`DEL` | `DELETE ... WHERE token = $1` | `remove_if` |
+//! | [`peek`](Store::peek) (only after a refused token) | `HMGET` in a script | `SELECT` | a shared read |
 //!
 //! Time that decides leases and expiry is the store's own clock where it has
 //! one (Redis TTLs, PostgreSQL `now()`), so app servers with skewed clocks
@@ -269,11 +270,46 @@ pub trait Store: Send + Sync + 'static {
         token: Token,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Reads what holds `key`, changing nothing.
+    ///
+    /// The layer calls it only after a completion or renewal was refused
+    /// with [`StoreError::Fenced`], to say truthfully why: the record
+    /// landed after all (an earlier attempt's answer was lost), another
+    /// claim took the key over, or the claim is gone (it expired, or the
+    /// store lost it in a restart or failover). A lapsed claim nobody took
+    /// over still holds its key. The default answers
+    /// [`Peeked::Unknown`], and the layer then says only that the claim is
+    /// no longer held.
+    fn peek(&self, key: &RecordKey) -> impl Future<Output = Result<Peeked, StoreError>> + Send {
+        let _ = key;
+        std::future::ready(Ok(Peeked::Unknown))
+    }
+
     /// A short name for metrics and logs (`memory`, `redis`, `postgres`);
     /// `custom` unless a store says otherwise.
     fn name(&self) -> &'static str {
         "custom"
     }
+}
+
+/// What [`Store::peek`] found under a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Peeked {
+    /// Nothing holds the key: no record, or only an expired one.
+    Absent,
+    /// A claim holds the key (its lease may have lapsed).
+    InFlight {
+        /// The claim's fencing token.
+        token: Token,
+    },
+    /// A completed record, within its retention.
+    Completed {
+        /// The record exactly as it was passed to [`Store::complete`].
+        record: Bytes,
+    },
+    /// The store cannot tell.
+    Unknown,
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -311,6 +347,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
         token: Token,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         (**self).release(key, token)
+    }
+
+    fn peek(&self, key: &RecordKey) -> impl Future<Output = Result<Peeked, StoreError>> + Send {
+        (**self).peek(key)
     }
 
     fn name(&self) -> &'static str {

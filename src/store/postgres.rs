@@ -6,7 +6,7 @@ use std::{fmt, future::Future, sync::Arc, time::Duration};
 use bytes::Bytes;
 use sqlx::{AssertSqlSafe, PgPool, Row, postgres::PgRow};
 
-use super::{Claim, RecordKey, Store, StoreError, Token};
+use super::{Claim, Peeked, RecordKey, Store, StoreError, Token};
 use crate::Fingerprint;
 
 /// A [`Store`] in a PostgreSQL table, on a `sqlx` pool the application
@@ -71,6 +71,7 @@ struct Statements {
     renew: Arc<str>,
     complete: Arc<str>,
     release: Arc<str>,
+    peek: Arc<str>,
     remove_expired: Arc<str>,
 }
 
@@ -127,6 +128,13 @@ impl Statements {
             )),
             release: Arc::from(format!(
                 "DELETE FROM {table} WHERE key = $1 AND token = $2 AND record IS NULL"
+            )),
+            // A live record, or a lapsed claim within its retention ($2 ms).
+            peek: Arc::from(format!(
+                "SELECT token, record FROM {table}
+                 WHERE key = $1
+                   AND (expires_at > now() OR (record IS NULL
+                        AND expires_at > now() - $2 * interval '1 millisecond'))"
             )),
             // A lapsed claim stays for the lapsed retention ($1 ms) after its
             // lease: its holder may still renew and complete it.
@@ -488,6 +496,29 @@ impl Store for PostgresStore {
                 .bind(token_sql(token))
         })
         .await
+    }
+
+    async fn peek(&self, key: &RecordKey) -> Result<Peeked, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.sql.peek.clone()))
+            .bind(key.as_str())
+            .bind(millis(self.lapsed_retention))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let Some(row) = row else {
+            return Ok(Peeked::Absent);
+        };
+        let record: Option<Vec<u8>> = row.try_get("record").map_err(undecodable)?;
+        let token: Option<i64> = row.try_get("token").map_err(undecodable)?;
+        Ok(match (record, token) {
+            (Some(record), _) => Peeked::Completed {
+                record: Bytes::from(record),
+            },
+            (None, Some(token)) => Peeked::InFlight {
+                token: Token(token as u64),
+            },
+            (None, None) => return Err(corrupt("a claim without a token")),
+        })
     }
 }
 

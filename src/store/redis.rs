@@ -11,7 +11,7 @@ use bytes::Bytes;
 use redis::{Script, Value, aio::ConnectionManager, cluster_async::ClusterConnection};
 use sha2::{Digest, Sha256};
 
-use super::{Claim, RecordKey, Store, StoreError, Token};
+use super::{Claim, Peeked, RecordKey, Store, StoreError, Token};
 use crate::Fingerprint;
 
 // Each record is one Redis hash under one key, so every script touches a
@@ -107,6 +107,15 @@ if f[1] == 'f' and f[2] == ARGV[1] then
   return 1
 end
 return 0
+",
+    )
+});
+
+/// Reads a record: `{state, token, record}`, each `false` when absent.
+static PEEK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+return redis.call('HMGET', KEYS[1], 's', 'tok', 'rec')
 ",
     )
 });
@@ -584,4 +593,35 @@ impl Store for RedisStore {
             fenced_unless_one(self.run(invocation).await?)
         }
     }
+
+    fn peek(&self, key: &RecordKey) -> impl Future<Output = Result<Peeked, StoreError>> + Send {
+        let redis_key = self.redis_key(key);
+        async move {
+            let value = self.run(PEEK.key(redis_key)).await?;
+            parse_peek(&value)
+        }
+    }
+}
+
+fn parse_peek(value: &Value) -> Result<Peeked, StoreError> {
+    let Value::Array(items) = value else {
+        return Err(unexpected(value));
+    };
+    let field = |i: usize| items.get(i).and_then(bytes_of);
+    Ok(match (field(0), field(1), field(2)) {
+        (None, _, _) => Peeked::Absent,
+        (Some(b"f"), Some(token), _) => {
+            let token = std::str::from_utf8(token)
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| unexpected(value))?;
+            Peeked::InFlight {
+                token: Token(token),
+            }
+        }
+        (Some(b"c"), _, Some(record)) => Peeked::Completed {
+            record: Bytes::copy_from_slice(record),
+        },
+        _ => return Err(unexpected(value)),
+    })
 }
