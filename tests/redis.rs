@@ -380,6 +380,58 @@ fn connect_warns_when_redis_may_evict_records() {
     }
 }
 
+/// A Redis that keeps no durable append-only file (Redis's default
+/// `appendonly no`, or `appendfsync no`) is named in a warning at connect:
+/// a restart of it loses records, and their retries execute again.
+#[test]
+fn connect_warns_when_redis_keeps_no_durable_append_only_file() {
+    if redis_url().is_none() {
+        return;
+    }
+    for (settings, expected, warning) in [
+        (
+            vec!["--appendonly", "no"],
+            ("no", "always"),
+            Some("keeps no append-only file"),
+        ),
+        (
+            vec!["--appendfsync", "no"],
+            ("yes", "no"),
+            Some("appendfsync no"),
+        ),
+        (vec!["--appendfsync", "everysec"], ("yes", "everysec"), None),
+        (vec![], ("yes", "always"), None),
+    ] {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("tower-idempotency-aof-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let redis = OwnRedis::start_with(port, dir, settings.clone());
+        let captured = common::Captured::default();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        tracing::subscriber::with_default(captured.subscriber(tracing::Level::WARN), || {
+            runtime.block_on(async {
+                redis.wait_until_up().await;
+                let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
+                    .await
+                    .unwrap();
+                let (append_only, fsync) = expected;
+                assert_eq!(
+                    store.persistence().await,
+                    Some(vec![(append_only.to_owned(), fsync.to_owned())])
+                );
+            })
+        });
+        let text = captured.text();
+        match warning {
+            Some(warning) => assert!(text.contains(warning), "{settings:?}: {text}"),
+            None => assert!(!text.contains("append"), "{settings:?}: {text}"),
+        }
+    }
+}
+
 /// At-most-once work on Redis: racing calls with one key run it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_most_once_racing_calls_run_once() {

@@ -163,6 +163,15 @@ return redis.call('HMGET', KEYS[1], 's', 'tok', 'rec')
 ///   writes instead: claims fail and the layer answers 503. `connect` and
 ///   `connect_cluster` log a warning when the server reports another
 ///   policy (when `CONFIG` is allowed to answer).
+/// - **An append-only file, synced.** With Redis's default `appendonly
+///   no`, a restart or crash of Redis loses every claim and record: the
+///   retry of a completed request executes again, and so does the retry
+///   of one that was running. Run it with `appendonly yes` and
+///   `appendfsync always` (every write on disk before it is acknowledged),
+///   or `everysec` (the last second of writes can be lost in a crash of
+///   the machine). RDB snapshots alone (`save`) lose everything since the
+///   last one. `connect` and `connect_cluster` warn when a node reports
+///   `appendonly no` or `appendfsync no`.
 /// - **Replication is asynchronous.** A claim or record acknowledged by a
 ///   primary that fails before its replica received it is lost when the
 ///   replica is promoted: a retry in that window executes again. Redis
@@ -264,7 +273,8 @@ impl RedisStore {
     /// Connects to the Redis at `url` (`redis://host:port/db`), or to the
     /// Redis Cluster at `redis+cluster://host:port[,host:port...]` (any of
     /// its nodes; the rest are discovered). Warns (through `tracing`) when
-    /// the server's `maxmemory-policy` may evict records.
+    /// the server's `maxmemory-policy` may evict records, or when it keeps
+    /// no durable append-only file (`appendonly no`, or `appendfsync no`).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         if let Some(nodes) = url.strip_prefix("redis+cluster://") {
             let nodes: Vec<String> = nodes
@@ -283,13 +293,13 @@ impl RedisStore {
             .await
             .map_err(StoreError::unavailable)?;
         let store = Self::new(connection);
-        store.warn_if_evicting().await;
+        store.warn_if_unsafe().await;
         Ok(store)
     }
 
     /// Connects to a Redis Cluster through any of its nodes (`redis://host:port`
     /// each). Warns (through `tracing`) when a node's `maxmemory-policy` may
-    /// evict records.
+    /// evict records, or it keeps no durable append-only file.
     pub async fn connect_cluster(nodes: &[impl AsRef<str>]) -> Result<Self, StoreError> {
         let nodes: Vec<&str> = nodes.iter().map(AsRef::as_ref).collect();
         let client = redis::cluster::ClusterClient::builder(nodes)
@@ -301,35 +311,70 @@ impl RedisStore {
             .await
             .map_err(StoreError::unavailable)?;
         let store = Self::new_cluster(connection);
-        store.warn_if_evicting().await;
+        store.warn_if_unsafe().await;
         Ok(store)
     }
 
     /// The server's `maxmemory-policy` (on a cluster, as each node that
     /// answered reports it), or `None` when `CONFIG` is disabled or refused.
     pub async fn eviction_policies(&self) -> Option<Vec<String>> {
+        self.config_values("maxmemory-policy").await
+    }
+
+    /// The server's `appendonly` and `appendfsync` settings (on a cluster,
+    /// as each node that answered reports them), or `None` when `CONFIG`
+    /// is disabled or refused.
+    pub async fn persistence(&self) -> Option<Vec<(String, String)>> {
+        let append_only = self.config_values("appendonly").await?;
+        let fsync = self.config_values("appendfsync").await?;
+        Some(append_only.into_iter().zip(fsync).collect())
+    }
+
+    /// One `CONFIG GET` parameter's value, per node that answered.
+    async fn config_values(&self, parameter: &'static str) -> Option<Vec<String>> {
         let mut command = redis::cmd("CONFIG");
-        command.arg("GET").arg("maxmemory-policy");
+        command.arg("GET").arg(parameter);
         let answer: Result<Value, _> = match &self.connection {
             Connection::Single(c) => command.query_async(&mut c.clone()).await,
             Connection::Cluster(c) => command.query_async(&mut c.clone()).await,
         };
         match answer {
-            Ok(value) => Some(policies_in(&value)),
+            Ok(value) => Some(values_in(&value, parameter)),
             Err(err) => {
-                tracing::debug!(error = %err, "could not read Redis's maxmemory-policy");
+                tracing::debug!(error = %err, parameter, "could not read a Redis setting");
                 None
             }
         }
     }
 
-    async fn warn_if_evicting(&self) {
+    /// Warns about settings under which Redis loses records: eviction, and
+    /// no durable append-only file.
+    async fn warn_if_unsafe(&self) {
         for policy in self.eviction_policies().await.unwrap_or_default() {
             if policy != "noeviction" {
                 tracing::warn!(
                     policy = %policy,
                     "Redis may evict idempotency records under memory pressure (maxmemory-policy \
                      is not noeviction): a retry of an evicted request executes again"
+                );
+                break;
+            }
+        }
+        for (append_only, fsync) in self.persistence().await.unwrap_or_default() {
+            if append_only != "yes" {
+                tracing::warn!(
+                    "Redis keeps no append-only file (appendonly is not yes): a restart or crash \
+                     of Redis loses completed and in-flight records, and retries of those \
+                     requests execute again; run it with appendonly yes and appendfsync always \
+                     (or everysec, which can lose the last second)"
+                );
+                return;
+            }
+            if fsync == "no" {
+                tracing::warn!(
+                    "Redis leaves flushing its append-only file to the operating system \
+                     (appendfsync no): a crash can lose the last seconds of records, and retries \
+                     of those requests execute again; use appendfsync always or everysec"
                 );
                 return;
             }
@@ -376,13 +421,13 @@ impl RedisStore {
     }
 }
 
-/// The policy values in a `CONFIG GET maxmemory-policy` answer: a map or a
-/// flat name-value list, or on a cluster one such answer per node.
-fn policies_in(value: &Value) -> Vec<String> {
+/// The values in a `CONFIG GET <parameter>` answer: a map or a flat
+/// name-value list, or on a cluster one such answer per node.
+fn values_in(value: &Value, parameter: &str) -> Vec<String> {
     let mut found = Vec::new();
     let mut collect = |v: &Value| {
         if let Some(text) = bytes_of(v).and_then(|b| std::str::from_utf8(b).ok())
-            && text != "maxmemory-policy"
+            && text != parameter
         {
             found.push(text.to_owned());
         }
