@@ -32,7 +32,11 @@ tower_idempotency::store_conformance_tests!(Memory::default());
 
 #[tokio::test]
 async fn memory_store_bounded_by_entries_never_evicts_in_flight() {
-    let store = MemoryStore::builder().max_entries(8).build();
+    // One scope may fill this store with claims.
+    let store = MemoryStore::builder()
+        .max_entries(8)
+        .max_in_flight_per_scope(8)
+        .build();
     conformance::bounded_store_never_evicts_in_flight(&store, 8, Duration::from_secs(10)).await;
 }
 

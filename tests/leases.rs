@@ -228,7 +228,11 @@ async fn records_expire_after_the_ttl() {
 async fn eviction_never_drops_an_in_flight_record() {
     let counter = Counter::default();
     let (router, mut started, gate) = gated(&counter);
-    let store = MemoryStore::builder().max_entries(4).build();
+    // One scope holds every claim here, so it may hold all four.
+    let store = MemoryStore::builder()
+        .max_entries(4)
+        .max_in_flight_per_scope(4)
+        .build();
     let app = router.layer(IdempotencyLayer::new(store.clone()));
     let mut held = Vec::new();
     for i in 0..2 {
