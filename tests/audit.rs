@@ -980,66 +980,6 @@ async fn a_request_dropped_before_its_decision_has_its_entry() {
     assert_eq!(counter.get(), 0);
 }
 
-/// A store that can lose everything it holds, as a Redis without
-/// persistence does when it restarts.
-#[derive(Clone, Default)]
-struct Restartable(Arc<Mutex<MemoryStore>>);
-
-impl Restartable {
-    fn current(&self) -> MemoryStore {
-        self.0.lock().unwrap().clone()
-    }
-
-    fn restart(&self) {
-        *self.0.lock().unwrap() = MemoryStore::default();
-    }
-}
-
-impl tower_idempotency::Store for Restartable {
-    async fn claim(
-        &self,
-        key: &tower_idempotency::store::RecordKey,
-        fingerprint: tower_idempotency::Fingerprint,
-        lease: Duration,
-    ) -> Result<tower_idempotency::store::Claim, tower_idempotency::store::StoreError> {
-        self.current().claim(key, fingerprint, lease).await
-    }
-
-    async fn renew(
-        &self,
-        key: &tower_idempotency::store::RecordKey,
-        token: tower_idempotency::store::Token,
-        lease: Duration,
-    ) -> Result<(), tower_idempotency::store::StoreError> {
-        self.current().renew(key, token, lease).await
-    }
-
-    async fn complete(
-        &self,
-        key: &tower_idempotency::store::RecordKey,
-        token: tower_idempotency::store::Token,
-        record: bytes::Bytes,
-        ttl: Duration,
-    ) -> Result<(), tower_idempotency::store::StoreError> {
-        self.current().complete(key, token, record, ttl).await
-    }
-
-    async fn release(
-        &self,
-        key: &tower_idempotency::store::RecordKey,
-        token: tower_idempotency::store::Token,
-    ) -> Result<(), tower_idempotency::store::StoreError> {
-        self.current().release(key, token).await
-    }
-
-    async fn peek(
-        &self,
-        key: &tower_idempotency::store::RecordKey,
-    ) -> Result<tower_idempotency::store::Peeked, tower_idempotency::store::StoreError> {
-        self.current().peek(key).await
-    }
-}
-
 /// A completion that landed but whose answer was lost is retried, refused
 /// for its token (the record is already there), and then found to be its
 /// own: recorded as `executed`, and nobody is said to have taken the key.
@@ -1089,7 +1029,7 @@ async fn a_completion_after_the_store_lost_its_claim_says_so() {
         .unwrap();
     let counter = Counter::default();
     let (router, mut started, gate) = gated(&counter);
-    let store = Restartable::default();
+    let store = common::Altered::default();
     let app = router.layer(IdempotencyLayer::new(store.clone()).with_audit(audit.clone()));
     let first = tokio::spawn(app.clone().oneshot(post_with_key("k", "x")));
     assert_eq!(started.recv().await, Some(1));

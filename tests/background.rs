@@ -372,60 +372,13 @@ async fn a_detached_body_is_cut_at_the_maximum_execution_time() {
     assert_eq!(counter.get(), 1);
 }
 
-/// A store whose claims answer only after `delay` (a slow network, a busy
-/// Redis), so a client can leave while its claim is under way.
-#[derive(Clone)]
-struct SlowClaims(MemoryStore, Duration);
-
-impl tower_idempotency::Store for SlowClaims {
-    async fn claim(
-        &self,
-        key: &tower_idempotency::store::RecordKey,
-        fingerprint: tower_idempotency::Fingerprint,
-        lease: Duration,
-    ) -> Result<tower_idempotency::store::Claim, tower_idempotency::store::StoreError> {
-        tokio::time::sleep(self.1).await;
-        self.0.claim(key, fingerprint, lease).await
-    }
-
-    fn renew(
-        &self,
-        key: &tower_idempotency::store::RecordKey,
-        token: tower_idempotency::store::Token,
-        lease: Duration,
-    ) -> impl std::future::Future<Output = Result<(), tower_idempotency::store::StoreError>> + Send
-    {
-        self.0.renew(key, token, lease)
-    }
-
-    fn complete(
-        &self,
-        key: &tower_idempotency::store::RecordKey,
-        token: tower_idempotency::store::Token,
-        record: Bytes,
-        ttl: Duration,
-    ) -> impl std::future::Future<Output = Result<(), tower_idempotency::store::StoreError>> + Send
-    {
-        self.0.complete(key, token, record, ttl)
-    }
-
-    fn release(
-        &self,
-        key: &tower_idempotency::store::RecordKey,
-        token: tower_idempotency::store::Token,
-    ) -> impl std::future::Future<Output = Result<(), tower_idempotency::store::StoreError>> + Send
-    {
-        self.0.release(key, token)
-    }
-}
-
 /// The client leaves while its claim is under way; the drain's deadline
 /// passes before the claim lands. The handler never started, so the claim
 /// is released (a retry executes it once), never settled `outcome-unknown`.
 #[tokio::test(start_paused = true)]
 async fn a_drain_releases_a_claim_whose_handler_never_started() {
     let counter = Counter::default();
-    let layer = IdempotencyLayer::new(SlowClaims(MemoryStore::default(), Duration::from_secs(3)));
+    let layer = IdempotencyLayer::new(common::Altered::slow_claims(Duration::from_secs(3)));
     let app = booking_router(counter.clone()).layer(layer.clone());
     let mut first = Box::pin(app.clone().oneshot(post_with_key("k", "x")));
     assert!((&mut first).now_or_never().is_none());
@@ -473,11 +426,8 @@ async fn a_dropped_waiting_request_never_runs_after_a_drain() {
             }
         }),
     );
-    let layer = IdempotencyLayer::new(SlowClaims(
-        MemoryStore::default(),
-        Duration::from_millis(100),
-    ))
-    .with_wait(Duration::from_secs(60));
+    let layer = IdempotencyLayer::new(common::Altered::slow_claims(Duration::from_millis(100)))
+        .with_wait(Duration::from_secs(60));
     let app = router.layer(layer.clone());
     let mut holder = Box::pin(app.clone().oneshot(post_with_key("k", "x")));
     tokio::select! {

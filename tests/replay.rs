@@ -284,11 +284,6 @@ proptest! {
     }
 }
 
-/// A store that changes every record it completes: one shared with a newer
-/// release of the crate during a rolling deploy, or a damaged one.
-#[derive(Clone)]
-struct Rewritten(MemoryStore, fn(&[u8]) -> Vec<u8>);
-
 /// Every record comes back in encoding version 2.
 fn written_by_a_newer_release(record: &[u8]) -> Vec<u8> {
     let mut newer = record.to_vec();
@@ -297,59 +292,14 @@ fn written_by_a_newer_release(record: &[u8]) -> Vec<u8> {
     newer
 }
 
-impl tower_idempotency::Store for Rewritten {
-    fn claim(
-        &self,
-        key: &tower_idempotency::store::RecordKey,
-        fingerprint: tower_idempotency::Fingerprint,
-        lease: std::time::Duration,
-    ) -> impl std::future::Future<
-        Output = Result<tower_idempotency::store::Claim, tower_idempotency::store::StoreError>,
-    > + Send {
-        self.0.claim(key, fingerprint, lease)
-    }
-
-    fn renew(
-        &self,
-        key: &tower_idempotency::store::RecordKey,
-        token: tower_idempotency::store::Token,
-        lease: std::time::Duration,
-    ) -> impl std::future::Future<Output = Result<(), tower_idempotency::store::StoreError>> + Send
-    {
-        self.0.renew(key, token, lease)
-    }
-
-    fn complete(
-        &self,
-        key: &tower_idempotency::store::RecordKey,
-        token: tower_idempotency::store::Token,
-        record: Bytes,
-        ttl: std::time::Duration,
-    ) -> impl std::future::Future<Output = Result<(), tower_idempotency::store::StoreError>> + Send
-    {
-        self.0
-            .complete(key, token, Bytes::from((self.1)(&record)), ttl)
-    }
-
-    fn release(
-        &self,
-        key: &tower_idempotency::store::RecordKey,
-        token: tower_idempotency::store::Token,
-    ) -> impl std::future::Future<Output = Result<(), tower_idempotency::store::StoreError>> + Send
-    {
-        self.0.release(key, token)
-    }
-}
-
 /// A record in an encoding version this build does not know is 503
 /// `store-unavailable` on every retry: never misread, never executed again.
 #[tokio::test]
 async fn a_record_in_an_unknown_encoding_version_is_503_never_a_second_execution() {
     let counter = common::Counter::default();
-    let app = common::booking_router(counter.clone()).layer(IdempotencyLayer::new(Rewritten(
-        MemoryStore::default(),
-        written_by_a_newer_release,
-    )));
+    let app = common::booking_router(counter.clone()).layer(IdempotencyLayer::new(
+        common::Altered::rewriting(written_by_a_newer_release),
+    ));
     let first = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
     assert_eq!(first.status(), StatusCode::CREATED);
     body_bytes(first).await;
@@ -459,7 +409,7 @@ async fn a_record_with_a_huge_header_count_is_503_not_a_panic() {
         record
     }
     let counter = common::Counter::default();
-    let store = Rewritten(MemoryStore::default(), huge_head);
+    let store = common::Altered::rewriting(huge_head);
     let app = common::booking_router(counter.clone()).layer(IdempotencyLayer::new(store));
     let first = app.clone().oneshot(post_with_key("k", "x")).await.unwrap();
     assert_eq!(first.status(), StatusCode::CREATED);

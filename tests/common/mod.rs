@@ -493,3 +493,96 @@ pub async fn at_most_once_races<St: tower_idempotency::Store + Clone>(store: St,
     }
     assert_eq!(counter.get(), 1, "one execution");
 }
+
+/// A memory store with faults no real store is asked for: claims that
+/// answer late, records changed as they are completed, and a restart that
+/// loses everything. Clones share it.
+#[derive(Clone, Default)]
+pub struct Altered {
+    inner: Arc<std::sync::Mutex<tower_idempotency::MemoryStore>>,
+    claim_delay: std::time::Duration,
+    rewrite: Option<fn(&[u8]) -> Vec<u8>>,
+}
+
+impl Altered {
+    /// Claims answer only after `delay` (a slow network, a busy Redis).
+    pub fn slow_claims(delay: std::time::Duration) -> Self {
+        Altered {
+            claim_delay: delay,
+            ..Altered::default()
+        }
+    }
+
+    /// Every record comes back as `rewrite` makes it: one written by
+    /// another release, or damaged.
+    pub fn rewriting(rewrite: fn(&[u8]) -> Vec<u8>) -> Self {
+        Altered {
+            rewrite: Some(rewrite),
+            ..Altered::default()
+        }
+    }
+
+    /// Loses everything held, as a Redis without persistence does when it
+    /// restarts.
+    pub fn restart(&self) {
+        *self.inner.lock().unwrap() = tower_idempotency::MemoryStore::default();
+    }
+
+    fn current(&self) -> tower_idempotency::MemoryStore {
+        self.inner.lock().unwrap().clone()
+    }
+}
+
+type StoreResult<T> = Result<T, tower_idempotency::store::StoreError>;
+
+impl tower_idempotency::Store for Altered {
+    async fn claim(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        fingerprint: tower_idempotency::Fingerprint,
+        lease: std::time::Duration,
+    ) -> StoreResult<tower_idempotency::store::Claim> {
+        if !self.claim_delay.is_zero() {
+            tokio::time::sleep(self.claim_delay).await;
+        }
+        self.current().claim(key, fingerprint, lease).await
+    }
+
+    async fn renew(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        token: tower_idempotency::store::Token,
+        lease: std::time::Duration,
+    ) -> StoreResult<()> {
+        self.current().renew(key, token, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        token: tower_idempotency::store::Token,
+        record: Bytes,
+        ttl: std::time::Duration,
+    ) -> StoreResult<()> {
+        let record = match self.rewrite {
+            Some(rewrite) => Bytes::from(rewrite(&record)),
+            None => record,
+        };
+        self.current().complete(key, token, record, ttl).await
+    }
+
+    async fn release(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+        token: tower_idempotency::store::Token,
+    ) -> StoreResult<()> {
+        self.current().release(key, token).await
+    }
+
+    async fn peek(
+        &self,
+        key: &tower_idempotency::store::RecordKey,
+    ) -> StoreResult<tower_idempotency::store::Peeked> {
+        self.current().peek(key).await
+    }
+}
