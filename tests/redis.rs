@@ -332,6 +332,31 @@ fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
+/// Connects to a `redis-server` of the test's own, started with
+/// `settings`, and hands the store to `check`; returns what was logged at
+/// WARN and above meanwhile.
+fn connect_logged(settings: Vec<&'static str>, check: impl AsyncFnOnce(RedisStore)) -> String {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("tower-idempotency-settings-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let redis = OwnRedis::start_with(port, dir, settings);
+    let captured = common::Captured::default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tracing::subscriber::with_default(captured.subscriber(tracing::Level::WARN), || {
+        runtime.block_on(async {
+            redis.wait_until_up().await;
+            let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
+                .await
+                .unwrap();
+            check(store).await;
+        })
+    });
+    captured.text()
+}
+
 /// A Redis that may evict keys under memory pressure is named in a warning
 /// at connect; one with `noeviction` is not.
 #[test]
@@ -344,28 +369,12 @@ fn connect_warns_when_redis_may_evict_records() {
         ("volatile-ttl", true),
         ("noeviction", false),
     ] {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("tower-idempotency-policy-{port}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let redis = OwnRedis::start_with(port, dir, vec!["--maxmemory-policy", policy]);
-        let captured = common::Captured::default();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        tracing::subscriber::with_default(captured.subscriber(tracing::Level::WARN), || {
-            runtime.block_on(async {
-                redis.wait_until_up().await;
-                let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
-                    .await
-                    .unwrap();
-                assert_eq!(
-                    store.eviction_policies().await,
-                    Some(vec![policy.to_owned()])
-                );
-            })
+        let text = connect_logged(vec!["--maxmemory-policy", policy], async |store| {
+            assert_eq!(
+                store.eviction_policies().await,
+                Some(vec![policy.to_owned()])
+            );
         });
-        let text = captured.text();
         assert_eq!(
             text.contains("may evict idempotency records"),
             warned,
@@ -388,7 +397,7 @@ fn connect_warns_when_redis_keeps_no_durable_append_only_file() {
     if redis_url().is_none() {
         return;
     }
-    for (settings, expected, warning) in [
+    for (settings, (append_only, fsync), warning) in [
         (
             vec!["--appendonly", "no"],
             ("no", "always"),
@@ -402,29 +411,12 @@ fn connect_warns_when_redis_keeps_no_durable_append_only_file() {
         (vec!["--appendfsync", "everysec"], ("yes", "everysec"), None),
         (vec![], ("yes", "always"), None),
     ] {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("tower-idempotency-aof-{port}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let redis = OwnRedis::start_with(port, dir, settings.clone());
-        let captured = common::Captured::default();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        tracing::subscriber::with_default(captured.subscriber(tracing::Level::WARN), || {
-            runtime.block_on(async {
-                redis.wait_until_up().await;
-                let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
-                    .await
-                    .unwrap();
-                let (append_only, fsync) = expected;
-                assert_eq!(
-                    store.persistence().await,
-                    Some(vec![(append_only.to_owned(), fsync.to_owned())])
-                );
-            })
+        let text = connect_logged(settings.clone(), async |store| {
+            assert_eq!(
+                store.persistence().await,
+                Some(vec![(append_only.to_owned(), fsync.to_owned())])
+            );
         });
-        let text = captured.text();
         match warning {
             Some(warning) => assert!(text.contains(warning), "{settings:?}: {text}"),
             None => assert!(!text.contains("append"), "{settings:?}: {text}"),

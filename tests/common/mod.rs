@@ -501,8 +501,11 @@ pub async fn at_most_once_races<St: tower_idempotency::Store + Clone>(store: St,
 pub struct Altered {
     inner: Arc<std::sync::Mutex<tower_idempotency::MemoryStore>>,
     claim_delay: std::time::Duration,
-    rewrite: Option<fn(&[u8]) -> Vec<u8>>,
+    rewrite: Option<Rewrite>,
 }
+
+/// How [`Altered`] changes each record it completes.
+pub type Rewrite = fn(&[u8]) -> Vec<u8>;
 
 impl Altered {
     /// Claims answer only after `delay` (a slow network, a busy Redis).
@@ -515,7 +518,7 @@ impl Altered {
 
     /// Every record comes back as `rewrite` makes it: one written by
     /// another release, or damaged.
-    pub fn rewriting(rewrite: fn(&[u8]) -> Vec<u8>) -> Self {
+    pub fn rewriting(rewrite: Rewrite) -> Self {
         Altered {
             rewrite: Some(rewrite),
             ..Altered::default()
