@@ -315,8 +315,11 @@ impl<St: Store + Clone> AtMostOnce<St> {
     /// - An output (or recorded error) that does not serialise is recorded
     ///   as unreadable: duplicates get [`OnceError::Unreadable`].
     /// - The input is fingerprinted by a canonical form of its JSON: field
-    ///   and map order never matter, and integers count exactly at any
-    ///   size. An input that does not serialise is [`OnceError::Input`].
+    ///   and map order never matter, and numbers compare as RFC 8785 writes
+    ///   them (`10` is `10.0`), as in an intent key. An input that does not
+    ///   serialise, or holds a number beyond ±(2^53 − 1) (an integer, or
+    ///   the double a larger integer in JSON text was read as), is
+    ///   [`OnceError::Input`], and nothing runs.
     ///
     /// `work` receives the [`IdempotencyContext`] of this execution: its
     /// `took_over()` says an earlier execution of the same input stopped
@@ -654,11 +657,13 @@ fn far(by: Duration) -> Instant {
 
 /// The fingerprint of an input: SHA-256 over a version tag and the input's
 /// JSON in a canonical form of this crate's own (object members sorted by
-/// name, integers exact at any size), so map order never matters and no
-/// two different inputs share one. Unlike an intent key it never leaves
-/// the process, so it need not follow RFC 8785.
+/// name, numbers as RFC 8785 writes them), so map order never matters, no
+/// two different inputs share one, and two inputs share one exactly when
+/// they share an intent key (`10` and `10.0` are one number). Numbers
+/// beyond ±(2^53 − 1) are refused, as intent keys refuse them.
 fn fingerprint<I: Serialize + ?Sized>(input: &I) -> Result<Fingerprint, IntentKeyError> {
     let value = serde_json::to_value(input).map_err(IntentKeyError::Unserializable)?;
+    crate::client::check_numbers(&value)?;
     let mut hasher = Sha256::new();
     hasher.update(b"tower-idempotency/once/v2\0");
     canonical(&value, &mut hasher);
@@ -677,10 +682,11 @@ fn canonical(value: &serde_json::Value, out: &mut Sha256) {
         Value::Null => out.update(b"n"),
         Value::Bool(b) => out.update(if *b { b"t" } else { b"f" }),
         Value::Number(n) => {
-            // Integers exactly; floats as serde_json writes them (shortest
-            // round-trip form).
+            // As RFC 8785 writes it: `10.0` is `10`, as in an intent key.
+            // Integers and the shortest round-trip decimals are unchanged.
             out.update(b"#");
-            text(out, &n.to_string());
+            let jcs = serde_json_canonicalizer::to_string(&Value::Number(n.clone()));
+            text(out, jcs.as_deref().unwrap_or("NaN"));
         }
         Value::String(s) => {
             out.update(b"s");

@@ -169,3 +169,36 @@ proptest! {
         prop_assert_ne!(IntentKey::derive("other", &value).unwrap(), key);
     }
 }
+
+/// Integers beyond 2^53 that arrive as JSON text are read as doubles, and
+/// two of them share one: refused like the integers, never one key for two
+/// orders. `10` and `10.0` are one number (RFC 8785), so one key.
+#[test]
+fn big_integers_from_json_text_are_refused_and_ten_is_ten_point_zero() {
+    for text in [
+        r#"{"order":123456789012345678901234}"#,
+        r#"{"order":-123456789012345678901234}"#,
+        r#"{"order":9007199254740993.0}"#,
+        r#"{"order":[1e300]}"#,
+    ] {
+        let fields: Value = serde_json::from_str(text).unwrap();
+        assert!(
+            matches!(
+                IntentKey::derive("pay", &fields),
+                Err(IntentKeyError::UnsafeInteger(_))
+            ),
+            "{text}"
+        );
+    }
+    let key = |text: &str| {
+        let fields: Value = serde_json::from_str(text).unwrap();
+        IntentKey::derive("pay", &fields).unwrap()
+    };
+    assert_eq!(key(r#"{"amount":10}"#), key(r#"{"amount":10.0}"#));
+    assert_eq!(key(r#"{"amount":0.5}"#), key(r#"{"amount":5e-1}"#));
+    assert_ne!(key(r#"{"amount":10}"#), key(r#"{"amount":10.5}"#));
+    assert_eq!(
+        key(r#"{"max":9007199254740991}"#),
+        key(r#"{"max":9007199254740991.0}"#)
+    );
+}

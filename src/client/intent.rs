@@ -40,9 +40,13 @@ const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
 ///    lowercase hex: 32 characters.
 ///
 /// Field order, whitespace and map order never change the key; any change
-/// of a value does. Integers beyond ±(2^53 − 1) are refused
+/// of a value does. `10` and `10.0` are one number, as RFC 8785 says.
+/// Numbers beyond ±(2^53 − 1) are refused
 /// ([`IntentKeyError::UnsafeInteger`]): JCS writes numbers as doubles, so
-/// two such integers could give one key. Send them as strings.
+/// two such integers could give one key. That holds for integers that
+/// arrive as JSON text too: `serde_json` reads `123456789012345678901234`
+/// as the double nearest to it, which `…235` shares, so such doubles are
+/// refused as well. Send them as strings.
 ///
 /// In Python, for identities whose object member names are in the Basic
 /// Multilingual Plane and whose numbers are integers or decimals that
@@ -156,8 +160,9 @@ pub enum IntentKeyError {
     Unserializable(serde_json::Error),
     /// The fields serialise to something other than a JSON object.
     NotAnObject,
-    /// An integer beyond ±(2^53 − 1), which JSON numbers do not carry
-    /// exactly: send it as a string.
+    /// A number beyond ±(2^53 − 1), which JSON numbers do not carry
+    /// exactly (an integer, or the double a larger integer in JSON text
+    /// was read as): send it as a string.
     UnsafeInteger(String),
     /// A key given to [`IntentKey::from_existing`] is not 1 to 255 visible
     /// ASCII characters.
@@ -173,7 +178,7 @@ impl fmt::Display for IntentKeyError {
             }
             IntentKeyError::UnsafeInteger(n) => write!(
                 f,
-                "the integer {n} is beyond what JSON numbers carry exactly (2^53 - 1): pass it as a string"
+                "the number {n} is beyond what JSON numbers carry exactly (2^53 - 1): pass it as a string"
             ),
             IntentKeyError::InvalidKey => {
                 f.write_str("an idempotency key is 1 to 255 visible ASCII characters")
@@ -191,27 +196,31 @@ impl std::error::Error for IntentKeyError {
     }
 }
 
-/// RFC 8785 bytes of `value`, refusing integers JSON cannot carry exactly.
+/// RFC 8785 bytes of `value`, refusing numbers JSON cannot carry exactly.
 fn canonical_json(value: &Value) -> Result<Vec<u8>, IntentKeyError> {
-    check_integers(value)?;
+    check_numbers(value)?;
     serde_json_canonicalizer::to_vec(value).map_err(IntentKeyError::Unserializable)
 }
 
-fn check_integers(value: &Value) -> Result<(), IntentKeyError> {
+/// Refuses every number beyond ±(2^53 − 1): integers, and doubles of that
+/// size, which are what larger integers in JSON text parse to (every
+/// double that large is an integer, and neighbouring integers share it).
+pub(crate) fn check_numbers(value: &Value) -> Result<(), IntentKeyError> {
     match value {
         Value::Number(n) => {
-            let unsafe_integer = match (n.as_u64(), n.as_i64()) {
-                (Some(u), _) => u > MAX_SAFE_INTEGER,
-                (None, Some(i)) => i.unsigned_abs() > MAX_SAFE_INTEGER,
-                (None, None) => false,
+            let unsafe_number = match (n.as_u64(), n.as_i64(), n.as_f64()) {
+                (Some(u), _, _) => u > MAX_SAFE_INTEGER,
+                (None, Some(i), _) => i.unsigned_abs() > MAX_SAFE_INTEGER,
+                (None, None, Some(f)) => f.abs() > MAX_SAFE_INTEGER as f64,
+                (None, None, None) => false,
             };
-            if unsafe_integer {
+            if unsafe_number {
                 return Err(IntentKeyError::UnsafeInteger(n.to_string()));
             }
             Ok(())
         }
-        Value::Array(items) => items.iter().try_for_each(check_integers),
-        Value::Object(members) => members.values().try_for_each(check_integers),
+        Value::Array(items) => items.iter().try_for_each(check_numbers),
+        Value::Object(members) => members.values().try_for_each(check_numbers),
         _ => Ok(()),
     }
 }

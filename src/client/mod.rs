@@ -23,6 +23,7 @@ mod policy;
 mod reqwest;
 mod retry;
 
+pub(crate) use intent::check_numbers;
 pub use intent::{IntentKey, IntentKeyError};
 #[cfg(feature = "reqwest")]
 pub use reqwest::RetryMiddleware;
