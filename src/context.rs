@@ -23,6 +23,11 @@ const DERIVE_DOMAIN: &[u8] = b"tower-idempotency/derive/v1";
 ///   an earlier one that stopped renewing its claim (its process died or
 ///   stalled), so some of the work may already be done: look for your own
 ///   earlier write before writing again.
+/// - [`fenced`](Self::fenced) and [`is_fenced`](Self::is_fenced), for
+///   [`AtMostOnce`](crate::once::AtMostOnce) work: this execution lost its
+///   claim while it ran (another took the key over, or the store lost it),
+///   so its output will not be recorded: a long task can stop before its
+///   side effect.
 ///
 /// ```
 /// use axum::{Extension, Json};
@@ -42,6 +47,8 @@ pub struct IdempotencyContext {
     key: RecordKey,
     fingerprint: Fingerprint,
     took_over: bool,
+    /// Cancelled once the claim is lost; `None` where nothing watches it.
+    fence: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl IdempotencyContext {
@@ -50,6 +57,43 @@ impl IdempotencyContext {
             key,
             fingerprint,
             took_over,
+            fence: None,
+        }
+    }
+
+    /// The same context, told through `fence` when its claim is lost.
+    pub(crate) fn with_fence(mut self, fence: tokio_util::sync::CancellationToken) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    /// Whether this execution has lost its claim: another execution took
+    /// the key over, or the store no longer holds the claim. Its output
+    /// will not be recorded, and another execution may do, or have done,
+    /// the same work. Set for [`AtMostOnce`](crate::once::AtMostOnce) work
+    /// when a renewal of its lease is refused; always `false` for HTTP
+    /// handlers.
+    pub fn is_fenced(&self) -> bool {
+        self.fence.as_ref().is_some_and(|f| f.is_cancelled())
+    }
+
+    /// Resolves once this execution has lost its claim (see
+    /// [`is_fenced`](Self::is_fenced)); never, where nothing watches the
+    /// claim. For a long task to stop before its side effect:
+    ///
+    /// ```no_run
+    /// # async fn run(ctx: tower_idempotency::IdempotencyContext) -> Result<u64, String> {
+    /// # async fn prepare() {} async fn charge() -> u64 { 1 }
+    /// tokio::select! {
+    ///     () = ctx.fenced() => Err("lost the claim: not charging".into()),
+    ///     () = prepare() => Ok(charge().await),
+    /// }
+    /// # }
+    /// ```
+    pub async fn fenced(&self) {
+        match &self.fence {
+            Some(fence) => fence.cancelled().await,
+            None => std::future::pending().await,
         }
     }
 

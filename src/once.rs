@@ -14,6 +14,10 @@ use std::{
     future::Future,
     panic::{AssertUnwindSafe, catch_unwind, resume_unwind},
     pin::pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::Poll,
     time::Duration,
 };
@@ -22,11 +26,12 @@ use bytes::Bytes;
 use serde::{Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
 use tokio::time::{Instant, timeout};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    Fingerprint, IdempotencyContext,
+    Drained, Fingerprint, IdempotencyContext, Lapse,
     client::IntentKeyError,
-    store::{Claim, RecordKey, Store, StoreError, Token},
+    store::{Claim, Peeked, RecordKey, Store, StoreError, Token},
     trail::Trail,
 };
 
@@ -72,8 +77,47 @@ pub struct AtMostOnce<St> {
     wait: Option<Duration>,
     store_timeout: Duration,
     completion_retry: Duration,
+    lapse: Lapse,
+    /// Completions retried after a store failure; shared by clones.
+    completions: TaskTracker,
+    /// Completions given up since the last drain; shared by clones.
+    abandoned: Arc<AtomicU64>,
     #[cfg(feature = "audit")]
     audit: Option<crate::audit::AuditLog>,
+}
+
+/// The work ran, but its claim was lost before its output was recorded:
+/// another execution took the key over (its renewals failed for longer
+/// than the lease), or the store no longer held the claim (it lost it in a
+/// restart or failover). Another execution may do, or have done, the same
+/// work, and duplicates will not get this output. It is carried here, so
+/// that the caller can compensate or check.
+#[derive(Debug, Clone)]
+pub struct Fenced {
+    /// The record this execution tried to complete with.
+    record: Bytes,
+    taken_over: bool,
+}
+
+impl Fenced {
+    /// The output the work returned, as the type `run` was asked for. An
+    /// error when the work returned an error instead (for
+    /// [`run_recording_errors`](AtMostOnce::run_recording_errors)), or its
+    /// output did not serialise.
+    pub fn output<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        match self.record.get(MAGIC.len()..).and_then(<[u8]>::split_first) {
+            Some((0, json)) => serde_json::from_slice(json),
+            _ => Err(serde::de::Error::custom(
+                "the work returned no output that could be recorded",
+            )),
+        }
+    }
+
+    /// Whether another execution holds or completed the key (`true`), or
+    /// the store no longer held this execution's claim at all (`false`).
+    pub fn taken_over(&self) -> bool {
+        self.taken_over
+    }
 }
 
 /// Why [`AtMostOnce::run`] did not return an output.
@@ -102,6 +146,15 @@ pub enum OnceError<E> {
     /// The audit chain could not take the call's entry, and its policy is
     /// that nothing runs without one: nothing ran.
     AuditUnavailable,
+    /// The work ran, but lost its claim before its output was recorded; see
+    /// [`Fenced`], which carries the output. Never a success: another
+    /// execution may have done the same work.
+    Fenced(Fenced),
+    /// Under [`Lapse::Settle`](crate::Lapse::Settle): an earlier execution
+    /// of this key stopped renewing its claim before it finished, so
+    /// whether its work took effect is unknown, and it will not run again
+    /// under this key. Recorded: every later duplicate gets it too.
+    OutcomeUnknown,
 }
 
 impl<E> OnceError<E> {
@@ -116,6 +169,8 @@ impl<E> OnceError<E> {
             OnceError::Unreadable(e) => OnceError::Unreadable(e),
             OnceError::Input(e) => OnceError::Input(e),
             OnceError::AuditUnavailable => OnceError::AuditUnavailable,
+            OnceError::Fenced(fenced) => OnceError::Fenced(fenced),
+            OnceError::OutcomeUnknown => OnceError::OutcomeUnknown,
         }
     }
 }
@@ -138,6 +193,15 @@ impl<E: fmt::Display> fmt::Display for OnceError<E> {
             OnceError::AuditUnavailable => {
                 f.write_str("nothing ran: the audit log cannot record the call")
             }
+            OnceError::Fenced(fenced) if fenced.taken_over => f.write_str(
+                "the work ran, but another execution took its key over before its output was recorded: it may have run twice",
+            ),
+            OnceError::Fenced(_) => f.write_str(
+                "the work ran, but the store lost its claim before its output was recorded: a duplicate may run it again",
+            ),
+            OnceError::OutcomeUnknown => f.write_str(
+                "an earlier execution of this key stopped before it finished: whether it took effect is unknown, and it will not run again under this key",
+            ),
         }
     }
 }
@@ -149,15 +213,18 @@ impl<E: std::error::Error + 'static> std::error::Error for OnceError<E> {
             OnceError::Store(e) => Some(e),
             OnceError::Unreadable(e) => Some(&**e),
             OnceError::Input(e) => Some(e),
-            OnceError::InputMismatch | OnceError::InFlight { .. } | OnceError::AuditUnavailable => {
-                None
-            }
+            OnceError::InputMismatch
+            | OnceError::InFlight { .. }
+            | OnceError::AuditUnavailable
+            | OnceError::Fenced(_)
+            | OnceError::OutcomeUnknown => None,
         }
     }
 }
 
-/// Record layout: magic `TO`, version 1, then `0` and the output's JSON, or
-/// `1` and the recorded error's JSON.
+/// Record layout: magic `TO`, version 1, then `0` and the output's JSON,
+/// `1` and the recorded error's JSON, `2` (an output that could not be
+/// serialised) or `3` (settled as outcome unknown).
 const MAGIC: &[u8; 3] = b"TO\x01";
 
 #[derive(Debug)]
@@ -180,6 +247,14 @@ fn unrecordable() -> Bytes {
     Bytes::from(out)
 }
 
+/// The record of a key settled as outcome unknown, under
+/// [`Lapse::Settle`](crate::Lapse::Settle).
+fn outcome_unknown() -> Bytes {
+    let mut out = MAGIC.to_vec();
+    out.push(3);
+    Bytes::from(out)
+}
+
 fn encode<V: Serialize>(tag: u8, value: &V) -> Result<Bytes, serde_json::Error> {
     let mut out = MAGIC.to_vec();
     out.push(tag);
@@ -187,10 +262,12 @@ fn encode<V: Serialize>(tag: u8, value: &V) -> Result<Bytes, serde_json::Error> 
     Ok(Bytes::from(out))
 }
 
-/// What a record holds: an output or a recorded error.
+/// What a record holds: an output, a recorded error, or that the outcome
+/// is unknown.
 enum Recorded<T, E> {
     Output(T),
     Error(E),
+    OutcomeUnknown,
 }
 
 fn decode<T: DeserializeOwned, E: DeserializeOwned>(
@@ -207,6 +284,7 @@ fn decode<T: DeserializeOwned, E: DeserializeOwned>(
         Some((2, _)) => Err(Box::new(Unreadable(
             "the first call ran, but its output could not be serialised to be recorded",
         ))),
+        Some((3, _)) => Ok(Recorded::OutcomeUnknown),
         _ => Err(Box::new(Unreadable("a record of an unknown kind"))),
     }
 }
@@ -225,9 +303,46 @@ impl<St: Store + Clone> AtMostOnce<St> {
             wait: None,
             store_timeout: Duration::from_secs(5),
             completion_retry: Duration::from_secs(60 * 60),
+            lapse: Lapse::TakeOver,
+            completions: TaskTracker::new(),
+            abandoned: Arc::default(),
             #[cfg(feature = "audit")]
             audit: None,
         }
+    }
+
+    /// What a call does when it finds its key's claim lapsed (the earlier
+    /// execution stopped renewing: its process died, stalled, or lost the
+    /// store for longer than the lease). [`Lapse::TakeOver`] (the default)
+    /// runs the work again, telling it
+    /// ([`IdempotencyContext::took_over`]); [`Lapse::Settle`] never runs a
+    /// key twice: it records the key as [`OnceError::OutcomeUnknown`], for
+    /// this and every later duplicate, and runs nothing.
+    #[must_use]
+    pub fn with_lapse(mut self, lapse: Lapse) -> Self {
+        self.lapse = lapse;
+        self
+    }
+
+    /// Waits for the completions being retried in the background (after
+    /// the store failed to take an output) to land, for up to `within`.
+    /// `run` returns its output once the work is done, before its record
+    /// has landed when the store failed: a process that exits (a CLI, a
+    /// serverless function) calls this first, or the next start runs the
+    /// work again. The result counts, in
+    /// [`abandoned_completions`](Drained::abandoned_completions), the
+    /// records that had not landed by the deadline and those given up
+    /// since the last drain; [`Drained::is_complete`] says every record
+    /// landed. The instance keeps working afterwards.
+    pub async fn drain(&self, within: Duration) -> Drained {
+        self.completions.close();
+        let _ = timeout(within, self.completions.wait()).await;
+        self.completions.reopen();
+        let pending = self.completions.len();
+        let given_up = self.abandoned.swap(0, Ordering::Relaxed) as usize;
+        let mut drained = Drained::default();
+        drained.abandoned_completions = pending + given_up;
+        drained
     }
 
     /// Writes every decision into `audit`'s chain (feature `audit`), as the
@@ -307,11 +422,23 @@ impl<St: Store + Clone> AtMostOnce<St> {
     ///   to the [completion retry limit](Self::with_completion_retry_limit).
     ///   If it never lands (the limit passes, or the process exits first),
     ///   the claim lapses and the next duplicate with the same input runs
-    ///   the work again, with `took_over()` set.
-    /// - A call whose claim was taken over while it ran (its renewals
-    ///   stopped for longer than the lease, and a duplicate took over)
-    ///   still returns its output, but that output is not recorded; this is
-    ///   logged as an error. Keep the lease well above the store timeout.
+    ///   the work again, with `took_over()` set. A process about to exit
+    ///   calls [`drain`](Self::drain) first, which waits for the record
+    ///   and says whether it landed.
+    /// - A call whose claim was lost while it ran (its renewals failed for
+    ///   longer than the lease and a duplicate took over, or the store lost
+    ///   it) never returns `Ok`: it returns [`OnceError::Fenced`], which
+    ///   carries its output, since another execution may have done the
+    ///   same work. The work itself is told as soon as a renewal is refused
+    ///   ([`IdempotencyContext::fenced`]), and can stop before its side
+    ///   effect. Under [`Lapse::Settle`](crate::Lapse::Settle) the
+    ///   duplicate runs nothing and gets [`OnceError::OutcomeUnknown`].
+    /// - The lease is renewed from a task of its own, so work that blocks
+    ///   its thread (a synchronous client, a subprocess wait) keeps its
+    ///   claim on a multi-thread runtime. On a current-thread runtime
+    ///   nothing else runs while the work blocks, renewals included: there,
+    ///   keep blocking calls in `tokio::task::spawn_blocking`, or the claim
+    ///   lapses after one lease.
     /// - An output (or recorded error) that does not serialise is recorded
     ///   as unreadable: duplicates get [`OnceError::Unreadable`].
     /// - The input is fingerprinted by a canonical form of its JSON: field
@@ -433,6 +560,7 @@ impl<St: Store + Clone> AtMostOnce<St> {
                     return match decode::<T, R>(&record).map_err(OnceError::Unreadable)? {
                         Recorded::Output(output) => Ok(output),
                         Recorded::Error(recorded) => Err(OnceError::Failed(Err(recorded))),
+                        Recorded::OutcomeUnknown => Err(OnceError::OutcomeUnknown),
                     };
                 }
                 Claim::InFlight {
@@ -465,7 +593,23 @@ impl<St: Store + Clone> AtMostOnce<St> {
                 }
             }
         }
-        let context = IdempotencyContext::new(record_key.clone(), fingerprint, took_over);
+        if took_over && self.lapse == Lapse::Settle {
+            // The earlier execution may or may not have taken effect, and
+            // nothing runs a second time: every duplicate learns so.
+            tracing::warn!(
+                "an at-most-once claim lapsed before its work finished; settled as outcome unknown"
+            );
+            return match self
+                .complete(record_key, token, outcome_unknown(), trail, "settled")
+                .await
+            {
+                Completion::Fenced(fenced) => Err(OnceError::Fenced(fenced)),
+                Completion::Recorded | Completion::Pending => Err(OnceError::OutcomeUnknown),
+            };
+        }
+        let fence = CancellationToken::new();
+        let context = IdempotencyContext::new(record_key.clone(), fingerprint, took_over)
+            .with_fence(fence.clone());
         let work = match catch_unwind(AssertUnwindSafe(|| work(context))) {
             Ok(work) => work,
             Err(panic) => {
@@ -474,7 +618,7 @@ impl<St: Store + Clone> AtMostOnce<St> {
                 resume_unwind(panic);
             }
         };
-        let finished = self.run_renewing(&record_key, token, work).await;
+        let finished = self.run_renewing(&record_key, token, fence, work).await;
         let outcome = match finished {
             Ok(outcome) => outcome,
             Err(panic) => {
@@ -483,35 +627,39 @@ impl<St: Store + Clone> AtMostOnce<St> {
                 resume_unwind(panic);
             }
         };
-        match outcome {
+        let (record, result) = match outcome {
             Ok(output) => {
-                match encode(0, &output) {
-                    Ok(record) => self.complete(record_key, token, record, trail).await,
-                    Err(err) => {
-                        // It ran, but cannot be replayed: record that, so
-                        // that a duplicate is told so and nothing runs again.
-                        tracing::error!(error = %err, "at-most-once output does not serialise; recorded as unreadable");
-                        self.complete(record_key, token, unrecordable(), trail)
-                            .await;
-                    }
-                }
-                Ok(output)
+                let record = encode(0, &output).unwrap_or_else(|err| {
+                    // It ran, but cannot be replayed: record that, so that
+                    // a duplicate is told so and nothing runs again.
+                    tracing::error!(error = %err, "at-most-once output does not serialise; recorded as unreadable");
+                    unrecordable()
+                });
+                (record, Ok(output))
             }
-            Err(err) => {
-                match record_error(&err) {
-                    Some(Ok(record)) => self.complete(record_key, token, record, trail).await,
-                    Some(Err(serialise)) => {
+            Err(err) => match record_error(&err) {
+                Some(record) => {
+                    let record = record.unwrap_or_else(|serialise| {
                         tracing::error!(error = %serialise, "at-most-once error does not serialise; recorded as unreadable");
-                        self.complete(record_key, token, unrecordable(), trail)
-                            .await;
-                    }
-                    None => {
-                        self.release(&record_key, token).await;
-                        decide(trail, "released");
-                    }
+                        unrecordable()
+                    });
+                    (record, Err(OnceError::Failed(Ok(err))))
                 }
-                Err(OnceError::Failed(Ok(err)))
-            }
+                None => {
+                    self.release(&record_key, token).await;
+                    decide(trail, "released");
+                    return Err(OnceError::Failed(Ok(err)));
+                }
+            },
+        };
+        match self
+            .complete(record_key, token, record, trail, "executed")
+            .await
+        {
+            // Never `Ok` for work whose record another execution's replaced
+            // or the store lost: its caller must know.
+            Completion::Fenced(fenced) if result.is_ok() => Err(OnceError::Fenced(fenced)),
+            _ => result,
         }
     }
 
@@ -527,51 +675,47 @@ impl<St: Store + Clone> AtMostOnce<St> {
         }
     }
 
-    /// Drives `work` to its end, renewing the lease every third of it, and
-    /// catches a panic so that the key can be released first.
+    /// Drives `work` to its end while a task of its own renews the lease
+    /// every third of it (so work that blocks its thread does not stop the
+    /// renewals on a multi-thread runtime), cancelling `fence` if a renewal
+    /// is refused; catches a panic so that the key can be released first.
     async fn run_renewing<O>(
         &self,
         key: &RecordKey,
         token: Token,
+        fence: CancellationToken,
         work: impl Future<Output = O>,
     ) -> Result<O, Box<dyn std::any::Any + Send>> {
-        let mut work = pin!(work);
-        let every = self.lease / 3;
-        // Renewals run beside the work, each bounded by a third of the
-        // lease, so neither waits for the other.
-        let renewals = async {
-            loop {
-                tokio::time::sleep(every).await;
-                let renewal = timeout(
-                    self.store_timeout.min(every),
-                    self.store.renew(key, token, self.lease),
-                );
-                match renewal.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(StoreError::Fenced)) => {
-                        tracing::error!("an at-most-once claim was taken over while its work ran");
-                        std::future::pending::<()>().await;
-                    }
-                    Ok(Err(err)) => {
-                        tracing::warn!(error = %err, "could not renew an at-most-once claim")
-                    }
-                    Err(_) => tracing::warn!("renewing an at-most-once claim timed out"),
-                }
+        let renewals = tokio::spawn(renew_until_lost(
+            self.store.clone(),
+            key.clone(),
+            token,
+            self.lease,
+            self.store_timeout,
+            fence,
+        ));
+        /// Stops the renewals however the work ends.
+        struct Stop(tokio::task::AbortHandle);
+        impl Drop for Stop {
+            fn drop(&mut self) {
+                self.0.abort();
             }
-        };
-        let mut renewals = pin!(renewals);
-        let polled = std::future::poll_fn(|cx| {
-            match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+        }
+        let _stop = Stop(renewals.abort_handle());
+        // Let the renewals start (arm their timer) before the work: a task
+        // spawned from a worker waits in that worker's own slot, where no
+        // other worker takes it, and work that blocks this thread at once
+        // would keep it there.
+        tokio::task::yield_now().await;
+        let mut work = pin!(work);
+        std::future::poll_fn(
+            |cx| match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
                 Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
                 Ok(Poll::Pending) => Poll::Pending,
                 Err(panic) => Poll::Ready(Err(panic)),
-            }
-        });
-        tokio::select! {
-            biased;
-            done = polled => done,
-            () = &mut renewals => unreachable!("renewals never end"),
-        }
+            },
+        )
+        .await
     }
 
     async fn release(&self, key: &RecordKey, token: Token) {
@@ -582,8 +726,16 @@ impl<St: Store + Clone> AtMostOnce<St> {
 
     /// Records the output; on a store failure, keeps trying in the
     /// background (renewing the lease) until it lands, is fenced, or the
-    /// completion retry limit passes.
-    async fn complete(&self, key: RecordKey, token: Token, record: Bytes, trail: Option<Trail>) {
+    /// completion retry limit passes. `decision` is the audit entry's when
+    /// it lands.
+    async fn complete(
+        &self,
+        key: RecordKey,
+        token: Token,
+        record: Bytes,
+        trail: Option<Trail>,
+        decision: &'static str,
+    ) -> Completion {
         // The digest of what was recorded: the output's (or error's) JSON.
         let response = trail
             .as_ref()
@@ -593,57 +745,127 @@ impl<St: Store + Clone> AtMostOnce<St> {
                 trail.record(decision, None, response);
             }
         };
-        match self
+        let first = self
             .bounded(self.store.complete(&key, token, record.clone(), self.ttl))
-            .await
-        {
-            Ok(()) => decide("executed"),
-            Err(StoreError::Fenced) => {
-                tracing::error!(
-                    "at-most-once claim was taken over while it ran; its output is not recorded"
-                );
-                decide("fenced");
+            .await;
+        match self.landed(&key, &record, first).await {
+            Some(Completion::Recorded) => {
+                decide(decision);
+                return Completion::Recorded;
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "could not record an at-most-once output; retrying in the background");
-                let this = self.clone();
-                let retry = async move {
-                    let give_up = far(this.completion_retry);
-                    let mut pause = Duration::from_millis(100);
-                    while Instant::now() < give_up {
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(5));
-                        let _ = this
-                            .bounded(this.store.renew(&key, token, this.lease))
-                            .await;
-                        match this
-                            .bounded(this.store.complete(&key, token, record.clone(), this.ttl))
-                            .await
-                        {
-                            Ok(()) => return decide("executed"),
-                            Err(StoreError::Fenced) => {
-                                tracing::error!(
-                                    "at-most-once claim was fenced before its output landed"
-                                );
-                                return decide("fenced");
-                            }
-                            Err(_) => {}
-                        }
+            Some(Completion::Fenced(fenced)) => {
+                decide(if fenced.taken_over {
+                    "fenced"
+                } else {
+                    "claim_lost"
+                });
+                return Completion::Fenced(fenced);
+            }
+            Some(Completion::Pending) | None => {}
+        }
+        tracing::warn!("could not record an at-most-once output; retrying in the background");
+        let this = self.clone();
+        let retry = async move {
+            let give_up = far(this.completion_retry);
+            let mut pause = Duration::from_millis(100);
+            while Instant::now() < give_up {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                let _ = this
+                    .bounded(this.store.renew(&key, token, this.lease))
+                    .await;
+                let attempt = this
+                    .bounded(this.store.complete(&key, token, record.clone(), this.ttl))
+                    .await;
+                match this.landed(&key, &record, attempt).await {
+                    Some(Completion::Recorded) => return decide(decision),
+                    Some(Completion::Fenced(fenced)) => {
+                        return decide(if fenced.taken_over {
+                            "fenced"
+                        } else {
+                            "claim_lost"
+                        });
                     }
-                    tracing::error!(
-                        "gave up recording an at-most-once output; the claim ends as lapsed"
-                    );
-                    decide("abandoned");
-                };
-                match tokio::runtime::Handle::try_current() {
-                    Ok(handle) => {
-                        handle.spawn(retry);
-                    }
-                    Err(_) => {
-                        tracing::error!("no runtime to retry recording an at-most-once output")
-                    }
+                    Some(Completion::Pending) | None => {}
                 }
             }
+            this.abandoned.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("gave up recording an at-most-once output; the claim ends as lapsed");
+            decide("abandoned");
+        };
+        self.completions.spawn(retry);
+        Completion::Pending
+    }
+
+    /// What a completion attempt's answer means: `None` for a failure
+    /// worth retrying. A refusal for the token is read back from the store,
+    /// to tell an earlier attempt that landed from a claim that is lost.
+    async fn landed(
+        &self,
+        key: &RecordKey,
+        record: &Bytes,
+        attempt: Result<(), StoreError>,
+    ) -> Option<Completion> {
+        match attempt {
+            Ok(()) => Some(Completion::Recorded),
+            Err(StoreError::Fenced) => {
+                let peeked = self.bounded(self.store.peek(key)).await;
+                let taken_over = match peeked {
+                    Ok(Peeked::Completed { record: held }) if held == *record => {
+                        return Some(Completion::Recorded);
+                    }
+                    Ok(Peeked::Absent) => false,
+                    _ => true,
+                };
+                tracing::error!(
+                    taken_over,
+                    "an at-most-once output was not recorded: its claim was lost while the work ran"
+                );
+                Some(Completion::Fenced(Fenced {
+                    record: record.clone(),
+                    taken_over,
+                }))
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not record an at-most-once output");
+                None
+            }
+        }
+    }
+}
+
+/// How a completion ended for the caller.
+enum Completion {
+    Recorded,
+    Fenced(Fenced),
+    /// Being retried in the background.
+    Pending,
+}
+
+/// Renews an at-most-once claim every third of its lease until aborted;
+/// a refused renewal cancels `fence` and ends it.
+async fn renew_until_lost<St: Store>(
+    store: St,
+    key: RecordKey,
+    token: Token,
+    lease: Duration,
+    store_timeout: Duration,
+    fence: CancellationToken,
+) {
+    let every = lease / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        match timeout(store_timeout.min(every), store.renew(&key, token, lease)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(StoreError::Fenced)) => {
+                tracing::error!(
+                    "an at-most-once claim was lost while its work ran (taken over, or gone from the store)"
+                );
+                fence.cancel();
+                return;
+            }
+            Ok(Err(err)) => tracing::warn!(error = %err, "could not renew an at-most-once claim"),
+            Err(_) => tracing::warn!("renewing an at-most-once claim timed out"),
         }
     }
 }

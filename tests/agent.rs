@@ -165,3 +165,25 @@ fn a_server_that_is_not_there_exits_2_after_every_attempt() {
     assert_eq!(code, 2, "{stderr}");
     assert_eq!(stderr.matches("attempt ").count(), 3, "{stderr}");
 }
+
+/// The queue consumer as users copy it: a redelivery that takes over from
+/// a consumer that booked and then stopped finds that booking instead of
+/// booking again.
+#[test]
+fn a_redelivery_after_a_consumer_died_finds_its_booking() {
+    let output = Command::new(example("redelivery_consumer"))
+        .arg("--consumer-dies")
+        .output()
+        .expect("the consumer runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.lines().last(),
+        Some("deliveries: 2, bookings: 1"),
+        "{stdout}"
+    );
+}

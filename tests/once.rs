@@ -430,3 +430,173 @@ async fn big_integers_from_json_text_are_refused_and_ten_is_ten_point_zero() {
     }
     assert_eq!(counter.get(), 1);
 }
+
+/// Renewals fail past the lease (a store outage), a redelivery takes the
+/// claim over and runs: the first execution's caller never gets `Ok`. It
+/// gets `Fenced`, carrying its output to compensate; its work is told
+/// (`ctx.fenced()`) once a renewal is refused; the second gets `Ok`.
+#[tokio::test(start_paused = true)]
+async fn a_run_taken_over_while_it_works_is_fenced_never_ok() {
+    let store = FaultyStore::new(MemoryStore::default());
+    let once = AtMostOnce::new(store.clone()).with_lease(Duration::from_secs(3));
+    let counter = Counter::default();
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    store.set_fault(Op::Renew, Some(Fault::Unavailable));
+    let first = {
+        let (once, counter, gate) = (once.clone(), counter.clone(), gate.clone());
+        tokio::spawn(async move {
+            once.run(
+                "pay",
+                "charge-1",
+                &json!({"amount": 10}),
+                |ctx| async move {
+                    let n = counter.hit() as u64;
+                    gate.notified().await;
+                    // The work learns it lost its claim before its side effect.
+                    tokio::time::timeout(Duration::from_secs(5), ctx.fenced())
+                        .await
+                        .expect("the work is told its claim was lost");
+                    assert!(ctx.is_fenced());
+                    Ok::<_, std::io::Error>(n)
+                },
+            )
+            .await
+        })
+    };
+    common::until_count(&counter, 1).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let second: u64 = once
+        .run(
+            "pay",
+            "charge-1",
+            &json!({"amount": 10}),
+            |ctx| async move {
+                assert!(ctx.took_over());
+                Ok::<_, std::io::Error>(counter.hit() as u64)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(second, 2);
+    // The first one's next renewal is refused for its token.
+    store.set_fault(Op::Renew, None);
+    gate.notify_one();
+    match first.await.unwrap() {
+        Err(OnceError::Fenced(fenced)) => {
+            assert!(fenced.taken_over());
+            assert_eq!(fenced.output::<u64>().unwrap(), 1, "its own output");
+        }
+        other => panic!("the fenced run must not be Ok: {other:?}"),
+    }
+    let replayed: u64 = once
+        .run("pay", "charge-1", &json!({"amount": 10}), |_| async {
+            Ok::<_, std::io::Error>(0)
+        })
+        .await
+        .unwrap();
+    assert_eq!(replayed, 2, "duplicates get the recorded run's output");
+}
+
+/// Work that blocks its thread (a synchronous client, `std::thread::sleep`)
+/// for three leases on a multi-thread runtime: the lease is renewed from a
+/// task of its own, so a duplicate meanwhile is told in flight and the work
+/// runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_that_blocks_its_thread_keeps_its_claim() {
+    let once = AtMostOnce::new(MemoryStore::default()).with_lease(Duration::from_millis(600));
+    let counter = Counter::default();
+    let first = {
+        let (once, counter) = (once.clone(), counter.clone());
+        tokio::spawn(async move {
+            once.run("jobs", "blocking", &json!({}), |_| async move {
+                counter.hit();
+                std::thread::sleep(Duration::from_millis(1800));
+                Ok::<_, std::io::Error>(1u8)
+            })
+            .await
+        })
+    };
+    common::until_count(&counter, 1).await;
+    let mut in_flight = 0;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let c = counter.clone();
+        match once
+            .run("jobs", "blocking", &json!({}), |_| async move {
+                c.hit();
+                Ok::<_, std::io::Error>(2u8)
+            })
+            .await
+        {
+            Err(OnceError::InFlight { .. }) => in_flight += 1,
+            Ok(output) => assert_eq!(output, 1, "a replay of the first run"),
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert!(in_flight > 0, "duplicates during the work were in flight");
+    assert_eq!(counter.get(), 1, "the work ran once");
+}
+
+/// A process that must not exit before its record lands (a CLI agent)
+/// drains: with the store refusing completions, `drain` says the record
+/// did not land; once the store takes it, `drain` says every record landed.
+#[tokio::test(start_paused = true)]
+async fn drain_waits_until_the_record_has_landed_or_says_it_has_not() {
+    let store = FaultyStore::new(MemoryStore::default());
+    let once = AtMostOnce::new(store.clone());
+    store.set_fault(Op::Complete, Some(Fault::Unavailable));
+    let booked: u8 = once
+        .run("s", "k", &json!({}), |_| async {
+            Ok::<_, std::io::Error>(7)
+        })
+        .await
+        .unwrap();
+    assert_eq!(booked, 7);
+    let drained = once.drain(Duration::from_secs(2)).await;
+    assert!(!drained.is_complete());
+    assert_eq!(drained.abandoned_completions, 1);
+    store.set_fault(Op::Complete, None);
+    let drained = once.drain(Duration::from_secs(30)).await;
+    assert!(drained.is_complete(), "{drained}");
+    let replayed: u8 = once
+        .run("s", "k", &json!({}), |_| async {
+            Ok::<_, std::io::Error>(0)
+        })
+        .await
+        .unwrap();
+    assert_eq!(replayed, 7);
+}
+
+/// Under `Lapse::Settle`, a lapsed claim is never run again: the duplicate
+/// that finds it, and every later one, gets `OutcomeUnknown`.
+#[tokio::test(start_paused = true)]
+async fn under_settle_a_lapsed_claim_is_outcome_unknown_and_never_runs_again() {
+    let once = AtMostOnce::new(MemoryStore::default())
+        .with_lease(Duration::from_secs(3))
+        .with_lapse(tower_idempotency::Lapse::Settle);
+    let input = json!({"x": 1});
+    let abandoned = once.run("s", "k", &input, |_| async {
+        std::future::pending::<()>().await;
+        Ok::<u8, std::io::Error>(0)
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(10), abandoned)
+            .await
+            .is_err()
+    );
+    tokio::time::advance(Duration::from_secs(4)).await;
+    let counter = Counter::default();
+    for _ in 0..2 {
+        let c = counter.clone();
+        let err = once
+            .run("s", "k", &json!({"x": 1}), |_| async move {
+                c.hit();
+                Ok::<u8, std::io::Error>(1)
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, OnceError::OutcomeUnknown), "{err}");
+    }
+    assert_eq!(counter.get(), 0, "nothing ran again");
+}

@@ -589,3 +589,15 @@ impl tower_idempotency::Store for Altered {
         self.current().peek(key).await
     }
 }
+
+/// Yields (and, on paused time, lets the clock move in 1 ms steps) until
+/// `counter` reaches `n`.
+pub async fn until_count(counter: &Counter, n: usize) {
+    for _ in 0..100_000 {
+        if counter.get() >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    panic!("the counter never reached {n}");
+}
