@@ -340,9 +340,10 @@ impl<St: Store + Clone> AtMostOnce<St> {
         self.completions.reopen();
         let pending = self.completions.len();
         let given_up = self.abandoned.swap(0, Ordering::Relaxed) as usize;
-        let mut drained = Drained::default();
-        drained.abandoned_completions = pending + given_up;
-        drained
+        Drained {
+            abandoned_completions: pending + given_up,
+            ..Drained::default()
+        }
     }
 
     /// Writes every decision into `audit`'s chain (feature `audit`), as the
