@@ -150,7 +150,7 @@ pub enum OnceError<E> {
     /// [`Fenced`], which carries the output. Never a success: another
     /// execution may have done the same work.
     Fenced(Fenced),
-    /// Under [`Lapse::Settle`](crate::Lapse::Settle): an earlier execution
+    /// Under [`Lapse::Settle`]: an earlier execution
     /// of this key stopped renewing its claim before it finished, so
     /// whether its work took effect is unknown, and it will not run again
     /// under this key. Recorded: every later duplicate gets it too.
@@ -248,7 +248,7 @@ fn unrecordable() -> Bytes {
 }
 
 /// The record of a key settled as outcome unknown, under
-/// [`Lapse::Settle`](crate::Lapse::Settle).
+/// [`Lapse::Settle`].
 fn outcome_unknown() -> Bytes {
     let mut out = MAGIC.to_vec();
     out.push(3);
@@ -432,7 +432,7 @@ impl<St: Store + Clone> AtMostOnce<St> {
     ///   carries its output, since another execution may have done the
     ///   same work. The work itself is told as soon as a renewal is refused
     ///   ([`IdempotencyContext::fenced`]), and can stop before its side
-    ///   effect. Under [`Lapse::Settle`](crate::Lapse::Settle) the
+    ///   effect. Under [`Lapse::Settle`] the
     ///   duplicate runs nothing and gets [`OnceError::OutcomeUnknown`].
     /// - The lease is renewed from a task of its own, so work that blocks
     ///   its thread (a synchronous client, a subprocess wait) keeps its
