@@ -4,7 +4,7 @@
 //! ```text
 //! cargo run --example booking_agent -- --server http://127.0.0.1:3000 --token alice \
 //!   --caller ada --slot 2026-12-01T09:00 --provider dr-who \
-//!   [--session S] [--delay-ms N] [--timeout-ms 3000] [--attempts 6]
+//!   [--session S] [--delay-ms N] [--timeout-ms 10000] [--attempts 6] [--deadline-ms 60000]
 //! ```
 //!
 //! - The key is derived from caller, slot, provider and session (default
@@ -12,13 +12,24 @@
 //!   twice is one intent: the second run gets the first booking, replayed.
 //! - `--token` (optional) is sent as `Authorization: Bearer TOKEN`;
 //!   `--delay-ms` goes into the booking as `delay_ms` (how long the demo's
-//!   backend takes to commit); `--timeout-ms` is the per-attempt timeout;
-//!   `--attempts` the most attempts. All attempts together stop after 60 s.
+//!   backend takes to commit); `--timeout-ms` is the per-attempt timeout
+//!   (default 10 000); `--attempts` the most attempts; `--deadline-ms` how
+//!   long all attempts and waits may take together, the body of the
+//!   answer included (default 60 000).
 //! - One line per attempt on stderr (attempt number, outcome, wait); the
 //!   final booking JSON as the last line of stdout.
-//! - Exit 0 when booked (executed or replayed), 1 when the server refused
-//!   for good (an answer it does not retry, such as 400 or 422), 2 when
-//!   attempts or the deadline ran out. 64 for bad arguments.
+//! - Exit codes, for a wrapping agent to read:
+//!   - 0: booked (executed or replayed), the booking JSON last on stdout;
+//!   - 1: refused for good, nothing was done (a final 4xx: key reused, bad
+//!     request, unauthorised);
+//!   - 2: not booked, and no attempt can have reached the server's handler
+//!     (nothing listening, or every answer said nothing ran, until attempts
+//!     or the deadline ran out);
+//!   - 3: outcome unknown: an attempt may have reached the handler and no
+//!     final answer came (timed out after sending, `outcome-unknown`, a
+//!     stalled or cut body, still in flight at the deadline); the last
+//!     stderr line says to run the same command again to find out;
+//!   - 64: bad arguments; `--help` prints the usage and exits 0.
 //!
 //! With `--delay-ms 4200 --timeout-ms 3000` against the demo server it plays
 //! the seed incident: the first attempt gives up at 3 s while the booking
@@ -32,10 +43,19 @@ use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 use tower::{Layer, ServiceExt};
-use tower_idempotency::client::{AttemptOutcome, IntentKey, RetryLayer, RetryReport};
+use tower_idempotency::client::{AttemptOutcome, Ending, IntentKey, RetryLayer, RetryReport};
 
 const USAGE: &str = "usage: booking_agent --server URL [--token TOKEN] --caller NAME --slot SLOT \
---provider NAME [--session S] [--delay-ms N] [--timeout-ms 3000] [--attempts 6]";
+--provider NAME [--session S] [--delay-ms N] [--timeout-ms 10000] [--attempts 6] [--deadline-ms 60000]";
+
+/// Exit codes.
+const REFUSED: u8 = 1;
+const NOT_BOOKED: u8 = 2;
+const UNKNOWN: u8 = 3;
+const BAD_ARGUMENTS: u8 = 64;
+
+/// The last line for an outcome a wrapping agent must not guess at.
+const RUN_AGAIN: &str = "outcome unknown: an attempt may have reached the server and no final answer came; run the same command again to find out (it carries the same key, so it cannot book twice)";
 
 /// The command line, checked.
 struct Args {
@@ -48,13 +68,26 @@ struct Args {
     delay_ms: u64,
     timeout_ms: u64,
     attempts: u32,
+    deadline_ms: u64,
 }
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+/// Why the command line was not run.
+enum ArgsError {
+    Help,
+    Bad(String),
+}
+
+impl From<String> for ArgsError {
+    fn from(why: String) -> Self {
+        ArgsError::Bad(why)
+    }
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
     let (mut server, mut token, mut caller, mut slot, mut provider) =
         (None, None, None, None, None);
-    let (mut session, mut delay_ms, mut timeout_ms, mut attempts) =
-        ("default".to_owned(), 0u64, 3000u64, 6u32);
+    let (mut session, mut delay_ms, mut timeout_ms, mut attempts, mut deadline_ms) =
+        ("default".to_owned(), 0u64, 10_000u64, 6u32, 60_000u64);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         let number = |name: &str, text: String| -> Result<u64, String> {
@@ -70,6 +103,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--session" => session = value()?,
             "--delay-ms" => delay_ms = number("--delay-ms", value()?)?,
             "--timeout-ms" => timeout_ms = number("--timeout-ms", value()?)?,
+            "--deadline-ms" => deadline_ms = number("--deadline-ms", value()?)?,
             "--attempts" => {
                 let n = number("--attempts", value()?)?;
                 attempts = u32::try_from(n)
@@ -77,8 +111,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                     .filter(|n| *n >= 1)
                     .ok_or_else(|| format!("--attempts takes 1 or more, got {n}"))?;
             }
-            "-h" | "--help" => return Err(String::new()),
-            other => return Err(format!("unknown argument {other:?}")),
+            "-h" | "--help" => return Err(ArgsError::Help),
+            other => return Err(format!("unknown argument {other:?}").into()),
         }
     }
     let required = |value: Option<String>, flag: &str| {
@@ -88,10 +122,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     };
     let server = required(server, "--server")?;
     if !server.starts_with("http://") {
-        return Err(format!("--server must be an http:// URL, got {server:?}"));
+        return Err(format!("--server must be an http:// URL, got {server:?}").into());
     }
     if timeout_ms == 0 {
-        return Err("--timeout-ms takes 1 or more".to_owned());
+        return Err("--timeout-ms takes 1 or more".to_owned().into());
+    }
+    if deadline_ms == 0 {
+        return Err("--deadline-ms takes 1 or more".to_owned().into());
     }
     Ok(Args {
         server: server.trim_end_matches('/').to_owned(),
@@ -103,6 +140,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         delay_ms,
         timeout_ms,
         attempts,
+        deadline_ms,
     })
 }
 
@@ -145,7 +183,7 @@ async fn run(args: Args) -> Result<ExitCode, String> {
     let client = RetryLayer::new()
         .with_attempts(args.attempts)
         .with_attempt_timeout(Duration::from_millis(args.timeout_ms))
-        .with_deadline(Duration::from_secs(60))
+        .with_deadline(Duration::from_millis(args.deadline_ms))
         .on_attempt(|event| match event.wait {
             Some(wait) => eprintln!(
                 "attempt {}: {}; retrying in {} ms",
@@ -157,23 +195,49 @@ async fn run(args: Args) -> Result<ExitCode, String> {
         })
         .layer(Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>());
 
-    let response = match client.oneshot(request).await {
-        Ok(response) => response,
-        Err(err) => {
+    // The whole exchange, the answer's body included, within the deadline.
+    let deadline = Duration::from_millis(args.deadline_ms);
+    let exchange = async {
+        let response = client.oneshot(request).await?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map(|b| b.to_bytes());
+        Ok::<_, tower_idempotency::client::RetryError>((parts, body))
+    };
+    let (parts, body) = match tokio::time::timeout(deadline, exchange).await {
+        Err(_) => {
+            eprintln!("the answer did not arrive within --deadline-ms");
+            eprintln!("{RUN_AGAIN}");
+            return Ok(ExitCode::from(UNKNOWN));
+        }
+        Ok(Err(err)) => {
             eprintln!("gave up: {err}");
-            return Ok(ExitCode::from(2));
+            return Ok(match err.ending() {
+                Ending::NothingRan => {
+                    eprintln!("not booked: nothing reached the server's handler");
+                    ExitCode::from(NOT_BOOKED)
+                }
+                _ => {
+                    eprintln!("{RUN_AGAIN}");
+                    ExitCode::from(UNKNOWN)
+                }
+            });
+        }
+        Ok(Ok(answer)) => answer,
+    };
+    let status = parts.status;
+    let report = parts.extensions.get::<RetryReport>().cloned();
+    let ending = report.as_ref().map_or(Ending::Done, |r| r.ending);
+    let body = match body {
+        Ok(body) => body,
+        Err(err) => {
+            // The answer started but broke off: whatever it said is lost.
+            eprintln!("the answer's body broke off: {err}");
+            eprintln!("{RUN_AGAIN}");
+            return Ok(ExitCode::from(UNKNOWN));
         }
     };
-    let status = response.status();
-    let report = response.extensions().get::<RetryReport>().cloned();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .map_err(|e| format!("the answer's body broke off: {e}"))?;
     let text = String::from_utf8_lossy(&body);
-    if status.is_success() {
+    if ending == Ending::Done && status.is_success() {
         let replayed = report.as_ref().is_some_and(|r| r.replayed);
         eprintln!(
             "booked{}",
@@ -186,38 +250,57 @@ async fn run(args: Args) -> Result<ExitCode, String> {
         println!("{}", text.trim_end());
         return Ok(ExitCode::SUCCESS);
     }
-    if report.is_some_and(|r| r.exhausted) {
-        eprintln!(
-            "gave up: still {} after every attempt: {text}",
-            status.as_u16()
-        );
-        return Ok(ExitCode::from(2));
+    match ending {
+        Ending::NothingRan => {
+            let waited = if report.as_ref().is_some_and(|r| r.attempts < args.attempts) {
+                "the server asked to wait past the deadline"
+            } else {
+                "every try was answered"
+            };
+            eprintln!(
+                "not booked: {waited} {} {}, which says nothing ran",
+                status.as_u16(),
+                text.trim_end()
+            );
+            Ok(ExitCode::from(NOT_BOOKED))
+        }
+        Ending::OutcomeUnknown => {
+            eprintln!("last answer: {} {}", status.as_u16(), text.trim_end());
+            eprintln!("{RUN_AGAIN}");
+            Ok(ExitCode::from(UNKNOWN))
+        }
+        _ => {
+            if status == StatusCode::UNAUTHORIZED {
+                eprintln!("refused: {} (pass --token)", status.as_u16());
+            } else {
+                eprintln!("refused: {} {text}", status.as_u16());
+            }
+            Ok(ExitCode::from(REFUSED))
+        }
     }
-    if status == StatusCode::UNAUTHORIZED {
-        eprintln!("refused: {} (pass --token)", status.as_u16());
-    } else {
-        eprintln!("refused: {} {text}", status.as_u16());
-    }
-    Ok(ExitCode::from(1))
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(args) => args,
-        Err(why) => {
-            if !why.is_empty() {
-                eprintln!("booking_agent: {why}");
-            }
+        Err(ArgsError::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(ArgsError::Bad(why)) => {
+            eprintln!("booking_agent: {why}");
             eprintln!("{USAGE}");
-            return ExitCode::from(64);
+            return ExitCode::from(BAD_ARGUMENTS);
         }
     };
     match run(args).await {
         Ok(code) => code,
         Err(err) => {
+            // Only before anything was sent (the key or the request could
+            // not be made).
             eprintln!("booking_agent: {err}");
-            ExitCode::from(2)
+            ExitCode::from(NOT_BOOKED)
         }
     }
 }

@@ -187,3 +187,71 @@ fn a_redelivery_after_a_consumer_died_finds_its_booking() {
         "{stdout}"
     );
 }
+
+/// Exit 3 when an attempt may have reached the server and no final answer
+/// came; the last line says to run the same command again, and running it
+/// again finds the one booking.
+#[test]
+fn an_unknown_outcome_exits_3_and_the_same_command_finds_out() {
+    let demo = Demo::start();
+    let flags = [
+        "--token",
+        "alice",
+        "--delay-ms",
+        "2500",
+        "--timeout-ms",
+        "300",
+        "--deadline-ms",
+        "1200",
+    ];
+    let (code, stdout, stderr) = agent(&demo, &flags);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr
+            .trim_end()
+            .lines()
+            .last()
+            .unwrap()
+            .contains("run the same command again"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = agent(
+        &demo,
+        &[
+            "--token",
+            "alice",
+            "--delay-ms",
+            "2500",
+            "--deadline-ms",
+            "20000",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.lines().last().unwrap().contains("dr-who"));
+    assert_eq!(demo.bookings().as_array().unwrap().len(), 1, "one booking");
+}
+
+#[test]
+fn help_prints_every_flag_and_exits_0() {
+    let output = Command::new(example("booking_agent"))
+        .arg("--help")
+        .output()
+        .expect("the agent runs");
+    assert_eq!(output.status.code(), Some(0));
+    let usage = String::from_utf8(output.stdout).unwrap();
+    for flag in [
+        "--server",
+        "--token",
+        "--caller",
+        "--slot",
+        "--provider",
+        "--session",
+        "--delay-ms",
+        "--timeout-ms",
+        "--attempts",
+        "--deadline-ms",
+    ] {
+        assert!(usage.contains(flag), "{flag} in {usage}");
+    }
+}

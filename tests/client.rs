@@ -512,3 +512,89 @@ async fn a_concurrency_limit_under_the_layer_is_not_deadlocked() {
         2
     );
 }
+
+/// Each way the retries can end says what the caller knows: done (the
+/// final answer), nothing ran (every attempt refused or answered "not
+/// processed"), or outcome unknown (an attempt may have reached the
+/// handler and no final answer came).
+#[tokio::test(start_paused = true)]
+async fn every_ending_says_whether_anything_may_have_run() {
+    use tower_idempotency::client::Ending;
+    const UNKNOWN: &str =
+        r#"{"type":"x","title":"t","status":500,"detail":"d","code":"outcome-unknown"}"#;
+    const CHUNKED_IN_FLIGHT: &[(&str, &str)] =
+        &[("content-type", "Application/Problem+JSON; charset=utf-8")];
+    let ending = |answers: Vec<Answer>| async move {
+        let script = Script::new(answers);
+        let client = RetryLayer::new()
+            .with_attempts(3)
+            .with_attempt_timeout(Duration::from_secs(2))
+            .with_backoff(Duration::from_millis(10), Duration::from_millis(10))
+            .layer(script.service());
+        match client.oneshot(keyed_post()).await {
+            Ok(response) => response.extensions().get::<RetryReport>().unwrap().ending,
+            Err(err) => err.ending(),
+        }
+    };
+    let s = Answer::Status;
+    for (answers, expected, why) in [
+        (vec![s(201, &[], "ok")], Ending::Done, "a success"),
+        (
+            vec![Answer::Hang, s(201, &[], "ok")],
+            Ending::Done,
+            "a timeout, then the replay",
+        ),
+        (
+            vec![s(400, PROBLEM, REUSED)],
+            Ending::Done,
+            "a final refusal",
+        ),
+        (
+            vec![Answer::Refuse; 3],
+            Ending::NothingRan,
+            "every connection refused",
+        ),
+        (
+            vec![s(503, &[], ""); 3],
+            Ending::NothingRan,
+            "503 every time",
+        ),
+        (
+            vec![Answer::Refuse, s(429, &[], ""), s(503, &[], "")],
+            Ending::NothingRan,
+            "refused, then 'not processed'",
+        ),
+        (
+            vec![Answer::Hang; 3],
+            Ending::OutcomeUnknown,
+            "every attempt timed out after sending",
+        ),
+        (
+            vec![Answer::Hang, s(503, &[], ""), s(503, &[], "")],
+            Ending::OutcomeUnknown,
+            "one timeout among 503s",
+        ),
+        (
+            vec![s(500, PROBLEM, UNKNOWN)],
+            Ending::OutcomeUnknown,
+            "500 outcome-unknown",
+        ),
+        (
+            vec![s(409, PROBLEM, IN_FLIGHT); 3],
+            Ending::OutcomeUnknown,
+            "in flight at the end",
+        ),
+        (
+            vec![s(409, CHUNKED_IN_FLIGHT, IN_FLIGHT); 3],
+            Ending::OutcomeUnknown,
+            "in flight, media type in another case",
+        ),
+        (
+            vec![s(504, &[], ""); 3],
+            Ending::OutcomeUnknown,
+            "a gateway timeout",
+        ),
+    ] {
+        assert_eq!(ending(answers).await, expected, "{why}");
+    }
+}

@@ -28,6 +28,6 @@ pub use intent::{IntentKey, IntentKeyError};
 #[cfg(feature = "reqwest")]
 pub use reqwest::RetryMiddleware;
 pub use retry::{
-    AttemptEvent, AttemptOutcome, Retry, RetryBody, RetryError, RetryErrorKind, RetryFuture,
-    RetryLayer, RetryReport,
+    AttemptEvent, AttemptOutcome, Ending, Retry, RetryBody, RetryError, RetryErrorKind,
+    RetryFuture, RetryLayer, RetryReport,
 };

@@ -15,6 +15,42 @@ pub(crate) enum Verdict {
     Retry(Option<Duration>),
 }
 
+/// Whether an attempt may have reached the server's handler, as its answer
+/// (or its lack of one) tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reach {
+    /// It says nothing ran: a refused connection, a 503, a 429.
+    Nothing,
+    /// It may have run: a timeout after sending, a broken connection, a
+    /// 409 in flight, a 504, a 500 `outcome-unknown`.
+    Maybe,
+    /// A final answer about the request.
+    Answered,
+}
+
+/// Problem codes of answers worth retrying that say nothing ran.
+const NOTHING_RAN: &[&str] = &[
+    "store-unavailable",
+    "overloaded",
+    "audit-unavailable",
+    "upstream-unreachable",
+];
+
+/// Whether an answer with `status` and problem `code` may have reached the
+/// handler of the request.
+pub(crate) fn reach(status: StatusCode, problem: Option<&str>) -> Reach {
+    match (status.as_u16(), problem) {
+        (_, Some("outcome-unknown")) => Reach::Maybe,
+        (_, Some(code)) if NOTHING_RAN.contains(&code) => Reach::Nothing,
+        (409, Some(IN_FLIGHT)) => Reach::Maybe,
+        // The server says it did not process the request.
+        (408 | 425 | 429 | 503, _) => Reach::Nothing,
+        // A proxy that may have passed the request on before it failed.
+        (502 | 504, _) => Reach::Maybe,
+        _ => Reach::Answered,
+    }
+}
+
 /// The problem code of a 409 that says "the first request with this key is
 /// still running".
 pub(crate) const IN_FLIGHT: &str = "request-in-flight";
@@ -22,21 +58,21 @@ pub(crate) const IN_FLIGHT: &str = "request-in-flight";
 /// The largest problem body read to learn its code.
 pub(crate) const PROBLEM_LIMIT: usize = 64 * 1024;
 
-/// Whether a 409 is worth reading for its problem code: a problem document
-/// whose length is known (`known_len`, from `Content-Length` or the body's
-/// exact size) and at most [`PROBLEM_LIMIT`]. Any other 409 is final, and
-/// passes untouched.
-pub(crate) fn is_problem_409(
-    status: StatusCode,
-    headers: &HeaderMap,
-    known_len: Option<u64>,
-) -> bool {
-    status == StatusCode::CONFLICT
-        && known_len.is_some_and(|len| len <= PROBLEM_LIMIT as u64)
+/// Whether an answer is worth reading for its problem code: a 409, 500,
+/// 502 or 503 problem document (its media type in any case) whose length
+/// is unknown or at most [`PROBLEM_LIMIT`]; it is read within the attempt's
+/// time, up to that limit. Any other answer passes untouched.
+pub(crate) fn is_problem(status: StatusCode, headers: &HeaderMap, known_len: Option<u64>) -> bool {
+    matches!(status.as_u16(), 409 | 500 | 502 | 503)
+        && known_len.is_none_or(|len| len <= PROBLEM_LIMIT as u64)
         && headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/problem+json"))
+            .is_some_and(|v| {
+                v.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/problem+json"))
+            })
 }
 
 /// The `code` member of a problem document, if it has one.

@@ -107,19 +107,29 @@ async fn judge(
         .headers()
         .get(crate::IDEMPOTENT_REPLAYED)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
-    if !policy::is_problem_409(status, response.headers(), response.content_length()) {
+    if !policy::is_problem(status, response.headers(), response.content_length()) {
         let verdict = policy::classify(status, response.headers(), None);
         return Ok(Judged {
             status,
             replayed,
             verdict,
+            reach: policy::reach(status, None),
             answer: response,
         });
     }
     let headers = response.headers().clone();
     let (version, url) = (response.version(), response.url().clone());
-    // A problem of known, small length (see `is_problem_409`).
-    let body = response.bytes().await?;
+    // A problem of small or unknown length (see `is_problem`), read up to
+    // its limit.
+    let mut response = response;
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > policy::PROBLEM_LIMIT {
+            return Err("a problem body longer than 64 KiB".into());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let body = bytes::Bytes::from(body);
     let code = policy::problem_code(&body);
     let verdict = policy::classify(status, &headers, code.as_deref());
     let mut rebuilt = http::Response::builder().status(status).version(version);
@@ -133,6 +143,7 @@ async fn judge(
         status,
         replayed,
         verdict,
+        reach: policy::reach(status, code.as_deref()),
         answer: reqwest::Response::from(rebuilt),
     })
 }

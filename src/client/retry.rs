@@ -19,7 +19,7 @@ use tower_service::Service;
 
 use super::{
     IntentKey,
-    policy::{self, Verdict},
+    policy::{self, Reach, Verdict},
 };
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -71,9 +71,31 @@ pub struct AttemptEvent {
     pub wait: Option<Duration>,
 }
 
+/// What the caller knows once the retries end: the one fact a payment
+/// client needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Ending {
+    /// The server gave its final answer about the request (a success, a
+    /// replay of one, or a refusal such as `key-reused`): the response
+    /// says what happened.
+    Done,
+    /// No attempt can have reached the server's handler: every one failed
+    /// to connect, or was answered "not processed" (503
+    /// `store-unavailable`, 429, 408, ...). Safe to choose differently.
+    NothingRan,
+    /// An attempt may have reached the handler and no final answer came:
+    /// one timed out after the request was sent, a connection broke, the
+    /// server answered 500 `outcome-unknown`, or the key was still in
+    /// flight at the deadline. Send the same request with the same key
+    /// again to learn the outcome.
+    OutcomeUnknown,
+}
+
 /// What the retries came to, in the final response's extensions (and in
 /// [`RetryError`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RetryReport {
     /// Attempts made, the last included.
     pub attempts: u32,
@@ -85,6 +107,8 @@ pub struct RetryReport {
     /// The final answer was still one worth retrying (a 503, a 409 in
     /// flight, ...) when attempts or the deadline ran out.
     pub exhausted: bool,
+    /// What is known of the request's outcome.
+    pub ending: Ending,
 }
 
 /// Why a request got no answer.
@@ -116,6 +140,12 @@ impl RetryError {
     /// The attempts made.
     pub fn report(&self) -> &RetryReport {
         &self.report
+    }
+
+    /// Whether any attempt may have reached the server's handler:
+    /// [`Ending::NothingRan`] or [`Ending::OutcomeUnknown`].
+    pub fn ending(&self) -> Ending {
+        self.report.ending
     }
 }
 
@@ -356,6 +386,7 @@ where
                 replayed: false,
                 key: None,
                 exhausted: false,
+                ending: Ending::NothingRan,
             },
             source: Some(err.into()),
         })
@@ -427,6 +458,7 @@ where
                 status: response.status(),
                 replayed,
                 verdict,
+                reach: policy::reach(response.status(), problem.as_deref()),
                 answer: response,
             })
         }
@@ -441,7 +473,38 @@ pub(crate) struct Judged<R> {
     pub(crate) status: StatusCode,
     pub(crate) replayed: bool,
     pub(crate) verdict: Verdict,
+    /// Whether the attempt may have reached the handler.
+    pub(crate) reach: Reach,
     pub(crate) answer: R,
+}
+
+/// Whether a failed attempt may have reached the handler: not when the
+/// connection was never made (refused, unreachable, no address), else
+/// maybe (it broke after the request was written, or while it was).
+fn failure_reach(err: &BoxError) -> Reach {
+    use std::io::ErrorKind;
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(&**err);
+    while let Some(err) = cause {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::AddrNotAvailable
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+            )
+        {
+            return Reach::Nothing;
+        }
+        #[cfg(feature = "reqwest")]
+        if let Some(e) = err.downcast_ref::<::reqwest::Error>()
+            && e.is_connect()
+        {
+            return Reach::Nothing;
+        }
+        cause = err.source();
+    }
+    Reach::Maybe
 }
 
 /// The retry loop, for any client: `send` makes one attempt (a fresh one
@@ -464,15 +527,23 @@ where
         .checked_add(config.deadline)
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 60 * 60));
     let mut attempt = 0;
+    // Whether any attempt so far may have reached the handler.
+    let mut maybe_ran = false;
     loop {
         attempt += 1;
         let left = deadline.saturating_duration_since(Instant::now());
         let limit = config.attempt_timeout.min(left);
-        let (outcome, verdict, answer) = match tokio::time::timeout(limit, send()).await {
-            Err(_) => (AttemptOutcome::TimedOut, Verdict::Retry(None), Err(None)),
+        let (outcome, verdict, reach, answer) = match tokio::time::timeout(limit, send()).await {
+            Err(_) => (
+                AttemptOutcome::TimedOut,
+                Verdict::Retry(None),
+                Reach::Maybe,
+                Err(None),
+            ),
             Ok(Err(err)) => (
                 AttemptOutcome::Failed(err.to_string()),
                 Verdict::Retry(None),
+                failure_reach(&err),
                 Err(Some(err)),
             ),
             Ok(Ok(judged)) => (
@@ -481,9 +552,11 @@ where
                     replayed: judged.replayed,
                 },
                 judged.verdict,
+                judged.reach,
                 Ok((judged.answer, judged.replayed)),
             ),
         };
+        maybe_ran |= reach == Reach::Maybe;
         let wait = match verdict {
             Verdict::Retry(hint) if attempt < attempts_allowed => policy::next_wait(
                 hint,
@@ -511,14 +584,29 @@ where
             continue;
         }
         let exhausted = matches!(verdict, Verdict::Retry(_));
+        let ending = match (answer.is_ok() && !exhausted, reach) {
+            // A final answer that says the outcome is unknown (500
+            // `outcome-unknown`), or any other final answer.
+            (true, Reach::Maybe) => Ending::OutcomeUnknown,
+            (true, _) => Ending::Done,
+            (false, _) if maybe_ran => Ending::OutcomeUnknown,
+            (false, _) => Ending::NothingRan,
+        };
         return match answer {
             Ok((answer, replayed)) => {
-                tracing::info!(attempts = attempt, replayed, exhausted, "request answered");
+                tracing::info!(
+                    attempts = attempt,
+                    replayed,
+                    exhausted,
+                    ?ending,
+                    "request answered"
+                );
                 let report = RetryReport {
                     attempts: attempt,
                     replayed,
                     key,
                     exhausted,
+                    ending,
                 };
                 Ok((answer, report))
             }
@@ -528,7 +616,7 @@ where
                 } else {
                     RetryErrorKind::TimedOut
                 };
-                tracing::info!(attempts = attempt, "request got no answer");
+                tracing::info!(attempts = attempt, ?ending, "request got no answer");
                 Err(RetryError {
                     kind,
                     report: RetryReport {
@@ -536,6 +624,7 @@ where
                         replayed: false,
                         key,
                         exhausted: true,
+                        ending,
                     },
                     source,
                 })
@@ -567,7 +656,7 @@ where
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok())
     });
-    if !policy::is_problem_409(response.status(), response.headers(), known_len) {
+    if !policy::is_problem(response.status(), response.headers(), known_len) {
         return Ok((response.map(RetryBody::inner), None));
     }
     let (parts, body) = response.into_parts();
@@ -576,7 +665,7 @@ where
     while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
         if let Ok(mut data) = frame.map_err(Into::into)?.into_data() {
             if buf.len() + data.remaining() > policy::PROBLEM_LIMIT {
-                return Err("a 409 problem body longer than its Content-Length".into());
+                return Err("a problem body longer than 64 KiB".into());
             }
             buf.extend_from_slice(&data.copy_to_bytes(data.remaining()));
         }
