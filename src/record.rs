@@ -80,8 +80,9 @@ impl std::fmt::Display for Corrupt {
 /// Hop-by-hop headers describe one connection, not the response, and are
 /// never replayed; `Set-Cookie` is replayed only when enabled, since it may
 /// carry a session minted for the first caller.
-pub(crate) fn is_replayable(name: &HeaderName, connection: &HeaderMap, keep_cookies: bool) -> bool {
-    let hop_by_hop = matches!(
+/// Fields that describe one connection, never the response.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
         *name,
         header::CONNECTION
             | header::TRANSFER_ENCODING
@@ -91,8 +92,11 @@ pub(crate) fn is_replayable(name: &HeaderName, connection: &HeaderMap, keep_cook
             | header::PROXY_AUTHENTICATE
             | header::PROXY_AUTHORIZATION
     ) || name == "keep-alive"
-        || name == "proxy-connection";
-    if hop_by_hop || (!keep_cookies && *name == header::SET_COOKIE) {
+        || name == "proxy-connection"
+}
+
+pub(crate) fn is_replayable(name: &HeaderName, connection: &HeaderMap, keep_cookies: bool) -> bool {
+    if is_hop_by_hop(name) || (!keep_cookies && *name == header::SET_COOKIE) {
         return false;
     }
     // Headers named by `Connection` are hop-by-hop too.
@@ -117,6 +121,9 @@ pub(crate) struct RecordBuilder {
     retained: bool,
     /// Whether the head is recorded (it has at most [`MAX_FIELDS`] values).
     head_fits: bool,
+    /// What the head's `Content-Length` fields say the body holds:
+    /// `None` without one, `Some(None)` when they disagree or do not parse.
+    declared: Option<Option<u64>>,
 }
 
 impl RecordBuilder {
@@ -152,6 +159,18 @@ impl RecordBuilder {
         }
         let body_at = buf.len();
         buf.put_u64(0);
+        let mut declared = None;
+        for value in headers.get_all(header::CONTENT_LENGTH) {
+            let len = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            declared = match declared {
+                None => Some(len),
+                Some(earlier) if earlier == len => Some(len),
+                Some(_) => Some(None),
+            };
+        }
         RecordBuilder {
             buf,
             flags_at,
@@ -159,6 +178,7 @@ impl RecordBuilder {
             limit,
             retained,
             head_fits,
+            declared,
         }
     }
 
@@ -202,6 +222,17 @@ impl RecordBuilder {
             _ if !self.head_fits => None,
             other => other,
         };
+        if self.retained && self.head_fits {
+            let body_len = (self.buf.len() - self.body_at - 8) as u64;
+            // A body its head's length does not describe cannot be replayed
+            // whole on a connection: keep the outcome only.
+            if self
+                .declared
+                .is_some_and(|declared| declared != Some(body_len))
+            {
+                self.give_up_body();
+            }
+        }
         let mut flags = 0;
         if self.retained {
             flags |= RETAINED;
@@ -212,7 +243,7 @@ impl RecordBuilder {
         }
         if let Some(trailers) = trailers {
             flags |= HAS_TRAILERS;
-            put_headers(&mut self.buf, trailers, |_| true);
+            put_headers(&mut self.buf, trailers, |name| !is_hop_by_hop(name));
         }
         self.buf[self.flags_at] = flags;
         // A body of unannounced length grew the buffer by doubling: give the
@@ -276,6 +307,10 @@ pub(crate) fn decode(mut bytes: Bytes) -> Result<Recorded, Corrupt> {
     }
     bytes.advance(MAGIC.len() + 1);
     let status = StatusCode::from_u16(bytes.get_u16()).map_err(|_| Corrupt::Damaged)?;
+    // Only final responses are recorded.
+    if status.is_informational() {
+        return Err(Corrupt::Damaged);
+    }
     let flags = bytes.get_u8();
     if flags & !(RETAINED | HAS_TRAILERS) != 0 {
         return Err(Corrupt::Damaged);
@@ -294,6 +329,16 @@ pub(crate) fn decode(mut bytes: Bytes) -> Result<Recorded, Corrupt> {
     };
     if bytes.has_remaining() {
         return Err(Corrupt::Damaged);
+    }
+    // A length that is not the body's would desynchronise the connection
+    // the replay goes out on.
+    if let Some(body) = &body {
+        let lengths = headers.get_all(header::CONTENT_LENGTH);
+        if lengths.iter().any(|v| {
+            v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) != Some(body.len() as u64)
+        }) {
+            return Err(Corrupt::Damaged);
+        }
     }
     Ok(Recorded {
         status,
@@ -335,6 +380,11 @@ fn take_headers(bytes: &mut Bytes) -> Result<HeaderMap, Corrupt> {
         let len = take_len(bytes, 4)?;
         let value =
             HeaderValue::from_maybe_shared(bytes.split_to(len)).map_err(|_| Corrupt::Damaged)?;
+        // Never written: hop-by-hop fields describe one connection, and a
+        // replay carrying them would be misread by the client.
+        if is_hop_by_hop(&name) {
+            return Err(Corrupt::Damaged);
+        }
         headers
             .try_append(name, value)
             .map_err(|_| Corrupt::Damaged)?;
@@ -491,11 +541,71 @@ mod tests {
         }
     }
 
+    /// Records that would be misread on the wire are refused on replay:
+    /// hop-by-hop fields, a `Content-Length` that is not the body's, an
+    /// informational status. The builder never writes them.
+    #[test]
+    fn heads_a_connection_would_misread_are_refused() {
+        let head = |status: u16, fields: &[(&str, &str)], body: &[u8]| {
+            let mut record = b"TI\x01".to_vec();
+            record.extend_from_slice(&status.to_be_bytes());
+            record.push(RETAINED);
+            record.extend_from_slice(&(fields.len() as u32).to_be_bytes());
+            for (name, value) in fields {
+                record.extend_from_slice(&(name.len() as u16).to_be_bytes());
+                record.extend_from_slice(name.as_bytes());
+                record.extend_from_slice(&(value.len() as u32).to_be_bytes());
+                record.extend_from_slice(value.as_bytes());
+            }
+            record.extend_from_slice(&(body.len() as u64).to_be_bytes());
+            record.extend_from_slice(body);
+            decode(Bytes::from(record))
+        };
+        assert!(head(201, &[("content-length", "2")], b"{}").is_ok());
+        for (status, fields) in [
+            (201, &[("transfer-encoding", "chunked")][..]),
+            (201, &[("connection", "close")][..]),
+            (201, &[("keep-alive", "timeout=5")][..]),
+            (201, &[("content-length", "100")][..]),
+            (201, &[("content-length", "1")][..]),
+            (201, &[("content-length", "2"), ("content-length", "3")][..]),
+            (201, &[("content-length", "two")][..]),
+            (100, &[][..]),
+            (101, &[][..]),
+            (103, &[][..]),
+        ] {
+            assert_eq!(
+                head(status, fields, b"{}").unwrap_err(),
+                Corrupt::Damaged,
+                "{status} {fields:?}"
+            );
+        }
+        // What the builder writes for such a response decodes: a length
+        // that is not the body's keeps the outcome only.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("100"));
+        let mut b = RecordBuilder::new(StatusCode::CREATED, &headers, false, 1000, 0);
+        b.push(b"{}");
+        let mut trailers = HeaderMap::new();
+        trailers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let rec = decode(b.finish(Some(&trailers))).unwrap();
+        assert!(rec.body.is_none(), "not retained");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        let mut b = RecordBuilder::new(StatusCode::CREATED, &headers, false, 1000, 2);
+        b.push(b"{}");
+        let rec = decode(b.finish(Some(&trailers))).unwrap();
+        assert_eq!(rec.body.as_deref(), Some(&b"{}"[..]));
+        let trailers = rec.trailers.unwrap();
+        assert!(!trailers.contains_key(header::CONNECTION) && trailers.contains_key("grpc-status"));
+    }
+
     fn a_record() -> impl proptest::strategy::Strategy<Value = Bytes> {
         use proptest::prelude::*;
         let field = ("[a-z-]{1,12}", proptest::collection::vec(32u8..127, 0..20));
         (
-            100u16..600,
+            200u16..600,
             proptest::collection::vec(field.clone(), 0..8),
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
             proptest::option::of(proptest::collection::vec(field, 0..4)),

@@ -464,7 +464,9 @@ where
         }
     };
     parts.extensions.insert(Outcome::Executed);
-    if !config.record.should_record(&parts) {
+    // An informational status is no final answer to replay (and no record
+    // holds one): the key is freed, as for a response the policy declines.
+    if parts.status.is_informational() || !config.record.should_record(&parts) {
         held.release(Some(parts.status.as_u16())).await;
         return Ok(Response::from_parts(parts, ResponseBody::inner(body)));
     }

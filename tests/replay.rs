@@ -491,3 +491,43 @@ async fn trailers_and_every_content_type_are_part_of_the_request() {
     }
     assert_eq!(counter.get(), 1);
 }
+
+/// A stored record whose head a connection would misread (a hop-by-hop
+/// field, a `Content-Length` that is not its body's, an informational
+/// status) is 503 on replay: replayed, it emptied or desynchronised the
+/// client's connection.
+#[tokio::test]
+async fn a_record_a_connection_would_misread_is_503() {
+    fn with_head(status: u16, name: &str, value: &str) -> Vec<u8> {
+        let mut record = b"TI\x01".to_vec();
+        record.extend_from_slice(&status.to_be_bytes());
+        record.push(1);
+        record.extend_from_slice(&1u32.to_be_bytes());
+        record.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        record.extend_from_slice(name.as_bytes());
+        record.extend_from_slice(&(value.len() as u32).to_be_bytes());
+        record.extend_from_slice(value.as_bytes());
+        record.extend_from_slice(&2u64.to_be_bytes());
+        record.extend_from_slice(b"{}");
+        record
+    }
+    let rewrites: [common::Rewrite; 4] = [
+        |_| with_head(201, "transfer-encoding", "chunked"),
+        |_| with_head(201, "content-length", "100"),
+        |_| with_head(201, "connection", "close"),
+        |_| with_head(101, "upgrade", "websocket"),
+    ];
+    for rewrite in rewrites {
+        let counter = common::Counter::default();
+        let app = common::booking_router(counter.clone())
+            .layer(IdempotencyLayer::new(common::Altered::rewriting(rewrite)));
+        body_bytes(app.clone().oneshot(post_with_key("k", "x")).await.unwrap()).await;
+        let retry = app.oneshot(post_with_key("k", "x")).await.unwrap();
+        let (status, code, _) = common::problem(retry).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "store-unavailable")
+        );
+        assert_eq!(counter.get(), 1);
+    }
+}
