@@ -497,9 +497,9 @@ mod fair_eviction {
     }
 
     /// A full store whose heaviest scope holds only claims: a newcomer is
-    /// refused, and no lighter scope's records pay for it. Once the
-    /// heaviest scope completes some of them, the newcomer's room comes
-    /// from those.
+    /// refused, and no lighter scope's records pay for it. Once claims hold
+    /// less than half the store, the newcomer's room comes from the
+    /// heaviest scope's records.
     #[tokio::test]
     async fn a_newcomer_never_takes_room_from_a_scope_lighter_than_the_heaviest() {
         let store = MemoryStore::builder().max_entries(100).build();
@@ -524,7 +524,11 @@ mod fair_eviction {
             Err(StoreError::Full)
         ));
         assert_eq!(store.evicted_live(), 0);
-        for (i, token) in tokens.into_iter().enumerate().take(5) {
+        // Claims hold 90 of 100 slots: while they hold half the store or
+        // more, no claim evicts a record. Mallory completes 45 of its
+        // claims, so claims hold 45; a newcomer's room then comes from the
+        // heaviest scope, mallory, until claims hold half again.
+        for (i, token) in tokens.into_iter().enumerate().take(45) {
             let done = Bytes::from_static(b"done");
             store
                 .complete(&claim_of("mallory", i), token, done, TTL)
@@ -539,8 +543,43 @@ mod fair_eviction {
             );
         }
         assert_eq!(store.evicted_live(), 5);
+        assert!(matches!(
+            store.claim(&claim_of("dave", 5), fp(), LEASE).await,
+            Err(StoreError::Full)
+        ));
         for i in 0..10 {
             assert!(replayed(&store, "alice", i).await, "alice/k{i} was evicted");
+        }
+    }
+
+    /// Claims spread over many scopes, each lighter than the scope holding
+    /// records: once claims hold half the store, a newcomer's claim is
+    /// refused rather than evict those records, one after another.
+    #[tokio::test]
+    async fn claims_of_many_light_scopes_never_take_a_heavier_scopes_records() {
+        let store = MemoryStore::builder().max_entries(10).build();
+        for i in 0..3 {
+            record(&store, "light", i, 64).await.unwrap();
+        }
+        for scope in 0..7 {
+            let key = claim_of(&format!("sybil-{scope}"), 0);
+            let acquired = store.claim(&key, fp(), LEASE).await;
+            assert!(
+                matches!(acquired, Ok(Claim::Acquired { .. })),
+                "{acquired:?}"
+            );
+        }
+        for newcomer in 0..5 {
+            assert!(matches!(
+                store
+                    .claim(&claim_of(&format!("new-{newcomer}"), 0), fp(), LEASE)
+                    .await,
+                Err(StoreError::Full)
+            ));
+        }
+        assert_eq!(store.evicted_live(), 0);
+        for i in 0..3 {
+            assert!(replayed(&store, "light", i).await, "light/k{i} was evicted");
         }
     }
 }

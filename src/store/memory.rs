@@ -104,7 +104,10 @@ impl Clock for ManualClock {
 ///   [`max_in_flight_per_scope`](MemoryStoreBuilder::max_in_flight_per_scope)
 ///   claims (half the store by default); past that its claims are refused,
 ///   so a flood of requests held open (a slow handler, a client that left)
-///   cannot take the room of others.
+///   cannot take the room of others; and once the claims of all scopes
+///   together hold half the store, a new claim evicts no completed record
+///   before its TTL (it is refused if no room is free), so a flood of claims
+///   spread over many scopes takes at most half the records.
 /// - It never evicts a live in-flight record; full of them, [`Store::claim`]
 ///   fails with [`StoreError::Full`] and the layer answers 503. An in-flight
 ///   record whose lease has passed (its holder stopped renewing) is only
@@ -241,6 +244,9 @@ struct Scopes {
     by_weight: BTreeSet<(u128, Arc<str>)>,
     /// `(weight, scope)` of every scope holding a completed record.
     evictable: BTreeSet<(u128, Arc<str>)>,
+    /// Records and completed records of every scope together.
+    total_entries: usize,
+    total_completed: usize,
     max_entries: u128,
     max_bytes: u128,
 }
@@ -251,6 +257,8 @@ impl Scopes {
             by_name: HashMap::new(),
             by_weight: BTreeSet::new(),
             evictable: BTreeSet::new(),
+            total_entries: 0,
+            total_completed: 0,
             max_entries: max_entries as u128,
             max_bytes: max_bytes as u128,
         }
@@ -285,6 +293,8 @@ impl Scopes {
         used.entries = apply(used.entries, delta.entries);
         used.bytes = apply(used.bytes, delta.bytes);
         used.completed = apply(used.completed, delta.completed);
+        self.total_entries = apply(self.total_entries, delta.entries);
+        self.total_completed = apply(self.total_completed, delta.completed);
         if let Some(entry) = completed {
             used.queue.push(Reverse(entry));
         }
@@ -325,7 +335,16 @@ impl Scopes {
     /// (only claims), or is not heavier than a `requester` with nothing to
     /// give: no scope makes room for another by evicting a scope lighter
     /// than the heaviest, or lighter than or equal to the requester.
-    fn victim(&mut self, requester: &str) -> Option<(Nanos, RecordKey)> {
+    ///
+    /// For a claim (`for_claim`), none either once claims of every scope
+    /// together hold half the store: claims are never evicted, so a flood
+    /// of them from many scopes, each lighter than its victims, could
+    /// otherwise take every record in turn.
+    fn victim(&mut self, requester: &str, for_claim: bool) -> Option<(Nanos, RecordKey)> {
+        let claims = self.total_entries - self.total_completed;
+        if for_claim && claims as u128 * 2 >= self.max_entries {
+            return None;
+        }
         let (heaviest_weight, heaviest) = self
             .evictable
             .last()
@@ -562,7 +581,7 @@ impl Inner {
                 }
                 continue;
             }
-            if !self.evict_one(now, scope) {
+            if !self.evict_one(now, scope, true) {
                 return Err(StoreError::Full);
             }
         }
@@ -620,7 +639,7 @@ impl Inner {
     /// scanning the map at most once a second so that a store full of live
     /// claims answers `Full` cheaply. Must not be called while holding a map
     /// guard.
-    fn evict_one(&self, now: Nanos, requester: &str) -> bool {
+    fn evict_one(&self, now: Nanos, requester: &str, for_claim: bool) -> bool {
         loop {
             let expired = {
                 let mut queue = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
@@ -639,7 +658,7 @@ impl Inner {
                 .scopes
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .victim(requester);
+                .victim(requester, for_claim);
             if let Some((expiry, key)) = victim {
                 if self.evict(&key, expiry, now) {
                     return true;
@@ -842,7 +861,7 @@ impl Inner {
         // be the record evicted. Concurrent completions may overshoot the
         // bound by their own sizes, briefly.
         while self.bytes.load(Ordering::Acquire) + size > self.max_bytes {
-            if !self.evict_one(now, key.scope()) {
+            if !self.evict_one(now, key.scope(), false) {
                 return Err(StoreError::Full);
             }
         }
