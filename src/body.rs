@@ -87,7 +87,12 @@ pin_project! {
     #[project = RequestKindProj]
     enum RequestKind<B> {
         Streaming { #[pin] body: B },
-        Buffered { buffered: Buffered },
+        Buffered {
+            buffered: Buffered,
+            // The layer's hold on buffered bytes, given back once the data
+            // is handed over (or the body dropped).
+            reserved: Option<crate::budget::Reservation>,
+        },
     }
 }
 
@@ -98,10 +103,15 @@ impl<B> RequestBody<B> {
         }
     }
 
-    pub(crate) fn buffered(data: Bytes, trailers: Option<Box<HeaderMap>>) -> Self {
+    pub(crate) fn buffered(
+        data: Bytes,
+        trailers: Option<Box<HeaderMap>>,
+        reserved: Option<crate::budget::Reservation>,
+    ) -> Self {
         RequestBody {
             kind: RequestKind::Buffered {
                 buffered: Buffered::new(data, trailers),
+                reserved,
             },
         }
     }
@@ -111,7 +121,7 @@ impl<B> fmt::Debug for RequestBody<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
             RequestKind::Streaming { .. } => f.write_str("RequestBody::Streaming"),
-            RequestKind::Buffered { buffered } => f
+            RequestKind::Buffered { buffered, .. } => f
                 .debug_tuple("RequestBody::Buffered")
                 .field(&buffered.data.as_ref().map_or(0, Bytes::len))
                 .finish(),
@@ -131,21 +141,27 @@ impl<B: Body> Body for RequestBody<B> {
             RequestKindProj::Streaming { body } => body
                 .poll_frame(cx)
                 .map(|frame| frame.map(|f| f.map(|f| f.map_data(into_bytes)))),
-            RequestKindProj::Buffered { buffered } => Poll::Ready(buffered.next_frame().map(Ok)),
+            RequestKindProj::Buffered { buffered, reserved } => {
+                let frame = buffered.next_frame();
+                if buffered.data.is_none() {
+                    reserved.take();
+                }
+                Poll::Ready(frame.map(Ok))
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             RequestKind::Streaming { body } => body.is_end_stream(),
-            RequestKind::Buffered { buffered } => buffered.is_end_stream(),
+            RequestKind::Buffered { buffered, .. } => buffered.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             RequestKind::Streaming { body } => body.size_hint(),
-            RequestKind::Buffered { buffered } => buffered.size_hint(),
+            RequestKind::Buffered { buffered, .. } => buffered.size_hint(),
         }
     }
 }

@@ -1,7 +1,10 @@
 //! A bound on the request bytes the layer holds buffered at once, across
 //! every request of every service a layer built.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
 /// Bytes of request bodies buffered now, and the most allowed.
 #[derive(Debug)]
@@ -25,16 +28,27 @@ impl Budget {
     }
 }
 
-/// The bytes one request holds of a [`Budget`], given back when dropped.
+/// The bytes one request holds of a [`Budget`], given back when dropped:
+/// by the request path if the request never reaches its service, else by
+/// the body the service receives, once it has handed its data over.
 #[derive(Debug)]
-pub(crate) struct Reservation<'a> {
-    budget: &'a Budget,
+pub(crate) struct Reservation {
+    budget: Arc<Budget>,
     bytes: usize,
 }
 
-impl<'a> Reservation<'a> {
-    pub(crate) fn new(budget: &'a Budget) -> Self {
+impl Reservation {
+    pub(crate) fn new(budget: Arc<Budget>) -> Self {
         Reservation { budget, bytes: 0 }
+    }
+
+    /// Holds `total` bytes in all, or `false` (holding what it held) when
+    /// the budget has no room for the rest.
+    pub(crate) fn grow_to(&mut self, total: usize) -> bool {
+        match total.checked_sub(self.bytes) {
+            Some(more) if more > 0 => self.grow(more),
+            _ => true,
+        }
     }
 
     /// Takes `bytes` more, or nothing and `false` when the budget has no
@@ -50,7 +64,7 @@ impl<'a> Reservation<'a> {
     }
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
         if self.bytes > 0 {
             self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
@@ -64,12 +78,13 @@ mod tests {
 
     #[test]
     fn reservations_are_bounded_and_given_back() {
-        let budget = Budget::new(100);
-        let mut a = Reservation::new(&budget);
+        let budget = Arc::new(Budget::new(100));
+        let mut a = Reservation::new(budget.clone());
         assert!(a.grow(60));
-        let mut b = Reservation::new(&budget);
+        let mut b = Reservation::new(budget.clone());
         assert!(!b.grow(41), "over the bound");
-        assert!(b.grow(40));
+        assert!(b.grow_to(40));
+        assert!(b.grow_to(30), "already held");
         assert!(!a.grow(1));
         drop(a);
         assert_eq!(budget.used(), 40);

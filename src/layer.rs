@@ -504,9 +504,14 @@ impl<St: Clone> IdempotencyLayer<St> {
     /// The most request bytes the layer holds buffered at once, across all
     /// its requests (default 64 MiB: 64 bodies at the default body limit).
     /// A keyed request whose body would pass it gets 503 `overloaded` with
-    /// `Retry-After`, and nothing runs; its retry is welcome. Bytes are
-    /// counted as they arrive, and held until the service has answered, so
-    /// slow uploads cannot hold more memory than this. Keep it at least the
+    /// `Retry-After`, and nothing runs; its retry is welcome. What a body's
+    /// buffer takes is counted as it arrives (its allocated room, not only
+    /// the bytes received: a body of known length takes its length at
+    /// once) and given back once the service has taken the body (or
+    /// dropped it), so slow uploads cannot hold more memory than this, and
+    /// a slow handler does not keep others out. There is no share per
+    /// caller: one caller's stalled uploads can hold the whole bound until
+    /// the server's own body timeout ends them. Keep it at least the
     /// [request body limit](Self::with_request_body_limit), or such bodies
     /// never fit.
     ///

@@ -254,14 +254,21 @@ enum Buffering<E> {
     Unreadable(E),
 }
 
-/// Reads a request body to its end, up to `limit` bytes, taking each frame's
-/// bytes from `reserved`. A body that arrives in one frame is kept as it is,
-/// without a copy.
+/// Reads a request body to its end, up to `limit` bytes, holding in
+/// `reserved` what its buffer takes (allocated room, not only the bytes
+/// received) before it is taken. A body that arrives in one frame is kept
+/// as it is, without a copy; one of known length is gathered into one
+/// buffer of that length.
 async fn buffer<B: Body>(
     body: B,
     limit: usize,
-    reserved: &mut Reservation<'_>,
+    reserved: &mut Reservation,
 ) -> Result<(Bytes, Option<Box<HeaderMap>>), Buffering<B::Error>> {
+    let expected = body
+        .size_hint()
+        .exact()
+        .and_then(|len| usize::try_from(len).ok())
+        .filter(|len| *len <= limit);
     let mut body = pin!(body);
     let mut first: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
@@ -282,14 +289,35 @@ async fn buffer<B: Body>(
         if len > limit {
             return Err(Buffering::TooLarge);
         }
-        if !reserved.grow(data.remaining()) {
-            return Err(Buffering::Overloaded);
-        }
         match (&mut joined, first.take()) {
-            (Some(joined), _) => joined.put(data),
-            (None, None) => first = Some(data.copy_to_bytes(data.remaining())),
+            (Some(joined), _) => {
+                if len > joined.capacity() {
+                    // Grown by hand, so that the room held is what the
+                    // budget was asked for, and never past the limit.
+                    let room = len.max(joined.capacity().saturating_mul(2)).min(limit);
+                    if !reserved.grow_to(room) {
+                        return Err(Buffering::Overloaded);
+                    }
+                    let mut grown = BytesMut::with_capacity(room);
+                    grown.put(joined.split());
+                    *joined = grown;
+                }
+                joined.put(data);
+            }
+            (None, None) => {
+                if !reserved.grow_to(data.remaining()) {
+                    return Err(Buffering::Overloaded);
+                }
+                first = Some(data.copy_to_bytes(data.remaining()));
+            }
             (None, Some(earlier)) => {
-                let mut buf = BytesMut::with_capacity(len.max(earlier.len() * 2));
+                let room = expected
+                    .filter(|expected| *expected >= len)
+                    .unwrap_or_else(|| len.max(earlier.len() * 2).min(limit));
+                if !reserved.grow_to(room) {
+                    return Err(Buffering::Overloaded);
+                }
+                let mut buf = BytesMut::with_capacity(room);
                 buf.put(earlier);
                 buf.put(data);
                 joined = Some(buf);
@@ -322,7 +350,7 @@ where
     ResB::Data: Send,
     ResB::Error: Send + 'static,
 {
-    let mut reserved = Reservation::new(&config.buffered);
+    let mut reserved = Reservation::new(config.buffered.clone());
     let (body, trailers) = match buffer(body, config.request_body_limit, &mut reserved).await {
         Ok(buffered) => buffered,
         Err(Buffering::TooLarge) => {
@@ -364,7 +392,10 @@ where
             // Unprotected, but the handler's own downstream keys still hold.
             let context = IdempotencyContext::new(record_key, fingerprint, false);
             parts.extensions.insert(context);
-            let req = Request::from_parts(*parts, RequestBody::buffered(body, trailers));
+            let req = Request::from_parts(
+                *parts,
+                RequestBody::buffered(body, trailers, Some(reserved)),
+            );
             let result = inner.call(req).await;
             if let Some(trail) = trail {
                 let status = result.as_ref().ok().map(|r| r.status().as_u16());
@@ -418,7 +449,12 @@ where
     }
     let context = IdempotencyContext::new(record_key, fingerprint, took_over);
     parts.extensions.insert(context);
-    let req = Request::from_parts(*parts, RequestBody::buffered(body, trailers));
+    // The body holds the reservation from here: given back once the
+    // service has taken the data, not once it answers.
+    let req = Request::from_parts(
+        *parts,
+        RequestBody::buffered(body, trailers, Some(reserved)),
+    );
     let result = {
         let mut call = pin!(inner.call(req));
         // Boxed, and only once the service makes us wait: see `bounded`.
@@ -442,8 +478,6 @@ where
         // The service's future is dropped here: a handler past its time
         // stops before its key is settled.
     };
-    // The service has answered: its request body is no longer held here.
-    drop(reserved);
     let Some(result) = result else {
         config.background.settled_unfinished(lifeline.must_settle());
         if lifeline.must_settle() {
@@ -802,4 +836,55 @@ fn store_unavailable() -> Rejection {
         "Idempotency could not be guaranteed, so the request was not executed. Retry with the same key.",
     )
     .with_retry_after(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http_body::Frame;
+
+    use super::*;
+    use crate::budget::Budget;
+
+    /// A body of `n` frames of `size` bytes, of unknown length.
+    fn frames(n: usize, size: usize) -> impl Body<Data = Bytes, Error = std::convert::Infallible> {
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = (0..n)
+            .map(|_| Ok(Frame::data(Bytes::from(vec![7u8; size]))))
+            .collect();
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    /// What a buffered body holds is what its reservation says, room
+    /// included, and never more than the limit.
+    #[tokio::test]
+    async fn the_reservation_covers_the_buffers_room() {
+        let budget = Arc::new(Budget::new(usize::MAX));
+        for (n, size, limit) in [
+            (1, 1000, 4096),
+            (3, 1000, 4096),
+            (40, 100, 4096),
+            (33, 124, 4096),
+        ] {
+            let mut reserved = Reservation::new(budget.clone());
+            let Ok((data, _)) = buffer(frames(n, size), limit, &mut reserved).await else {
+                panic!("{n} x {size} fits");
+            };
+            assert_eq!(data.len(), n * size);
+            let held = budget.used();
+            assert!(held >= n * size, "{n} x {size}: {held} held");
+            assert!(
+                held <= limit.max(size),
+                "{n} x {size}: {held} held, over the limit"
+            );
+            drop(reserved);
+            assert_eq!(budget.used(), 0);
+        }
+        // A body of known length is gathered into exactly that room.
+        let mut reserved = Reservation::new(budget.clone());
+        let known = http_body_util::Full::new(Bytes::from(vec![1u8; 3000]));
+        let _ = buffer(known, 4096, &mut reserved).await;
+        assert_eq!(budget.used(), 3000);
+    }
 }

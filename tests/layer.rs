@@ -750,3 +750,56 @@ async fn buffered_bodies_are_bounded_by_default() {
     );
     assert_eq!(counter.get(), 0);
 }
+
+/// The bound holds bytes until the service has taken the body, not until it
+/// answers: a slow handler that has read its body does not keep other
+/// callers' requests out.
+#[tokio::test]
+async fn a_body_the_service_has_taken_no_longer_counts() {
+    use futures_util::FutureExt;
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let read = Counter::default();
+    let (g, r) = (gate.clone(), read.clone());
+    let router = Router::new().route(
+        "/book",
+        post(move |body: Bytes| {
+            let (g, r) = (g.clone(), r.clone());
+            async move {
+                drop(body);
+                r.hit();
+                g.notified().await;
+                (StatusCode::CREATED, "booked")
+            }
+        }),
+    );
+    let app = router.layer(layer().with_max_buffered_bytes(64 * 1024));
+    let big = || {
+        Request::post("/book")
+            .header("authorization", common::AUTH)
+            .header("idempotency-key", format!("k-{}", uuid_like()))
+            .body(Body::from(vec![b'x'; 60 * 1024]))
+            .unwrap()
+    };
+    let mut slow = Box::pin(app.clone().oneshot(big()));
+    assert!(
+        (&mut slow).now_or_never().is_none(),
+        "the first is held in its handler"
+    );
+    assert_eq!(read.get(), 1, "its handler has read the body");
+    let mut second = Box::pin(app.clone().oneshot(big()));
+    assert!(
+        (&mut second).now_or_never().is_none(),
+        "the second runs too"
+    );
+    assert_eq!(read.get(), 2, "not refused as overloaded");
+    gate.notify_waiters();
+    assert_eq!(slow.await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(second.await.unwrap().status(), StatusCode::CREATED);
+}
+
+/// A key of its own for each call.
+fn uuid_like() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
