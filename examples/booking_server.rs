@@ -46,6 +46,8 @@
 //! saved beside the signing key as `.pub`, for
 //! `cargo run --example audit_verify -- PATH --public-key KEY.pub`.
 //!
+//! Logs: the layer's warnings go to stderr (`RUST_LOG=debug` for more).
+//!
 //! Environment: `ADDR` (when no argument is given), `IDEMPOTENCY_TTL_SECS`,
 //! `IDEMPOTENCY_LEASE_SECS`, `IDEMPOTENCY_DRAIN_SECS`, and
 //! `IDEMPOTENCY_STORE`: unset or `memory` for
@@ -357,6 +359,15 @@ fn bind_address() -> Result<SocketAddr, String> {
 
 #[tokio::main]
 async fn main() {
+    // The layer's warnings (a Redis that may lose records, a claim lost
+    // while its handler ran) go to stderr; `RUST_LOG` picks more.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     if let Err(message) = run().await {
         eprintln!("booking_server: {message}");
         std::process::exit(2);

@@ -424,6 +424,42 @@ fn connect_warns_when_redis_keeps_no_durable_append_only_file() {
     }
 }
 
+/// The demo, as an operator runs it, says at start that its Redis keeps no
+/// append-only file: the crate's warnings reach its stderr.
+#[test]
+fn the_demo_warns_at_start_about_a_redis_without_an_append_only_file() {
+    if redis_url().is_none() {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("tower-idempotency-demo-aof-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let redis = OwnRedis::start_with(port, dir, vec!["--appendonly", "no"]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(redis.wait_until_up());
+    let mut demo = Command::new(common::example("booking_server"))
+        .arg("127.0.0.1:0")
+        .env("IDEMPOTENCY_STORE", format!("redis://127.0.0.1:{port}"))
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the demo starts");
+    let mut line = String::new();
+    BufReader::new(demo.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("listening on "), "{line}");
+    let _ = demo.kill();
+    let output = demo.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("keeps no append-only file"), "{stderr}");
+}
+
 /// At-most-once work on Redis: racing calls with one key run it once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_most_once_racing_calls_run_once() {

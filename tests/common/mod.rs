@@ -601,3 +601,22 @@ pub async fn until_count(counter: &Counter, n: usize) {
     }
     panic!("the counter never reached {n}");
 }
+
+/// `target/<profile>/examples/<name>`, next to the running test's own
+/// directory, built if it is missing.
+pub fn example(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let binary = profile_dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !binary.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--example", name, "--all-features"])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "{name} builds");
+    }
+    binary
+}
