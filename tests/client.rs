@@ -598,3 +598,98 @@ async fn every_ending_says_whether_anything_may_have_run() {
         assert_eq!(ending(answers).await, expected, "{why}");
     }
 }
+
+/// `Retry-After` is plain digits or a date (`+5` is neither, so the backoff
+/// decides); a delay too large for the clock ends the retries at once, as
+/// a wait past the deadline does, never read as absent. `exhausted` is
+/// true only when attempts or the deadline ran out; a request no retry can
+/// fix (a relative URI) is sent once.
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_read_strictly_and_exhausted_means_the_budget_ran_out() {
+    use tower_idempotency::client::Ending;
+    let waits = |answers: Vec<Answer>, request: Request<Full<Bytes>>| async move {
+        let script = Script::new(answers);
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let seen = events.clone();
+        let client = RetryLayer::new()
+            .with_attempts(3)
+            .with_deadline(Duration::from_secs(30))
+            .on_attempt(move |event| seen.lock().unwrap().push(event.clone()))
+            .layer(script.service());
+        let result = client.oneshot(request).await;
+        let events = events.lock().unwrap().clone();
+        (script.attempts(), events, result)
+    };
+    let plus: &[(&str, &str)] = &[("retry-after", "+5")];
+    let (_, events, _) = waits(
+        vec![
+            Answer::Status(503, plus, ""),
+            Answer::Status(201, &[], "ok"),
+        ],
+        keyed_post(),
+    )
+    .await;
+    assert!(
+        events[0].wait.unwrap() < Duration::from_secs(5),
+        "{:?}",
+        events[0].wait
+    );
+
+    let huge: &[(&str, &str)] = &[("retry-after", "99999999999999999999999")];
+    let (attempts, _, result) = waits(vec![Answer::Status(429, huge, "")], keyed_post()).await;
+    assert_eq!(attempts, 1, "a wait past the deadline ends the retries");
+    let report = result
+        .unwrap()
+        .extensions()
+        .get::<RetryReport>()
+        .cloned()
+        .unwrap();
+    assert!(
+        !report.exhausted,
+        "the server asked to wait; the budget did not run out"
+    );
+    assert_eq!(report.ending, Ending::NothingRan);
+
+    let keyless = Request::post("http://api.example/bookings")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let (attempts, _, result) = waits(vec![Answer::Status(503, &[], "")], keyless).await;
+    assert_eq!(attempts, 1);
+    let report = result
+        .unwrap()
+        .extensions()
+        .get::<RetryReport>()
+        .cloned()
+        .unwrap();
+    assert!(
+        !report.exhausted,
+        "a keyless POST is never retried: nothing ran out"
+    );
+
+    let (attempts, _, result) = waits(vec![s503(), s503(), s503()], keyed_post()).await;
+    assert_eq!(attempts, 3);
+    assert!(
+        result
+            .unwrap()
+            .extensions()
+            .get::<RetryReport>()
+            .unwrap()
+            .exhausted
+    );
+
+    let mut relative = Request::post("/bookings")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let key = IntentKey::derive("book", &serde_json::json!({"slot": "10:00"})).unwrap();
+    relative.extensions_mut().insert(key);
+    let (attempts, _, _) = waits(
+        vec![Answer::Refuse, Answer::Refuse, Answer::Refuse],
+        relative,
+    )
+    .await;
+    assert_eq!(attempts, 1, "a relative URI is not retried");
+}
+
+fn s503() -> Answer {
+    Answer::Status(503, &[], "")
+}

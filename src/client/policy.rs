@@ -97,12 +97,18 @@ pub(crate) fn classify(status: StatusCode, headers: &HeaderMap, problem: Option<
     }
 }
 
-/// `Retry-After` as a wait: delay-seconds, or an HTTP date (a date in the
-/// past is no wait).
+/// `Retry-After` as a wait: delay-seconds (plain digits: `+5` is no
+/// delay-seconds), or an HTTP date (a date in the past is no wait). A delay
+/// too large for the clock is the longest wait, so it ends the retries at
+/// the deadline rather than read as absent.
 pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(
+            value
+                .parse::<u64>()
+                .map_or(Duration::MAX, Duration::from_secs),
+        );
     }
     let date = httpdate::parse_http_date(value).ok()?;
     Some(date.duration_since(now).unwrap_or(Duration::ZERO))
@@ -120,12 +126,7 @@ pub(crate) fn is_idempotent(method: &Method) -> bool {
 /// `[0, min(cap, base * 2^(retry - 1))]` before retry number `retry` (1 for
 /// the first retry).
 pub(crate) fn backoff(base: Duration, cap: Duration, retry: u32) -> Duration {
-    let ceiling = base
-        .saturating_mul(
-            1u32.checked_shl(retry.saturating_sub(1))
-                .unwrap_or(u32::MAX),
-        )
-        .min(cap);
+    let ceiling = backoff_ceiling(base, cap, retry);
     let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
     match nanos {
         0 => Duration::ZERO,
@@ -134,8 +135,17 @@ pub(crate) fn backoff(base: Duration, cap: Duration, retry: u32) -> Duration {
     }
 }
 
+/// The longest backoff before retry number `retry`.
+pub(crate) fn backoff_ceiling(base: Duration, cap: Duration, retry: u32) -> Duration {
+    base.saturating_mul(
+        1u32.checked_shl(retry.saturating_sub(1))
+            .unwrap_or(u32::MAX),
+    )
+    .min(cap)
+}
+
 /// The least time an attempt after a wait must have before the deadline.
-const LEAST_ATTEMPT: Duration = Duration::from_millis(50);
+pub(crate) const LEAST_ATTEMPT: Duration = Duration::from_millis(50);
 
 /// The wait before the next attempt, or `None` when the deadline leaves no
 /// time for one: the server's `Retry-After` if given (never less than the
@@ -207,6 +217,17 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(retry_after(&with_retry_after("soon"), now), None);
+        assert_eq!(
+            retry_after(&with_retry_after("+5"), now),
+            None,
+            "not delay-seconds"
+        );
+        assert_eq!(retry_after(&with_retry_after("-5"), now), None);
+        assert_eq!(
+            retry_after(&with_retry_after("99999999999999999999999"), now),
+            Some(Duration::MAX),
+            "too large for the clock is the longest wait, not none"
+        );
         assert_eq!(retry_after(&HeaderMap::new(), now), None);
     }
 

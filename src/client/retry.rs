@@ -431,7 +431,11 @@ where
         .headers()
         .get(&config.header)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let retryable = key.is_some() || policy::is_idempotent(request.method());
+    // A request no retry can fix (a relative URI, a scheme other than
+    // HTTP's) is sent once.
+    let sendable = request.uri().authority().is_some()
+        && matches!(request.uri().scheme_str(), Some("http" | "https"));
+    let retryable = sendable && (key.is_some() || policy::is_idempotent(request.method()));
     // The first attempt uses the service `poll_ready` readied; each later
     // one a clone, readied first.
     let mut ready = Some(ready);
@@ -583,8 +587,17 @@ where
             tokio::time::sleep(wait).await;
             continue;
         }
-        let exhausted = matches!(verdict, Verdict::Retry(_));
-        let ending = match (answer.is_ok() && !exhausted, reach) {
+        // Still worth retrying, but the attempts ran out, or the deadline
+        // left no room even for the backoff (a server's longer wait is not
+        // the budget running out).
+        let exhausted = matches!(verdict, Verdict::Retry(_))
+            && retryable
+            && (attempt >= attempts_allowed
+                || deadline.saturating_duration_since(Instant::now())
+                    < policy::backoff_ceiling(config.base, config.cap, attempt)
+                        .saturating_add(policy::LEAST_ATTEMPT));
+        let final_answer = answer.is_ok() && matches!(verdict, Verdict::Done);
+        let ending = match (final_answer, reach) {
             // A final answer that says the outcome is unknown (500
             // `outcome-unknown`), or any other final answer.
             (true, Reach::Maybe) => Ending::OutcomeUnknown,
