@@ -693,3 +693,36 @@ async fn retry_after_is_read_strictly_and_exhausted_means_the_budget_ran_out() {
 fn s503() -> Answer {
     Answer::Status(503, &[], "")
 }
+
+/// Through reqwest, an error of reqwest's own comes back as reqwest's,
+/// with its kinds: a refused connection `is_connect`, not a middleware
+/// error.
+#[cfg(feature = "reqwest")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reqwest_errors_keep_their_kinds() {
+    use tower_idempotency::client::RetryMiddleware;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(RetryMiddleware::from(
+            RetryLayer::new()
+                .with_attempts(2)
+                .with_backoff(Duration::from_millis(1), Duration::from_millis(1)),
+        ))
+        .build();
+    let key = IntentKey::derive("book", &serde_json::json!({"slot": 11})).unwrap();
+    let err = client
+        .post(format!("http://127.0.0.1:{port}/book"))
+        .with_extension(key)
+        .body("x")
+        .send()
+        .await
+        .unwrap_err();
+    match err {
+        reqwest_middleware::Error::Reqwest(err) => assert!(err.is_connect(), "{err}"),
+        other => panic!("a middleware error: {other}"),
+    }
+}

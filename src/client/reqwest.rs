@@ -82,7 +82,15 @@ impl Middleware for RetryMiddleware {
                 let Some(attempt) = attempt else {
                     return Err("the request body cannot be sent again".into());
                 };
-                let response = next.run(attempt, &mut extensions).await?;
+                let response = next.run(attempt, &mut extensions).await.map_err(
+                    |err| -> Box<dyn std::error::Error + Send + Sync> {
+                        match err {
+                            // Kept as reqwest's, to be handed back as such.
+                            reqwest_middleware::Error::Reqwest(err) => Box::new(err),
+                            other => other.into(),
+                        }
+                    },
+                )?;
                 judge(response).await
             }
         })
@@ -91,6 +99,19 @@ impl Middleware for RetryMiddleware {
             Ok((mut response, report)) => {
                 response.extensions_mut().insert(report);
                 Ok(response)
+            }
+            // reqwest's own error, as reqwest gave it (`is_connect`,
+            // `is_timeout` and the rest keep working); the layer's own
+            // (an attempt timeout, a body that cannot be sent again) as a
+            // middleware error carrying the report.
+            Err(err) if err.source_is_reqwest() => {
+                let source = err
+                    .into_source()
+                    .and_then(|source| source.downcast::<reqwest::Error>().ok());
+                match source {
+                    Some(source) => Err(reqwest_middleware::Error::Reqwest(*source)),
+                    None => unreachable!("checked above"),
+                }
             }
             Err(err) => Err(reqwest_middleware::Error::middleware(err)),
         }

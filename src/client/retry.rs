@@ -147,6 +147,20 @@ impl RetryError {
     pub fn ending(&self) -> Ending {
         self.report.ending
     }
+
+    /// Whether the last attempt's error is reqwest's own.
+    #[cfg(feature = "reqwest")]
+    pub(crate) fn source_is_reqwest(&self) -> bool {
+        self.source
+            .as_ref()
+            .is_some_and(|source| source.is::<::reqwest::Error>())
+    }
+
+    /// The last attempt's own error, taken out.
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    pub(crate) fn into_source(self) -> Option<BoxError> {
+        self.source
+    }
 }
 
 impl fmt::Display for RetryError {
