@@ -488,7 +488,10 @@ mod through_reqwest {
             .send()
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("1 attempt"), "{err}");
+        assert!(
+            matches!(err, reqwest_middleware::Error::Reqwest(_)),
+            "reqwest's own error, as reqwest gave it: {err}"
+        );
         assert_eq!(
             plain.get(),
             1,
@@ -725,4 +728,47 @@ async fn reqwest_errors_keep_their_kinds() {
         reqwest_middleware::Error::Reqwest(err) => assert!(err.is_connect(), "{err}"),
         other => panic!("a middleware error: {other}"),
     }
+}
+
+/// In an outage (every answer 503), the client's shared retry budget stops
+/// the retries after a few failures: 50 requests of up to 6 attempts make
+/// about 55 attempts, not 300. Without the budget they make 300; once
+/// answers come back, retries resume.
+#[tokio::test(start_paused = true)]
+async fn a_shared_retry_budget_bounds_the_attempts_in_an_outage() {
+    let outage = |layer: RetryLayer| async move {
+        let script = Script::new(std::iter::repeat_n(s503(), 400));
+        let client = layer
+            .with_attempts(6)
+            .with_backoff(Duration::from_millis(1), Duration::from_millis(1))
+            .layer(script.service());
+        for _ in 0..50 {
+            let response = client.clone().oneshot(keyed_post()).await.unwrap();
+            assert_eq!(response.status(), 503);
+        }
+        script.attempts()
+    };
+    let budgeted = outage(RetryLayer::new()).await;
+    assert!((50..=60).contains(&budgeted), "{budgeted} attempts");
+    assert_eq!(outage(RetryLayer::new().without_retry_budget()).await, 300);
+
+    // Answers coming back refill it: after 70 final answers, a failing
+    // request is retried again.
+    let script = Script::new(
+        std::iter::repeat_n(s503(), 10)
+            .chain(std::iter::repeat_n(Answer::Status(201, &[], "ok"), 70))
+            .chain([s503(), Answer::Status(201, &[], "ok")]),
+    );
+    let client = RetryLayer::new()
+        .with_backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .layer(script.service());
+    // Six requests meet the ten 503s (the first is retried until the
+    // budget is half spent), then 70 are answered.
+    for _ in 0..(6 + 70) {
+        let _ = client.clone().oneshot(keyed_post()).await.unwrap();
+    }
+    let before = script.attempts();
+    let last = client.clone().oneshot(keyed_post()).await.unwrap();
+    assert_eq!(last.status(), 201, "retried after the 503");
+    assert_eq!(script.attempts() - before, 2);
 }

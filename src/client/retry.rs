@@ -191,9 +191,58 @@ impl StdError for RetryError {
 
 type Observer = Arc<dyn Fn(&AttemptEvent) + Send + Sync>;
 
+/// A budget of retries shared by every request of a client, as gRPC's
+/// retry throttling keeps one: it holds up to `max` tokens (it starts
+/// full); every attempt that fails or is answered "try again" takes one,
+/// every final answer gives back `ratio` of one; a retry is made only while
+/// more than half the tokens are left. In an outage a client stops
+/// multiplying its load by its attempt count after a few failures, and
+/// retries again once answers come back.
+#[derive(Debug)]
+struct RetryBudget {
+    /// Thousandths of a token.
+    tokens: std::sync::atomic::AtomicI64,
+    max: i64,
+    ratio: i64,
+}
+
+impl RetryBudget {
+    fn new(max_tokens: u32, ratio: f64) -> Self {
+        let max = i64::from(max_tokens.max(1)) * 1000;
+        RetryBudget {
+            tokens: std::sync::atomic::AtomicI64::new(max),
+            max,
+            ratio: (ratio.clamp(0.0, 1.0) * 1000.0) as i64,
+        }
+    }
+
+    fn change(&self, by: i64) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                Some((t + by).clamp(0, self.max))
+            });
+    }
+
+    fn failed(&self) {
+        self.change(-1000);
+    }
+
+    fn answered(&self) {
+        self.change(self.ratio);
+    }
+
+    fn may_retry(&self) -> bool {
+        self.tokens.load(std::sync::atomic::Ordering::Acquire) * 2 > self.max
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct Config {
     pub(crate) header: HeaderName,
+    /// Shared by every request of the layer; `None` when turned off.
+    budget: Option<Arc<RetryBudget>>,
     attempts: u32,
     attempt_timeout: Duration,
     deadline: Duration,
@@ -276,6 +325,7 @@ impl RetryLayer {
         RetryLayer {
             config: Arc::new(Config {
                 header: crate::IDEMPOTENCY_KEY,
+                budget: Some(Arc::new(RetryBudget::new(10, 0.1))),
                 attempts: 6,
                 attempt_timeout: Duration::from_secs(10),
                 deadline: Duration::from_secs(60),
@@ -317,6 +367,26 @@ impl RetryLayer {
             c.base = base;
             c.cap = cap;
         })
+    }
+
+    /// The retry budget every request of this layer shares (default 10
+    /// tokens, 0.1 given back per final answer, as gRPC's retry throttling
+    /// example): each attempt that fails or is answered "try again" takes
+    /// a token, each final answer gives back `ratio`, and a retry is made
+    /// only while more than half the tokens are left. So after about five
+    /// failures in a row, every request is sent once until answers come
+    /// back (a request stopped this way reports `exhausted`); a fleet of
+    /// agents in an outage does not multiply its load by its attempt
+    /// count. Clones of the layer share the budget.
+    pub fn with_retry_budget(self, max_tokens: u32, ratio: f64) -> Self {
+        let budget = Arc::new(RetryBudget::new(max_tokens, ratio));
+        self.with(|c| c.budget = Some(budget))
+    }
+
+    /// Retries without a shared budget: every request makes up to its
+    /// attempts, whatever the others met.
+    pub fn without_retry_budget(self) -> Self {
+        self.with(|c| c.budget = None)
     }
 
     /// The header carrying the key (default `Idempotency-Key`).
@@ -575,8 +645,16 @@ where
             ),
         };
         maybe_ran |= reach == Reach::Maybe;
+        if let Some(budget) = &config.budget {
+            match verdict {
+                Verdict::Done => budget.answered(),
+                Verdict::Retry(_) => budget.failed(),
+            }
+        }
+        let throttled = matches!(verdict, Verdict::Retry(_))
+            && config.budget.as_ref().is_some_and(|b| !b.may_retry());
         let wait = match verdict {
-            Verdict::Retry(hint) if attempt < attempts_allowed => policy::next_wait(
+            Verdict::Retry(hint) if attempt < attempts_allowed && !throttled => policy::next_wait(
                 hint,
                 policy::backoff(config.base, config.cap, attempt),
                 deadline.saturating_duration_since(Instant::now()),
@@ -607,6 +685,7 @@ where
         let exhausted = matches!(verdict, Verdict::Retry(_))
             && retryable
             && (attempt >= attempts_allowed
+                || throttled
                 || deadline.saturating_duration_since(Instant::now())
                     < policy::backoff_ceiling(config.base, config.cap, attempt)
                         .saturating_add(policy::LEAST_ATTEMPT));
