@@ -772,3 +772,30 @@ async fn a_shared_retry_budget_bounds_the_attempts_in_an_outage() {
     assert_eq!(last.status(), 201, "retried after the 503");
     assert_eq!(script.attempts() - before, 2);
 }
+
+/// The deadline bounds the answer's body too: a 201 whose body stalls ends
+/// with an error at the deadline, not minutes later.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_body_ends_at_the_deadline() {
+    use futures_util::StreamExt;
+    let stalled = service_fn(|_req: Request<Full<Bytes>>| async {
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(http_body::Frame::data(
+            Bytes::from_static(b"{\"id\":"),
+        ))]);
+        let body = http_body_util::StreamBody::new(first.chain(futures_util::stream::pending()));
+        Ok::<_, std::io::Error>(Response::builder().status(201).body(body).unwrap())
+    });
+    let client = RetryLayer::new()
+        .with_deadline(Duration::from_secs(10))
+        .layer(stalled);
+    let start = Instant::now();
+    let response = client.oneshot(keyed_post()).await.unwrap();
+    assert_eq!(response.status(), 201);
+    let err = response.into_body().collect().await.unwrap_err();
+    assert!(err.to_string().contains("deadline"), "{err}");
+    let waited = start.elapsed();
+    assert!(
+        (Duration::from_secs(10)..Duration::from_secs(11)).contains(&waited),
+        "{waited:?}"
+    );
+}

@@ -523,7 +523,8 @@ where
     // The first attempt uses the service `poll_ready` readied; each later
     // one a clone, readied first.
     let mut ready = Some(ready);
-    let (mut response, report) = drive(&config, key, retryable, move || {
+    let started = Instant::now();
+    let (response, report) = drive(&config, key, retryable, move || {
         let first = ready.take();
         let (template, request) = (inner.clone(), request.clone());
         async move {
@@ -552,6 +553,12 @@ where
         }
     })
     .await?;
+    // The deadline bounds the whole exchange: a body that stalls ends then.
+    let body_deadline = started.checked_add(config.deadline);
+    let mut response = match body_deadline {
+        Some(at) => response.map(|body| body.until(at)),
+        None => response,
+    };
     response.extensions_mut().insert(report);
     Ok(response)
 }
@@ -786,12 +793,28 @@ where
 
 pin_project_lite::pin_project! {
     /// The body of a response [`Retry`] returns: the service's own, or the
-    /// bytes of a 409 problem the layer read to learn its code.
+    /// bytes of a problem the layer read to learn its code. The service's
+    /// own body ends with an error if it has not ended by the deadline
+    /// ([`RetryLayer::with_deadline`]), which bounds the whole exchange.
     pub struct RetryBody<B> {
         #[pin]
         kind: Kind<B>,
+        // Boxed and set only for the service's own body: a timer is large.
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
+
+/// A response body was still arriving at the deadline.
+#[derive(Debug)]
+struct BodyPastDeadline;
+
+impl fmt::Display for BodyPastDeadline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the answer's body had not ended by the deadline")
+    }
+}
+
+impl StdError for BodyPastDeadline {}
 
 pin_project_lite::pin_project! {
     #[project = KindProj]
@@ -805,6 +828,7 @@ impl<B> RetryBody<B> {
     fn inner(body: B) -> Self {
         RetryBody {
             kind: Kind::Inner { body },
+            deadline: None,
         }
     }
 
@@ -813,7 +837,17 @@ impl<B> RetryBody<B> {
             kind: Kind::Buffered {
                 data: Some(data).filter(|d| !d.is_empty()),
             },
+            deadline: None,
         }
+    }
+
+    /// The same body, ended with an error at `deadline` if it is the
+    /// service's own and still arriving.
+    fn until(mut self, deadline: Instant) -> Self {
+        if matches!(self.kind, Kind::Inner { .. }) {
+            self.deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
+        }
+        self
     }
 }
 
@@ -838,8 +872,22 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project().kind.project() {
-            KindProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
+        let this = self.project();
+        match this.kind.project() {
+            KindProj::Inner { body } => {
+                if let Poll::Ready(frame) = body.poll_frame(cx) {
+                    return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+                }
+                let past = this
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                if past {
+                    *this.deadline = None;
+                    return Poll::Ready(Some(Err(Box::new(BodyPastDeadline))));
+                }
+                Poll::Pending
+            }
             KindProj::Buffered { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
