@@ -174,6 +174,9 @@ async fn anonymous_keyed_requests_are_rejected_by_default() {
 async fn the_shared_anonymous_scope_is_explicit_and_warned_about_once() {
     let captured = Captured::default();
     let _guard = tracing::subscriber::set_default(captured.subscriber(tracing::Level::WARN));
+    // Tests on other threads set and drop their own subscribers: make sure
+    // no callsite's interest was cached while this one was not yet there.
+    tracing::callsite::rebuild_interest_cache();
 
     let counter = Counter::default();
     let app = booking_router(counter.clone())
