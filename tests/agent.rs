@@ -5,29 +5,14 @@
 //! Uses the example binaries that `cargo test --all-features` builds (built
 //! here if missing).
 
+mod common;
+
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
     process::{Child, Command, Stdio},
 };
 
-/// `target/<profile>/examples/<name>`, built if it is missing.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let binary = profile_dir
-        .join("examples")
-        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    if !binary.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--example", name, "--all-features"])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "{name} builds");
-    }
-    binary
-}
+use common::example;
 
 struct Demo {
     child: Child,

@@ -8,6 +8,8 @@
 //! the demo binary that `cargo test --all-features` builds (built here if it
 //! is missing).
 
+mod common;
+
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
@@ -35,23 +37,9 @@ fn redis_url() -> Option<String> {
     url
 }
 
-/// `target/<profile>/examples/booking_server`, next to this test's own
-/// directory (`target/<profile>/deps`).
+/// The demo binary `cargo test --all-features` builds.
 fn demo_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let binary = profile_dir
-        .join("examples")
-        .join(format!("booking_server{}", std::env::consts::EXE_SUFFIX));
-    if !binary.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--example", "booking_server", "--all-features"])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "the demo server builds");
-    }
-    binary
+    common::example("booking_server")
 }
 
 /// A demo server on a free loopback port, on the Redis at `redis`.
