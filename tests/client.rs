@@ -799,3 +799,271 @@ async fn a_stalled_body_ends_at_the_deadline() {
         "{waited:?}"
     );
 }
+
+/// A service answering from `answers` in turn, each body streamed in two
+/// frames with no length (`None` for a body that stalls after its first
+/// frame), then 201.
+fn streamed(
+    answers: Vec<(u16, &'static str, Option<&'static str>)>,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>>,
+    Error = std::io::Error,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    use futures_util::StreamExt;
+    use http_body_util::{StreamBody, combinators::UnsyncBoxBody};
+    let answers = Arc::new(answers);
+    let count = calls;
+    service_fn(move |_req: Request<Full<Bytes>>| {
+        let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let answer = answers.get(n).copied();
+        async move {
+            let (status, media_type, body) = answer.unwrap_or((201, "text/plain", Some("booked")));
+            let frame = |s: &str| {
+                Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from(s.to_owned())))
+            };
+            let body: UnsyncBoxBody<Bytes, std::io::Error> = match body {
+                Some(text) => {
+                    let (head, tail) = text.split_at(text.len() / 2);
+                    UnsyncBoxBody::new(StreamBody::new(futures_util::stream::iter([
+                        frame(head),
+                        frame(tail),
+                    ])))
+                }
+                None => UnsyncBoxBody::new(StreamBody::new(
+                    futures_util::stream::iter([frame("{\"code\":")])
+                        .chain(futures_util::stream::pending()),
+                )),
+            };
+            Ok::<_, std::io::Error>(
+                Response::builder()
+                    .status(status)
+                    .header("content-type", media_type)
+                    .body(body)
+                    .unwrap(),
+            )
+        }
+    })
+}
+
+/// A 409 in flight is recognised whatever its framing: streamed with no
+/// length, its media type in any case, the IETF draft's problem without a
+/// `code`, Stripe's `idempotency_key_in_use`; a 409 body that stalls is cut
+/// at the attempt timeout and retried. A reused key is still final.
+#[tokio::test(start_paused = true)]
+async fn in_flight_409s_are_recognised_in_any_framing() {
+    use tower_idempotency::client::Ending;
+    let ietf = r#"{"type":"https://example.com/outstanding","title":"A request is outstanding for this key"}"#;
+    let stripe = r#"{"error":{"type":"invalid_request_error","code":"idempotency_key_in_use"}}"#;
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let service = streamed(
+        vec![
+            (409, "Application/Problem+JSON", Some(IN_FLIGHT)),
+            (409, "application/problem+json", Some(ietf)),
+            (409, "application/json; charset=utf-8", Some(stripe)),
+            (409, "application/problem+json", None),
+        ],
+        calls.clone(),
+    );
+    let client = RetryLayer::new()
+        .with_attempts(6)
+        .with_attempt_timeout(Duration::from_secs(2))
+        .with_backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .layer(service);
+    let response = client.oneshot(keyed_post()).await.unwrap();
+    assert_eq!(response.status(), 201);
+    let report = response.extensions().get::<RetryReport>().unwrap().clone();
+    assert_eq!((report.attempts, report.ending), (5, Ending::Done));
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 5);
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        "booked"
+    );
+
+    // A reused key, streamed the same way: final, and its body handed
+    // back whole.
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let service = streamed(
+        vec![(409, "application/problem+json", Some(REUSED))],
+        calls.clone(),
+    );
+    let response = RetryLayer::new()
+        .layer(service)
+        .oneshot(keyed_post())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        REUSED
+    );
+}
+
+/// The classification is a policy: replaced for a whole client, and for one
+/// request through its extensions.
+#[tokio::test(start_paused = true)]
+async fn the_retry_policy_is_replaceable_per_client_and_per_request() {
+    use tower_idempotency::client::{
+        Answer as Seen, DefaultPolicy, Ending, Judgement, Reach, RequestPolicy, RetryPolicy,
+    };
+    // A server whose "still running" is a 423 with a header.
+    let locked: &[(&str, &str)] = &[("x-still-running", "1")];
+    let script = Script::new([
+        Answer::Status(423, locked, ""),
+        Answer::Status(423, locked, ""),
+    ]);
+    let client = RetryLayer::new()
+        .with_backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .with_policy(|answer: &Seen<'_>| {
+            if answer.status() == 423 && answer.headers().contains_key("x-still-running") {
+                Judgement::Retry {
+                    after: answer.retry_after(),
+                    reach: Reach::Maybe,
+                }
+            } else {
+                DefaultPolicy.judge(answer)
+            }
+        })
+        .layer(script.service());
+    let response = client.clone().oneshot(keyed_post()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(script.attempts(), 3, "both 423s were retried");
+
+    // The client's policy hands everything else to the default: a 503 is
+    // retried.
+    let script = Script::new([s503()]);
+    let client = RetryLayer::new()
+        .with_backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .with_policy(|answer: &Seen<'_>| DefaultPolicy.judge(answer))
+        .layer(script.service());
+    let _ = client.clone().oneshot(keyed_post()).await.unwrap();
+    assert_eq!(script.attempts(), 2);
+
+    // One request that takes a 503 as final, and one whose policy reads a
+    // body the default would not.
+    let script = Script::new([s503(), Answer::Status(400, &[], "busy: try later")]);
+    let client = RetryLayer::new()
+        .with_backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .layer(script.service());
+    let mut request = keyed_post();
+    request
+        .extensions_mut()
+        .insert(RequestPolicy::new(|_: &Seen<'_>| Judgement::done()));
+    let response = client.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 503);
+    let report = response.extensions().get::<RetryReport>().unwrap();
+    assert_eq!((report.attempts, report.ending), (1, Ending::Done));
+
+    struct BusyText;
+    impl RetryPolicy for BusyText {
+        fn reads_body(&self, status: StatusCode, _: &http::HeaderMap) -> bool {
+            status == 400
+        }
+        fn judge(&self, answer: &Seen<'_>) -> Judgement {
+            match answer.body() {
+                Some(body) if body.starts_with(b"busy") => Judgement::Retry {
+                    after: None,
+                    reach: Reach::Nothing,
+                },
+                _ => DefaultPolicy.judge(answer),
+            }
+        }
+    }
+    let mut request = keyed_post();
+    request
+        .extensions_mut()
+        .insert(RequestPolicy::new(BusyText));
+    let response = client.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200, "the 400 that said busy was retried");
+    assert_eq!(script.attempts(), 3);
+}
+
+/// Through reqwest over real TCP: a 409 in flight sent chunked, then one
+/// whose body ends with the connection (no length at all), are both
+/// recognised and retried; a request's own policy applies there too.
+#[cfg(feature = "reqwest")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reqwest_recognises_in_flight_409s_in_any_framing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower_idempotency::client::{
+        Answer as Seen, Ending, Judgement, RequestPolicy, RetryMiddleware,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        let chunked = format!(
+            "HTTP/1.1 409 Conflict\r\ncontent-type: Application/Problem+JSON\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{IN_FLIGHT}\r\n0\r\n\r\n",
+            IN_FLIGHT.len()
+        );
+        let ietf = r#"{"type":"https://example.com/outstanding","title":"outstanding"}"#;
+        let unlengthed = format!(
+            "HTTP/1.1 409 Conflict\r\ncontent-type: application/problem+json\r\nconnection: close\r\n\r\n{ietf}"
+        );
+        let booked = "HTTP/1.1 201 Created\r\ncontent-length: 6\r\nconnection: close\r\n\r\nbooked"
+            .to_owned();
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let answer = match n % 3 {
+                0 => chunked.clone(),
+                1 => unlengthed.clone(),
+                _ => booked.clone(),
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = socket.write_all(answer.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(RetryMiddleware::from(RetryLayer::new().with_backoff(
+            Duration::from_millis(1),
+            Duration::from_millis(5),
+        )))
+        .build();
+    let key = IntentKey::derive("book", &serde_json::json!({"slot": 12})).unwrap();
+    let response = client
+        .post(format!("http://{addr}/book"))
+        .with_extension(key.clone())
+        .body("slot 12")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let report = response.extensions().get::<RetryReport>().unwrap().clone();
+    assert_eq!((report.attempts, report.ending), (3, Ending::Done));
+    assert_eq!(response.text().await.unwrap(), "booked");
+
+    // This request's policy takes every answer as final: the chunked 409
+    // comes back, its body whole.
+    let response = client
+        .post(format!("http://{addr}/book"))
+        .with_extension(key)
+        .with_extension(RequestPolicy::new(|_: &Seen<'_>| Judgement::done()))
+        .body("slot 12")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409);
+    assert_eq!(
+        response.extensions().get::<RetryReport>().unwrap().attempts,
+        1
+    );
+    assert_eq!(response.text().await.unwrap(), IN_FLIGHT);
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 4);
+}

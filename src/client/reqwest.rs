@@ -5,7 +5,8 @@ use http::Extensions;
 use reqwest_middleware::{Middleware, Next};
 
 use super::{
-    IntentKey, RetryLayer, policy,
+    IntentKey, RetryLayer,
+    policy::{self, Answer, RequestPolicy, RetryPolicy},
     retry::{Config, Judged, drive},
 };
 
@@ -71,6 +72,10 @@ impl Middleware for RetryMiddleware {
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let cloneable = request.try_clone().is_some();
         let retryable = cloneable && (key.is_some() || policy::is_idempotent(request.method()));
+        let judge_by = extensions
+            .get::<RequestPolicy>()
+            .map_or_else(|| config.policy.clone(), |p| p.0.clone());
+        let (method, keyed) = (request.method().clone(), key.is_some());
         let mut first = Some(request);
         let template = first.as_ref().and_then(reqwest::Request::try_clone);
         let answer = drive(config, key, retryable, || {
@@ -78,6 +83,7 @@ impl Middleware for RetryMiddleware {
                 .take()
                 .or_else(|| template.as_ref().and_then(reqwest::Request::try_clone));
             let (next, mut extensions) = (next.clone(), extensions.clone());
+            let (judge_by, method) = (judge_by.clone(), method.clone());
             async move {
                 let Some(attempt) = attempt else {
                     return Err("the request body cannot be sent again".into());
@@ -91,7 +97,7 @@ impl Middleware for RetryMiddleware {
                         }
                     },
                 )?;
-                judge(response).await
+                judge(response, &*judge_by, &method, keyed).await
             }
         })
         .await;
@@ -118,41 +124,56 @@ impl Middleware for RetryMiddleware {
     }
 }
 
-/// Judges a reqwest answer; a 409 problem is read for its code and put
-/// back together.
+/// Judges a reqwest answer; a body the policy asks to read is read (up to
+/// its limit, whatever its framing) and put back together.
 async fn judge(
     response: reqwest::Response,
+    judge_by: &dyn RetryPolicy,
+    method: &http::Method,
+    keyed: bool,
 ) -> Result<Judged<reqwest::Response>, Box<dyn std::error::Error + Send + Sync>> {
     let status = response.status();
     let replayed = response
         .headers()
         .get(crate::IDEMPOTENT_REPLAYED)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
-    if !policy::is_problem(status, response.headers(), response.content_length()) {
-        let verdict = policy::classify(status, response.headers(), None);
+    if !policy::reads_body(
+        judge_by,
+        status,
+        response.headers(),
+        response.content_length(),
+    ) {
+        let (verdict, reach) = judge_by
+            .judge(&Answer::new(
+                method,
+                keyed,
+                status,
+                response.headers(),
+                None,
+            ))
+            .verdict();
         return Ok(Judged {
             status,
             replayed,
             verdict,
-            reach: policy::reach(status, None),
+            reach,
             answer: response,
         });
     }
     let headers = response.headers().clone();
     let (version, url) = (response.version(), response.url().clone());
-    // A problem of small or unknown length (see `is_problem`), read up to
-    // its limit.
     let mut response = response;
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await? {
         if body.len() + chunk.len() > policy::PROBLEM_LIMIT {
-            return Err("a problem body longer than 64 KiB".into());
+            return Err("an answer body longer than 64 KiB, read to judge it".into());
         }
         body.extend_from_slice(&chunk);
     }
     let body = bytes::Bytes::from(body);
-    let code = policy::problem_code(&body);
-    let verdict = policy::classify(status, &headers, code.as_deref());
+    let (verdict, reach) = judge_by
+        .judge(&Answer::new(method, keyed, status, &headers, Some(&body)))
+        .verdict();
     let mut rebuilt = http::Response::builder().status(status).version(version);
     if let Some(h) = rebuilt.headers_mut() {
         *h = headers;
@@ -164,7 +185,7 @@ async fn judge(
         status,
         replayed,
         verdict,
-        reach: policy::reach(status, code.as_deref()),
+        reach,
         answer: reqwest::Response::from(rebuilt),
     })
 }

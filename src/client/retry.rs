@@ -19,7 +19,7 @@ use tower_service::Service;
 
 use super::{
     IntentKey,
-    policy::{self, Reach, Verdict},
+    policy::{self, Answer, DefaultPolicy, Reach, RequestPolicy, RetryPolicy, Verdict},
 };
 
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -249,6 +249,8 @@ pub(crate) struct Config {
     base: Duration,
     cap: Duration,
     observer: Option<Observer>,
+    /// How answers are judged, unless a request brings its own.
+    pub(crate) policy: Arc<dyn RetryPolicy>,
 }
 
 /// Retries an HTTP client's requests safely: under the key of their intent,
@@ -261,9 +263,11 @@ pub(crate) struct Config {
 ///   idempotent (`GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`): a
 ///   keyless `POST` is sent once.
 /// - **When.** Connection errors, attempt timeouts, 408, 425, 429, 502,
-///   503, 504, and a 409 whose problem `code` is `request-in-flight`. Never
-///   400 or 422 (a reused key, a bad request) or any other 4xx, and never a
-///   500 (the work may have happened; with a key, the server replays it).
+///   503, 504, and a 409 that says the key is in flight (the
+///   [module docs](super) list which). Never 400 or 422 (a reused key, a
+///   bad request) or any other 4xx, and never a 500 (the work may have
+///   happened; with a key, the server replays it). The rules are a
+///   [`RetryPolicy`], replaceable with [`with_policy`](Self::with_policy).
 /// - **How long.** At most [`with_attempts`](Self::with_attempts) attempts
 ///   (6), each bounded by [`with_attempt_timeout`](Self::with_attempt_timeout)
 ///   (10 s), all within [`with_deadline`](Self::with_deadline) (60 s).
@@ -332,6 +336,7 @@ impl RetryLayer {
                 base: Duration::from_millis(200),
                 cap: Duration::from_secs(10),
                 observer: None,
+                policy: Arc::new(DefaultPolicy),
             }),
         }
     }
@@ -394,6 +399,14 @@ impl RetryLayer {
         self.with(|c| c.header = header)
     }
 
+    /// Judges answers by `policy` instead of [`DefaultPolicy`] (a
+    /// [`RequestPolicy`] in a request's extensions replaces it for that
+    /// request). See [`RetryPolicy`].
+    pub fn with_policy(self, policy: impl RetryPolicy) -> Self {
+        let policy: Arc<dyn RetryPolicy> = Arc::new(policy);
+        self.with(|c| c.policy = policy)
+    }
+
     /// Calls `observer` as each attempt ends (for a progress line, a
     /// metric).
     pub fn on_attempt(self, observer: impl Fn(&AttemptEvent) + Send + Sync + 'static) -> Self {
@@ -428,11 +441,11 @@ impl<S: fmt::Debug> fmt::Debug for Retry<S> {
     }
 }
 
-type Answer<RB> = Result<Response<RetryBody<RB>>, RetryError>;
+type Finished<RB> = Result<Response<RetryBody<RB>>, RetryError>;
 
 /// The future [`Retry`] returns.
 pub struct RetryFuture<RB> {
-    inner: Pin<Box<dyn Future<Output = Answer<RB>> + Send>>,
+    inner: Pin<Box<dyn Future<Output = Finished<RB>> + Send>>,
 }
 
 impl<RB> fmt::Debug for RetryFuture<RB> {
@@ -520,6 +533,11 @@ where
     let sendable = request.uri().authority().is_some()
         && matches!(request.uri().scheme_str(), Some("http" | "https"));
     let retryable = sendable && (key.is_some() || policy::is_idempotent(request.method()));
+    let judge = request
+        .extensions()
+        .get::<RequestPolicy>()
+        .map_or_else(|| config.policy.clone(), |p| p.0.clone());
+    let (method, keyed) = (request.method().clone(), key.is_some());
     // The first attempt uses the service `poll_ready` readied; each later
     // one a clone, readied first.
     let mut ready = Some(ready);
@@ -527,6 +545,7 @@ where
     let (response, report) = drive(&config, key, retryable, move || {
         let first = ready.take();
         let (template, request) = (inner.clone(), request.clone());
+        let (judge, method) = (judge.clone(), method.clone());
         async move {
             let mut service = match first {
                 Some(service) => service,
@@ -540,14 +559,21 @@ where
             };
             let response = service.call(request).await.map_err(Into::into)?;
             let replayed = is_replay(&response);
-            let (response, problem) = read_problem(response).await?;
-            let verdict =
-                policy::classify(response.status(), response.headers(), problem.as_deref());
+            let (response, body) = read_body(response, &*judge).await?;
+            let (verdict, reach) = judge
+                .judge(&Answer::new(
+                    &method,
+                    keyed,
+                    response.status(),
+                    response.headers(),
+                    body.as_deref(),
+                ))
+                .verdict();
             Ok(Judged {
                 status: response.status(),
                 replayed,
                 verdict,
-                reach: policy::reach(response.status(), problem.as_deref()),
+                reach,
                 answer: response,
             })
         }
@@ -753,12 +779,15 @@ fn is_replay<T>(response: &Response<T>) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
 }
 
-/// A 409 problem of known, small length is read to learn its code; every
-/// other response passes untouched. A body that breaks off while it is read
-/// fails the attempt, as a connection error does.
-async fn read_problem<RB>(
+/// The body of an answer the policy asks to read
+/// ([`RetryPolicy::reads_body`]) is read whole, up to its limit, whatever
+/// its framing (a length, chunks, or none); every other answer passes
+/// untouched. A body that breaks off while it is read fails the attempt,
+/// as a connection error does; the attempt timeout bounds the read.
+async fn read_body<RB>(
     response: Response<RB>,
-) -> Result<(Response<RetryBody<RB>>, Option<String>), BoxError>
+    judge: &dyn RetryPolicy,
+) -> Result<(Response<RetryBody<RB>>, Option<Bytes>), BoxError>
 where
     RB: Body<Data = Bytes>,
     RB::Error: Into<BoxError>,
@@ -769,7 +798,7 @@ where
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok())
     });
-    if !policy::is_problem(response.status(), response.headers(), known_len) {
+    if !policy::reads_body(judge, response.status(), response.headers(), known_len) {
         return Ok((response.map(RetryBody::inner), None));
     }
     let (parts, body) = response.into_parts();
@@ -778,16 +807,15 @@ where
     while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
         if let Ok(mut data) = frame.map_err(Into::into)?.into_data() {
             if buf.len() + data.remaining() > policy::PROBLEM_LIMIT {
-                return Err("a problem body longer than 64 KiB".into());
+                return Err("an answer body longer than 64 KiB, read to judge it".into());
             }
             buf.extend_from_slice(&data.copy_to_bytes(data.remaining()));
         }
     }
     let bytes = buf.freeze();
-    let code = policy::problem_code(&bytes);
     Ok((
-        Response::from_parts(parts, RetryBody::buffered(bytes)),
-        code,
+        Response::from_parts(parts, RetryBody::buffered(bytes.clone())),
+        Some(bytes),
     ))
 }
 
