@@ -1067,3 +1067,143 @@ async fn reqwest_recognises_in_flight_409s_in_any_framing() {
     assert_eq!(response.text().await.unwrap(), IN_FLIGHT);
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 4);
 }
+
+/// The seed incident's second lesson: a 3 s attempt timeout in front of an
+/// endpoint that takes 4.2 s one call in four. Without learning, every slow
+/// call times out on each attempt and fails; with it, the timeout stretches
+/// after a few calls and the slow calls are answered on their first
+/// attempt. Another endpoint keeps its own figures.
+#[tokio::test(start_paused = true)]
+async fn a_learnt_timeout_stretches_to_the_endpoints_latency() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower_idempotency::client::LearntTimeout;
+    let run = |layer: RetryLayer| async move {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let count = calls.clone();
+        let slow = service_fn(move |req: Request<Full<Bytes>>| {
+            count.fetch_add(1, Ordering::SeqCst);
+            async move {
+                // One slot in four is slow.
+                let slot: u64 = req.uri().query().unwrap().parse().unwrap();
+                let took = if slot % 4 == 0 { 4200 } else { 900 };
+                tokio::time::sleep(Duration::from_millis(took)).await;
+                Ok::<_, std::io::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            }
+        });
+        let timeouts = Arc::new(Mutex::new(Vec::new()));
+        let seen = timeouts.clone();
+        let client = layer
+            .with_attempt_timeout(Duration::from_secs(3))
+            .with_attempts(4)
+            .with_deadline(Duration::from_secs(60))
+            .with_backoff(Duration::from_millis(1), Duration::from_millis(1))
+            .without_retry_budget()
+            .on_attempt(move |event| {
+                seen.lock()
+                    .unwrap()
+                    .push((event.timeout, event.outcome.clone()));
+            })
+            .layer(slow);
+        let mut failed = Vec::new();
+        for slot in 0..24u64 {
+            let mut request = Request::post(format!("http://api.example/bookings?{slot}"))
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap();
+            let key = IntentKey::derive("book", &serde_json::json!({"slot": slot})).unwrap();
+            request.extensions_mut().insert(key);
+            if client.clone().oneshot(request).await.is_err() {
+                failed.push(slot);
+            }
+        }
+        let events = timeouts.lock().unwrap().clone();
+        (failed, events, calls.load(Ordering::SeqCst))
+    };
+
+    let (failed, _, _) = run(RetryLayer::new()).await;
+    assert_eq!(failed, [0, 4, 8, 12, 16, 20], "each slow call fails");
+
+    let (failed, events, calls) =
+        run(RetryLayer::new().with_learnt_timeout(LearntTimeout::new())).await;
+    // Slot 0 is the first call: its four attempts time out at 3 s (four
+    // samples, one short of learning). Slot 1's 0.9 s makes five: from
+    // slot 2 on, attempts get 4.5 s (3 s × 1.5), so slot 4 is answered on
+    // its first attempt, and so is every later slow call.
+    assert_eq!(failed, [0], "only the first call fails");
+    let timed_out = events
+        .iter()
+        .filter(|(_, o)| *o == AttemptOutcome::TimedOut)
+        .count();
+    assert_eq!(timed_out, 4, "{events:?}");
+    assert_eq!(calls, 4 + 23, "every later call made one attempt");
+    assert_eq!(events[4].0, Duration::from_secs(3), "not learnt yet");
+    let learnt = events[5].0;
+    assert!(
+        (Duration::from_millis(4500)..Duration::from_millis(4560)).contains(&learnt),
+        "learnt from 3 s (the sketch keeps two digits): {learnt:?}"
+    );
+    let (last_timeout, _) = events.last().unwrap();
+    assert!(
+        (Duration::from_millis(6200)..Duration::from_millis(6500)).contains(last_timeout),
+        "p95 4.2 s × 1.5: {last_timeout:?}"
+    );
+    assert_eq!(
+        events[0].0,
+        Duration::from_secs(3),
+        "starts from the set timeout"
+    );
+}
+
+/// Through reqwest too, the deadline bounds the body: a 201 whose body
+/// stalls after its first bytes ends with an error at the deadline, and
+/// the response keeps its URL and headers.
+#[cfg(feature = "reqwest")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reqwest_a_stalled_body_ends_at_the_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower_idempotency::client::RetryMiddleware;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = socket.read(&mut buf).await;
+        socket
+            .write_all(
+                b"HTTP/1.1 201 Created\r\ncontent-length: 100\r\nx-booking: 7\r\n\r\n{\"id\":",
+            )
+            .await
+            .unwrap();
+        // Never the rest, never closed.
+        std::future::pending::<()>().await;
+        drop(socket);
+    });
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(RetryMiddleware::from(
+            RetryLayer::new().with_deadline(Duration::from_millis(800)),
+        ))
+        .build();
+    let key = IntentKey::derive("book", &serde_json::json!({"slot": 13})).unwrap();
+    let response = client
+        .post(format!("http://{addr}/book"))
+        .with_extension(key)
+        .body("slot 13")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["x-booking"], "7");
+    assert_eq!(response.url().path(), "/book");
+    assert!(response.extensions().get::<RetryReport>().is_some());
+    // The guard only turns a hang into a failure; the deadline is 0.8 s.
+    let read = tokio::time::timeout(Duration::from_secs(60), response.text())
+        .await
+        .expect("the body read ended");
+    let err = read.unwrap_err();
+    let mut chain = Vec::new();
+    let mut cause: Option<&dyn std::error::Error> = Some(&err);
+    while let Some(e) = cause {
+        chain.push(e.to_string());
+        cause = e.source();
+    }
+    assert!(chain.iter().any(|e| e.contains("deadline")), "{chain:?}");
+}

@@ -28,6 +28,7 @@
 //! request as a [`RequestPolicy`] in its extensions.
 
 mod intent;
+mod learnt;
 mod policy;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
@@ -36,6 +37,7 @@ mod retry;
 
 pub(crate) use intent::check_numbers;
 pub use intent::{IntentKey, IntentKeyError};
+pub use learnt::LearntTimeout;
 pub use policy::{Answer, DefaultPolicy, Judgement, Reach, RequestPolicy, RetryPolicy};
 #[cfg(feature = "reqwest")]
 pub use reqwest::RetryMiddleware;

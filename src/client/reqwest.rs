@@ -7,7 +7,7 @@ use reqwest_middleware::{Middleware, Next};
 use super::{
     IntentKey, RetryLayer,
     policy::{self, Answer, RequestPolicy, RetryPolicy},
-    retry::{Config, Judged, drive},
+    retry::{Config, Judged, RetryBody, drive},
 };
 
 /// [`RetryLayer`]'s behaviour as a `reqwest-middleware` middleware: the same
@@ -76,9 +76,19 @@ impl Middleware for RetryMiddleware {
             .get::<RequestPolicy>()
             .map_or_else(|| config.policy.clone(), |p| p.0.clone());
         let (method, keyed) = (request.method().clone(), key.is_some());
+        let endpoint = config.learnt_enabled().then(|| {
+            let url = request.url();
+            let authority = match (url.host_str(), url.port()) {
+                (Some(host), Some(port)) => format!("{host}:{port}"),
+                (Some(host), None) => host.to_owned(),
+                (None, _) => String::new(),
+            };
+            super::learnt::endpoint(url.scheme(), &authority, url.path())
+        });
+        let deadline = config.deadline_from_now();
         let mut first = Some(request);
         let template = first.as_ref().and_then(reqwest::Request::try_clone);
-        let answer = drive(config, key, retryable, || {
+        let answer = drive(config, key, endpoint, retryable, || {
             let attempt = first
                 .take()
                 .or_else(|| template.as_ref().and_then(reqwest::Request::try_clone));
@@ -102,7 +112,11 @@ impl Middleware for RetryMiddleware {
         })
         .await;
         match answer {
-            Ok((mut response, report)) => {
+            Ok((response, report)) => {
+                let mut response = match deadline {
+                    Some(at) => until(response, at),
+                    None => response,
+                };
                 response.extensions_mut().insert(report);
                 Ok(response)
             }
@@ -188,4 +202,26 @@ async fn judge(
         reach,
         answer: reqwest::Response::from(rebuilt),
     })
+}
+
+/// The same response, its body ended with an error if it is still arriving
+/// at `deadline` (the deadline bounds the whole exchange, as on the tower
+/// path).
+fn until(response: reqwest::Response, deadline: tokio::time::Instant) -> reqwest::Response {
+    let url = response.url().clone();
+    let (parts, body) = http::Response::<reqwest::Body>::from(response).into_parts();
+    let body = reqwest::Body::wrap(RetryBody::inner(body).until(deadline));
+    let mut rebuilt = http::Response::builder()
+        .status(parts.status)
+        .version(parts.version);
+    if let Some(headers) = rebuilt.headers_mut() {
+        *headers = parts.headers;
+    }
+    if let Some(extensions) = rebuilt.extensions_mut() {
+        extensions.extend(parts.extensions);
+    }
+    match reqwest::ResponseBuilderExt::url(rebuilt, url).body(body) {
+        Ok(rebuilt) => reqwest::Response::from(rebuilt),
+        Err(_) => unreachable!("every part came from a valid response"),
+    }
 }

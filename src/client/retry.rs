@@ -18,7 +18,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{
-    IntentKey,
+    IntentKey, LearntTimeout,
+    learnt::{self, Latencies},
     policy::{self, Answer, DefaultPolicy, Reach, RequestPolicy, RetryPolicy, Verdict},
 };
 
@@ -66,6 +67,10 @@ pub struct AttemptEvent {
     pub attempt: u32,
     /// How it ended.
     pub outcome: AttemptOutcome,
+    /// The time it was given: the attempt timeout (learnt, when
+    /// [`RetryLayer::with_learnt_timeout`] is on and the endpoint has
+    /// enough samples), or what the deadline left, whichever is shorter.
+    pub timeout: Duration,
     /// The wait before the next attempt; `None` when there is none (the
     /// answer was final, or attempts or the deadline ran out).
     pub wait: Option<Duration>,
@@ -251,6 +256,22 @@ pub(crate) struct Config {
     observer: Option<Observer>,
     /// How answers are judged, unless a request brings its own.
     pub(crate) policy: Arc<dyn RetryPolicy>,
+    /// Each endpoint's latency, when attempt timeouts are learnt.
+    learnt: Option<Arc<Latencies>>,
+}
+
+impl Config {
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    pub(crate) fn learnt_enabled(&self) -> bool {
+        self.learnt.is_some()
+    }
+
+    /// When an exchange started now must be over, if the deadline is
+    /// within the clock's range.
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    pub(crate) fn deadline_from_now(&self) -> Option<Instant> {
+        Instant::now().checked_add(self.deadline)
+    }
 }
 
 /// Retries an HTTP client's requests safely: under the key of their intent,
@@ -337,6 +358,7 @@ impl RetryLayer {
                 cap: Duration::from_secs(10),
                 observer: None,
                 policy: Arc::new(DefaultPolicy),
+                learnt: None,
             }),
         }
     }
@@ -397,6 +419,15 @@ impl RetryLayer {
     /// The header carrying the key (default `Idempotency-Key`).
     pub fn with_header(self, header: HeaderName) -> Self {
         self.with(|c| c.header = header)
+    }
+
+    /// Learns each endpoint's attempt timeout from its latency, starting
+    /// from [`with_attempt_timeout`](Self::with_attempt_timeout)'s (see
+    /// [`LearntTimeout`]). Off by default. Clones of the layer share what
+    /// was learnt.
+    pub fn with_learnt_timeout(self, rule: LearntTimeout) -> Self {
+        let book = Arc::new(Latencies::new(rule));
+        self.with(|c| c.learnt = Some(book))
     }
 
     /// Judges answers by `policy` instead of [`DefaultPolicy`] (a
@@ -538,11 +569,19 @@ where
         .get::<RequestPolicy>()
         .map_or_else(|| config.policy.clone(), |p| p.0.clone());
     let (method, keyed) = (request.method().clone(), key.is_some());
+    let endpoint = config.learnt.as_ref().and_then(|_| {
+        let uri = request.uri();
+        Some(learnt::endpoint(
+            uri.scheme_str()?,
+            uri.authority()?.as_str(),
+            uri.path(),
+        ))
+    });
     // The first attempt uses the service `poll_ready` readied; each later
     // one a clone, readied first.
     let mut ready = Some(ready);
     let started = Instant::now();
-    let (response, report) = drive(&config, key, retryable, move || {
+    let (response, report) = drive(&config, key, endpoint, retryable, move || {
         let first = ready.take();
         let (template, request) = (inner.clone(), request.clone());
         let (judge, method) = (judge.clone(), method.clone());
@@ -635,6 +674,7 @@ fn failure_reach(err: &BoxError) -> Reach {
 pub(crate) async fn drive<R, F, Fut>(
     config: &Config,
     key: Option<String>,
+    endpoint: Option<String>,
     retryable: bool,
     mut send: F,
 ) -> Result<(R, RetryReport), RetryError>
@@ -653,8 +693,28 @@ where
     loop {
         attempt += 1;
         let left = deadline.saturating_duration_since(Instant::now());
-        let limit = config.attempt_timeout.min(left);
-        let (outcome, verdict, reach, answer) = match tokio::time::timeout(limit, send()).await {
+        let learnt = match (&config.learnt, &endpoint) {
+            (Some(book), Some(endpoint)) => Some((book, endpoint)),
+            _ => None,
+        };
+        let timeout = learnt
+            .and_then(|(book, endpoint)| book.timeout(endpoint))
+            .unwrap_or(config.attempt_timeout);
+        let limit = timeout.min(left);
+        let sent = Instant::now();
+        let result = tokio::time::timeout(limit, send()).await;
+        if let Some((book, endpoint)) = learnt {
+            match &result {
+                // Took at least its whole timeout (not one the deadline
+                // cut short, which says less).
+                Err(_) if limit == timeout => book.record(endpoint, timeout),
+                Ok(Ok(judged)) if judged.verdict == Verdict::Done => {
+                    book.record(endpoint, sent.elapsed());
+                }
+                _ => {}
+            }
+        }
+        let (outcome, verdict, reach, answer) = match result {
             Err(_) => (
                 AttemptOutcome::TimedOut,
                 Verdict::Retry(None),
@@ -697,6 +757,7 @@ where
         let event = AttemptEvent {
             attempt,
             outcome,
+            timeout: limit,
             wait,
         };
         tracing::debug!(
@@ -853,7 +914,7 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> RetryBody<B> {
-    fn inner(body: B) -> Self {
+    pub(crate) fn inner(body: B) -> Self {
         RetryBody {
             kind: Kind::Inner { body },
             deadline: None,
@@ -871,7 +932,7 @@ impl<B> RetryBody<B> {
 
     /// The same body, ended with an error at `deadline` if it is the
     /// service's own and still arriving.
-    fn until(mut self, deadline: Instant) -> Self {
+    pub(crate) fn until(mut self, deadline: Instant) -> Self {
         if matches!(self.kind, Kind::Inner { .. }) {
             self.deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
         }
