@@ -1085,7 +1085,7 @@ async fn a_learnt_timeout_stretches_to_the_endpoints_latency() {
             async move {
                 // One slot in four is slow.
                 let slot: u64 = req.uri().query().unwrap().parse().unwrap();
-                let took = if slot % 4 == 0 { 4200 } else { 900 };
+                let took = if slot.is_multiple_of(4) { 4200 } else { 900 };
                 tokio::time::sleep(Duration::from_millis(took)).await;
                 Ok::<_, std::io::Error>(Response::new(Full::new(Bytes::from_static(b"ok"))))
             }
