@@ -106,7 +106,8 @@ const HIGHEST_MICROS: u64 = 3_600_000_000;
 /// One endpoint's latencies.
 struct Endpoint {
     current: Histogram<u64>,
-    previous: Histogram<u64>,
+    /// The current window and the one before it together.
+    both: Histogram<u64>,
     /// The timeout learnt from both windows, once there are enough.
     learnt: Option<Duration>,
     /// When it was last used, on the book's own count.
@@ -179,25 +180,27 @@ impl Latencies {
             .entry(endpoint.to_owned())
             .or_insert_with(|| Endpoint {
                 current: histogram(),
-                previous: histogram(),
+                both: histogram(),
                 learnt: None,
                 used: clock,
             });
         entry.used = clock;
         if entry.current.len() >= WINDOW {
-            std::mem::swap(&mut entry.current, &mut entry.previous);
-            entry.current.reset();
+            // The window before the current one leaves the sketch.
+            entry.both = std::mem::replace(&mut entry.current, histogram());
         }
         entry.current.saturating_record(micros);
-        let samples = entry.current.len() + entry.previous.len();
-        entry.learnt = (samples >= self.rule.min_samples).then(|| {
-            let mut both = entry.previous.clone();
-            // Same bounds on both sides: adding cannot fail.
-            let _ = both.add(&entry.current);
-            let at = Duration::from_micros(both.value_at_quantile(self.rule.quantile));
-            at.mul_f64(self.rule.margin)
-                .clamp(self.rule.floor, self.rule.ceiling)
-        });
+        entry.both.saturating_record(micros);
+        let samples = entry.both.len();
+        // The quantile walks the sketch: read it on every sample while
+        // there are few, then on every eighth.
+        if samples >= self.rule.min_samples && (samples < 64 || samples.is_multiple_of(8)) {
+            let at = Duration::from_micros(entry.both.value_at_quantile(self.rule.quantile));
+            entry.learnt = Some(
+                at.mul_f64(self.rule.margin)
+                    .clamp(self.rule.floor, self.rule.ceiling),
+            );
+        }
     }
 }
 
