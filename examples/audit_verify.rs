@@ -1,120 +1,214 @@
 //! Checks an audit chain written by the layer.
 //!
 //! ```text
-//! cargo run --example audit_verify -- PATH [--public-key FILE] [--history KEY_HASH]
+//! cargo run --example audit_verify -- PATH --public-key FILE [--public-key FILE...]
+//!   [--checkpoint FILE...] [--latest-checkpoint OUT] [--instance NAME]
+//!   [--history KEY_HASH] [--receipt FILE]
 //! ```
 //!
-//! Prints `ok: N entries` and exits 0 for an intact chain; for a broken one
-//! prints `line L: REASON` for the first bad line and exits 1. With
-//! `--public-key`, every checkpoint's signature is checked too, and a chain
-//! without a signed checkpoint is broken. With `--history`, the decisions
-//! about the key with that hash (SHA-256 hex of the key, or a prefix of at
-//! least 8 digits) follow, in order. Bad arguments or an unreadable file
-//! exit 2.
+//! - exit 0: every entry verified and covered by a checkpoint signed by one
+//!   of the keys, and the chain holds the tree of every `--checkpoint` given
+//!   (notes kept elsewhere): prints `ok: N entries, signed through N`;
+//! - exit 1: something was changed, removed, inserted, forged, duplicated or
+//!   rolled back: prints `line L: REASON` for the first bad line (for a
+//!   rollback, the saved checkpoint's file is named);
+//! - exit 3: intact but incomplete: entries after the last checkpoint (a
+//!   crash before they were signed, or lines added since), entries a
+//!   restarted writer adopted unsigned, or no entries at all; prints
+//!   `incomplete: N entries, signed through M` and a line per run of
+//!   entries, `lines A-B: REASON`;
+//! - exit 2: bad arguments or an unreadable file.
+//!
+//! `--latest-checkpoint OUT` writes the last verified checkpoint note to
+//! OUT (what an operator hands to a witness or keeps elsewhere, for a later
+//! `--checkpoint`). `--instance` refuses entries of another instance.
+//! `--history` lists, after the verdict, the decisions about the key with
+//! that hash (SHA-256 hex of the key, or a prefix of at least 8 digits).
 
 use std::{path::PathBuf, process::ExitCode};
 
-use tower_idempotency::audit::{AuditVerifier, VerifyError, history, verify_file};
+use tower_idempotency::audit::{
+    AuditVerifier, Trust, VerifiedChain, VerifyError, history_with, verify_file_with,
+};
 
-const USAGE: &str = "usage: audit_verify PATH [--public-key FILE] [--history KEY_HASH]";
+const USAGE: &str = "usage: audit_verify PATH --public-key FILE [--public-key FILE...] \
+[--checkpoint FILE...] [--latest-checkpoint OUT] [--instance NAME] [--history KEY_HASH] [--receipt FILE]";
 
+#[derive(Default)]
 struct Args {
-    path: PathBuf,
-    public_key: Option<PathBuf>,
+    path: Option<PathBuf>,
+    keys: Vec<PathBuf>,
+    checkpoints: Vec<PathBuf>,
+    latest: Option<PathBuf>,
+    instance: Option<String>,
     history: Option<String>,
+    receipt: Option<PathBuf>,
 }
 
-fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut path = None;
-    let mut public_key = None;
-    let mut history = None;
+fn parse(mut args: impl Iterator<Item = std::ffi::OsString>) -> Result<Args, String> {
+    let mut parsed = Args::default();
     while let Some(arg) = args.next() {
+        let arg = arg
+            .into_string()
+            .map_err(|raw| format!("an argument that is not UTF-8: {raw:?}"))?;
+        let mut value = |flag: &str, what: &str| -> Result<String, String> {
+            args.next()
+                .ok_or_else(|| format!("{flag} needs {what}"))?
+                .into_string()
+                .map_err(|raw| format!("{flag}: not UTF-8: {raw:?}"))
+        };
         match arg.as_str() {
-            "--public-key" => {
-                let file = args.next().ok_or("--public-key needs a FILE")?;
-                public_key = Some(PathBuf::from(file));
+            "--public-key" => parsed.keys.push(value("--public-key", "a FILE")?.into()),
+            "--checkpoint" => parsed
+                .checkpoints
+                .push(value("--checkpoint", "a FILE")?.into()),
+            "--latest-checkpoint" => {
+                if parsed.latest.is_some() {
+                    return Err("--latest-checkpoint given twice".into());
+                }
+                parsed.latest = Some(value("--latest-checkpoint", "an OUT file")?.into());
+            }
+            "--instance" => {
+                if parsed.instance.is_some() {
+                    return Err("--instance given twice".into());
+                }
+                parsed.instance = Some(value("--instance", "a NAME")?);
+            }
+            "--receipt" => {
+                if parsed.receipt.is_some() {
+                    return Err("--receipt given twice".into());
+                }
+                parsed.receipt = Some(value("--receipt", "a FILE")?.into());
             }
             "--history" => {
-                let hash = args.next().ok_or("--history needs a KEY_HASH")?;
+                let hash = value("--history", "a KEY_HASH")?;
                 if hash.len() < 8 || hash.len() > 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit())
                 {
                     return Err(format!(
                         "--history takes the key's SHA-256 in hex (8 to 64 digits), not {hash:?}"
                     ));
                 }
-                history = Some(hash.to_ascii_lowercase());
+                parsed.history = Some(hash.to_ascii_lowercase());
             }
             "-h" | "--help" => return Err(String::new()),
-            flag if flag.starts_with("--") => return Err(format!("unknown option {flag}")),
-            _ if path.is_some() => return Err(format!("unexpected argument {arg:?}")),
-            _ => path = Some(PathBuf::from(arg)),
+            flag if flag.starts_with('-') && flag.len() > 1 => {
+                return Err(format!("unknown option {flag}"));
+            }
+            _ if parsed.path.is_some() => return Err(format!("unexpected argument {arg:?}")),
+            _ => parsed.path = Some(PathBuf::from(arg)),
         }
     }
-    Ok(Args {
-        path: path.ok_or("no PATH given")?,
-        public_key,
-        history,
-    })
+    if parsed.path.is_none() {
+        return Err("no PATH given".into());
+    }
+    if parsed.keys.is_empty() {
+        return Err(
+            "no --public-key given: a chain is verified against the keys that signed it".into(),
+        );
+    }
+    Ok(parsed)
+}
+
+fn read(file: &PathBuf) -> Result<String, String> {
+    std::fs::read_to_string(file).map_err(|err| format!("{}: {err}", file.display()))
+}
+
+/// The keys, saved checkpoints and instance, or why they cannot be used.
+fn trust(args: &Args) -> Result<Trust, String> {
+    let mut trust = Trust::new();
+    for file in &args.keys {
+        let key: AuditVerifier = read(file)?
+            .parse()
+            .map_err(|err| format!("{}: {err}", file.display()))?;
+        trust = trust.with_key(key);
+    }
+    for file in &args.checkpoints {
+        trust = trust.with_checkpoint(file.display().to_string(), &read(file)?)?;
+    }
+    if let Some(instance) = &args.instance {
+        trust = trust.with_instance(instance.clone());
+    }
+    Ok(trust)
 }
 
 fn main() -> ExitCode {
-    let args = match parse(std::env::args().skip(1)) {
+    let args = match parse(std::env::args_os().skip(1)) {
         Ok(args) => args,
+        Err(why) if why.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(why) => {
-            if !why.is_empty() {
-                eprintln!("audit_verify: {why}");
-            }
+            eprintln!("audit_verify: {why}");
             eprintln!("{USAGE}");
             return ExitCode::from(2);
         }
     };
-    let key = match &args.public_key {
-        None => None,
-        Some(file) => {
-            let text = match std::fs::read_to_string(file) {
-                Ok(text) => text,
-                Err(err) => {
-                    eprintln!("audit_verify: {}: {err}", file.display());
-                    return ExitCode::from(2);
-                }
-            };
-            match text.parse::<AuditVerifier>() {
-                Ok(key) => Some(key),
-                Err(err) => {
-                    eprintln!("audit_verify: {}: {err}", file.display());
-                    return ExitCode::from(2);
-                }
-            }
+    if args.receipt.is_some() {
+        eprintln!("audit_verify: --receipt: receipts are not written by this version");
+        return ExitCode::from(2);
+    }
+    let trust = match trust(&args) {
+        Ok(trust) => trust,
+        Err(why) => {
+            eprintln!("audit_verify: {why}");
+            return ExitCode::from(2);
         }
     };
+    let path = args.path.as_ref().expect("checked in parse");
     let result = match &args.history {
-        None => verify_file(&args.path, key.as_ref()).map(|chain| (chain, None)),
-        Some(hash) => history(&args.path, hash, key.as_ref()).map(|(c, h)| (c, Some(h))),
+        None => verify_file_with(path, &trust).map(|chain| (chain, None)),
+        Some(hash) => history_with(path, hash, &trust).map(|(c, h)| (c, Some(h))),
     };
-    match result {
-        Ok((chain, decisions)) => {
-            println!("ok: {} entries", chain.entries);
-            if !chain.signatures_checked {
-                eprintln!("note: signatures not checked (no --public-key)");
-            }
-            if chain.unsigned_tail() > 0 {
-                eprintln!(
-                    "note: the last {} entries follow the last checkpoint and are not signed yet",
-                    chain.unsigned_tail()
-                );
-            }
-            for decision in decisions.into_iter().flatten() {
-                println!("{decision}");
-            }
-            ExitCode::SUCCESS
-        }
+    let (chain, decisions) = match result {
+        Ok(found) => found,
         Err(VerifyError::Broken(broken)) => {
             println!("{broken}");
-            ExitCode::from(1)
+            return ExitCode::from(1);
         }
         Err(err) => {
-            eprintln!("audit_verify: {}: {err}", args.path.display());
-            ExitCode::from(2)
+            eprintln!("audit_verify: {}: {err}", path.display());
+            return ExitCode::from(2);
         }
+    };
+    if let (Some(out), Some(note)) = (&args.latest, &chain.last_checkpoint)
+        && let Err(err) = std::fs::write(out, note)
+    {
+        eprintln!("audit_verify: {}: {err}", out.display());
+        return ExitCode::from(2);
     }
+    let code = verdict(&chain);
+    for decision in decisions.into_iter().flatten() {
+        println!("{decision}");
+    }
+    code
+}
+
+/// Prints the verdict on an intact chain: complete, or what is missing.
+fn verdict(chain: &VerifiedChain) -> ExitCode {
+    let through = chain.signed_through.unwrap_or(0);
+    if chain.entries > 0 && chain.is_complete() {
+        println!("ok: {} entries, signed through {through}", chain.entries);
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "incomplete: {} entries, signed through {through}",
+        chain.entries
+    );
+    if chain.entries == 0 {
+        println!(
+            "no entries: nothing is signed (an emptied file looks the same; hold it against a saved --checkpoint)"
+        );
+    }
+    for (first, last) in &chain.adopted {
+        println!(
+            "lines {first}-{last}: found after the last checkpoint by a restarted writer and adopted unsigned (a crash's unsigned batch, or lines added while no writer ran)"
+        );
+    }
+    if let Some((first, last)) = chain.unsigned_lines {
+        println!(
+            "lines {first}-{last}: after the last checkpoint, not signed (a crash before they were signed, or lines added since)"
+        );
+    }
+    ExitCode::from(3)
 }

@@ -25,7 +25,7 @@ use tower::ServiceExt;
 use tower_idempotency::{
     IdempotencyLayer, MemoryStore,
     audit::{
-        AuditFailure, AuditLine, AuditLog, AuditSigner, AuditSink, JsonlSink, verify_file,
+        AuditFailure, AuditLine, AuditLog, AuditSigner, AuditSink, JsonlSink, merkle, verify_file,
         verify_lines,
     },
     once::{AtMostOnce, OnceError},
@@ -61,15 +61,13 @@ impl MemorySink {
 }
 
 impl AuditSink for MemorySink {
-    async fn last_entry(&mut self) -> io::Result<Option<String>> {
-        Ok(self
-            .lines
-            .lock()
-            .unwrap()
+    async fn tail(&mut self) -> io::Result<Vec<String>> {
+        let lines = self.lines.lock().unwrap();
+        let from = lines
             .iter()
-            .rev()
-            .find(|l| !l.starts_with("{\"checkpoint\""))
-            .cloned())
+            .rposition(|l| l.starts_with("{\"checkpoint\""))
+            .map_or(0, |at| at - 1);
+        Ok(lines[from..].to_vec())
     }
 
     async fn append(&mut self, lines: &[AuditLine]) -> io::Result<()> {
@@ -473,7 +471,7 @@ fn read_lines(path: &Path) -> Vec<String> {
 async fn write_chain<S: AuditSink>(sink: S, n: usize, every: u64) -> AuditSigner {
     let signer = signer();
     let audit = AuditLog::builder("api-1", signer.clone())
-        .with_checkpoints(every, Duration::from_secs(3600))
+        .with_checkpoints(every)
         .start(sink)
         .await
         .unwrap();
@@ -632,11 +630,11 @@ async fn a_chain_rewritten_without_the_key_fails_its_signature() {
 fn rewrite(lines: &[String], key: &AuditSigner) -> Vec<String> {
     let mut out = Vec::new();
     let mut prev = "0".repeat(64);
-    let mut last_seq = 0;
+    let mut tree = merkle::Tree::new();
     for (i, line) in lines.iter().enumerate() {
         let mut value: serde_json::Map<String, Value> = serde_json::from_str(line).unwrap();
         if value.contains_key("checkpoint") {
-            out.push(forge_checkpoint(key, last_seq, &prev));
+            out.push(forge_checkpoint(key, &tree));
             continue;
         }
         if i == 0 {
@@ -647,19 +645,27 @@ fn rewrite(lines: &[String], key: &AuditSigner) -> Vec<String> {
         let canonical = serde_json_canonicalizer::to_string(&value).unwrap();
         let hash = sha256_hex(canonical.as_bytes());
         value.insert("hash".into(), Value::from(hash.clone()));
-        out.push(serde_json_canonicalizer::to_string(&value).unwrap());
+        let text = serde_json_canonicalizer::to_string(&value).unwrap();
+        tree.push(merkle::leaf_hash(text.as_bytes()));
+        out.push(text);
         prev = hash;
-        last_seq = value["seq"].as_u64().unwrap();
     }
     out
 }
 
-/// A checkpoint over a forged head, signed with the forger's `key`: the
-/// note format is public, so it is built as the writer builds it.
-fn forge_checkpoint(key: &AuditSigner, seq: u64, head: &str) -> String {
-    let body = format!("tower-idempotency/audit/api-1\n{seq}\n{head}\n");
+/// A checkpoint over a forged tree, signed with the forger's `key`: the
+/// formats are public, so it is built as the writer builds it.
+fn forge_checkpoint(key: &AuditSigner, tree: &merkle::Tree) -> String {
+    use base64::Engine as _;
+    let b64 = |h: &[u8; 32]| base64::engine::general_purpose::STANDARD.encode(h);
+    let body = format!(
+        "tower-idempotency/audit/api-1\n{}\n{}\ntime 2026-12-04T00:00:00.000Z\n",
+        tree.size(),
+        b64(&tree.root())
+    );
     let note = key_sign(key, &body);
-    serde_json::to_string(&serde_json::json!({ "checkpoint": note })).unwrap()
+    let peaks: Vec<String> = tree.peaks().map(b64).collect();
+    serde_json::to_string(&serde_json::json!({ "checkpoint": note, "peaks": peaks })).unwrap()
 }
 
 /// A signed note over `body` with `key`, in the documented text form.
@@ -847,7 +853,7 @@ mod postgres {
         let signer = signer();
         for round in 0..2 {
             let audit = AuditLog::builder(&name, signer.clone())
-                .with_checkpoints(4, Duration::from_secs(3600))
+                .with_checkpoints(4)
                 .start(
                     PostgresAuditSink::connect(pool.clone(), &name)
                         .await
@@ -1042,4 +1048,361 @@ async fn a_completion_after_the_store_lost_its_claim_says_so() {
     let text = logs.text();
     assert!(text.contains("the claim is gone from the store"), "{text}");
     assert!(!text.contains("took the key over"), "{text}");
+}
+
+fn is_checkpoint(line: &str) -> bool {
+    line.starts_with("{\"checkpoint\"")
+}
+
+/// An entry that continues `lines` as its writer would write it, as anyone
+/// with write access can forge it: the formats are public.
+fn forge_next(lines: &[String], decision: &str) -> String {
+    let last = lines.iter().rev().find(|l| !is_checkpoint(l)).unwrap();
+    let mut value: serde_json::Map<String, Value> = serde_json::from_str(last).unwrap();
+    let prev = value["hash"].as_str().unwrap().to_owned();
+    let seq = value["seq"].as_u64().unwrap() + 1;
+    value.insert("seq".into(), Value::from(seq));
+    value.insert("prev".into(), Value::from(prev));
+    value.insert("decision".into(), Value::from(decision));
+    value.remove("hash");
+    let hash = sha256_hex(
+        serde_json_canonicalizer::to_string(&value)
+            .unwrap()
+            .as_bytes(),
+    );
+    value.insert("hash".into(), Value::from(hash));
+    serde_json_canonicalizer::to_string(&value).unwrap()
+}
+
+/// Every append the writer makes ends with a checkpoint: whenever entries
+/// are visible in the sink, every one of them is signed.
+#[tokio::test]
+async fn every_batch_ends_signed() {
+    let sink = MemorySink::default();
+    let signer = signer();
+    let audit = AuditLog::builder("api-1", signer.clone())
+        .start(sink.clone())
+        .await
+        .unwrap();
+    let app = common::booking_router(Counter::default())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    for i in 0..6 {
+        let key: &'static str = format!("batch-{i}").leak();
+        body_bytes(app.clone().oneshot(post_with_key(key, "x")).await.unwrap()).await;
+        until(|| entries(&sink.lines()).len() > i).await;
+        let lines = sink.lines();
+        assert!(is_checkpoint(lines.last().unwrap()), "{lines:?}");
+        let chain = verify_lines(&lines, Some(&signer.verifier())).unwrap();
+        assert!(chain.is_complete(), "{chain:?}");
+    }
+    audit.close().await.unwrap();
+}
+
+/// Entries forged after the last checkpoint are named by the verifier as
+/// unsigned; a restart never signs them as its own: it adopts them behind a
+/// `resumed` entry that counts them, and the verifier names them still.
+#[tokio::test]
+async fn a_forged_tail_is_named_before_and_after_a_restart() {
+    let dir = scratch("forged-tail");
+    let path = dir.join("audit.jsonl");
+    let signer = write_chain(JsonlSink::open(&path).unwrap(), 4, 100).await;
+    let key = signer.verifier();
+    let mut lines = read_lines(&path);
+    let forged_line = lines.len() as u64 + 1;
+    lines.push(forge_next(&lines, "executed"));
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+
+    let chain = verify_file(&path, Some(&key)).unwrap();
+    assert_eq!(chain.unsigned_lines, Some((forged_line, forged_line)));
+    assert!(!chain.is_complete());
+
+    let audit = AuditLog::builder("api-1", signer.clone())
+        .start(JsonlSink::open(&path).unwrap())
+        .await
+        .unwrap();
+    let app = common::booking_router(Counter::default())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    body_bytes(app.oneshot(post_with_key("after", "x")).await.unwrap()).await;
+    audit.close().await.unwrap();
+    let lines = read_lines(&path);
+    let resumed = entries(&lines)
+        .into_iter()
+        .find(|e| e["decision"] == "resumed")
+        .expect("a resumed entry");
+    assert_eq!(resumed["count"], 1);
+    let chain = verify_file(&path, Some(&key)).unwrap();
+    assert_eq!(chain.adopted, [(forged_line, forged_line)]);
+    assert_eq!(chain.unsigned_tail(), 0, "signed since, but adopted");
+    assert!(!chain.is_complete());
+}
+
+/// A lost signing key is never replaced silently: a writer with another
+/// key refuses to continue the chain, and leaves it as it was.
+#[tokio::test]
+async fn a_chain_is_never_continued_by_another_key() {
+    let dir = scratch("other-key");
+    let path = dir.join("audit.jsonl");
+    write_chain(JsonlSink::open(&path).unwrap(), 3, 100).await;
+    let before = std::fs::read(&path).unwrap();
+    let err = AuditLog::builder("api-1", AuditSigner::generate("test-audit").unwrap())
+        .start(JsonlSink::open(&path).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not signed by this writer's key"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
+
+/// A checkpoint line given twice, and a junk signature line put before the
+/// real one, are refused at their line.
+#[tokio::test]
+async fn duplicated_checkpoints_and_junk_signatures_are_refused() {
+    let dir = scratch("duplicated");
+    let path = dir.join("audit.jsonl");
+    let signer = write_chain(JsonlSink::open(&path).unwrap(), 4, 100).await;
+    let key = signer.verifier();
+    let lines = read_lines(&path);
+    let at = lines.iter().position(|l| is_checkpoint(l)).unwrap();
+    let mut twice = lines.clone();
+    twice.insert(at + 1, lines[at].clone());
+    let broken = verify_lines(&twice, Some(&key)).unwrap_err();
+    assert_eq!(broken.line, at as u64 + 2, "{broken}");
+    assert!(broken.reason.contains("duplicated"), "{broken}");
+
+    let mut value: serde_json::Map<String, Value> = serde_json::from_str(&lines[at]).unwrap();
+    let note = value["checkpoint"].as_str().unwrap().to_owned();
+    let (body, signature) = note.split_once("\n\n").unwrap();
+    let (name, sig) = signature
+        .trim_end()
+        .strip_prefix("\u{2014} ")
+        .unwrap()
+        .split_once(' ')
+        .unwrap();
+    use base64::Engine as _;
+    let mut raw = base64::engine::general_purpose::STANDARD
+        .decode(sig)
+        .unwrap();
+    raw[10] ^= 1;
+    let junk = format!(
+        "\u{2014} {name} {}\n",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    );
+    value.insert(
+        "checkpoint".into(),
+        Value::from(format!("{body}\n\n{junk}{signature}")),
+    );
+    let mut junked = lines.clone();
+    junked[at] = serde_json_canonicalizer::to_string(&value).unwrap();
+    let broken = verify_lines(&junked, Some(&key)).unwrap_err();
+    assert_eq!(broken.line, at as u64 + 1, "{broken}");
+}
+
+/// Checkpoints (their tree, peaks and signatures) and the library's
+/// inclusion and consistency proofs check in an independent implementation
+/// written from the documented formats (`tests/independent/audit_check.py`,
+/// Python with `cryptography`); a chain rewritten under another key fails
+/// there too.
+#[tokio::test]
+async fn checkpoints_and_proofs_check_in_an_independent_implementation() {
+    use base64::Engine as _;
+    let b64 = |h: &[u8; 32]| base64::engine::general_purpose::STANDARD.encode(h);
+    let dir = scratch("independent");
+    let path = dir.join("audit.jsonl");
+    let signer = write_chain(JsonlSink::open(&path).unwrap(), 11, 4).await;
+    let key_file = dir.join("audit.key.pub");
+    std::fs::write(&key_file, signer.verifier().to_string()).unwrap();
+    let lines = read_lines(&path);
+    let leaves: Vec<merkle::Hash> = lines
+        .iter()
+        .filter(|l| !is_checkpoint(l))
+        .map(|l| merkle::leaf_hash(l.as_bytes()))
+        .collect();
+    let n = leaves.len() as u64;
+    let mut inclusion = Vec::new();
+    for size in [1, 5, n] {
+        for index in 0..size {
+            let proof = merkle::inclusion_proof(index, &leaves[..size as usize]).unwrap();
+            assert!(merkle::verify_inclusion(
+                index,
+                size,
+                &leaves[index as usize],
+                &proof,
+                &merkle::root(&leaves[..size as usize])
+            ));
+            inclusion.push(serde_json::json!({
+                "index": index, "size": size, "leaf": b64(&leaves[index as usize]),
+                "proof": proof.iter().map(b64).collect::<Vec<_>>(),
+            }));
+        }
+    }
+    let mut consistency = Vec::new();
+    for second in [5, n] {
+        for first in 0..=second {
+            let proof = merkle::consistency_proof(first, &leaves[..second as usize]).unwrap();
+            consistency.push(serde_json::json!({
+                "first": first, "second": second,
+                "proof": proof.iter().map(b64).collect::<Vec<_>>(),
+            }));
+        }
+    }
+    let proofs = dir.join("proofs.json");
+    std::fs::write(
+        &proofs,
+        serde_json::json!({"inclusion": inclusion, "consistency": consistency}).to_string(),
+    )
+    .unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/independent/audit_check.py"
+    );
+    let run = |chain: &Path| {
+        std::process::Command::new("python3")
+            .arg(script)
+            .arg(chain)
+            .arg(&key_file)
+            .arg(&proofs)
+            .output()
+            .expect("python3 runs (with the `cryptography` package)")
+    };
+    let out = run(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with(&format!("ok: {n} entries")), "{stdout}");
+
+    let forged = dir.join("forged.jsonl");
+    let rewritten = rewrite(&lines, &AuditSigner::generate("test-audit").unwrap());
+    std::fs::write(&forged, rewritten.join("\n") + "\n").unwrap();
+    let out = run(&forged);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// `audit_verify`'s verdicts, as a user runs it: 0 complete, 1 tampered or
+/// rolled back against a saved checkpoint, 3 intact but incomplete, 2 bad
+/// arguments.
+#[tokio::test]
+async fn audit_verify_exit_codes() {
+    let dir = scratch("verify-cli");
+    let path = dir.join("audit.jsonl");
+    let signer = write_chain(JsonlSink::open(&path).unwrap(), 6, 2).await;
+    let key = dir.join("audit.jsonl.key.pub");
+    std::fs::write(&key, format!("{}\n", signer.verifier())).unwrap();
+    let binary = common::example("audit_verify");
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(&binary)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let saved = dir.join("saved.checkpoint");
+    let (code, stdout) = run(&[
+        path.as_os_str(),
+        "--public-key".as_ref(),
+        key.as_os_str(),
+        "--latest-checkpoint".as_ref(),
+        saved.as_os_str(),
+    ]);
+    assert_eq!(
+        (code, stdout.as_str()),
+        (0, "ok: 6 entries, signed through 6\n")
+    );
+    let note = std::fs::read_to_string(&saved).unwrap();
+    assert!(
+        note.starts_with("tower-idempotency/audit/api-1\n6\n"),
+        "{note}"
+    );
+
+    // Cut back to its first checkpoint: a valid chain on its own, a
+    // rollback against the saved checkpoint.
+    let lines = read_lines(&path);
+    let first = lines.iter().position(|l| is_checkpoint(l)).unwrap();
+    let cut = dir.join("cut.jsonl");
+    std::fs::write(&cut, lines[..=first].join("\n") + "\n").unwrap();
+    assert_eq!(
+        run(&[cut.as_os_str(), "--public-key".as_ref(), key.as_os_str()]).0,
+        0
+    );
+    let (code, stdout) = run(&[
+        cut.as_os_str(),
+        "--public-key".as_ref(),
+        key.as_os_str(),
+        "--checkpoint".as_ref(),
+        saved.as_os_str(),
+    ]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.starts_with(&format!("{}: ", saved.display())),
+        "{stdout}"
+    );
+    assert!(stdout.contains("rolled back"), "{stdout}");
+    // Emptied: incomplete on its own, a rollback against the checkpoint.
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    assert_eq!(
+        run(&[empty.as_os_str(), "--public-key".as_ref(), key.as_os_str()]).0,
+        3
+    );
+    let with_saved = [
+        empty.as_os_str(),
+        "--public-key".as_ref(),
+        key.as_os_str(),
+        "--checkpoint".as_ref(),
+        saved.as_os_str(),
+    ];
+    assert_eq!(run(&with_saved).0, 1);
+
+    // A forged tail: intact, incomplete, its line named.
+    let forged = dir.join("forged.jsonl");
+    let mut more = lines.clone();
+    more.push(forge_next(&lines, "executed"));
+    std::fs::write(&forged, more.join("\n") + "\n").unwrap();
+    let (code, stdout) = run(&[forged.as_os_str(), "--public-key".as_ref(), key.as_os_str()]);
+    assert_eq!(code, 3, "{stdout}");
+    let n = more.len();
+    assert!(
+        stdout.contains(&format!(
+            "lines {n}-{n}: after the last checkpoint, not signed"
+        )),
+        "{stdout}"
+    );
+
+    // A changed byte: exit 1 at its line.
+    let tampered = dir.join("tampered.jsonl");
+    let mut changed = lines.clone();
+    changed[0] = changed[0].replace("\"status\":201", "\"status\":200");
+    std::fs::write(&tampered, changed.join("\n") + "\n").unwrap();
+    let (code, stdout) = run(&[
+        tampered.as_os_str(),
+        "--public-key".as_ref(),
+        key.as_os_str(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(stdout.starts_with("line 1: "), "{stdout}");
+
+    // Bad arguments.
+    assert_eq!(run(&[path.as_os_str()]).0, 2, "no key");
+    assert_eq!(
+        run(&[
+            path.as_os_str(),
+            "--public-key".as_ref(),
+            dir.join("nope").as_os_str()
+        ])
+        .0,
+        2
+    );
+    assert_eq!(run(&["--help".as_ref()]).0, 0);
 }

@@ -1,14 +1,14 @@
 //! Signed checkpoints: the keys that sign them, their text form, and the
 //! check of a signature.
 //!
-//! A checkpoint is a signed note in the manner of C2SP's `signed-note` and
-//! `tlog-checkpoint`: a body of three lines, a blank line, and one signature
-//! line per key.
+//! A checkpoint is a C2SP `tlog-checkpoint` in a C2SP `signed-note`: a body
+//! of four lines, a blank line, and one signature line per key.
 //!
 //! ```text
 //! tower-idempotency/audit/<instance>
-//! <seq of the last entry>
-//! <hash of the last entry, lowercase hex>
+//! <tree size: the seq of the last entry>
+//! <base64 of the RFC 6962 Merkle tree root over the entries' lines>
+//! time <RFC 3339 UTC with milliseconds, when it was signed>
 //!
 //! — <key name> <base64 of key id (4 bytes) followed by the Ed25519 signature (64 bytes)>
 //! ```
@@ -16,10 +16,11 @@
 //! The signature covers the body's bytes, each line ending in a newline. The
 //! key id is the first four bytes of SHA-256 over the key name, a newline,
 //! the byte `0x01` (Ed25519) and the 32-byte public key. Keys are written as
-//! `<name>+<key id hex>+<base64 of 0x01 and the public key>`, and signing
-//! keys as `PRIVATE+KEY+<name>+<key id hex>+<base64 of 0x01 and the seed>`.
+//! `<name>+<key id hex>+<base64 of 0x01 and the public key>` (the form
+//! Go's `golang.org/x/mod/sumdb/note` reads), and signing keys as
+//! `PRIVATE+KEY+<name>+<key id hex>+<base64 of 0x01 and the seed>`.
 
-use std::{fmt, path::Path, str::FromStr};
+use std::{fmt, path::Path, str::FromStr, time::SystemTime};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as BASE64};
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
@@ -210,9 +211,27 @@ impl AuditSigner {
         }
     }
 
-    /// The signed checkpoint of `instance` at entry `seq` with hash `head`.
-    pub(crate) fn checkpoint(&self, instance: &str, seq: u64, head: &[u8; 32]) -> String {
-        let body = note_body(instance, seq, head);
+    /// The signed checkpoint of `instance`'s tree of `size` entries with
+    /// root `root`, signed at `time`.
+    pub(crate) fn checkpoint(
+        &self,
+        instance: &str,
+        size: u64,
+        root: &[u8; 32],
+        time: SystemTime,
+    ) -> String {
+        let body = note_body(
+            instance,
+            size,
+            root,
+            &humantime::format_rfc3339_millis(time).to_string(),
+        );
+        self.sign_note(&body)
+    }
+
+    /// `body` (each line ending in a newline) as a signed note with this
+    /// key's signature.
+    pub(crate) fn sign_note(&self, body: &str) -> String {
         let signature = self.key.sign(body.as_bytes());
         let mut signed = Vec::with_capacity(68);
         signed.extend_from_slice(&self.id);
@@ -290,33 +309,62 @@ impl FromStr for AuditVerifier {
 }
 
 impl AuditVerifier {
-    /// Checks that `note` carries a valid signature by this key.
+    /// The key's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Checks that `note` carries a valid signature by this key, and no
+    /// line naming this key that does not verify (a junk signature line
+    /// beside a real one is refused, not skipped). Lines of other keys
+    /// (a witness's cosignature) are left alone.
     pub(crate) fn check(&self, note: &Note) -> Result<(), &'static str> {
-        let mut named = false;
+        let mut valid = false;
         for (name, id, signature) in &note.signatures {
             if *name != self.name || *id != self.id {
                 continue;
             }
-            named = true;
             let signature = Signature::from_bytes(signature);
             if self
                 .key
                 .verify_strict(note.body.as_bytes(), &signature)
-                .is_ok()
+                .is_err()
             {
-                return Ok(());
+                return Err("checkpoint signature does not verify");
             }
+            valid = true;
         }
-        Err(if named {
-            "checkpoint signature does not verify"
+        if valid {
+            Ok(())
         } else {
-            "checkpoint is not signed by the given key"
-        })
+            Err("checkpoint is not signed by the given key")
+        }
     }
 }
 
-fn note_body(instance: &str, seq: u64, head: &[u8; 32]) -> String {
-    format!("{ORIGIN}{instance}\n{seq}\n{}\n", hex(head))
+fn note_body(instance: &str, size: u64, root: &[u8; 32], time: &str) -> String {
+    format!(
+        "{ORIGIN}{instance}\n{size}\n{}\ntime {time}\n",
+        BASE64.encode(root)
+    )
+}
+
+/// A checkpoint's line in the chain: `{"checkpoint":NOTE,"peaks":[...]}`,
+/// canonical JSON, `peaks` the base64 roots of the tree's perfect subtrees
+/// (largest first), from which a restarted writer grows the tree on.
+pub(crate) fn line(note: &str, tree: &super::merkle::Tree) -> String {
+    let peaks: Vec<String> = tree.peaks().map(|p| BASE64.encode(p)).collect();
+    serde_json::to_string(&serde_json::json!({ "checkpoint": note, "peaks": peaks }))
+        .expect("strings serialise")
+}
+
+/// The peaks of a checkpoint line, decoded.
+pub(crate) fn peaks(value: &serde_json::Value) -> Option<Vec<[u8; 32]>> {
+    value
+        .as_array()?
+        .iter()
+        .map(|p| BASE64.decode(p.as_str()?).ok()?.try_into().ok())
+        .collect()
 }
 
 /// A parsed checkpoint.
@@ -325,8 +373,10 @@ pub(crate) struct Note {
     /// The signed text.
     pub(crate) body: String,
     pub(crate) instance: String,
-    pub(crate) seq: u64,
-    pub(crate) head: [u8; 32],
+    /// The tree's size: the seq of the last entry it covers.
+    pub(crate) size: u64,
+    /// The Merkle tree's root.
+    pub(crate) root: [u8; 32],
     pub(crate) signatures: Vec<(String, [u8; 4], [u8; 64])>,
 }
 
@@ -337,22 +387,34 @@ pub(crate) fn parse(text: &str) -> Result<Note, &'static str> {
         .ok_or("checkpoint has no blank line before its signatures")?;
     let body = format!("{body}\n");
     let mut lines = body.lines();
-    let (Some(origin), Some(seq), Some(head), None) =
-        (lines.next(), lines.next(), lines.next(), lines.next())
-    else {
-        return Err("checkpoint body is not three lines");
+    let (Some(origin), Some(size), Some(root), Some(time), None) = (
+        lines.next(),
+        lines.next(),
+        lines.next(),
+        lines.next(),
+        lines.next(),
+    ) else {
+        return Err("checkpoint body is not four lines");
     };
     let instance = origin
         .strip_prefix(ORIGIN)
         .filter(|i| super::entry::valid_instance(i))
         .ok_or("checkpoint origin is not tower-idempotency/audit/<instance>")?;
-    let seq: u64 = seq
+    let size: u64 = size
         .parse()
         .ok()
-        .filter(|_| !seq.starts_with('0') || seq == "0")
-        .ok_or("checkpoint seq is not a decimal number")?;
-    let head = parse_hex32(head).ok_or("checkpoint hash is not 64 lowercase hex digits")?;
-    if body != note_body(instance, seq, &head) {
+        .filter(|_| !size.starts_with('0') || size == "0")
+        .ok_or("checkpoint tree size is not a decimal number")?;
+    let root: [u8; 32] = BASE64
+        .decode(root)
+        .ok()
+        .and_then(|raw| raw.try_into().ok())
+        .ok_or("checkpoint root is not the base64 of 32 bytes")?;
+    let time = time
+        .strip_prefix("time ")
+        .filter(|t| humantime::parse_rfc3339(t).is_ok())
+        .ok_or("checkpoint has no `time` line with an RFC 3339 time")?;
+    if body != note_body(instance, size, &root, time) {
         return Err("checkpoint body is not in canonical form");
     }
     let mut parsed = Vec::new();
@@ -377,13 +439,19 @@ pub(crate) fn parse(text: &str) -> Result<Note, &'static str> {
         let signature: [u8; 64] = signature
             .try_into()
             .map_err(|_| "checkpoint signature is not 64 bytes after its key id")?;
+        if parsed
+            .iter()
+            .any(|(n, i, _): &(String, [u8; 4], [u8; 64])| n == name && *i == id)
+        {
+            return Err("checkpoint carries two signature lines of one key");
+        }
         parsed.push((name.to_owned(), id, signature));
     }
     Ok(Note {
         instance: instance.to_owned(),
         body,
-        seq,
-        head,
+        size,
+        root,
         signatures: parsed,
     })
 }
@@ -469,10 +537,14 @@ mod tests {
     fn a_checkpoint_verifies_with_its_key_only() {
         let signer = AuditSigner::generate("k").unwrap();
         let other = AuditSigner::generate("k").unwrap();
-        let text = signer.checkpoint("api-1", 42, &[7; 32]);
+        let text = signer.checkpoint("api-1", 42, &[7; 32], SystemTime::UNIX_EPOCH);
+        assert!(
+            text.starts_with("tower-idempotency/audit/api-1\n42\nBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\ntime 1970-01-01T00:00:00.000Z\n\n\u{2014} k "),
+            "{text}"
+        );
         let note = parse(&text).unwrap();
         assert_eq!(
-            (note.seq, note.head, note.instance.as_str()),
+            (note.size, note.root, note.instance.as_str()),
             (42, [7; 32], "api-1")
         );
         signer.verifier().check(&note).unwrap();
@@ -482,6 +554,46 @@ mod tests {
         assert_eq!(
             signer.verifier().check(&forged),
             Err("checkpoint signature does not verify")
+        );
+    }
+
+    /// A signature line of the key that does not verify is refused even
+    /// beside a valid one; another key's line (a witness) is left alone;
+    /// two lines of one key are refused.
+    #[test]
+    fn junk_and_duplicated_signature_lines_are_refused() {
+        let signer = AuditSigner::from_seed("k", [1; 32]);
+        let witness = AuditSigner::from_seed("witness", [2; 32]);
+        let text = signer.checkpoint("api-1", 3, &[9; 32], SystemTime::UNIX_EPOCH);
+        let (body, real) = text.split_once("\n\n").unwrap();
+        let mut junk = Vec::from(signer.id);
+        junk.extend_from_slice(&[0u8; 64]);
+        let junk = format!("{DASH}k {}\n", BASE64.encode(junk));
+        let junk_only = format!("{body}\n\n{junk}");
+        assert_eq!(
+            signer.verifier().check(&parse(&junk_only).unwrap()),
+            Err("checkpoint signature does not verify")
+        );
+        let with_junk = format!("{body}\n\n{junk}{real}");
+        assert_eq!(
+            parse(&with_junk).unwrap_err(),
+            "checkpoint carries two signature lines of one key"
+        );
+        let cosigned = witness.sign_note(&format!("{body}\n"));
+        let cosignature = cosigned.split_once("\n\n").unwrap().1;
+        let with_witness = format!("{body}\n\n{real}{cosignature}");
+        signer
+            .verifier()
+            .check(&parse(&with_witness).unwrap())
+            .unwrap();
+        witness
+            .verifier()
+            .check(&parse(&with_witness).unwrap())
+            .unwrap();
+        let twice = format!("{body}\n\n{real}{real}");
+        assert_eq!(
+            parse(&twice).unwrap_err(),
+            "checkpoint carries two signature lines of one key"
         );
     }
 }

@@ -26,6 +26,15 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
+    /// A `resumed` entry: the writer started on a chain whose last `count`
+    /// entries follow its last checkpoint, and adopted them unsigned.
+    pub(crate) fn resumed(count: u64) -> Self {
+        Pending {
+            decision: "resumed",
+            ..Pending::lost(count)
+        }
+    }
+
     /// A `lost` entry: `count` decisions were not written.
     pub(crate) fn lost(count: u64) -> Self {
         Pending {

@@ -88,9 +88,9 @@ fn named(path: &Path, err: io::Error) -> io::Error {
 }
 
 impl AuditSink for JsonlSink {
-    async fn last_entry(&mut self) -> io::Result<Option<String>> {
+    async fn tail(&mut self) -> io::Result<Vec<String>> {
         self.blocking(|file, len, path| {
-            let (entry, whole) = read_tail(file, *len)?;
+            let (tail, whole) = read_tail(file, *len)?;
             if whole < *len {
                 tracing::warn!(
                     path = %path.display(),
@@ -101,7 +101,7 @@ impl AuditSink for JsonlSink {
                 file.sync_all()?;
                 *len = whole;
             }
-            Ok(entry)
+            Ok(tail)
         })
         .await
     }
@@ -139,10 +139,12 @@ impl AuditSink for JsonlSink {
     }
 }
 
-/// Finds the last entry line of a file of `len` bytes, reading backwards,
-/// and the length of its whole lines (shorter than `len` when the last line
-/// is torn).
-fn read_tail(file: &mut File, len: u64) -> io::Result<(Option<String>, u64)> {
+/// Reads a file of `len` bytes backwards to the entry its last checkpoint
+/// signs (the line before the last checkpoint line), and returns the lines
+/// from there on (every line when there is no checkpoint) with the length
+/// of the file's whole lines (shorter than `len` when the last line is
+/// torn).
+fn read_tail(file: &mut File, len: u64) -> io::Result<(Vec<String>, u64)> {
     let mut window = 64 * 1024u64;
     loop {
         let start = len.saturating_sub(window);
@@ -158,30 +160,31 @@ fn read_tail(file: &mut File, len: u64) -> io::Result<(Option<String>, u64)> {
             }
         };
         let complete = &buf[..(whole - start) as usize];
-        // Skip the first line of the window unless it starts the file: it
-        // may be cut.
         let mut lines: Vec<&[u8]> = complete.split(|&b| b == b'\n').collect();
         lines.pop();
-        let usable = if start == 0 {
-            &lines[..]
-        } else {
-            &lines[1.min(lines.len())..]
-        };
-        for line in usable.iter().rev() {
-            if line.starts_with(b"{\"checkpoint\"") {
+        // The window's first line may be cut unless it starts the file.
+        let first_whole = usize::from(start > 0);
+        let from = lines
+            .iter()
+            .rposition(|l| l.starts_with(b"{\"checkpoint\""))
+            .filter(|&at| at > first_whole)
+            .map(|at| at - 1);
+        let from = match from {
+            Some(from) => from,
+            None if start == 0 => 0,
+            None => {
+                window *= 2;
                 continue;
             }
-            let text = String::from_utf8(line.to_vec()).map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "the last audit entry is not UTF-8",
-                )
-            })?;
-            return Ok((Some(text), whole));
-        }
-        if start == 0 {
-            return Ok((None, whole));
-        }
-        window *= 2;
+        };
+        let tail = lines[from..]
+            .iter()
+            .map(|line| {
+                String::from_utf8(line.to_vec()).map_err(|_| {
+                    io::Error::new(io::ErrorKind::InvalidData, "an audit line is not UTF-8")
+                })
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        return Ok((tail, whole));
     }
 }

@@ -85,8 +85,10 @@
 mod checkpoint;
 mod entry;
 mod file;
+pub mod merkle;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod resume;
 mod sink;
 mod trail;
 mod verify;
@@ -112,10 +114,11 @@ pub use postgres::PostgresAuditSink;
 pub use sink::{AuditLine, AuditSink};
 pub(crate) use trail::Trail;
 pub use verify::{
-    ChainBreak, HistoryEntry, VerifiedChain, VerifyError, history, verify_file, verify_lines,
+    ChainBreak, HistoryEntry, Trust, VerifiedChain, VerifyError, history, history_with,
+    verify_file, verify_file_with, verify_lines, verify_lines_with,
 };
 
-use entry::{GENESIS, Hasher, Pending, render, valid_instance};
+use entry::{Hasher, Pending, render, valid_instance};
 
 /// What a request does when its entry cannot be queued: the queue is
 /// full, the sink is failing, or the log is closed.
@@ -201,7 +204,6 @@ pub struct AuditBuilder {
     instance: String,
     signer: AuditSigner,
     every: u64,
-    interval: Duration,
     capacity: usize,
     batch: usize,
     failure: AuditFailure,
@@ -216,7 +218,6 @@ impl fmt::Debug for AuditBuilder {
             .field("instance", &self.instance)
             .field("signer", &self.signer)
             .field("every", &self.every)
-            .field("interval", &self.interval)
             .field("capacity", &self.capacity)
             .field("batch", &self.batch)
             .field("failure", &self.failure)
@@ -237,12 +238,11 @@ impl AuditBuilder {
         self
     }
 
-    /// A checkpoint every `entries` entries (default 1000) and, while
-    /// entries come, at least every `interval` (default 10 s). Both at least
-    /// 1.
-    pub fn with_checkpoints(mut self, entries: u64, interval: Duration) -> Self {
+    /// A checkpoint after every `entries` entries within a batch (default
+    /// 1000; at least 1). Every batch ends with a checkpoint too, so each
+    /// append the sink makes durable is signed.
+    pub fn with_checkpoints(mut self, entries: u64) -> Self {
         self.every = entries.max(1);
-        self.interval = interval.max(Duration::from_millis(1));
         self
     }
 
@@ -288,26 +288,16 @@ impl AuditBuilder {
         if !valid_instance(&self.instance) {
             return Err(AuditError::InvalidInstance(self.instance));
         }
-        let (seq, head) = match sink.last_entry().await.map_err(AuditError::Sink)? {
-            None => (0, GENESIS),
-            Some(text) => {
-                let value = serde_json::from_str(&text).map_err(|err| {
-                    AuditError::Chain(format!("its last entry is not JSON: {err}"))
-                })?;
-                let serde_json::Value::Object(object) = value else {
-                    return Err(AuditError::Chain("its last entry is not an object".into()));
-                };
-                let last = verify::parse_entry(&text, object)
-                    .map_err(|why| AuditError::Chain(format!("its last entry: {why}")))?;
-                if last.instance != self.instance {
-                    return Err(AuditError::Chain(format!(
-                        "it is the chain of instance `{}`, not `{}`",
-                        last.instance, self.instance
-                    )));
-                }
-                (last.seq, last.hash)
-            }
-        };
+        let tail = sink.tail().await.map_err(AuditError::Sink)?;
+        let resumed = resume::check(&tail, &self.instance, &self.signer.verifier())
+            .map_err(AuditError::Chain)?;
+        if resumed.adopted > 0 {
+            tracing::warn!(
+                adopted = resumed.adopted,
+                from_seq = resumed.seq - resumed.adopted + 1,
+                "the audit chain holds entries after its last checkpoint (a crash before they were signed, or lines added since); continuing after a `resumed` entry that counts them, and the verifier reports them as adopted unsigned"
+            );
+        }
         let (tx, rx) = mpsc::channel(self.capacity);
         let state = Arc::new(State {
             healthy: AtomicBool::new(true),
@@ -320,13 +310,13 @@ impl AuditBuilder {
             sink,
             signer: self.signer,
             instance: instance.clone(),
-            seq,
-            head,
+            seq: resumed.seq,
+            head: resumed.head,
+            tree: resumed.tree,
+            adopted: resumed.adopted,
             since: 0,
-            signed: None,
             written: 0,
             every: self.every,
-            interval: self.interval,
             batch: self.batch,
             close_timeout: self.close_timeout,
             linger: self.linger,
@@ -412,7 +402,6 @@ impl AuditLog {
             instance: instance.into(),
             signer,
             every: 1000,
-            interval: Duration::from_secs(10),
             capacity: 8192,
             batch: 512,
             failure: AuditFailure::Closed,
@@ -512,13 +501,15 @@ struct Writer<S> {
     instance: Arc<str>,
     seq: u64,
     head: [u8; 32],
+    /// The Merkle tree over every entry's line.
+    tree: merkle::Tree,
+    /// Entries found after the last checkpoint at start, still to be
+    /// counted by a `resumed` entry.
+    adopted: u64,
     /// Entries since the last checkpoint.
     since: u64,
-    /// The `seq` the last checkpoint signed.
-    signed: Option<u64>,
     written: u64,
     every: u64,
-    interval: Duration,
     batch: usize,
     close_timeout: Duration,
     linger: Duration,
@@ -529,12 +520,10 @@ impl<S: AuditSink> Writer<S> {
     async fn run(mut self, mut rx: mpsc::Receiver<Pending>) -> Result<AuditSummary, AuditError> {
         let mut pending = Vec::with_capacity(self.batch);
         let mut lines = Vec::new();
-        let mut checkpointed = Instant::now();
         let mut closing: Option<Instant> = None;
         loop {
             let received = match closing {
                 None => {
-                    let due = checkpointed + self.interval;
                     tokio::select! {
                         biased;
                         () = self.state.close.notified() => {
@@ -559,7 +548,6 @@ impl<S: AuditSink> Writer<S> {
                             }
                             received
                         }
-                        () = tokio::time::sleep_until(due), if self.since > 0 => 0,
                     }
                 }
                 Some(deadline) => {
@@ -576,6 +564,10 @@ impl<S: AuditSink> Writer<S> {
                     }
                 }
             };
+            if self.adopted > 0 {
+                let adopted = std::mem::take(&mut self.adopted);
+                self.entry(&Pending::resumed(adopted), &mut lines);
+            }
             let lost = self.state.lost.swap(0, Ordering::Relaxed);
             if lost > 0 {
                 self.entry(&Pending::lost(lost), &mut lines);
@@ -584,15 +576,12 @@ impl<S: AuditSink> Writer<S> {
                 self.entry(&decision, &mut lines);
                 if self.since >= self.every {
                     self.checkpoint(&mut lines);
-                    checkpointed = Instant::now();
                 }
             }
             let finishing = closing.is_some() && received == 0;
-            if self.since > 0 && (finishing || checkpointed.elapsed() >= self.interval) {
-                self.checkpoint(&mut lines);
-                checkpointed = Instant::now();
-            }
-            if finishing && self.seq > 0 && self.signed != Some(self.seq) {
+            // Every batch made durable ends signed: the unsigned tail after
+            // a crash is at most the batch being written.
+            if self.since > 0 {
                 self.checkpoint(&mut lines);
             }
             if !lines.is_empty() {
@@ -615,6 +604,7 @@ impl<S: AuditSink> Writer<S> {
         let (text, hash) = render(pending, seq, &self.instance, &self.head);
         self.seq = seq;
         self.head = hash;
+        self.tree.push(merkle::leaf_hash(text.as_bytes()));
         self.since += 1;
         lines.push(AuditLine {
             seq,
@@ -624,11 +614,14 @@ impl<S: AuditSink> Writer<S> {
     }
 
     fn checkpoint(&mut self, lines: &mut Vec<AuditLine>) {
-        let note = self.signer.checkpoint(&self.instance, self.seq, &self.head);
-        let text = serde_json::to_string(&serde_json::json!({ "checkpoint": note }))
-            .expect("a string serialises");
+        let note = self.signer.checkpoint(
+            &self.instance,
+            self.seq,
+            &self.tree.root(),
+            std::time::SystemTime::now(),
+        );
+        let text = checkpoint::line(&note, &self.tree);
         self.since = 0;
-        self.signed = Some(self.seq);
         lines.push(AuditLine {
             seq: self.seq,
             checkpoint: true,

@@ -176,15 +176,16 @@ impl PostgresAuditSink {
 }
 
 impl AuditSink for PostgresAuditSink {
-    async fn last_entry(&mut self) -> io::Result<Option<String>> {
+    async fn tail(&mut self) -> io::Result<Vec<String>> {
         let instance = self.instance.clone();
         let connection = self.connection().await?;
         sqlx::query_scalar(
-            "SELECT line FROM idempotency_audit WHERE instance = $1 AND NOT checkpoint \
-             ORDER BY seq DESC LIMIT 1",
+            "SELECT line FROM idempotency_audit WHERE instance = $1 AND seq >= \
+             COALESCE((SELECT max(seq) FROM idempotency_audit WHERE instance = $1 AND checkpoint), 0) \
+             ORDER BY seq, checkpoint",
         )
         .bind(instance)
-        .fetch_optional(&mut **connection)
+        .fetch_all(&mut **connection)
         .await
         .map_err(other)
     }

@@ -42,9 +42,12 @@ impl AuditLine {
 ///   (the file sink locks its file, the PostgreSQL sink takes an advisory
 ///   lock per instance).
 pub trait AuditSink: Send + 'static {
-    /// The last entry already stored (its line's text, not a checkpoint's),
-    /// or `None` for a new chain. A writer continues the chain from it.
-    fn last_entry(&mut self) -> impl Future<Output = io::Result<Option<String>>> + Send;
+    /// The end of the chain already stored, as lines in order: from the
+    /// entry the last checkpoint signs (that entry, the checkpoint line,
+    /// and every line after it); the whole chain when it holds no
+    /// checkpoint; nothing for a new chain. A writer checks it and
+    /// continues the chain from it.
+    fn tail(&mut self) -> impl Future<Output = io::Result<Vec<String>>> + Send;
 
     /// Stores `lines` durably and in order; see the trait's rules.
     fn append(&mut self, lines: &[AuditLine]) -> impl Future<Output = io::Result<()>> + Send;

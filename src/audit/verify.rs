@@ -13,6 +13,7 @@ use super::{
     AuditVerifier,
     checkpoint::{self, parse_hex32},
     entry::{GENESIS, valid_instance},
+    merkle::{self, Tree},
 };
 
 /// What an intact chain holds.
@@ -30,6 +31,19 @@ pub struct VerifiedChain {
     pub signed_through: Option<u64>,
     /// Whether the checkpoints' signatures were checked (a key was given).
     pub signatures_checked: bool,
+    /// The lines (first and last) of each run of entries a restarted
+    /// writer found after its chain's last checkpoint and adopted unsigned,
+    /// as its `resumed` entry counts them: a crash's unsigned batch, or
+    /// lines added while no writer ran. Later checkpoints cover them, but
+    /// nothing shows who wrote them.
+    pub adopted: Vec<(u64, u64)>,
+    /// The lines (first and last) of the entries after the last
+    /// checkpoint, if any: not (yet) signed.
+    pub unsigned_lines: Option<(u64, u64)>,
+    /// The Merkle tree's root over every entry.
+    pub root: [u8; 32],
+    /// The last checkpoint's note, as written.
+    pub last_checkpoint: Option<String>,
 }
 
 impl VerifiedChain {
@@ -37,20 +51,119 @@ impl VerifiedChain {
     pub fn unsigned_tail(&self) -> u64 {
         self.entries - self.signed_through.unwrap_or(0)
     }
+
+    /// Every entry is signed by a checkpoint, and none was adopted unsigned
+    /// at a restart.
+    pub fn is_complete(&self) -> bool {
+        self.unsigned_tail() == 0 && self.adopted.is_empty()
+    }
+}
+
+/// What a chain is held against: the keys whose checkpoints count, the
+/// checkpoints kept elsewhere it must be consistent with, and the instance
+/// it must be.
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct Trust {
+    keys: Vec<AuditVerifier>,
+    checkpoints: Vec<Trusted>,
+    instance: Option<String>,
+}
+
+/// A checkpoint kept elsewhere.
+#[derive(Debug, Clone)]
+struct Trusted {
+    name: String,
+    size: u64,
+    root: [u8; 32],
+}
+
+impl Trust {
+    /// Nothing trusted: the chain's form is checked, not who signed it.
+    pub fn new() -> Self {
+        Trust::default()
+    }
+
+    /// A key whose signature makes a checkpoint count (a chain signed by
+    /// several keys over its life is held against all of them).
+    pub fn with_key(mut self, key: AuditVerifier) -> Self {
+        self.keys.push(key);
+        self
+    }
+
+    /// A checkpoint note kept elsewhere (handed to a witness, saved by
+    /// `audit_verify --latest-checkpoint`), under `name` for messages: the
+    /// chain must hold its tree, so a chain cut back, emptied, rewritten or
+    /// started again is a rollback. Its signature is checked against the
+    /// keys given before it; the error says why it cannot be used.
+    pub fn with_checkpoint(mut self, name: impl Into<String>, note: &str) -> Result<Self, String> {
+        let name = name.into();
+        let parsed = checkpoint::parse(note).map_err(|why| format!("{name}: {why}"))?;
+        if self.keys.is_empty() {
+            return Err(format!(
+                "{name}: a trusted checkpoint needs a key to check it"
+            ));
+        }
+        self.signed(&parsed)
+            .map_err(|why| format!("{name}: {why}"))?;
+        self.checkpoints.push(Trusted {
+            name,
+            size: parsed.size,
+            root: parsed.root,
+        });
+        Ok(self)
+    }
+
+    /// The instance the chain must be.
+    pub fn with_instance(mut self, instance: impl Into<String>) -> Self {
+        self.instance = Some(instance.into());
+        self
+    }
+
+    fn from_key(key: Option<&AuditVerifier>) -> Self {
+        Trust {
+            keys: key.into_iter().cloned().collect(),
+            ..Trust::default()
+        }
+    }
+
+    /// Checks `note` against every key: a valid signature by one, and no
+    /// bad line by any.
+    fn signed(&self, note: &checkpoint::Note) -> Result<(), &'static str> {
+        let mut valid = false;
+        for key in &self.keys {
+            match key.check(note) {
+                Ok(()) => valid = true,
+                Err(why @ "checkpoint signature does not verify") => return Err(why),
+                Err(_) => {}
+            }
+        }
+        if valid {
+            Ok(())
+        } else {
+            Err("checkpoint is not signed by the given key")
+        }
+    }
 }
 
 /// Where and why a chain is broken: the first bad line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainBreak {
-    /// The 1-based line.
+    /// The 1-based line (for a rollback, the chain's last line).
     pub line: u64,
     /// What is wrong with it.
     pub reason: String,
+    /// For a rollback: the name of the saved checkpoint the chain falls
+    /// short of.
+    pub checkpoint: Option<String>,
 }
 
 impl fmt::Display for ChainBreak {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "line {}: {}", self.line, self.reason)
+        match &self.checkpoint {
+            Some(name) => write!(f, "{name}: {}", self.reason),
+            None => write!(f, "line {}: {}", self.line, self.reason),
+        }
     }
 }
 
@@ -124,25 +237,34 @@ impl fmt::Display for HistoryEntry {
 
 /// The running check of a chain, one line at a time.
 struct Checker<'k> {
-    key: Option<&'k AuditVerifier>,
+    trust: &'k Trust,
     line: u64,
     seq: u64,
     head: [u8; 32],
+    tree: Tree,
     checkpoints: u64,
     instance: Option<String>,
     signed_through: Option<u64>,
+    /// The lines of the entries since the last checkpoint.
+    since: Option<(u64, u64)>,
+    adopted: Vec<(u64, u64)>,
+    last_checkpoint: Option<String>,
 }
 
 impl<'k> Checker<'k> {
-    fn new(key: Option<&'k AuditVerifier>) -> Self {
+    fn new(trust: &'k Trust) -> Self {
         Checker {
-            key,
+            trust,
             line: 0,
             seq: 0,
             head: GENESIS,
+            tree: Tree::new(),
             checkpoints: 0,
             instance: None,
             signed_through: None,
+            since: None,
+            adopted: Vec::new(),
+            last_checkpoint: None,
         }
     }
 
@@ -150,7 +272,11 @@ impl<'k> Checker<'k> {
     fn line(&mut self, text: &str) -> Result<Option<Map<String, Value>>, ChainBreak> {
         self.line += 1;
         let at = self.line;
-        let broken = |reason: String| ChainBreak { line: at, reason };
+        let broken = |reason: String| ChainBreak {
+            line: at,
+            reason,
+            checkpoint: None,
+        };
         let value: Value =
             serde_json::from_str(text).map_err(|err| broken(format!("not JSON: {err}")))?;
         let Value::Object(object) = value else {
@@ -162,6 +288,14 @@ impl<'k> Checker<'k> {
             return Ok(None);
         }
         let entry = parse_entry(text, object).map_err(broken)?;
+        if let Some(wanted) = &self.trust.instance
+            && *wanted != entry.instance
+        {
+            return Err(broken(format!(
+                "an entry of instance `{}`, not `{wanted}`",
+                entry.instance
+            )));
+        }
         match &self.instance {
             None => self.instance = Some(entry.instance.clone()),
             Some(instance) if *instance != entry.instance => {
@@ -191,48 +325,116 @@ impl<'k> Checker<'k> {
                     .into(),
             ));
         }
+        if entry.object.get("decision").and_then(Value::as_str) == Some("resumed") {
+            let counted = entry
+                .object
+                .get("count")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            let after = self.unsigned();
+            if counted != after {
+                return Err(broken(format!(
+                    "a `resumed` entry counts {counted} entries adopted after the last checkpoint, but {after} follow it"
+                )));
+            }
+            if let Some(run) = self.since.take() {
+                self.adopted.push(run);
+            }
+        }
         self.seq = entry.seq;
         self.head = entry.hash;
+        self.tree.push(merkle::leaf_hash(text.as_bytes()));
+        for trusted in &self.trust.checkpoints {
+            if trusted.size == self.tree.size() && trusted.root != self.tree.root() {
+                return Err(broken(format!(
+                    "the first {} entries are not those checkpoint {} signed: the chain was rewritten or started again",
+                    trusted.size, trusted.name
+                )));
+            }
+        }
+        self.since = Some(match self.since {
+            Some((first, _)) => (first, at),
+            None => (at, at),
+        });
         Ok(Some(entry.object))
     }
 
+    /// Entries since the last checkpoint (or the start).
+    fn unsigned(&self) -> u64 {
+        self.seq - self.signed_through.unwrap_or(0)
+    }
+
     fn checkpoint(&mut self, text: &str, object: &Map<String, Value>) -> Result<(), &'static str> {
-        let (Some(Value::String(note)), 1) = (object.get("checkpoint"), object.len()) else {
-            return Err("a checkpoint line holds one string member, `checkpoint`");
+        let (Some(Value::String(note)), Some(peaks), 2) = (
+            object.get("checkpoint"),
+            object.get("peaks").and_then(checkpoint::peaks),
+            object.len(),
+        ) else {
+            return Err(
+                "a checkpoint line holds two members: `checkpoint` (a string) and `peaks` (base64 hashes)",
+            );
         };
         if canonical(object) != text {
             return Err("checkpoint line is not in canonical form: it was changed");
         }
-        let note = checkpoint::parse(note)?;
-        if self.instance.as_deref().is_some_and(|i| i != note.instance) {
+        let parsed = checkpoint::parse(note)?;
+        if self
+            .instance
+            .as_deref()
+            .is_some_and(|i| i != parsed.instance)
+        {
             return Err("checkpoint of another instance");
         }
         if self.seq == 0 {
             return Err("checkpoint before any entry");
         }
-        if note.seq != self.seq || note.head != self.head {
+        if self.signed_through == Some(self.seq) {
+            return Err("a second checkpoint of the same entries: a duplicated line");
+        }
+        if parsed.size != self.seq || parsed.root != self.tree.root() {
             return Err(
-                "checkpoint does not sign the entry before it: entries were changed, removed or added",
+                "checkpoint does not sign the entries before it: entries were changed, removed or added",
             );
         }
-        if let Some(key) = self.key {
-            key.check(&note)?;
+        if !peaks.iter().eq(self.tree.peaks()) {
+            return Err("checkpoint's peaks are not those of the tree it signs");
+        }
+        if !self.trust.keys.is_empty() {
+            self.trust.signed(&parsed)?;
         }
         self.checkpoints += 1;
         self.signed_through = Some(self.seq);
+        self.since = None;
+        self.last_checkpoint = Some(note.clone());
         Ok(())
     }
 
     fn finish(self) -> Result<VerifiedChain, ChainBreak> {
-        if let Some(key) = self.key
-            && self.seq > 0
-            && self.signed_through.is_none()
+        if let Some(trusted) = self
+            .trust
+            .checkpoints
+            .iter()
+            .filter(|t| t.size > self.seq)
+            .max_by_key(|t| t.size)
         {
             return Err(ChainBreak {
                 line: self.line,
                 reason: format!(
-                    "no checkpoint signed by {key} in the chain: it cannot be shown to come from its writer"
+                    "this saved checkpoint signed {} entries, the chain holds {}: it was rolled back",
+                    trusted.size, self.seq
                 ),
+                checkpoint: Some(trusted.name.clone()),
+            });
+        }
+        if !self.trust.keys.is_empty() && self.seq > 0 && self.signed_through.is_none() {
+            let keys: Vec<String> = self.trust.keys.iter().map(ToString::to_string).collect();
+            return Err(ChainBreak {
+                line: self.line,
+                reason: format!(
+                    "no checkpoint signed by {} in the chain: it cannot be shown to come from its writer",
+                    keys.join(" or ")
+                ),
+                checkpoint: None,
             });
         }
         Ok(VerifiedChain {
@@ -240,7 +442,11 @@ impl<'k> Checker<'k> {
             checkpoints: self.checkpoints,
             instance: self.instance,
             signed_through: self.signed_through,
-            signatures_checked: self.key.is_some(),
+            signatures_checked: !self.trust.keys.is_empty(),
+            adopted: self.adopted,
+            unsigned_lines: self.since,
+            root: self.tree.root(),
+            last_checkpoint: self.last_checkpoint,
         })
     }
 }
@@ -309,14 +515,24 @@ pub(crate) fn parse_entry(text: &str, mut object: Map<String, Value>) -> Result<
 }
 
 /// Checks a chain given as lines (without their newlines), with `key` the
-/// checkpoints' signatures too. Without a key, the hash chain and the
-/// checkpoints' form are checked, not who signed them.
+/// checkpoints' signatures too. Without a key, the hash chain, the tree and
+/// the checkpoints' form are checked, not who signed them.
 pub fn verify_lines<I>(lines: I, key: Option<&AuditVerifier>) -> Result<VerifiedChain, ChainBreak>
 where
     I: IntoIterator,
     I::Item: AsRef<str>,
 {
-    let mut checker = Checker::new(key);
+    verify_lines_with(lines, &Trust::from_key(key))
+}
+
+/// Checks a chain given as lines against `trust`: its keys, its saved
+/// checkpoints, its instance.
+pub fn verify_lines_with<I>(lines: I, trust: &Trust) -> Result<VerifiedChain, ChainBreak>
+where
+    I: IntoIterator,
+    I::Item: AsRef<str>,
+{
+    let mut checker = Checker::new(trust);
     for line in lines {
         checker.line(line.as_ref())?;
     }
@@ -326,12 +542,12 @@ where
 /// Walks a chain file, line by line, handing each entry to `each`.
 fn walk(
     path: &Path,
-    key: Option<&AuditVerifier>,
+    trust: &Trust,
     mut each: impl FnMut(u64, Map<String, Value>),
 ) -> Result<VerifiedChain, VerifyError> {
     let file = std::fs::File::open(path).map_err(VerifyError::Io)?;
     let mut reader = io::BufReader::new(file);
-    let mut checker = Checker::new(key);
+    let mut checker = Checker::new(trust);
     let mut buf = Vec::new();
     loop {
         buf.clear();
@@ -346,6 +562,7 @@ fn walk(
             VerifyError::Broken(ChainBreak {
                 line: at,
                 reason: reason.to_owned(),
+                checkpoint: None,
             })
         };
         let Some(body) = buf.strip_suffix(b"\n") else {
@@ -366,7 +583,15 @@ pub fn verify_file(
     path: impl AsRef<Path>,
     key: Option<&AuditVerifier>,
 ) -> Result<VerifiedChain, VerifyError> {
-    walk(path.as_ref(), key, |_, _| {})
+    verify_file_with(path, &Trust::from_key(key))
+}
+
+/// Checks the chain in the JSON Lines file at `path` against `trust`.
+pub fn verify_file_with(
+    path: impl AsRef<Path>,
+    trust: &Trust,
+) -> Result<VerifiedChain, VerifyError> {
+    walk(path.as_ref(), trust, |_, _| {})
 }
 
 /// Checks the chain at `path`, then lists, in order, the decisions about
@@ -377,9 +602,18 @@ pub fn history(
     key_hash: &str,
     key: Option<&AuditVerifier>,
 ) -> Result<(VerifiedChain, Vec<HistoryEntry>), VerifyError> {
+    history_with(path, key_hash, &Trust::from_key(key))
+}
+
+/// [`history`], with the chain held against `trust`.
+pub fn history_with(
+    path: impl AsRef<Path>,
+    key_hash: &str,
+    trust: &Trust,
+) -> Result<(VerifiedChain, Vec<HistoryEntry>), VerifyError> {
     let wanted = key_hash.to_ascii_lowercase();
     let mut found = Vec::new();
-    let chain = walk(path.as_ref(), key, |line, entry| {
+    let chain = walk(path.as_ref(), trust, |line, entry| {
         let matches = entry
             .get("key")
             .and_then(Value::as_str)
