@@ -27,8 +27,9 @@
 //!     or the deadline ran out);
 //!   - 3: outcome unknown: an attempt may have reached the handler and no
 //!     final answer came (timed out after sending, `outcome-unknown`, a
-//!     stalled or cut body, still in flight at the deadline); the last
-//!     stderr line says to run the same command again to find out;
+//!     stalled or cut body, still in flight at the deadline, a 5xx, a
+//!     redirect, a success without a booking in its body); the last stderr
+//!     line says to run the same command again to find out;
 //!   - 64: bad arguments; `--help` prints the usage and exits 0.
 //!
 //! With `--delay-ms 4200 --timeout-ms 3000` against the demo server it plays
@@ -83,47 +84,69 @@ impl From<String> for ArgsError {
     }
 }
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, ArgsError> {
+fn parse_args(mut args: impl Iterator<Item = std::ffi::OsString>) -> Result<Args, ArgsError> {
     let (mut server, mut token, mut caller, mut slot, mut provider) =
         (None, None, None, None, None);
     let (mut session, mut delay_ms, mut timeout_ms, mut attempts, mut deadline_ms) =
-        ("default".to_owned(), 0u64, 10_000u64, 6u32, 60_000u64);
+        (None, None, None, None, None);
+    let text = |raw: std::ffi::OsString| {
+        raw.into_string()
+            .map_err(|raw| format!("an argument that is not UTF-8: {raw:?}"))
+    };
     while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        let flag = text(flag)?;
+        let mut value = || -> Result<String, String> {
+            text(args.next().ok_or_else(|| format!("{flag} needs a value"))?)
+        };
+        // Plain digits: `+5`, `-1` and `5ms` are refused.
         let number = |name: &str, text: String| -> Result<u64, String> {
             text.parse()
-                .map_err(|_| format!("{name} takes a whole number, got {text:?}"))
+                .ok()
+                .filter(|_| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| format!("{name} takes a whole number, got {text:?}"))
         };
         match flag.as_str() {
-            "--server" => server = Some(value()?),
-            "--token" => token = Some(value()?),
-            "--caller" => caller = Some(value()?),
-            "--slot" => slot = Some(value()?),
-            "--provider" => provider = Some(value()?),
-            "--session" => session = value()?,
-            "--delay-ms" => delay_ms = number("--delay-ms", value()?)?,
-            "--timeout-ms" => timeout_ms = number("--timeout-ms", value()?)?,
-            "--deadline-ms" => deadline_ms = number("--deadline-ms", value()?)?,
+            "--server" => once(&mut server, value()?, "--server")?,
+            "--token" => once(&mut token, value()?, "--token")?,
+            "--caller" => once(&mut caller, value()?, "--caller")?,
+            "--slot" => once(&mut slot, value()?, "--slot")?,
+            "--provider" => once(&mut provider, value()?, "--provider")?,
+            "--session" => once(&mut session, value()?, "--session")?,
+            "--delay-ms" => once(&mut delay_ms, number("--delay-ms", value()?)?, "--delay-ms")?,
+            "--timeout-ms" => once(
+                &mut timeout_ms,
+                number("--timeout-ms", value()?)?,
+                "--timeout-ms",
+            )?,
+            "--deadline-ms" => once(
+                &mut deadline_ms,
+                number("--deadline-ms", value()?)?,
+                "--deadline-ms",
+            )?,
             "--attempts" => {
                 let n = number("--attempts", value()?)?;
-                attempts = u32::try_from(n)
+                let n = u32::try_from(n)
                     .ok()
                     .filter(|n| *n >= 1)
                     .ok_or_else(|| format!("--attempts takes 1 or more, got {n}"))?;
+                once(&mut attempts, n, "--attempts")?;
             }
             "-h" | "--help" => return Err(ArgsError::Help),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
     }
+    let session = session.unwrap_or_else(|| "default".to_owned());
+    let delay_ms = delay_ms.unwrap_or(0);
+    let timeout_ms = timeout_ms.unwrap_or(10_000);
+    let attempts = attempts.unwrap_or(6);
+    let deadline_ms = deadline_ms.unwrap_or(60_000);
     let required = |value: Option<String>, flag: &str| {
         value
             .filter(|v| !v.is_empty())
             .ok_or_else(|| format!("{flag} is required"))
     };
     let server = required(server, "--server")?;
-    if !server.starts_with("http://") {
-        return Err(format!("--server must be an http:// URL, got {server:?}").into());
-    }
+    check_server(&server)?;
     if timeout_ms == 0 {
         return Err("--timeout-ms takes 1 or more".to_owned().into());
     }
@@ -142,6 +165,48 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, ArgsError>
         attempts,
         deadline_ms,
     })
+}
+
+/// Sets a flag's value, once.
+fn once<T>(slot: &mut Option<T>, found: T, name: &str) -> Result<(), String> {
+    if slot.is_some() {
+        return Err(format!("{name} given twice"));
+    }
+    *slot = Some(found);
+    Ok(())
+}
+
+/// `--server` is `http://HOST[:PORT]`, with a port that exists, and
+/// nothing after the authority but an optional `/`.
+fn check_server(server: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "--server must be an http://HOST[:PORT] URL ({why}), got {server:?}"
+        ))
+    };
+    let Some(rest) = server.strip_prefix("http://") else {
+        return bad("http:// only");
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+        return bad("a host, no path");
+    }
+    let Ok(parsed) = authority.parse::<http::uri::Authority>() else {
+        return bad("not a host");
+    };
+    if parsed.host().is_empty() {
+        return bad("no host");
+    }
+    if parsed.as_str().contains(':')
+        && !parsed.host().starts_with('[')
+        && parsed.port_u16().is_none()
+    {
+        return bad("a port from 1 to 65535");
+    }
+    if parsed.port_u16() == Some(0) {
+        return bad("a port from 1 to 65535");
+    }
+    Ok(())
 }
 
 fn describe(outcome: &AttemptOutcome) -> String {
@@ -237,7 +302,25 @@ async fn run(args: Args) -> Result<ExitCode, String> {
         }
     };
     let text = String::from_utf8_lossy(&body);
+    let shown = if text.trim().is_empty() {
+        "(an empty body)".to_owned()
+    } else {
+        text.trim_end().to_owned()
+    };
     if ending == Ending::Done && status.is_success() {
+        // Booked only with a booking to show: a 2xx without one says
+        // nothing of what the server did.
+        let booking = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .filter(serde_json::Value::is_object);
+        let Some(booking) = booking else {
+            eprintln!(
+                "the server answered {} without a booking (no JSON object in its body): whether it booked is unknown",
+                status.as_u16()
+            );
+            eprintln!("{RUN_AGAIN}");
+            return Ok(ExitCode::from(UNKNOWN));
+        };
         let replayed = report.as_ref().is_some_and(|r| r.replayed);
         eprintln!(
             "booked{}",
@@ -247,33 +330,56 @@ async fn run(args: Args) -> Result<ExitCode, String> {
                 ""
             }
         );
-        println!("{}", text.trim_end());
+        println!("{booking}");
         return Ok(ExitCode::SUCCESS);
     }
     match ending {
         Ending::NothingRan => {
-            let waited = if report.as_ref().is_some_and(|r| r.attempts < args.attempts) {
-                "the server asked to wait past the deadline"
+            let stopped_early = report.as_ref().is_some_and(|r| r.attempts < args.attempts);
+            let waited = if stopped_early && parts.headers.contains_key(header::RETRY_AFTER) {
+                "the server asked to wait past the deadline; its last answer was"
+            } else if stopped_early {
+                "retries stopped early (the client's retry budget, shared by its requests, or the deadline ran out); the last answer was"
             } else {
                 "every try was answered"
             };
             eprintln!(
-                "not booked: {waited} {} {}, which says nothing ran",
-                status.as_u16(),
-                text.trim_end()
+                "not booked: {waited} {} {shown}, which says nothing ran",
+                status.as_u16()
             );
             Ok(ExitCode::from(NOT_BOOKED))
         }
         Ending::OutcomeUnknown => {
-            eprintln!("last answer: {} {}", status.as_u16(), text.trim_end());
+            eprintln!("last answer: {} {shown}", status.as_u16());
+            eprintln!("{RUN_AGAIN}");
+            Ok(ExitCode::from(UNKNOWN))
+        }
+        _ if status.is_redirection() => {
+            eprintln!(
+                "the server answered {} (a redirect this agent does not follow): whether it booked is unknown",
+                status.as_u16()
+            );
+            eprintln!("{RUN_AGAIN}");
+            Ok(ExitCode::from(UNKNOWN))
+        }
+        _ if status.is_server_error() => {
+            eprintln!(
+                "the server failed: {} {shown}; the booking may or may not have been made",
+                status.as_u16()
+            );
             eprintln!("{RUN_AGAIN}");
             Ok(ExitCode::from(UNKNOWN))
         }
         _ => {
             if status == StatusCode::UNAUTHORIZED {
                 eprintln!("refused: {} (pass --token)", status.as_u16());
+            } else if text.contains("key-reused") {
+                eprintln!(
+                    "refused: {} {shown}: this intent's key was used before with another request (another --server, --delay-ms or body); what that request did stands, and nothing was done now",
+                    status.as_u16()
+                );
             } else {
-                eprintln!("refused: {} {text}", status.as_u16());
+                eprintln!("refused: {} {shown}", status.as_u16());
             }
             Ok(ExitCode::from(REFUSED))
         }
@@ -282,7 +388,7 @@ async fn run(args: Args) -> Result<ExitCode, String> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args = match parse_args(std::env::args().skip(1)) {
+    let args = match parse_args(std::env::args_os().skip(1)) {
         Ok(args) => args,
         Err(ArgsError::Help) => {
             println!("{USAGE}");

@@ -332,7 +332,8 @@ impl<St: Store + Clone> AtMostOnce<St> {
     /// work again. The result counts, in
     /// [`abandoned_completions`](Drained::abandoned_completions), the
     /// records that had not landed by the deadline and those given up
-    /// since the last drain; [`Drained::is_complete`] says every record
+    /// since the last drain (the retry limit passed, or another run took
+    /// the key over meanwhile: the work may have run twice); [`Drained::is_complete`] says every record
     /// landed. The instance keeps working afterwards.
     pub async fn drain(&self, within: Duration) -> Drained {
         self.completions.close();
@@ -781,6 +782,13 @@ impl<St: Store + Clone> AtMostOnce<St> {
                 match this.landed(&key, &record, attempt).await {
                     Some(Completion::Recorded) => return decide(decision),
                     Some(Completion::Fenced(fenced)) => {
+                        // Another run has the key: this output never lands,
+                        // and `drain` must say so.
+                        this.abandoned.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            taken_over = fenced.taken_over,
+                            "an at-most-once output the store refused could not be recorded later: another run holds the key"
+                        );
                         return decide(if fenced.taken_over {
                             "fenced"
                         } else {

@@ -240,3 +240,118 @@ fn help_prints_every_flag_and_exits_0() {
         assert!(usage.contains(flag), "{flag} in {usage}");
     }
 }
+
+/// A server that answers every request with `answer` (a whole HTTP/1.1
+/// response), on a thread of its own.
+fn scripted_server(answer: &'static str) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(answer.as_bytes());
+            });
+        }
+    });
+    base
+}
+
+/// Answers that say nothing of whether the booking was made exit 3, never
+/// 0 or 1: a 5xx, a redirect, a success without a booking, a 503 without
+/// a code (a proxy answers so after forwarding). A 503 whose code says
+/// nothing ran exits 2.
+#[test]
+fn answers_that_do_not_say_what_happened_exit_3() {
+    let quick = ["--attempts", "2", "--deadline-ms", "3000"];
+    for (answer, why) in [
+        (
+            "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\nconnection: close\r\n\r\nboom",
+            "a 500",
+        ),
+        (
+            "HTTP/1.1 302 Found\r\nlocation: /elsewhere\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            "a redirect",
+        ),
+        (
+            "HTTP/1.1 201 Created\r\ncontent-length: 15\r\nconnection: close\r\n\r\nhello, not json",
+            "a 201 without a booking",
+        ),
+        (
+            "HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n",
+            "a 204",
+        ),
+        (
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            "a 503 without a code",
+        ),
+    ] {
+        let server = scripted_server(answer);
+        let (code, stdout, stderr) = agent_at(&server, &quick);
+        assert_eq!(code, 3, "{why}: {stderr}");
+        assert!(stdout.is_empty(), "{why}: {stdout}");
+        let last = stderr.trim_end().lines().last().unwrap_or_default();
+        assert!(
+            last.contains("run the same command again to find out"),
+            "{why}: {stderr}"
+        );
+    }
+    let server = scripted_server(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\ncontent-length: 51\r\nconnection: close\r\n\r\n{\"type\":\"x\",\"title\":\"t\",\"code\":\"store-unavailable\"}",
+    );
+    let (code, _, stderr) = agent_at(&server, &quick);
+    assert_eq!(code, 2, "503 store-unavailable: {stderr}");
+}
+
+/// Bad arguments exit 64: a flag given twice, a number with a sign, a
+/// `--server` that is no http://HOST[:PORT], an argument that is not UTF-8.
+#[test]
+fn odd_arguments_exit_64() {
+    for extra in [
+        &["--session", "a", "--session", "b"][..],
+        &["--timeout-ms", "+5"],
+        &["--deadline-ms", "-1"],
+    ] {
+        let (code, _, stderr) = agent_at("http://127.0.0.1:9", extra);
+        assert_eq!(code, 64, "{extra:?}: {stderr}");
+    }
+    for server in [
+        "http://",
+        "http://a b",
+        "http://127.0.0.1:99999",
+        "http://127.0.0.1:0",
+        "https://127.0.0.1:3000",
+        "http://127.0.0.1:3000/api",
+    ] {
+        let (code, _, stderr) = agent_at(server, &[]);
+        assert_eq!(code, 64, "{server}: {stderr}");
+        assert!(stderr.contains("--server"), "{server}: {stderr}");
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let output = Command::new(example("booking_agent"))
+            .args([
+                "--server",
+                "http://127.0.0.1:9",
+                "--slot",
+                "x",
+                "--provider",
+                "p",
+            ])
+            .arg("--caller")
+            .arg(std::ffi::OsStr::from_bytes(b"ad\xffa"))
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(64));
+    }
+}

@@ -488,9 +488,17 @@ mod through_reqwest {
             .send()
             .await
             .unwrap_err();
-        assert!(
-            matches!(err, reqwest_middleware::Error::Reqwest(_)),
-            "reqwest's own error, as reqwest gave it: {err}"
+        // It reached the handler: never a bare reqwest error (whose kinds
+        // would read as "could not connect"), but the report saying so.
+        let reqwest_middleware::Error::Middleware(err) = err else {
+            panic!("a bare reqwest error for a request that ran: {err}");
+        };
+        let retry = err
+            .downcast_ref::<tower_idempotency::client::RetryError>()
+            .unwrap();
+        assert_eq!(
+            retry.ending(),
+            tower_idempotency::client::Ending::OutcomeUnknown
         );
         assert_eq!(
             plain.get(),
@@ -525,6 +533,8 @@ async fn every_ending_says_whether_anything_may_have_run() {
     use tower_idempotency::client::Ending;
     const UNKNOWN: &str =
         r#"{"type":"x","title":"t","status":500,"detail":"d","code":"outcome-unknown"}"#;
+    const STORE_DOWN: &str =
+        r#"{"type":"x","title":"t","status":503,"detail":"d","code":"store-unavailable"}"#;
     const CHUNKED_IN_FLIGHT: &[(&str, &str)] =
         &[("content-type", "Application/Problem+JSON; charset=utf-8")];
     let ending = |answers: Vec<Answer>| async move {
@@ -558,12 +568,17 @@ async fn every_ending_says_whether_anything_may_have_run() {
             "every connection refused",
         ),
         (
-            vec![s(503, &[], ""); 3],
+            vec![s(503, PROBLEM, STORE_DOWN); 3],
             Ending::NothingRan,
-            "503 every time",
+            "503 store-unavailable every time",
         ),
         (
-            vec![Answer::Refuse, s(429, &[], ""), s(503, &[], "")],
+            vec![s(503, &[], ""); 3],
+            Ending::OutcomeUnknown,
+            "a 503 without a code, as a proxy answers after forwarding",
+        ),
+        (
+            vec![Answer::Refuse, s(429, &[], ""), s(503, PROBLEM, STORE_DOWN)],
             Ending::NothingRan,
             "refused, then 'not processed'",
         ),

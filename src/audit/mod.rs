@@ -53,13 +53,18 @@
 //! decision: its client went away while its body was read, or the caller
 //! dropped an at-most-once call).
 //!
-//! # Checkpoints
+//! # The tree and its checkpoints
 //!
-//! Every N entries, every T seconds while entries come, and at
-//! [`AuditLog::close`], the writer appends a line
-//! `{"checkpoint":"<signed note>"}`: the note names the instance, the last
-//! entry's `seq` and its `hash`, and carries an Ed25519 signature over them
-//! (its text form is in [`AuditSigner`]'s module docs and the README).
+//! The entries' lines are the leaves of an RFC 6962 Merkle tree
+//! ([`merkle`]). Every batch the writer makes durable ends with a line
+//! `{"checkpoint":"<signed note>","peaks":[...]}` (and one follows every N
+//! entries within a batch): the note is a C2SP `tlog-checkpoint` naming the
+//! instance, the tree's size and root and the time, in a C2SP
+//! `signed-note` with an Ed25519 signature (its text form is in
+//! [`AuditSigner`]'s module docs and the README); `peaks` let a restarted
+//! writer grow the tree on. A restart checks the last checkpoint with its
+//! own key before it writes, and adopts entries found after it behind a
+//! `resumed` entry that counts them.
 //!
 //! # Failure policy
 //!
@@ -76,11 +81,12 @@
 //!
 //! With the public key, [`verify_file`] finds any changed, removed,
 //! reordered or inserted entry, and a chain rewritten by someone without
-//! the private key. It does not prove that a decision was never made:
-//! a writer holding the key can leave one out, and entries after the last
-//! checkpoint are not signed yet (a cut at a line boundary there is not
-//! visible without a checkpoint kept elsewhere). An entry accepted into the
-//! queue but not yet written when the process dies is lost with it.
+//! the private key; entries after the last checkpoint or adopted at a
+//! restart are reported as such, and [`verify_file_with`] holds a chain
+//! against checkpoints kept elsewhere ([`Trust`]), so a chain cut back or
+//! started again is a rollback. It does not prove that a decision was never
+//! made: a writer holding the key can leave one out. An entry accepted into
+//! the queue but not yet written when the process dies is lost with it.
 
 mod checkpoint;
 mod entry;

@@ -196,10 +196,10 @@ impl Latencies {
         // there are few, then on every eighth.
         if samples >= self.rule.min_samples && (samples < 64 || samples.is_multiple_of(8)) {
             let at = Duration::from_micros(entry.both.value_at_quantile(self.rule.quantile));
-            entry.learnt = Some(
-                at.mul_f64(self.rule.margin)
-                    .clamp(self.rule.floor, self.rule.ceiling),
-            );
+            // A margin too large for the clock is the ceiling.
+            let stretched = Duration::try_from_secs_f64(at.as_secs_f64() * self.rule.margin)
+                .unwrap_or(Duration::MAX);
+            entry.learnt = Some(stretched.clamp(self.rule.floor, self.rule.ceiling));
         }
     }
 }

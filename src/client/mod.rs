@@ -10,7 +10,7 @@
 //! | answer | retried? | why |
 //! |---|---|---|
 //! | connection refused or reset, no answer within the attempt timeout | yes | not done, or not known to be done: the key makes the retry safe |
-//! | 408, 425, 429, 502, 503, 504 | yes, after `Retry-After` when given | the server or a proxy says "not processed, try again" |
+//! | 408, 425, 429, 502, 503, 504 | yes, after `Retry-After` when given | "try again": 408, 425 and 429 say nothing ran, as does a 503 whose code says so (`store-unavailable`, `overloaded`, ...); a 502, 504 or other 503 may come from a proxy after it forwarded the request |
 //! | 409 in flight: `code` `request-in-flight` or `idempotency_key_in_use`; for a keyed request, a 409 problem without a `code` (the IETF draft's) or a 409 with `Retry-After` | yes, after `Retry-After` | the first attempt is still running; the retry gets its answer |
 //! | 400, 422, any other 4xx (another 409 included) | no | a reused key or a bad request does not get better |
 //! | 500 and other 5xx | no | the work may have happened; a retry with the key would get the same recorded answer |

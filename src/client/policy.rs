@@ -24,7 +24,8 @@ pub(crate) enum Verdict {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Reach {
-    /// It says nothing ran: a refused connection, a 503, a 429.
+    /// It says nothing ran: a refused connection, a 429, a 503
+    /// `store-unavailable`.
     Nothing,
     /// It may have run: a timeout after sending, a broken connection, a
     /// 409 in flight, a 504, a 500 `outcome-unknown`.
@@ -254,10 +255,11 @@ pub(crate) const PROBLEM_LIMIT: usize = 64 * 1024;
 /// - final: any other 409 (a reused key as some servers answer it, a
 ///   version conflict, a 409 to a request without a key).
 ///
-/// Other answers: 408, 425, 429, 502, 503 and 504 are retried (the 502 and
-/// 504 may have reached the handler; the others say nothing ran, as does
-/// any answer whose code is `store-unavailable`, `overloaded`,
-/// `audit-unavailable` or `upstream-unreachable`); every other answer is
+/// Other answers: 408, 425, 429, 502, 503 and 504 are retried. 408, 425
+/// and 429 say nothing ran; a 502, 503 or 504 may have reached the handler
+/// (a proxy answers so after forwarding) unless its code is
+/// `store-unavailable`, `overloaded`, `audit-unavailable` or
+/// `upstream-unreachable`, which say nothing ran. Every other answer is
 /// final, and a 500 `outcome-unknown` ends as outcome unknown.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultPolicy;
@@ -289,9 +291,12 @@ impl RetryPolicy for DefaultPolicy {
         match answer.status().as_u16() {
             409 if in_flight(answer, code) => retry(Reach::Maybe),
             // The server says it did not process the request.
-            408 | 425 | 429 | 503 => retry(reach(Reach::Nothing)),
-            // A proxy that may have passed the request on before it failed.
-            502 | 504 => retry(reach(Reach::Maybe)),
+            408 | 425 | 429 => retry(reach(Reach::Nothing)),
+            // A 503 says "not processed" only with a code that says so (a
+            // proxy answers 503 after it forwarded the request, when the
+            // upstream reset it); a 502 or 504 comes from a proxy that may
+            // have passed the request on before it failed.
+            502..=504 => retry(reach(Reach::Maybe)),
             _ => Judgement::Final {
                 reach: reach(Reach::Answered),
             },
@@ -429,16 +434,29 @@ mod tests {
     #[test]
     fn statuses_are_classified_as_the_table_says() {
         let none = HeaderMap::new();
-        for code in [408, 425, 429, 503] {
+        for code in [408, 425, 429] {
             let expected = Judgement::Retry {
                 after: None,
                 reach: Reach::Nothing,
             };
             assert_eq!(judge(code, &none, None, true), expected, "{code}");
         }
-        for code in [502, 504] {
+        for code in [502, 503, 504] {
             assert_eq!(judge(code, &none, None, true), RETRY_MAYBE, "{code}");
         }
+        assert_eq!(
+            judge(
+                503,
+                &typed("application/problem+json"),
+                Some(r#"{"code":"store-unavailable"}"#),
+                true
+            ),
+            Judgement::Retry {
+                after: None,
+                reach: Reach::Nothing
+            },
+            "the server's own 503 that says nothing ran"
+        );
         for code in [
             200, 201, 204, 301, 400, 401, 403, 404, 409, 410, 413, 422, 500, 501,
         ] {

@@ -5,7 +5,7 @@ use http::Extensions;
 use reqwest_middleware::{Middleware, Next};
 
 use super::{
-    IntentKey, RetryLayer,
+    Ending, IntentKey, RetryLayer,
     policy::{self, Answer, RequestPolicy, RetryPolicy},
     retry::{Config, Judged, RetryBody, drive},
 };
@@ -19,6 +19,15 @@ use super::{
 /// [`IntentKey`] in the middleware extensions
 /// (`RequestBuilder::with_extension`). A request whose body cannot be
 /// cloned (a stream) is sent once.
+///
+/// When no answer came, the error is reqwest's own
+/// (`reqwest_middleware::Error::Reqwest`, with `is_connect`, `is_timeout`
+/// and the rest) only when no attempt can have reached the handler
+/// ([`Ending::NothingRan`]); when one may have, it is a middleware error
+/// holding the [`RetryError`](super::RetryError) (its `ending()` says
+/// [`Ending::OutcomeUnknown`], its source is the last attempt's error), so
+/// a connect error on a retry never hides an earlier attempt that ran. An
+/// error met after following a redirect counts as "may have run".
 ///
 /// ```
 /// use tower_idempotency::client::{IntentKey, RetryLayer, RetryMiddleware};
@@ -60,16 +69,13 @@ impl Middleware for RetryMiddleware {
         next: Next<'_>,
     ) -> reqwest_middleware::Result<reqwest::Response> {
         let config: &Config = self.layer.config();
-        if !request.headers().contains_key(&config.header)
+        if super::retry::key_of(request.headers(), &config.header).is_none()
             && let Some(key) = extensions.get::<IntentKey>()
         {
             let value = key.header_value();
             request.headers_mut().insert(config.header.clone(), value);
         }
-        let key = request
-            .headers()
-            .get(&config.header)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let key = super::retry::key_of(request.headers(), &config.header);
         let cloneable = request.try_clone().is_some();
         let retryable = cloneable && (key.is_some() || policy::is_idempotent(request.method()));
         let judge_by = extensions
@@ -98,9 +104,18 @@ impl Middleware for RetryMiddleware {
                 let Some(attempt) = attempt else {
                     return Err("the request body cannot be sent again".into());
                 };
+                let url = attempt.url().clone();
                 let response = next.run(attempt, &mut extensions).await.map_err(
                     |err| -> Box<dyn std::error::Error + Send + Sync> {
                         match err {
+                            // An error on the way to another URL (a
+                            // redirect followed) says nothing of whether
+                            // this request's handler ran.
+                            reqwest_middleware::Error::Reqwest(err)
+                                if err.url().is_some_and(|at| *at != url) =>
+                            {
+                                Box::new(AfterRedirect(err))
+                            }
                             // Kept as reqwest's, to be handed back as such.
                             reqwest_middleware::Error::Reqwest(err) => Box::new(err),
                             other => other.into(),
@@ -121,10 +136,12 @@ impl Middleware for RetryMiddleware {
                 Ok(response)
             }
             // reqwest's own error, as reqwest gave it (`is_connect`,
-            // `is_timeout` and the rest keep working); the layer's own
-            // (an attempt timeout, a body that cannot be sent again) as a
+            // `is_timeout` and the rest keep working), when no attempt can
+            // have reached the handler; otherwise (an earlier attempt may
+            // have run, whatever the last one met) and for the layer's own
+            // (an attempt timeout, a body that cannot be sent again), a
             // middleware error carrying the report.
-            Err(err) if err.source_is_reqwest() => {
+            Err(err) if err.source_is_reqwest() && err.ending() == Ending::NothingRan => {
                 let source = err
                     .into_source()
                     .and_then(|source| source.downcast::<reqwest::Error>().ok());
@@ -139,13 +156,15 @@ impl Middleware for RetryMiddleware {
 }
 
 /// Judges a reqwest answer; a body the policy asks to read is read (up to
-/// its limit, whatever its framing) and put back together.
+/// its limit, whatever its framing) and put back together (a longer one is
+/// judged without it and handed back whole).
 async fn judge(
     response: reqwest::Response,
     judge_by: &dyn RetryPolicy,
     method: &http::Method,
     keyed: bool,
 ) -> Result<Judged<reqwest::Response>, Box<dyn std::error::Error + Send + Sync>> {
+    use http_body_util::BodyExt as _;
     let status = response.status();
     let replayed = response
         .headers()
@@ -174,43 +193,49 @@ async fn judge(
             answer: response,
         });
     }
-    let headers = response.headers().clone();
-    let (version, url) = (response.version(), response.url().clone());
-    let mut response = response;
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        if body.len() + chunk.len() > policy::PROBLEM_LIMIT {
-            return Err("an answer body longer than 64 KiB, read to judge it".into());
+    let url = response.url().clone();
+    let (parts, mut body) = http::Response::<reqwest::Body>::from(response).into_parts();
+    let mut read = Vec::new();
+    let mut whole = true;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            read.extend_from_slice(&data);
+            if read.len() > policy::PROBLEM_LIMIT {
+                whole = false;
+                break;
+            }
         }
-        body.extend_from_slice(&chunk);
     }
-    let body = bytes::Bytes::from(body);
+    let read = bytes::Bytes::from(read);
     let (verdict, reach) = judge_by
-        .judge(&Answer::new(method, keyed, status, &headers, Some(&body)))
+        .judge(&Answer::new(
+            method,
+            keyed,
+            status,
+            &parts.headers,
+            whole.then_some(&read[..]),
+        ))
         .verdict();
-    let mut rebuilt = http::Response::builder().status(status).version(version);
-    if let Some(h) = rebuilt.headers_mut() {
-        *h = headers;
-    }
-    let rebuilt = reqwest::ResponseBuilderExt::url(rebuilt, url)
-        .body(body)
-        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+    let body = if whole {
+        reqwest::Body::from(read)
+    } else {
+        reqwest::Body::wrap(RetryBody::prefixed(read, Box::pin(body)))
+    };
     Ok(Judged {
         status,
         replayed,
         verdict,
         reach,
-        answer: reqwest::Response::from(rebuilt),
+        answer: rebuild(parts, url, body),
     })
 }
 
-/// The same response, its body ended with an error if it is still arriving
-/// at `deadline` (the deadline bounds the whole exchange, as on the tower
-/// path).
-fn until(response: reqwest::Response, deadline: tokio::time::Instant) -> reqwest::Response {
-    let url = response.url().clone();
-    let (parts, body) = http::Response::<reqwest::Body>::from(response).into_parts();
-    let body = reqwest::Body::wrap(RetryBody::inner(body).until(deadline));
+/// A reqwest response from its parts, its URL and a body.
+fn rebuild(
+    parts: http::response::Parts,
+    url: reqwest::Url,
+    body: reqwest::Body,
+) -> reqwest::Response {
     let mut rebuilt = http::Response::builder()
         .status(parts.status)
         .version(parts.version);
@@ -223,5 +248,32 @@ fn until(response: reqwest::Response, deadline: tokio::time::Instant) -> reqwest
     match reqwest::ResponseBuilderExt::url(rebuilt, url).body(body) {
         Ok(rebuilt) => reqwest::Response::from(rebuilt),
         Err(_) => unreachable!("every part came from a valid response"),
+    }
+}
+
+/// The same response, its body ended with an error if it is still arriving
+/// at `deadline` (the deadline bounds the whole exchange, as on the tower
+/// path).
+fn until(response: reqwest::Response, deadline: tokio::time::Instant) -> reqwest::Response {
+    let url = response.url().clone();
+    let (parts, body) = http::Response::<reqwest::Body>::from(response).into_parts();
+    let body = reqwest::Body::wrap(RetryBody::inner(body).until(deadline));
+    rebuild(parts, url, body)
+}
+
+/// A reqwest error met on the way to another URL than the request's (a
+/// redirect it followed): the request itself was answered.
+#[derive(Debug)]
+pub(crate) struct AfterRedirect(reqwest::Error);
+
+impl std::fmt::Display for AfterRedirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "after a redirect: {}", self.0)
+    }
+}
+
+impl std::error::Error for AfterRedirect {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
     }
 }

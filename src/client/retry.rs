@@ -527,7 +527,7 @@ where
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
         let inner = self.inner.clone();
-        if !request.headers().contains_key(&config.header)
+        if key_of(request.headers(), &config.header).is_none()
             && let Some(key) = request.extensions().get::<IntentKey>()
         {
             let value = key.header_value();
@@ -555,10 +555,7 @@ where
     RB: Body<Data = Bytes> + Send + 'static,
     RB::Error: Into<BoxError>,
 {
-    let key = request
-        .headers()
-        .get(&config.header)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let key = key_of(request.headers(), &config.header);
     // A request no retry can fix (a relative URI, a scheme other than
     // HTTP's) is sent once.
     let sendable = request.uri().authority().is_some()
@@ -628,6 +625,15 @@ where
     Ok(response)
 }
 
+/// The request's key: its header's value, unless it is empty (or only
+/// blanks), which is no key.
+pub(crate) fn key_of(headers: &http::HeaderMap, header: &HeaderName) -> Option<String> {
+    headers
+        .get(header)
+        .filter(|v| !v.as_bytes().iter().all(u8::is_ascii_whitespace))
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
 /// One attempt's answer, judged.
 pub(crate) struct Judged<R> {
     pub(crate) status: StatusCode,
@@ -645,6 +651,10 @@ fn failure_reach(err: &BoxError) -> Reach {
     use std::io::ErrorKind;
     let mut cause: Option<&(dyn StdError + 'static)> = Some(&**err);
     while let Some(err) = cause {
+        #[cfg(feature = "reqwest")]
+        if err.is::<super::reqwest::AfterRedirect>() {
+            return Reach::Maybe;
+        }
         if let Some(io) = err.downcast_ref::<std::io::Error>()
             && matches!(
                 io.kind(),
@@ -737,7 +747,9 @@ where
                 Ok((judged.answer, judged.replayed)),
             ),
         };
-        maybe_ran |= reach == Reach::Maybe;
+        // An answer to retry that the handler gave (a custom policy's
+        // `Reach::Answered`) ran as much as a `Maybe`.
+        maybe_ran |= reach != Reach::Nothing;
         if let Some(budget) = &config.budget {
             match verdict {
                 Verdict::Done => budget.answered(),
@@ -823,7 +835,7 @@ where
                         attempts: attempt,
                         replayed: false,
                         key,
-                        exhausted: true,
+                        exhausted,
                         ending,
                     },
                     source,
@@ -863,14 +875,21 @@ where
         return Ok((response.map(RetryBody::inner), None));
     }
     let (parts, body) = response.into_parts();
-    let mut body = std::pin::pin!(body);
+    let mut body = Box::pin(body);
     let mut buf = BytesMut::new();
     while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
         if let Ok(mut data) = frame.map_err(Into::into)?.into_data() {
-            if buf.len() + data.remaining() > policy::PROBLEM_LIMIT {
-                return Err("an answer body longer than 64 KiB, read to judge it".into());
+            let data = data.copy_to_bytes(data.remaining());
+            if buf.len() + data.len() > policy::PROBLEM_LIMIT {
+                // Too long to judge by: judged without it, and handed back
+                // whole, what was read first.
+                buf.extend_from_slice(&data);
+                return Ok((
+                    Response::from_parts(parts, RetryBody::prefixed(buf.freeze(), body)),
+                    None,
+                ));
             }
-            buf.extend_from_slice(&data.copy_to_bytes(data.remaining()));
+            buf.extend_from_slice(&data);
         }
     }
     let bytes = buf.freeze();
@@ -899,17 +918,43 @@ struct BodyPastDeadline;
 
 impl fmt::Display for BodyPastDeadline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the answer's body had not ended by the deadline")
+        f.write_str(
+            "the answer's body had not ended by the deadline: the outcome is unknown \
+             (send the same request with the same key again to learn it)",
+        )
     }
 }
 
 impl StdError for BodyPastDeadline {}
+
+/// A response body broke off: what the head said may not be all.
+#[derive(Debug)]
+struct BodyCut(BoxError);
+
+impl fmt::Display for BodyCut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the answer's body broke off ({}): the outcome is unknown \
+             (send the same request with the same key again to learn it)",
+            self.0
+        )
+    }
+}
+
+impl StdError for BodyCut {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.0)
+    }
+}
 
 pin_project_lite::pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] body: B },
         Buffered { data: Option<Bytes> },
+        // The bytes read to judge it, then the rest.
+        Prefixed { prefix: Option<Bytes>, body: Pin<Box<B>> },
     }
 }
 
@@ -932,8 +977,18 @@ impl<B> RetryBody<B> {
 
     /// The same body, ended with an error at `deadline` if it is the
     /// service's own and still arriving.
+    pub(crate) fn prefixed(prefix: Bytes, body: Pin<Box<B>>) -> Self {
+        RetryBody {
+            kind: Kind::Prefixed {
+                prefix: Some(prefix).filter(|p| !p.is_empty()),
+                body,
+            },
+            deadline: None,
+        }
+    }
+
     pub(crate) fn until(mut self, deadline: Instant) -> Self {
-        if matches!(self.kind, Kind::Inner { .. }) {
+        if matches!(self.kind, Kind::Inner { .. } | Kind::Prefixed { .. }) {
             self.deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
         }
         self
@@ -945,6 +1000,7 @@ impl<B> fmt::Debug for RetryBody<B> {
         f.write_str(match self.kind {
             Kind::Inner { .. } => "RetryBody::Inner",
             Kind::Buffered { .. } => "RetryBody::Buffered",
+            Kind::Prefixed { .. } => "RetryBody::Prefixed",
         })
     }
 }
@@ -962,29 +1018,39 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        match this.kind.project() {
-            KindProj::Inner { body } => {
-                if let Poll::Ready(frame) = body.poll_frame(cx) {
-                    return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-                }
-                let past = this
-                    .deadline
-                    .as_mut()
-                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
-                if past {
-                    *this.deadline = None;
-                    return Poll::Ready(Some(Err(Box::new(BodyPastDeadline))));
-                }
-                Poll::Pending
+        let polled = match this.kind.project() {
+            KindProj::Buffered { data } => {
+                return Poll::Ready(data.take().map(|d| Ok(Frame::data(d))));
             }
-            KindProj::Buffered { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Prefixed { prefix, body } => {
+                if let Some(prefix) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(prefix))));
+                }
+                body.as_mut().poll_frame(cx)
+            }
+            KindProj::Inner { body } => body.poll_frame(cx),
+        };
+        if let Poll::Ready(frame) = polled {
+            return Poll::Ready(
+                frame.map(|f| f.map_err(|err| Box::new(BodyCut(err.into())) as BoxError)),
+            );
         }
+        let past = this
+            .deadline
+            .as_mut()
+            .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+        if past {
+            *this.deadline = None;
+            return Poll::Ready(Some(Err(Box::new(BodyPastDeadline))));
+        }
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Buffered { data } => data.is_none(),
+            Kind::Prefixed { prefix, body } => prefix.is_none() && body.is_end_stream(),
         }
     }
 
@@ -993,6 +1059,16 @@ where
             Kind::Inner { body } => body.size_hint(),
             Kind::Buffered { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Prefixed { prefix, body } => {
+                let read = prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let rest = body.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower().saturating_add(read));
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper.saturating_add(read));
+                }
+                hint
             }
         }
     }
