@@ -450,13 +450,20 @@ async fn audit_from_env() -> Result<Option<AuditLog>, String> {
     };
     let instance =
         std::env::var("IDEMPOTENCY_AUDIT_INSTANCE").unwrap_or_else(|_| "booking-server".into());
+    // A chain that holds entries is continued only with its own key: never
+    // a new one made because the key file went missing.
+    let chain_holds_entries = std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
+    if chain_holds_entries && !key_file.exists() {
+        return Err(format!(
+            "IDEMPOTENCY_AUDIT_SIGNING_KEY {}: missing, but the chain {} holds entries signed with it; restore the key",
+            key_file.display(),
+            path.display()
+        ));
+    }
+    // Makes the key (and KEY.pub, once) if there is none.
     let (signer, created) = AuditSigner::load_or_generate(&key_file, "booking-server-audit")
         .map_err(|e| format!("IDEMPOTENCY_AUDIT_SIGNING_KEY {}: {e}", key_file.display()))?;
     let public = signer.verifier().to_string();
-    let mut public_file = key_file.clone().into_os_string();
-    public_file.push(".pub");
-    std::fs::write(&public_file, format!("{public}\n"))
-        .map_err(|e| format!("cannot save the audit public key: {e}"))?;
     let sink = JsonlSink::open(&path).map_err(|e| format!("IDEMPOTENCY_AUDIT: {e}"))?;
     let audit = AuditLog::builder(instance, signer)
         .start(sink)

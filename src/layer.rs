@@ -193,6 +193,22 @@ impl<St> Config<St> {
         Ok(None)
     }
 
+    /// A request's trail with no place reserved yet (`None` without an
+    /// audit log): the keyed path reserves it once the body is read.
+    #[inline]
+    pub(crate) fn loose_trail(
+        &self,
+        scope: Option<&str>,
+        key: Option<&str>,
+    ) -> Option<crate::trail::Trail> {
+        #[cfg(feature = "audit")]
+        if let Some(audit) = &self.audit {
+            return Some(audit.loose_trail(scope, key));
+        }
+        let _ = (scope, key);
+        None
+    }
+
     pub(crate) fn protects<B>(&self, req: &http::Request<B>) -> bool {
         self.methods.iter().any(|m| m == req.method())
             && self

@@ -153,13 +153,9 @@ where
         if body.size_hint().lower() > config.request_body_limit as u64 {
             return early(body_too_large(config), Some(scope.as_str()), Some(&key));
         }
-        // The request's place in the audit chain, before anything can run.
-        let Ok(trail) = config.trail(Some(scope.as_str()), Some(&key)) else {
-            // Counted as lost already: no second entry is attempted.
-            let response = reject(config, audit_unavailable());
-            count(config, &parts, &response);
-            return ResponseFuture::ready(response);
-        };
+        // The request's trail in the audit chain; its place in the queue is
+        // taken once its body is read, before anything can run.
+        let trail = config.loose_trail(Some(scope.as_str()), Some(&key));
         #[cfg(feature = "metrics")]
         let route = (config.metrics_route)(&parts);
         let record_key = RecordKey::new(scope.as_str(), &key);
@@ -379,6 +375,12 @@ where
         trailers.as_deref(),
     );
     if let Some(trail) = &mut trail {
+        // The place in the audit queue, taken now that the body is read:
+        // an upload that takes its time holds none.
+        if trail.reserve().is_err() {
+            // Counted as lost already: no second entry is attempted.
+            return Ok(reject(&config, audit_unavailable()));
+        }
         trail.fingerprint(&fingerprint);
     }
 

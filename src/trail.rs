@@ -14,6 +14,10 @@ impl Trail {
         match *self {}
     }
 
+    pub(crate) fn reserve(&mut self) -> Result<(), ()> {
+        match *self {}
+    }
+
     pub(crate) fn another(&self) -> Result<Trail, ()> {
         match *self {}
     }

@@ -1406,3 +1406,195 @@ async fn audit_verify_exit_codes() {
     );
     assert_eq!(run(&["--help".as_ref()]).0, 0);
 }
+
+/// With a secret, every digest in an entry is keyed: the fingerprint and
+/// the response's SHA-256 cannot be matched against a guessed body offline.
+/// Without one they are the plain digests.
+#[tokio::test]
+async fn with_a_secret_every_digest_is_keyed() {
+    let entry = |secret: Option<&'static str>| async move {
+        let sink = MemorySink::default();
+        let mut builder = AuditLog::builder("api-1", signer());
+        if let Some(secret) = secret {
+            builder = builder.with_secret(secret);
+        }
+        let audit = builder.start(sink.clone()).await.unwrap();
+        let app = common::booking_router(Counter::default())
+            .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+        let body = body_bytes(app.oneshot(post_with_key("k-secret", "x")).await.unwrap()).await;
+        audit.close().await.unwrap();
+        (entries(&sink.lines())[0].clone(), body)
+    };
+    let (plain, body) = entry(None).await;
+    assert_eq!(plain["response_sha256"], sha256_hex(&body));
+    let (keyed, _) = entry(Some("s3cret")).await;
+    assert_eq!(keyed["decision"], "executed");
+    for member in ["fingerprint", "response_sha256", "key", "scope"] {
+        let (a, b) = (&plain[member], &keyed[member]);
+        assert!(a.is_string() && b.is_string(), "{member}");
+        assert_ne!(a, b, "{member} is keyed under the secret");
+    }
+}
+
+/// A new chain file is readable by its owner only.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_new_chain_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("mode");
+    let path = dir.join("audit.jsonl");
+    write_chain(JsonlSink::open(&path).unwrap(), 1, 100).await;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    let gid = std::fs::metadata(&dir).unwrap();
+    let group_path = dir.join("group.jsonl");
+    let _sink =
+        JsonlSink::open_for_group(&group_path, std::os::unix::fs::MetadataExt::gid(&gid)).unwrap();
+    let mode = std::fs::metadata(&group_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640, "{mode:o}");
+}
+
+/// A signing key's public file is written once and never replaced; a
+/// missing key whose public file is still there is an error, never a new
+/// key; the demo refuses to start on a chain whose key went missing.
+#[tokio::test]
+async fn a_lost_key_is_never_replaced_silently() {
+    let dir = scratch("lost-key");
+    let key = dir.join("audit.jsonl.key");
+    let public = dir.join("audit.jsonl.key.pub");
+    let (signer, created) = AuditSigner::load_or_generate(&key, "k").unwrap();
+    assert!(created);
+    assert_eq!(
+        std::fs::read_to_string(&public).unwrap().trim(),
+        signer.verifier().to_string()
+    );
+    let (again, created) = AuditSigner::load_or_generate(&key, "k").unwrap();
+    assert!(!created);
+    assert_eq!(again.verifier(), signer.verifier());
+    std::fs::remove_file(&key).unwrap();
+    let err = AuditSigner::load_or_generate(&key, "k").unwrap_err();
+    assert!(err.to_string().contains("restore the key"), "{err}");
+    assert!(!key.exists(), "no new key was made");
+    std::fs::write(
+        &key,
+        format!("{}\n", AuditSigner::generate("k").unwrap().to_secret_text()),
+    )
+    .unwrap();
+    let err = AuditSigner::load_or_generate(&key, "k").unwrap_err();
+    assert!(err.to_string().contains("never replaced"), "{err}");
+
+    // The demo, on a chain that holds entries, with its key gone.
+    let chain = dir.join("demo.jsonl");
+    let demo_signer = write_chain(JsonlSink::open(&chain).unwrap(), 2, 100).await;
+    let _ = demo_signer;
+    let out = std::process::Command::new(common::example("booking_server"))
+        .arg("127.0.0.1:0")
+        .env("IDEMPOTENCY_AUDIT", &chain)
+        .env_remove("IDEMPOTENCY_AUDIT_SIGNING_KEY")
+        .env_remove("IDEMPOTENCY_STORE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("restore the key"), "{stderr}");
+    assert!(!dir.join("demo.jsonl.key").exists(), "no new key was made");
+}
+
+/// A sink that hangs (rather than fails) makes the log unhealthy after the
+/// append timeout: keyed requests are refused and nothing runs, until it
+/// answers again; the refusals are counted.
+#[tokio::test]
+async fn a_hung_sink_is_unhealthy_after_the_append_timeout() {
+    let sink = MemorySink::default();
+    let audit = AuditLog::builder("api-1", signer())
+        .with_append_timeout(Duration::from_millis(50))
+        .start(sink.clone())
+        .await
+        .unwrap();
+    let counter = Counter::default();
+    let app = common::booking_router(counter.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    sink.held.store(true, Ordering::SeqCst);
+    let first = app
+        .clone()
+        .oneshot(post_with_key("hung-1", "x"))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    until(|| !audit.is_healthy()).await;
+    let (status, code, _) = problem(
+        app.clone()
+            .oneshot(post_with_key("hung-2", "x"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status.as_u16(), code.as_str()), (503, "audit-unavailable"));
+    assert_eq!(counter.get(), 1, "nothing ran while the sink hung");
+    sink.held.store(false, Ordering::SeqCst);
+    sink.release.notify_waiters();
+    until(|| audit.is_healthy()).await;
+    let third = app
+        .clone()
+        .oneshot(post_with_key("hung-3", "x"))
+        .await
+        .unwrap();
+    assert_eq!(third.status(), StatusCode::CREATED);
+    audit.close().await.unwrap();
+    let lines = sink.lines();
+    assert!(
+        entries(&lines)
+            .iter()
+            .any(|e| e["decision"] == "lost" && e["count"] == 1),
+        "{lines:?}"
+    );
+}
+
+/// A request takes its place in the fail-closed queue once its body is
+/// read: uploads that stall hold none, and requests behind them run.
+#[tokio::test]
+async fn slow_uploads_hold_no_place_in_the_queue() {
+    use futures_util::StreamExt;
+    use tower::{Layer, Service};
+    let sink = MemorySink::default();
+    let audit = AuditLog::builder("api-1", signer())
+        .with_queue_capacity(4)
+        .start(sink.clone())
+        .await
+        .unwrap();
+    let counter = Counter::default();
+    let mut app = IdempotencyLayer::new(MemoryStore::default())
+        .with_audit(audit.clone())
+        .layer(common::booking_router(counter.clone()));
+    let mut stalled = Vec::new();
+    for i in 0..4 {
+        let body =
+            futures_util::stream::iter([Ok::<_, io::Error>(bytes::Bytes::from_static(b"x"))])
+                .chain(futures_util::stream::pending());
+        let request = Request::post("/book")
+            .header("authorization", AUTH)
+            .header("idempotency-key", format!("slow-{i}"))
+            .body(Body::from_stream(body))
+            .unwrap();
+        tower::ServiceExt::<Request<Body>>::ready(&mut app)
+            .await
+            .unwrap();
+        stalled.push(tokio::spawn(app.call(request)));
+    }
+    for i in 0..3 {
+        let key: &'static str = format!("quick-{i}").leak();
+        let response = app.clone().oneshot(post_with_key(key, "x")).await.unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::CREATED,
+            "request {i} behind the uploads"
+        );
+        // Its entry written: the queue is as free as before it.
+        until(|| entries(&sink.lines()).len() > i).await;
+    }
+    assert_eq!(counter.get(), 3);
+    for upload in stalled {
+        upload.abort();
+    }
+    audit.close().await.unwrap();
+}

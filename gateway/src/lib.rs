@@ -322,14 +322,20 @@ async fn open_audit(args: &Args, path: &std::path::Path) -> Result<AuditLog, Str
     let mut key_file = path.as_os_str().to_owned();
     key_file.push(".key");
     let key_file = std::path::PathBuf::from(key_file);
+    // A chain that holds entries is continued only with its own key: never
+    // a new one made because the key file went missing.
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) && !key_file.exists() {
+        return Err(format!(
+            "--audit signing key {}: missing, but the chain {} holds entries signed with it; restore the key",
+            key_file.display(),
+            path.display()
+        ));
+    }
+    // Makes the key (and KEY.pub, once) if there is none.
     let (signer, created) =
         AuditSigner::load_or_generate(&key_file, "idempotency-gateway-audit")
             .map_err(|e| format!("--audit signing key {}: {e}", key_file.display()))?;
     let public = signer.verifier().to_string();
-    let mut public_file = key_file.as_os_str().to_owned();
-    public_file.push(".pub");
-    std::fs::write(&public_file, format!("{public}\n"))
-        .map_err(|e| format!("--audit: cannot save the public key: {e}"))?;
     let sink = JsonlSink::open(path).map_err(|e| format!("--audit {}: {e}", path.display()))?;
     let mut builder = AuditLog::builder(args.audit_instance.clone(), signer);
     if let Some(secret) = &args.scope_secret {

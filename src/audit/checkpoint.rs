@@ -35,6 +35,28 @@ const ED25519: u8 = 0x01;
 /// The prefix of a signature line.
 const DASH: &str = "\u{2014} ";
 
+/// `path` with `.pub` appended: where a signing key's public key is kept.
+fn public_path(path: &Path) -> std::path::PathBuf {
+    let mut public = path.as_os_str().to_owned();
+    public.push(".pub");
+    public.into()
+}
+
+/// Writes `text` and a newline to a new file at `path` (never over one),
+/// with `mode` on Unix, and syncs it.
+fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), AuditKeyError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut file = options.open(path).map_err(AuditKeyError::Io)?;
+    std::io::Write::write_all(&mut file, format!("{text}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(AuditKeyError::Io)
+}
+
 /// Why a key could not be made, read or saved.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -47,6 +69,13 @@ pub enum AuditKeyError {
     Io(std::io::Error),
     /// The system's random source failed.
     Random(String),
+    /// The signing key file is missing while its public key (this path) is
+    /// still there: a chain was signed with it. Restore the key; a new one
+    /// would not continue that chain.
+    Missing(std::path::PathBuf),
+    /// The public key file beside the signing key (this path) holds another
+    /// key.
+    Mismatch(std::path::PathBuf),
 }
 
 impl fmt::Display for AuditKeyError {
@@ -58,6 +87,16 @@ impl fmt::Display for AuditKeyError {
             AuditKeyError::Malformed(why) => write!(f, "not an audit key: {why}"),
             AuditKeyError::Io(err) => write!(f, "key file: {err}"),
             AuditKeyError::Random(err) => write!(f, "no randomness for a new key: {err}"),
+            AuditKeyError::Missing(path) => write!(
+                f,
+                "the signing key {} is missing, but its public key is still there: a chain was signed with it; restore the key (a new key would not continue that chain)",
+                path.display()
+            ),
+            AuditKeyError::Mismatch(path) => write!(
+                f,
+                "{} holds another public key than the signing key's; it is never replaced",
+                path.display()
+            ),
         }
     }
 }
@@ -167,24 +206,39 @@ impl AuditSigner {
     /// Reads the signing key in `path`; when there is no such file, makes a
     /// new key named `name`, saves it there (readable by its owner only, on
     /// Unix) and says so with `true`.
+    ///
+    /// Its public key lives beside it, in `path` with `.pub` appended: written
+    /// once, when the key is made (never replaced), checked against the key
+    /// when it is read (written if missing). A missing key whose `.pub` is
+    /// still there is [`AuditKeyError::Missing`]: a chain was signed with it,
+    /// and a new key would not continue that chain.
     pub fn load_or_generate(path: &Path, name: &str) -> Result<(Self, bool), AuditKeyError> {
+        let public_path = public_path(path);
         match std::fs::read_to_string(path) {
-            Ok(text) => return Ok((text.parse()?, false)),
+            Ok(text) => {
+                let signer: AuditSigner = text.parse()?;
+                let public = signer.verifier().to_string();
+                match std::fs::read_to_string(&public_path) {
+                    Ok(saved) if saved.trim() == public => {}
+                    Ok(_) => {
+                        return Err(AuditKeyError::Mismatch(public_path));
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                        write_new(&public_path, &public, 0o644)?;
+                    }
+                    Err(err) => return Err(AuditKeyError::Io(err)),
+                }
+                return Ok((signer, false));
+            }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
             Err(err) => return Err(AuditKeyError::Io(err)),
         }
+        if public_path.exists() {
+            return Err(AuditKeyError::Missing(path.to_owned()));
+        }
         let signer = Self::generate(name)?;
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(path).map_err(AuditKeyError::Io)?;
-        std::io::Write::write_all(
-            &mut file,
-            format!("{}\n", signer.to_secret_text()).as_bytes(),
-        )
-        .and_then(|()| file.sync_all())
-        .map_err(AuditKeyError::Io)?;
+        write_new(path, &signer.to_secret_text(), 0o600)?;
+        write_new(&public_path, &signer.verifier().to_string(), 0o644)?;
         Ok((signer, true))
     }
 

@@ -126,6 +126,16 @@ impl Hasher {
         Hasher::Keyed(Hmac::new_from_slice(secret).expect("HMAC takes a key of any length"))
     }
 
+    /// A digest made elsewhere (a fingerprint, a body's SHA-256) as an
+    /// entry holds it: itself, or keyed with the secret so that a guessed
+    /// body cannot be confirmed offline.
+    pub(crate) fn rekey(&self, digest: [u8; 32]) -> [u8; 32] {
+        match self {
+            Hasher::Plain => digest,
+            Hasher::Keyed(_) => self.digest(&digest),
+        }
+    }
+
     pub(crate) fn digest(&self, bytes: &[u8]) -> [u8; 32] {
         match self {
             Hasher::Plain => Sha256::digest(bytes).into(),

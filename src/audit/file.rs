@@ -23,15 +23,36 @@ pub struct JsonlSink {
 }
 
 impl JsonlSink {
-    /// Opens (or creates) the chain at `path` and locks it.
+    /// Opens (or creates) the chain at `path` and locks it. A new file is
+    /// readable and writable by its owner only (mode 0600 on Unix).
     pub fn open(path: impl AsRef<Path>) -> io::Result<Self> {
-        let path = path.as_ref().to_owned();
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(|err| named(&path, err))?;
+        Self::open_with(path.as_ref(), 0o600, None)
+    }
+
+    /// [`open`](Self::open), a new file readable by group `gid` too (mode
+    /// 0640, owned by that group), for an auditor's account in that group.
+    #[cfg(unix)]
+    #[cfg_attr(docsrs, doc(cfg(unix)))]
+    pub fn open_for_group(path: impl AsRef<Path>, gid: u32) -> io::Result<Self> {
+        Self::open_with(path.as_ref(), 0o640, Some(gid))
+    }
+
+    fn open_with(path: &Path, mode: u32, group: Option<u32>) -> io::Result<Self> {
+        let path = path.to_owned();
+        let mut options = OpenOptions::new();
+        options.read(true).append(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+        #[cfg(not(unix))]
+        let _ = mode;
+        let created = !path.exists();
+        let file = options.open(&path).map_err(|err| named(&path, err))?;
+        #[cfg(unix)]
+        if let (true, Some(gid)) = (created, group) {
+            std::os::unix::fs::fchown(&file, None, Some(gid)).map_err(|err| named(&path, err))?;
+        }
+        #[cfg(not(unix))]
+        let _ = (created, group);
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {

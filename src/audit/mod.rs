@@ -24,9 +24,9 @@
 //! | `duration_ms` | always | from the request's arrival (or the call's start) to the decision |
 //! | `scope` | when known | SHA-256 of the scope (HMAC-SHA-256 with [`AuditBuilder::with_secret`]) |
 //! | `key` | when known | SHA-256 of the key (HMAC-SHA-256 with the secret) |
-//! | `fingerprint` | once the request was read | the request's fingerprint |
+//! | `fingerprint` | once the request was read | the request's fingerprint (HMAC-SHA-256 of it with the secret) |
 //! | `status` | where a response was given | its HTTP status |
-//! | `response_sha256` | `executed`, with the whole body | SHA-256 of the response body (for [`AtMostOnce`](crate::once::AtMostOnce), of the output's JSON) |
+//! | `response_sha256` | `executed`, with the whole body | SHA-256 of the response body (for [`AtMostOnce`](crate::once::AtMostOnce), of the output's JSON); with the secret, HMAC-SHA-256 of that digest |
 //! | `count` | `lost` | how many decisions had no entry |
 //! | `prev` | always | the `hash` of the entry before (64 zeros for the first) |
 //! | `hash` | always | SHA-256 of this line's canonical JSON without `hash` |
@@ -71,9 +71,11 @@
 //! The writer takes entries from a bounded queue and appends them in
 //! batches, each made durable before the next. By default
 //! ([`AuditFailure::Closed`]) no request executes without room for its
-//! entry: a keyed request reserves its place in the queue before it claims
-//! its key, and when the queue is full, or the sink is failing, it is
-//! answered `503 audit-unavailable` and nothing runs. With
+//! entry: a keyed request reserves its place in the queue once its body is
+//! read and before it claims its key, and when the queue is full, or the
+//! sink is failing (or has not answered an append within
+//! [`AuditBuilder::with_append_timeout`]), it is answered `503
+//! audit-unavailable` and nothing runs. With
 //! [`AuditFailure::Open`] it runs anyway, and the chain gets a `lost` entry
 //! counting the decisions it missed.
 //!
@@ -215,6 +217,7 @@ pub struct AuditBuilder {
     failure: AuditFailure,
     secret: Option<Vec<u8>>,
     close_timeout: Duration,
+    append_timeout: Duration,
     linger: Duration,
 }
 
@@ -229,6 +232,7 @@ impl fmt::Debug for AuditBuilder {
             .field("failure", &self.failure)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("close_timeout", &self.close_timeout)
+            .field("append_timeout", &self.append_timeout)
             .field("linger", &self.linger)
             .finish()
     }
@@ -288,6 +292,16 @@ impl AuditBuilder {
         self
     }
 
+    /// How long an append may go unanswered before the log counts as
+    /// unhealthy (default 5 s; at least 1 ms): a sink that hangs rather
+    /// than fails (a stalled disk, a paused database) then refuses requests
+    /// under [`AuditFailure::Closed`] and shows in
+    /// [`AuditLog::is_healthy`], until it answers.
+    pub fn with_append_timeout(mut self, timeout: Duration) -> Self {
+        self.append_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
     /// Reads where `sink`'s chain ends, and starts the writer there, on the
     /// current tokio runtime.
     pub async fn start<S: AuditSink>(self, mut sink: S) -> Result<AuditLog, AuditError> {
@@ -325,6 +339,7 @@ impl AuditBuilder {
             every: self.every,
             batch: self.batch,
             close_timeout: self.close_timeout,
+            append_timeout: self.append_timeout,
             linger: self.linger,
             state: state.clone(),
         };
@@ -413,6 +428,7 @@ impl AuditLog {
             failure: AuditFailure::Closed,
             secret: None,
             close_timeout: Duration::from_secs(10),
+            append_timeout: Duration::from_secs(5),
             linger: Duration::from_millis(5),
         }
     }
@@ -458,14 +474,21 @@ impl AuditLog {
     /// [`AuditFailure::Closed`] when there is none: the request must not
     /// run.
     pub(crate) fn trail(&self, scope: Option<&str>, key: Option<&str>) -> Result<Trail, ()> {
+        let mut trail = self.loose_trail(scope, key);
+        trail.reserve()?;
+        Ok(trail)
+    }
+
+    /// A request's trail with no place reserved yet: its decision is
+    /// written if there is room then ([`Trail::reserve`] takes a place).
+    pub(crate) fn loose_trail(&self, scope: Option<&str>, key: Option<&str>) -> Trail {
         let hasher = &self.shared.hasher;
         let scope = scope.map(|s| hasher.digest(s.as_bytes()));
         let key = key.map(|k| hasher.digest(k.as_bytes()));
-        let permit = self.reserve()?;
-        Ok(Trail::new(self.clone(), permit, scope, key))
+        Trail::new(self.clone(), None, scope, key)
     }
 
-    fn reserve(&self) -> Result<Option<mpsc::OwnedPermit<Pending>>, ()> {
+    pub(crate) fn reserve(&self) -> Result<Option<mpsc::OwnedPermit<Pending>>, ()> {
         let state = &self.shared.state;
         if !state.closing.load(Ordering::Relaxed)
             && state.healthy.load(Ordering::Relaxed)
@@ -518,6 +541,7 @@ struct Writer<S> {
     every: u64,
     batch: usize,
     close_timeout: Duration,
+    append_timeout: Duration,
     linger: Duration,
     state: Arc<State>,
 }
@@ -658,7 +682,26 @@ impl<S: AuditSink> Writer<S> {
                             "the sink did not answer before the close timeout",
                         ))
                     }),
-                None => self.sink.append(lines).await,
+                // A sink that hangs (rather than fails) is unhealthy once
+                // it has not answered within the append timeout, so requests
+                // are refused (fail-closed) or counted (fail-open) rather
+                // than run while their entries wait; the append itself is
+                // awaited to its end, all or nothing.
+                None => {
+                    let mut append = std::pin::pin!(self.sink.append(lines));
+                    match tokio::time::timeout(self.append_timeout, append.as_mut()).await {
+                        Ok(appended) => appended,
+                        Err(_) => {
+                            if self.state.healthy.swap(false, Ordering::Relaxed) {
+                                tracing::error!(
+                                    timeout_ms = self.append_timeout.as_millis() as u64,
+                                    "audit sink has not answered within the append timeout; requests are refused until it does (fail-closed) or run without entries (fail-open)"
+                                );
+                            }
+                            append.await
+                        }
+                    }
+                }
             };
             match appended {
                 Ok(()) => {

@@ -37,8 +37,29 @@ impl Trail {
         }
     }
 
+    /// Takes the request's place in the queue now (after its body was
+    /// read, so slow uploads hold none). `Err` under
+    /// [`AuditFailure::Closed`](super::AuditFailure::Closed) when there is
+    /// none: the request must not run, and its refusal is counted as lost,
+    /// with no entry of its own.
+    pub(crate) fn reserve(&mut self) -> Result<(), ()> {
+        if self.permit.is_some() {
+            return Ok(());
+        }
+        match self.log.reserve() {
+            Ok(permit) => {
+                self.permit = permit;
+                Ok(())
+            }
+            Err(()) => {
+                self.recorded = true;
+                Err(())
+            }
+        }
+    }
+
     pub(crate) fn fingerprint(&mut self, fingerprint: &Fingerprint) {
-        self.fingerprint = Some(*fingerprint.as_bytes());
+        self.fingerprint = Some(self.log.shared.hasher.rekey(*fingerprint.as_bytes()));
     }
 
     /// Another place for the same request, for a second decision (a take
@@ -79,7 +100,7 @@ impl Trail {
             fingerprint: self.fingerprint,
             status,
             duration_ms: millis as u64,
-            response,
+            response: response.map(|digest| self.log.shared.hasher.rekey(digest)),
             count: None,
         };
         self.log.send(self.permit.take(), pending);
