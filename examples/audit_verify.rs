@@ -13,8 +13,9 @@
 //!   rolled back: prints `line L: REASON` for the first bad line (for a
 //!   rollback, the saved checkpoint's file is named);
 //! - exit 3: intact but incomplete: entries after the last checkpoint (a
-//!   crash before they were signed, or lines added since), entries a
-//!   restarted writer adopted unsigned, or no entries at all; prints
+//!   crash before they were signed, or lines added since), a last line torn
+//!   by a crash, entries a restarted writer adopted unsigned, or no entries
+//!   at all; prints
 //!   `incomplete: N entries, signed through M` and a line per run of
 //!   entries, `lines A-B: REASON`;
 //! - exit 2: bad arguments or an unreadable file.
@@ -203,6 +204,11 @@ fn verdict(chain: &VerifiedChain) -> ExitCode {
     for (first, last) in &chain.adopted {
         println!(
             "lines {first}-{last}: found after the last checkpoint by a restarted writer and adopted unsigned (a crash's unsigned batch, or lines added while no writer ran)"
+        );
+    }
+    if let Some(line) = chain.torn_line {
+        println!(
+            "line {line}: torn: the last write was cut short (a crash); its writer cuts it off when it starts again"
         );
     }
     if let Some((first, last)) = chain.unsigned_lines {

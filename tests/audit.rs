@@ -507,6 +507,12 @@ async fn any_changed_byte_is_found_at_its_line() {
             Err(tower_idempotency::audit::VerifyError::Broken(broken)) => {
                 assert_eq!(broken.line, line_of(&original, at), "byte {at}: {broken}")
             }
+            // The file's last newline changed: its last line reads as torn
+            // by a crash, and the chain as incomplete, never complete.
+            Ok(chain) if at == original.len() - 1 => {
+                assert_eq!(chain.torn_line, Some(line_of(&original, at)));
+                assert!(!chain.is_complete());
+            }
             other => panic!("byte {at} changed, not found: {other:?}"),
         }
     }
@@ -570,7 +576,7 @@ fn check_line_tampering(lines: &[String], key: &tower_idempotency::audit::AuditV
 }
 
 #[tokio::test]
-async fn a_tail_cut_mid_line_is_found_at_that_line() {
+async fn a_tail_cut_mid_line_reads_as_a_crash_at_that_line() {
     let dir = scratch("cut");
     let path = dir.join("audit.jsonl");
     let signer = write_chain(JsonlSink::open(&path).unwrap(), 8, 3).await;
@@ -585,13 +591,15 @@ async fn a_tail_cut_mid_line_is_found_at_that_line() {
         if original[end - 1] == b'\n' {
             result.unwrap_or_else(|e| panic!("cut at a line end {end}: {e}"));
         } else {
-            match result {
-                Err(tower_idempotency::audit::VerifyError::Broken(broken)) => {
-                    assert_eq!(broken.line, line_of(&original, end - 1), "cut at {end}");
-                    assert!(broken.reason.contains("truncated"), "{broken}");
-                }
-                other => panic!("cut at {end} not found: {other:?}"),
-            }
+            // A crash, not tampering: intact, incomplete, the torn line
+            // named.
+            let chain = result.unwrap_or_else(|e| panic!("cut at {end}: {e}"));
+            assert_eq!(
+                chain.torn_line,
+                Some(line_of(&original, end - 1)),
+                "cut at {end}"
+            );
+            assert!(!chain.is_complete());
         }
     }
 }
@@ -1597,4 +1605,56 @@ async fn slow_uploads_hold_no_place_in_the_queue() {
         upload.abort();
     }
     audit.close().await.unwrap();
+}
+
+/// A chain file truncated under its writer (a `copytruncate` rotation) is
+/// refused, never padded: the log turns unhealthy, requests are refused,
+/// and the file holds no NUL bytes.
+#[tokio::test]
+async fn a_file_truncated_under_the_writer_is_refused_never_padded() {
+    let dir = scratch("copytruncate");
+    let path = dir.join("audit.jsonl");
+    let audit = AuditLog::builder("api-1", signer())
+        .with_close_timeout(Duration::from_millis(200))
+        .start(JsonlSink::open(&path).unwrap())
+        .await
+        .unwrap();
+    let counter = Counter::default();
+    let app = common::booking_router(counter.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    body_bytes(
+        app.clone()
+            .oneshot(post_with_key("before", "x"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    until(|| std::fs::metadata(&path).unwrap().len() > 0).await;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    body_bytes(
+        app.clone()
+            .oneshot(post_with_key("after", "x"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    until(|| !audit.is_healthy()).await;
+    let (status, code, _) = problem(
+        app.clone()
+            .oneshot(post_with_key("refused", "x"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status.as_u16(), code.as_str()), (503, "audit-unavailable"));
+    assert_eq!(counter.get(), 2);
+    let _ = audit.close().await;
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(!bytes.contains(&0), "padded with NUL bytes");
+    assert!(bytes.is_empty(), "nothing written over the truncation");
 }

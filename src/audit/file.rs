@@ -140,6 +140,17 @@ impl AuditSink for JsonlSink {
                     path.display()
                 )));
             }
+            // The file is this writer's alone: one that changed size
+            // under it (truncated by a `copytruncate` rotation, appended to
+            // by hand) is refused, never padded or overwritten.
+            let actual = file.metadata()?.len();
+            if actual != *len {
+                return Err(io::Error::other(format!(
+                    "{}: the file is {actual} bytes, this writer wrote {}: it was changed by someone else (a copytruncate rotation, an edit); appends stop until it is checked",
+                    path.display(),
+                    *len
+                )));
+            }
             let written = file.write_all(&batch).and_then(|()| file.sync_data());
             match written {
                 Ok(()) => {

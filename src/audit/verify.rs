@@ -44,6 +44,10 @@ pub struct VerifiedChain {
     pub root: [u8; 32],
     /// The last checkpoint's note, as written.
     pub last_checkpoint: Option<String>,
+    /// The line that ends the file without a newline: a write cut short by
+    /// a crash (the writer cuts it off when it starts again). Not read as
+    /// an entry.
+    pub torn_line: Option<u64>,
 }
 
 impl VerifiedChain {
@@ -55,7 +59,7 @@ impl VerifiedChain {
     /// Every entry is signed by a checkpoint, and none was adopted unsigned
     /// at a restart.
     pub fn is_complete(&self) -> bool {
-        self.unsigned_tail() == 0 && self.adopted.is_empty()
+        self.unsigned_tail() == 0 && self.adopted.is_empty() && self.torn_line.is_none()
     }
 }
 
@@ -447,6 +451,7 @@ impl<'k> Checker<'k> {
             unsigned_lines: self.since,
             root: self.tree.root(),
             last_checkpoint: self.last_checkpoint,
+            torn_line: None,
         })
     }
 }
@@ -566,9 +571,10 @@ fn walk(
             })
         };
         let Some(body) = buf.strip_suffix(b"\n") else {
-            return Err(broken(
-                "the last line does not end: the chain was truncated mid-line",
-            ));
+            // Only the last line can lack its newline: a write cut short.
+            let mut chain = checker.finish().map_err(VerifyError::Broken)?;
+            chain.torn_line = Some(at);
+            return Ok(chain);
         };
         let text = std::str::from_utf8(body).map_err(|_| broken("not UTF-8"))?;
         if let Some(entry) = checker.line(text).map_err(VerifyError::Broken)? {
