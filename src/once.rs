@@ -891,8 +891,12 @@ fn far(by: Duration) -> Instant {
 /// name, numbers as RFC 8785 writes them), so map order never matters, no
 /// two different inputs share one, and two inputs share one exactly when
 /// they share an intent key (`10` and `10.0` are one number). Numbers
-/// beyond ±(2^53 − 1) are refused, as intent keys refuse them.
+/// beyond ±(2^53 − 1) and NaN or infinite floats are refused, as intent
+/// keys refuse them.
 fn fingerprint<I: Serialize + ?Sized>(input: &I) -> Result<Fingerprint, IntentKeyError> {
+    if crate::client::has_non_finite(input) {
+        return Err(IntentKeyError::NonFinite);
+    }
     let value = serde_json::to_value(input).map_err(IntentKeyError::Unserializable)?;
     crate::client::check_numbers(&value)?;
     let mut hasher = Sha256::new();

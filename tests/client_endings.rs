@@ -589,3 +589,63 @@ async fn reqwest_a_final_answer_with_a_long_chunked_body_is_final() {
     assert_eq!(response.bytes().await.unwrap(), expected);
     assert_eq!(served.load(Ordering::SeqCst), 1);
 }
+
+#[derive(serde::Serialize)]
+struct Pay {
+    amount: Option<f64>,
+}
+
+/// Non-finite numbers (which JSON cannot carry, and serde_json writes as
+/// `null`) are refused as inputs: `+inf`, `-inf` and NaN are never one input
+/// with `null` that replays another's output.
+#[tokio::test]
+async fn non_finite_numbers_are_refused_as_inputs() {
+    let once = AtMostOnce::new(MemoryStore::default());
+    let none: u32 = once
+        .run("s", "k", &Pay { amount: None }, |_| async {
+            Ok::<_, std::io::Error>(1)
+        })
+        .await
+        .unwrap();
+    assert_eq!(none, 1);
+    for other in [f64::INFINITY, f64::NEG_INFINITY, f64::NAN] {
+        let ran = Arc::new(AtomicUsize::new(0));
+        let counted = ran.clone();
+        let second = once
+            .run(
+                "s",
+                "k",
+                &Pay {
+                    amount: Some(other),
+                },
+                |_| async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    Ok::<u32, std::io::Error>(2)
+                },
+            )
+            .await;
+        assert!(
+            matches!(second, Err(OnceError::Input(_))),
+            "{other}: {second:?}"
+        );
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+    }
+}
+
+/// Intent keys refuse non-finite numbers too: `+inf`, `-inf` and `null`
+/// are never one key.
+#[test]
+fn intent_keys_refuse_non_finite_numbers() {
+    use tower_idempotency::client::IntentKeyError;
+    for amount in [f64::INFINITY, f64::NEG_INFINITY, f64::NAN] {
+        let err = IntentKey::derive(
+            "pay",
+            &Pay {
+                amount: Some(amount),
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, IntentKeyError::NonFinite), "{amount}: {err}");
+    }
+    IntentKey::derive("pay", &Pay { amount: None }).unwrap();
+}

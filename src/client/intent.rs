@@ -97,6 +97,9 @@ impl IntentKey {
     /// (anything that serialises to a JSON object), as the type docs
     /// construct it.
     pub fn derive(action: &str, fields: &impl Serialize) -> Result<IntentKey, IntentKeyError> {
+        if super::finite::has_non_finite(fields) {
+            return Err(IntentKeyError::NonFinite);
+        }
         let fields = serde_json::to_value(fields).map_err(IntentKeyError::Unserializable)?;
         if !fields.is_object() {
             return Err(IntentKeyError::NotAnObject);
@@ -156,8 +159,12 @@ impl fmt::Display for IntentKey {
 #[non_exhaustive]
 pub enum IntentKeyError {
     /// The fields do not serialise to JSON (a map with non-string keys, a
-    /// NaN or infinite float, a failing `Serialize` impl).
+    /// failing `Serialize` impl).
     Unserializable(serde_json::Error),
+    /// A NaN or infinite float, which JSON cannot carry (serde_json would
+    /// write it as `null`, making `+inf`, `-inf`, NaN and `null` one
+    /// intent).
+    NonFinite,
     /// The fields serialise to something other than a JSON object.
     NotAnObject,
     /// A number beyond ±(2^53 − 1), which JSON numbers do not carry
@@ -173,6 +180,9 @@ impl fmt::Display for IntentKeyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             IntentKeyError::Unserializable(e) => write!(f, "the intent's fields are not JSON: {e}"),
+            IntentKeyError::NonFinite => f.write_str(
+                "the intent's fields hold a NaN or infinite number, which JSON cannot carry",
+            ),
             IntentKeyError::NotAnObject => {
                 f.write_str("the intent's fields must serialise to a JSON object")
             }

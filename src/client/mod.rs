@@ -27,6 +27,7 @@
 //! do): for a whole client through [`RetryLayer::with_policy`], for one
 //! request as a [`RequestPolicy`] in its extensions.
 
+mod finite;
 mod intent;
 mod learnt;
 mod policy;
@@ -35,6 +36,7 @@ mod policy;
 mod reqwest;
 mod retry;
 
+pub(crate) use finite::has_non_finite;
 pub(crate) use intent::check_numbers;
 pub use intent::{IntentKey, IntentKeyError};
 pub use learnt::LearntTimeout;
