@@ -1142,6 +1142,27 @@ async fn a_forged_tail_is_named_before_and_after_a_restart() {
     assert_eq!(chain.adopted, [(forged_line, forged_line)]);
     assert_eq!(chain.unsigned_tail(), 0, "signed since, but adopted");
     assert!(!chain.is_complete());
+    // A key's history marks it too.
+    let forged = &entries(&lines)[entries(&lines).len() - 3];
+    let prefix = &forged["key"].as_str().unwrap()[..16];
+    let (_, found) = tower_idempotency::audit::history(&path, prefix, Some(&key)).unwrap();
+    let marked = found.iter().find(|h| h.line == forged_line).unwrap();
+    assert!(marked.adopted && !marked.signed, "{marked}");
+    assert!(marked.to_string().contains("adopted unsigned"), "{marked}");
+
+    // A line far longer than any the writer writes is refused before it is
+    // read whole.
+    let long = dir.join("long.jsonl");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend(std::iter::repeat_n(b'x', 70 * 1024));
+    bytes.push(b'\n');
+    std::fs::write(&long, bytes).unwrap();
+    match verify_file(&long, Some(&key)) {
+        Err(tower_idempotency::audit::VerifyError::Broken(broken)) => {
+            assert!(broken.reason.contains("longer than"), "{broken}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 /// A lost signing key is never replaced silently: a writer with another

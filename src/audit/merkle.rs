@@ -58,7 +58,8 @@ impl Tree {
     /// have the roots `peaks`: one per bit set in `size`. `None` when the
     /// count does not match.
     pub fn from_peaks(size: u64, peaks: &[Hash]) -> Option<Self> {
-        if peaks.len() != size.count_ones() as usize {
+        // A tree that could not grow by one more leaf is no log's.
+        if size == u64::MAX || peaks.len() != size.count_ones() as usize {
             return None;
         }
         let heights = (0..u64::BITS).rev().filter(|bit| size >> bit & 1 == 1);
@@ -85,7 +86,7 @@ impl Tree {
             node = (height + 1, node_hash(&left, &node.1));
         }
         self.peaks.push(node);
-        self.size += 1;
+        self.size = self.size.saturating_add(1);
     }
 
     /// The tree's root hash.

@@ -161,11 +161,14 @@ impl PostgresAuditSink {
                 let ours = lines
                     .iter()
                     .find(|l| l.seq as i64 == seq && l.checkpoint == checkpoint);
-                if ours.is_some_and(|l| l.text != line) && !checkpoint {
+                // A retried batch holds the very same lines, checkpoints
+                // included: any other row there was written by someone else.
+                if ours.is_some_and(|l| l.text != line) {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!(
-                            "the chain of `{instance}` already holds another entry {seq}: a second writer"
+                            "the chain of `{instance}` already holds another {} at seq {seq}: a row this writer did not write (a second writer, or an INSERT by hand)",
+                            if checkpoint { "checkpoint" } else { "entry" }
                         ),
                     ));
                 }

@@ -2,7 +2,7 @@
 
 use std::{
     fmt,
-    io::{self, BufRead},
+    io::{self, BufRead, Read as _},
     path::Path,
 };
 
@@ -215,8 +215,11 @@ pub struct HistoryEntry {
     /// Its `fingerprint`.
     pub fingerprint: Option<String>,
     /// Whether a checkpoint after it signs it (with a key: a valid
-    /// signature).
+    /// signature) and it was not adopted unsigned at a restart.
     pub signed: bool,
+    /// Whether a restarted writer found it after the chain's last
+    /// checkpoint and adopted it unsigned (see [`VerifiedChain::adopted`]).
+    pub adopted: bool,
 }
 
 impl fmt::Display for HistoryEntry {
@@ -234,7 +237,13 @@ impl fmt::Display for HistoryEntry {
             self.duration_ms,
             self.scope.as_ref().unwrap_or(&dash),
             self.fingerprint.as_ref().unwrap_or(&dash),
-            if self.signed { "" } else { " (not yet signed)" },
+            if self.adopted {
+                " (adopted unsigned at a restart: nothing shows who wrote it)"
+            } else if self.signed {
+                ""
+            } else {
+                " (not yet signed)"
+            },
         )
     }
 }
@@ -544,6 +553,11 @@ where
     checker.finish()
 }
 
+/// The longest line a chain holds (an entry is about 400 bytes, a
+/// checkpoint with its peaks about 3 KiB): a longer one is refused before
+/// it is read whole.
+pub(crate) const LINE_LIMIT: u64 = 64 * 1024;
+
 /// Walks a chain file, line by line, handing each entry to `each`.
 fn walk(
     path: &Path,
@@ -556,11 +570,22 @@ fn walk(
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let read = reader
+        let read = (&mut reader)
+            .take(LINE_LIMIT + 1)
             .read_until(b'\n', &mut buf)
             .map_err(VerifyError::Io)?;
         if read == 0 {
             break;
+        }
+        if read as u64 > LINE_LIMIT {
+            return Err(VerifyError::Broken(ChainBreak {
+                line: checker.line + 1,
+                reason: format!(
+                    "a line longer than {} KiB: no line its writer writes is",
+                    LINE_LIMIT / 1024
+                ),
+                checkpoint: None,
+            }));
         }
         let at = checker.line + 1;
         let broken = |reason: &str| {
@@ -644,11 +669,16 @@ pub fn history_with(
             scope: text("scope"),
             fingerprint: text("fingerprint"),
             signed: false,
+            adopted: false,
         });
     })?;
     let through = chain.signed_through.unwrap_or(0);
     for entry in &mut found {
-        entry.signed = entry.seq <= through;
+        entry.adopted = chain
+            .adopted
+            .iter()
+            .any(|(first, last)| (*first..=*last).contains(&entry.line));
+        entry.signed = entry.seq <= through && !entry.adopted;
     }
     Ok((chain, found))
 }
