@@ -63,10 +63,14 @@ impl MemorySink {
 impl AuditSink for MemorySink {
     async fn tail(&mut self) -> io::Result<Vec<String>> {
         let lines = self.lines.lock().unwrap();
-        let from = lines
-            .iter()
-            .rposition(|l| l.starts_with("{\"checkpoint\""))
-            .map_or(0, |at| at - 1);
+        let is_checkpoint = |l: &String| l.starts_with("{\"checkpoint\"");
+        // From the entry before the one the last checkpoint signs.
+        let from = lines.iter().rposition(is_checkpoint).map_or(0, |at| {
+            lines[..at - 1]
+                .iter()
+                .rposition(|l| !is_checkpoint(l))
+                .unwrap_or(at - 1)
+        });
         Ok(lines[from..].to_vec())
     }
 
@@ -639,10 +643,11 @@ fn rewrite(lines: &[String], key: &AuditSigner) -> Vec<String> {
     let mut out = Vec::new();
     let mut prev = "0".repeat(64);
     let mut tree = merkle::Tree::new();
+    let mut last = [0; 32];
     for (i, line) in lines.iter().enumerate() {
         let mut value: serde_json::Map<String, Value> = serde_json::from_str(line).unwrap();
         if value.contains_key("checkpoint") {
-            out.push(forge_checkpoint(key, &tree));
+            out.push(forge_checkpoint(key, &tree, &last));
             continue;
         }
         if i == 0 {
@@ -654,7 +659,8 @@ fn rewrite(lines: &[String], key: &AuditSigner) -> Vec<String> {
         let hash = sha256_hex(canonical.as_bytes());
         value.insert("hash".into(), Value::from(hash.clone()));
         let text = serde_json_canonicalizer::to_string(&value).unwrap();
-        tree.push(merkle::leaf_hash(text.as_bytes()));
+        last = merkle::leaf_hash(text.as_bytes());
+        tree.push(last);
         out.push(text);
         prev = hash;
     }
@@ -663,13 +669,14 @@ fn rewrite(lines: &[String], key: &AuditSigner) -> Vec<String> {
 
 /// A checkpoint over a forged tree, signed with the forger's `key`: the
 /// formats are public, so it is built as the writer builds it.
-fn forge_checkpoint(key: &AuditSigner, tree: &merkle::Tree) -> String {
+fn forge_checkpoint(key: &AuditSigner, tree: &merkle::Tree, last: &merkle::Hash) -> String {
     use base64::Engine as _;
     let b64 = |h: &[u8; 32]| base64::engine::general_purpose::STANDARD.encode(h);
     let body = format!(
-        "tower-idempotency/audit/api-1\n{}\n{}\ntime 2026-12-04T00:00:00.000Z\n",
+        "tower-idempotency/audit/api-1\n{}\n{}\ntime 2026-12-04T00:00:00.000Z\nlast {}\n",
         tree.size(),
-        b64(&tree.root())
+        b64(&tree.root()),
+        b64(last)
     );
     let note = key_sign(key, &body);
     let peaks: Vec<String> = tree.peaks().map(b64).collect();
@@ -1678,4 +1685,71 @@ async fn a_file_truncated_under_the_writer_is_refused_never_padded() {
     let bytes = std::fs::read(&path).unwrap();
     assert!(!bytes.contains(&0), "padded with NUL bytes");
     assert!(bytes.is_empty(), "nothing written over the truncation");
+}
+
+/// A restart refuses a chain whose end is not what its writer left: an old
+/// entry and its checkpoint copied to the end, the last signed entry changed
+/// in place, the last signed entry given twice, the last checkpoint line
+/// made non-canonical. It never signs a second tree of a size it signed.
+#[tokio::test]
+async fn a_restart_refuses_an_end_that_is_not_its_writers() {
+    let dir = scratch("replayed-end");
+    let path = dir.join("audit.jsonl");
+    let signer = write_chain(JsonlSink::open(&path).unwrap(), 4, 1).await;
+    let lines = read_lines(&path);
+    let cps: Vec<usize> = (0..lines.len())
+        .filter(|&i| is_checkpoint(&lines[i]))
+        .collect();
+    let last_cp = *cps.last().unwrap();
+    let first_cp = cps[0];
+    let mut variants: Vec<(&str, Vec<String>)> = Vec::new();
+    // The first entry and its checkpoint, copied to the end.
+    let mut replayed = lines.clone();
+    replayed.extend_from_slice(&lines[first_cp - 1..=first_cp]);
+    variants.push(("an old entry and checkpoint copied to the end", replayed));
+    // The last signed entry changed (its hash recomputed).
+    let mut changed = lines.clone();
+    let mut value: serde_json::Map<String, Value> =
+        serde_json::from_str(&lines[last_cp - 1]).unwrap();
+    value.insert("status".into(), Value::from(299));
+    value.remove("hash");
+    let hash = sha256_hex(
+        serde_json_canonicalizer::to_string(&value)
+            .unwrap()
+            .as_bytes(),
+    );
+    value.insert("hash".into(), Value::from(hash));
+    changed[last_cp - 1] = serde_json_canonicalizer::to_string(&value).unwrap();
+    variants.push(("the last signed entry changed", changed));
+    // The last signed entry given twice.
+    let mut twice = lines.clone();
+    twice.insert(last_cp - 1, lines[last_cp - 1].clone());
+    variants.push(("the last signed entry twice", twice));
+    // The last checkpoint line with a space.
+    let mut spaced = lines.clone();
+    spaced[last_cp] = spaced[last_cp].replacen("{\"checkpoint\":", "{\"checkpoint\": ", 1);
+    variants.push(("a non-canonical last checkpoint", spaced));
+    for (why, variant) in variants {
+        let file = dir.join("variant.jsonl");
+        std::fs::write(&file, variant.join("\n") + "\n").unwrap();
+        let before = std::fs::read(&file).unwrap();
+        let err = AuditLog::builder("api-1", signer.clone())
+            .start(JsonlSink::open(&file).unwrap())
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{why}: the restart continued it"));
+        assert!(err.to_string().contains("chain"), "{why}: {err}");
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            before,
+            "{why}: left as it was"
+        );
+        std::fs::remove_file(&file).unwrap();
+    }
+    // The chain as its writer left it restarts.
+    let audit = AuditLog::builder("api-1", signer.clone())
+        .start(JsonlSink::open(&path).unwrap())
+        .await
+        .unwrap();
+    audit.close().await.unwrap();
 }

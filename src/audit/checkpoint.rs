@@ -2,13 +2,14 @@
 //! check of a signature.
 //!
 //! A checkpoint is a C2SP `tlog-checkpoint` in a C2SP `signed-note`: a body
-//! of four lines, a blank line, and one signature line per key.
+//! of five lines (two of them extension lines), a blank line, and one signature line per key.
 //!
 //! ```text
 //! tower-idempotency/audit/<instance>
 //! <tree size: the seq of the last entry>
 //! <base64 of the RFC 6962 Merkle tree root over the entries' lines>
 //! time <RFC 3339 UTC with milliseconds, when it was signed>
+//! last <base64 of the last entry's leaf hash>
 //!
 //! — <key name> <base64 of key id (4 bytes) followed by the Ed25519 signature (64 bytes)>
 //! ```
@@ -272,6 +273,7 @@ impl AuditSigner {
         instance: &str,
         size: u64,
         root: &[u8; 32],
+        last: &[u8; 32],
         time: SystemTime,
     ) -> String {
         let body = note_body(
@@ -279,6 +281,7 @@ impl AuditSigner {
             size,
             root,
             &humantime::format_rfc3339_millis(time).to_string(),
+            last,
         );
         self.sign_note(&body)
     }
@@ -396,10 +399,11 @@ impl AuditVerifier {
     }
 }
 
-fn note_body(instance: &str, size: u64, root: &[u8; 32], time: &str) -> String {
+fn note_body(instance: &str, size: u64, root: &[u8; 32], time: &str, last: &[u8; 32]) -> String {
     format!(
-        "{ORIGIN}{instance}\n{size}\n{}\ntime {time}\n",
-        BASE64.encode(root)
+        "{ORIGIN}{instance}\n{size}\n{}\ntime {time}\nlast {}\n",
+        BASE64.encode(root),
+        BASE64.encode(last)
     )
 }
 
@@ -431,6 +435,8 @@ pub(crate) struct Note {
     pub(crate) size: u64,
     /// The Merkle tree's root.
     pub(crate) root: [u8; 32],
+    /// The leaf hash of the last entry it covers.
+    pub(crate) last: [u8; 32],
     pub(crate) signatures: Vec<(String, [u8; 4], [u8; 64])>,
 }
 
@@ -441,14 +447,15 @@ pub(crate) fn parse(text: &str) -> Result<Note, &'static str> {
         .ok_or("checkpoint has no blank line before its signatures")?;
     let body = format!("{body}\n");
     let mut lines = body.lines();
-    let (Some(origin), Some(size), Some(root), Some(time), None) = (
+    let (Some(origin), Some(size), Some(root), Some(time), Some(last), None) = (
+        lines.next(),
         lines.next(),
         lines.next(),
         lines.next(),
         lines.next(),
         lines.next(),
     ) else {
-        return Err("checkpoint body is not four lines");
+        return Err("checkpoint body is not five lines");
     };
     let instance = origin
         .strip_prefix(ORIGIN)
@@ -468,7 +475,12 @@ pub(crate) fn parse(text: &str) -> Result<Note, &'static str> {
         .strip_prefix("time ")
         .filter(|t| humantime::parse_rfc3339(t).is_ok())
         .ok_or("checkpoint has no `time` line with an RFC 3339 time")?;
-    if body != note_body(instance, size, &root, time) {
+    let last: [u8; 32] = last
+        .strip_prefix("last ")
+        .and_then(|l| BASE64.decode(l).ok())
+        .and_then(|raw| raw.try_into().ok())
+        .ok_or("checkpoint has no `last` line with the base64 of the last entry's leaf hash")?;
+    if body != note_body(instance, size, &root, time, &last) {
         return Err("checkpoint body is not in canonical form");
     }
     let mut parsed = Vec::new();
@@ -506,6 +518,7 @@ pub(crate) fn parse(text: &str) -> Result<Note, &'static str> {
         body,
         size,
         root,
+        last,
         signatures: parsed,
     })
 }
@@ -591,9 +604,9 @@ mod tests {
     fn a_checkpoint_verifies_with_its_key_only() {
         let signer = AuditSigner::generate("k").unwrap();
         let other = AuditSigner::generate("k").unwrap();
-        let text = signer.checkpoint("api-1", 42, &[7; 32], SystemTime::UNIX_EPOCH);
+        let text = signer.checkpoint("api-1", 42, &[7; 32], &[0; 32], SystemTime::UNIX_EPOCH);
         assert!(
-            text.starts_with("tower-idempotency/audit/api-1\n42\nBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\ntime 1970-01-01T00:00:00.000Z\n\n\u{2014} k "),
+            text.starts_with("tower-idempotency/audit/api-1\n42\nBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\ntime 1970-01-01T00:00:00.000Z\nlast AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n\n\u{2014} k "),
             "{text}"
         );
         let note = parse(&text).unwrap();
@@ -618,7 +631,7 @@ mod tests {
     fn junk_and_duplicated_signature_lines_are_refused() {
         let signer = AuditSigner::from_seed("k", [1; 32]);
         let witness = AuditSigner::from_seed("witness", [2; 32]);
-        let text = signer.checkpoint("api-1", 3, &[9; 32], SystemTime::UNIX_EPOCH);
+        let text = signer.checkpoint("api-1", 3, &[9; 32], &[1; 32], SystemTime::UNIX_EPOCH);
         let (body, real) = text.split_once("\n\n").unwrap();
         let mut junk = Vec::from(signer.id);
         junk.extend_from_slice(&[0u8; 64]);

@@ -171,6 +171,9 @@ impl AuditSink for JsonlSink {
     }
 }
 
+/// The most a writer reads back from a chain's end at start.
+const TAIL_LIMIT: u64 = 16 * 1024 * 1024;
+
 /// Reads a file of `len` bytes backwards to the entry its last checkpoint
 /// signs (the line before the last checkpoint line), and returns the lines
 /// from there on (every line when there is no checkpoint) with the length
@@ -196,18 +199,33 @@ fn read_tail(file: &mut File, len: u64) -> io::Result<(Vec<String>, u64)> {
         lines.pop();
         // The window's first line may be cut unless it starts the file.
         let first_whole = usize::from(start > 0);
-        let from = lines
-            .iter()
-            .rposition(|l| l.starts_with(b"{\"checkpoint\""))
-            .filter(|&at| at > first_whole)
-            .map(|at| at - 1);
-        let from = match from {
-            Some(from) => from,
-            None if start == 0 => 0,
-            None => {
-                window *= 2;
-                continue;
+        let is_checkpoint = |l: &&[u8]| l.starts_with(b"{\"checkpoint\"");
+        // From the entry before the one the last checkpoint signs, so that
+        // the writer can check the signed entry follows it.
+        let last_checkpoint = lines.iter().rposition(|l| is_checkpoint(&&l[..]));
+        let from = match last_checkpoint {
+            None if start == 0 => Some(0),
+            None => None,
+            Some(at) => {
+                let before = lines[..at.saturating_sub(1)]
+                    .iter()
+                    .rposition(|l| !is_checkpoint(l));
+                match before {
+                    Some(before) if before >= first_whole => Some(before),
+                    None if start == 0 => Some(at.saturating_sub(1)),
+                    _ => None,
+                }
             }
+        };
+        let Some(from) = from else {
+            if window >= TAIL_LIMIT {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the audit chain's last checkpoint is more than 16 MiB from its end: check it (audit_verify) before a writer continues it",
+                ));
+            }
+            window *= 2;
+            continue;
         };
         let tail = lines[from..]
             .iter()

@@ -333,6 +333,7 @@ impl AuditBuilder {
             seq: resumed.seq,
             head: resumed.head,
             tree: resumed.tree,
+            last: resumed.last,
             adopted: resumed.adopted,
             since: 0,
             written: 0,
@@ -532,6 +533,8 @@ struct Writer<S> {
     head: [u8; 32],
     /// The Merkle tree over every entry's line.
     tree: merkle::Tree,
+    /// The leaf hash of the last entry.
+    last: merkle::Hash,
     /// Entries found after the last checkpoint at start, still to be
     /// counted by a `resumed` entry.
     adopted: u64,
@@ -634,7 +637,8 @@ impl<S: AuditSink> Writer<S> {
         let (text, hash) = render(pending, seq, &self.instance, &self.head);
         self.seq = seq;
         self.head = hash;
-        self.tree.push(merkle::leaf_hash(text.as_bytes()));
+        self.last = merkle::leaf_hash(text.as_bytes());
+        self.tree.push(self.last);
         self.since += 1;
         lines.push(AuditLine {
             seq,
@@ -648,6 +652,7 @@ impl<S: AuditSink> Writer<S> {
             &self.instance,
             self.seq,
             &self.tree.root(),
+            &self.last,
             std::time::SystemTime::now(),
         );
         let text = checkpoint::line(&note, &self.tree);

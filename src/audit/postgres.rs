@@ -182,15 +182,47 @@ impl AuditSink for PostgresAuditSink {
     async fn tail(&mut self) -> io::Result<Vec<String>> {
         let instance = self.instance.clone();
         let connection = self.connection().await?;
-        sqlx::query_scalar(
-            "SELECT line FROM idempotency_audit WHERE instance = $1 AND seq >= \
-             COALESCE((SELECT max(seq) FROM idempotency_audit WHERE instance = $1 AND checkpoint), 0) \
+        // The entries' rows run 1..N: a row inserted by hand at another seq
+        // is no chain's end.
+        let (count, max): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT count(*), max(seq) FROM idempotency_audit WHERE instance = $1 AND NOT checkpoint",
+        )
+        .bind(&instance)
+        .fetch_one(&mut **connection)
+        .await
+        .map_err(other)?;
+        if Some(count) != max && count > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the chain of `{instance}` holds {count} entries, its last at seq {}: rows were inserted or removed by hand; check it before a writer continues it",
+                    max.unwrap_or(0)
+                ),
+            ));
+        }
+        // From the entry before the one the last checkpoint signs.
+        let rows: Vec<(i64, bool, String)> = sqlx::query_as(
+            "SELECT seq, checkpoint, line FROM idempotency_audit WHERE instance = $1 AND seq >= \
+             COALESCE((SELECT max(seq) FROM idempotency_audit WHERE instance = $1 AND checkpoint), 1) - 1 \
              ORDER BY seq, checkpoint",
         )
-        .bind(instance)
+        .bind(&instance)
         .fetch_all(&mut **connection)
         .await
-        .map_err(other)
+        .map_err(other)?;
+        rows.into_iter()
+            .map(|(seq, checkpoint, line)| {
+                // Each entry's row is at its own seq.
+                let at = format!("\"seq\":{seq},");
+                if !checkpoint && !line.contains(&at) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the chain of `{instance}` holds at seq {seq} an entry of another seq: a row inserted by hand"),
+                    ));
+                }
+                Ok(line)
+            })
+            .collect()
     }
 
     async fn append(&mut self, lines: &[AuditLine]) -> io::Result<()> {

@@ -7,7 +7,7 @@ use super::{
     checkpoint::{self, peaks},
     entry::GENESIS,
     merkle::{self, Tree},
-    verify::parse_entry,
+    verify::{Parsed, canonical, parse_entry},
 };
 
 /// Where a chain found at start ends.
@@ -15,6 +15,8 @@ pub(crate) struct Resumed {
     pub(crate) seq: u64,
     pub(crate) head: [u8; 32],
     pub(crate) tree: Tree,
+    /// The leaf hash of the last entry.
+    pub(crate) last: merkle::Hash,
     /// Entries after the last checkpoint, adopted unsigned.
     pub(crate) adopted: u64,
 }
@@ -34,51 +36,106 @@ fn is_checkpoint(text: &str) -> bool {
 /// Checks a sink's [`tail`](super::AuditSink::tail) as the writer of
 /// `instance` holding `key` must before it appends: its last checkpoint is
 /// signed by `key` (a writer never signs a chain another key began, so a
-/// lost key is never replaced silently) and its peaks grow the signed tree;
-/// every entry after it continues the chain. Those entries are adopted and
-/// counted.
+/// lost key is never replaced silently), names the entry before it as the
+/// tree's last leaf, and its peaks grow the signed tree; that entry follows
+/// the one before it (so an old entry and checkpoint copied to the end are
+/// no chain's end); every entry after it continues the chain. Those entries
+/// are adopted and counted.
 pub(crate) fn check(
     tail: &[String],
     instance: &str,
     key: &AuditVerifier,
 ) -> Result<Resumed, String> {
-    let signed = tail.len() >= 2 && is_checkpoint(&tail[1]);
-    let (mut seq, mut head, mut tree, rest) = if signed {
-        let entry = parse_entry(&tail[0], object(&tail[0])?)
-            .map_err(|why| format!("the entry its last checkpoint signs: {why}"))?;
-        let line = object(&tail[1])?;
-        let (Some(Value::String(note)), Some(peaks)) =
-            (line.get("checkpoint"), line.get("peaks").and_then(peaks))
-        else {
-            return Err("its last checkpoint line has no note or no peaks".into());
-        };
-        let note = checkpoint::parse(note).map_err(|why| format!("its last checkpoint: {why}"))?;
-        if note.instance != instance {
+    let entry = |text: &str| -> Result<Parsed, String> {
+        let parsed = parse_entry(text, object(text)?)?;
+        if parsed.instance != instance {
             return Err(format!(
                 "it is the chain of instance `{}`, not `{instance}`",
-                note.instance
+                parsed.instance
             ));
         }
-        key.check(&note).map_err(|why| {
-            format!(
-                "its last checkpoint (entry {}) is not signed by this writer's key `{key}`: {why}. \
-                 A chain is only continued by the key that signed it: restore that key, or \
-                 start a new chain (another file, or another instance name)",
-                note.size
+        Ok(parsed)
+    };
+    let (mut seq, mut head, mut tree, mut last, rest) = match tail
+        .iter()
+        .rposition(|l| is_checkpoint(l))
+    {
+        None => (0, GENESIS, Tree::new(), [0; 32], tail),
+        Some(at) => {
+            let signed = at
+                .checked_sub(1)
+                .filter(|&i| !is_checkpoint(&tail[i]))
+                .ok_or("its last checkpoint does not follow an entry")?;
+            let signed_text = &tail[signed];
+            let signed_entry = entry(signed_text)
+                .map_err(|why| format!("the entry its last checkpoint signs: {why}"))?;
+            let before = tail[..signed].iter().rev().find(|l| !is_checkpoint(l));
+            match before {
+                Some(text) => {
+                    let before = entry(text)
+                        .map_err(|why| format!("the entry before its last signed one: {why}"))?;
+                    if before.seq + 1 != signed_entry.seq || before.hash != signed_entry.prev {
+                        return Err(format!(
+                            "its last checkpoint signs entry {}, which does not follow the entry before it (seq {}): lines were copied, changed or removed",
+                            signed_entry.seq, before.seq
+                        ));
+                    }
+                }
+                None if signed_entry.seq != 1 => {
+                    return Err(format!(
+                        "the entry before entry {} is missing",
+                        signed_entry.seq
+                    ));
+                }
+                None => {}
+            }
+            let line = object(&tail[at])?;
+            let (Some(Value::String(note)), Some(peaks), 2) = (
+                line.get("checkpoint"),
+                line.get("peaks").and_then(peaks),
+                line.len(),
+            ) else {
+                return Err("its last checkpoint line has no note or no peaks, or more".into());
+            };
+            if canonical(&line) != tail[at] {
+                return Err(
+                    "its last checkpoint line is not in canonical form: it was changed".into(),
+                );
+            }
+            let note =
+                checkpoint::parse(note).map_err(|why| format!("its last checkpoint: {why}"))?;
+            if note.instance != instance {
+                return Err(format!(
+                    "it is the chain of instance `{}`, not `{instance}`",
+                    note.instance
+                ));
+            }
+            key.check(&note).map_err(|why| {
+                format!(
+                    "its last checkpoint (entry {}) is not signed by this writer's key `{key}`: {why}. \
+                     A chain is only continued by the key that signed it: restore that key, or \
+                     start a new chain (another file, or another instance name)",
+                    note.size
+                )
+            })?;
+            let leaf = merkle::leaf_hash(signed_text.as_bytes());
+            if note.size != signed_entry.seq || note.last != leaf {
+                return Err(format!(
+                    "its last checkpoint covers {} entries and names another last entry than the one before it (seq {}): lines were changed or copied",
+                    note.size, signed_entry.seq
+                ));
+            }
+            let tree = Tree::from_peaks(note.size, &peaks)
+                .filter(|tree| tree.root() == note.root)
+                .ok_or("its last checkpoint's peaks do not grow its signed root")?;
+            (
+                signed_entry.seq,
+                signed_entry.hash,
+                tree,
+                leaf,
+                &tail[at + 1..],
             )
-        })?;
-        if note.size != entry.seq {
-            return Err(format!(
-                "its last checkpoint covers {} entries, but follows entry {}",
-                note.size, entry.seq
-            ));
         }
-        let tree = Tree::from_peaks(note.size, &peaks)
-            .filter(|tree| tree.root() == note.root)
-            .ok_or("its last checkpoint's peaks do not grow its signed root")?;
-        (entry.seq, entry.hash, tree, &tail[2..])
-    } else {
-        (0, GENESIS, Tree::new(), tail)
     };
     let mut adopted = 0;
     for text in rest {
@@ -91,13 +148,7 @@ pub(crate) fn check(
         if is_checkpoint(text) {
             return Err(broken("a checkpoint that signs no entry".into()));
         }
-        let entry = parse_entry(text, object(text).map_err(broken)?).map_err(broken)?;
-        if entry.instance != instance {
-            return Err(format!(
-                "it is the chain of instance `{}`, not `{instance}`",
-                entry.instance
-            ));
-        }
+        let entry = entry(text).map_err(broken)?;
         if entry.seq != seq + 1 || entry.prev != head {
             return Err(broken(format!(
                 "entry {} does not follow it: an entry is missing, moved or inserted",
@@ -106,13 +157,15 @@ pub(crate) fn check(
         }
         seq = entry.seq;
         head = entry.hash;
-        tree.push(merkle::leaf_hash(text.as_bytes()));
+        last = merkle::leaf_hash(text.as_bytes());
+        tree.push(last);
         adopted += 1;
     }
     Ok(Resumed {
         seq,
         head,
         tree,
+        last,
         adopted,
     })
 }

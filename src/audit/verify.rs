@@ -255,6 +255,8 @@ struct Checker<'k> {
     seq: u64,
     head: [u8; 32],
     tree: Tree,
+    /// The leaf hash of the last entry.
+    last: [u8; 32],
     checkpoints: u64,
     instance: Option<String>,
     signed_through: Option<u64>,
@@ -272,6 +274,7 @@ impl<'k> Checker<'k> {
             seq: 0,
             head: GENESIS,
             tree: Tree::new(),
+            last: [0; 32],
             checkpoints: 0,
             instance: None,
             signed_through: None,
@@ -356,7 +359,8 @@ impl<'k> Checker<'k> {
         }
         self.seq = entry.seq;
         self.head = entry.hash;
-        self.tree.push(merkle::leaf_hash(text.as_bytes()));
+        self.last = merkle::leaf_hash(text.as_bytes());
+        self.tree.push(self.last);
         for trusted in &self.trust.checkpoints {
             if trusted.size == self.tree.size() && trusted.root != self.tree.root() {
                 return Err(broken(format!(
@@ -404,7 +408,7 @@ impl<'k> Checker<'k> {
         if self.signed_through == Some(self.seq) {
             return Err("a second checkpoint of the same entries: a duplicated line");
         }
-        if parsed.size != self.seq || parsed.root != self.tree.root() {
+        if parsed.size != self.seq || parsed.root != self.tree.root() || parsed.last != self.last {
             return Err(
                 "checkpoint does not sign the entries before it: entries were changed, removed or added",
             );
@@ -474,7 +478,7 @@ pub(crate) struct Parsed {
     object: Map<String, Value>,
 }
 
-fn canonical(object: &Map<String, Value>) -> String {
+pub(crate) fn canonical(object: &Map<String, Value>) -> String {
     serde_json_canonicalizer::to_string(object).expect("a parsed JSON object serialises")
 }
 

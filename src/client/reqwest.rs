@@ -27,7 +27,10 @@ use super::{
 /// holding the [`RetryError`](super::RetryError) (its `ending()` says
 /// [`Ending::OutcomeUnknown`], its source is the last attempt's error), so
 /// a connect error on a retry never hides an earlier attempt that ran. An
-/// error met after following a redirect counts as "may have run".
+/// error met after following a redirect to another URL counts as "may have
+/// run"; one after a redirect back to the same URL cannot be told from a
+/// first connect error, so for requests that must never be misread give
+/// the client `reqwest::redirect::Policy::none()`.
 ///
 /// ```
 /// use tower_idempotency::client::{IntentKey, RetryLayer, RetryMiddleware};

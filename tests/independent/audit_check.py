@@ -108,14 +108,16 @@ def read_key(text):
     return name, expected, Ed25519PublicKey.from_public_bytes(raw[1:])
 
 
-def check_note(note, key, size, root):
+def check_note(note, key, size, root, last):
     body, _, signatures = note.partition("\n\n")
     body += "\n"
     lines = body.split("\n")[:-1]
-    if len(lines) != 4 or not lines[0].startswith("tower-idempotency/audit/"):
-        return "not a four-line checkpoint body"
+    if len(lines) != 5 or not lines[0].startswith("tower-idempotency/audit/"):
+        return "not a five-line checkpoint body"
     if not lines[3].startswith("time "):
         return "no time line"
+    if lines[4] != "last " + base64.b64encode(last).decode():
+        return "the last line does not name the entry before it"
     if int(lines[1]) != size:
         return f"tree size {lines[1]}, but {size} entries precede it"
     if base64.b64decode(lines[2]) != root:
@@ -149,7 +151,7 @@ def main(argv):
         if "checkpoint" not in line:
             leaves.append(leaf(text))
             continue
-        why = check_note(line["checkpoint"], key, len(leaves), mth(leaves))
+        why = check_note(line["checkpoint"], key, len(leaves), mth(leaves), leaves[-1] if leaves else b"")
         if why is None and [base64.b64decode(p) for p in line["peaks"]] != peaks(leaves):
             why = "the peaks are not the tree's"
         if why is not None:
