@@ -206,6 +206,11 @@ fn verdict(chain: &VerifiedChain) -> ExitCode {
             "lines {first}-{last}: found after the last checkpoint by a restarted writer and adopted unsigned (a crash's unsigned batch, or lines added while no writer ran)"
         );
     }
+    for (line, bytes) in &chain.cut {
+        println!(
+            "line {line}: a restarted writer cut {bytes} bytes of a torn last line before it (a write a crash cut short: its decisions may be missing)"
+        );
+    }
     if let Some(line) = chain.torn_line {
         println!(
             "line {line}: torn: the last write was cut short (a crash); its writer cuts it off when it starts again"

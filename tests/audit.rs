@@ -723,9 +723,18 @@ async fn a_restart_continues_the_chain_from_the_files_head() {
         .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
     body_bytes(app.oneshot(post_with_key("after", "x")).await.unwrap()).await;
     let summary = audit.close().await.unwrap();
-    assert_eq!((summary.seq, summary.written), (4, 1));
+    // A `resumed` entry that records the cut bytes, then the new entry.
+    assert_eq!((summary.seq, summary.written), (5, 2));
     let chain = verify_file(&path, Some(&signer.verifier())).unwrap();
-    assert_eq!(chain.entries, 4);
+    assert_eq!(chain.entries, 5);
+    let lines = read_lines(&path);
+    let resumed = lines
+        .iter()
+        .position(|l| l.contains("\"decision\":\"resumed\""))
+        .unwrap();
+    assert!(lines[resumed].contains("\"cut_bytes\":17"), "{}", lines[resumed]);
+    assert_eq!(chain.cut, [(resumed as u64 + 1, 17)]);
+    assert!(!chain.is_complete(), "the cut is reported");
     // Another instance's name on this chain is refused.
     let other = AuditLog::builder("api-2", signer)
         .start(JsonlSink::open(&path).unwrap())

@@ -23,14 +23,19 @@ pub(crate) struct Pending {
     pub(crate) response: Option<[u8; 32]>,
     /// Entries lost before this one (a `lost` entry only).
     pub(crate) count: Option<u64>,
+    /// Bytes of a torn last line the sink cut off before this writer
+    /// started (a `resumed` entry only).
+    pub(crate) cut_bytes: Option<u64>,
 }
 
 impl Pending {
     /// A `resumed` entry: the writer started on a chain whose last `count`
-    /// entries follow its last checkpoint, and adopted them unsigned.
-    pub(crate) fn resumed(count: u64) -> Self {
+    /// entries follow its last checkpoint, and adopted them unsigned; and
+    /// whose sink cut `cut` bytes of a torn last line, if any.
+    pub(crate) fn resumed(count: u64, cut: u64) -> Self {
         Pending {
             decision: "resumed",
+            cut_bytes: (cut > 0).then_some(cut),
             ..Pending::lost(count)
         }
     }
@@ -47,6 +52,7 @@ impl Pending {
             duration_ms: 0,
             response: None,
             count: Some(count),
+            cut_bytes: None,
         }
     }
 }
@@ -68,6 +74,9 @@ pub(crate) fn render(
     head.push('{');
     if let Some(count) = pending.count {
         let _ = write!(head, "\"count\":{count},");
+    }
+    if let Some(cut) = pending.cut_bytes {
+        let _ = write!(head, "\"cut_bytes\":{cut},");
     }
     let _ = write!(
         head,
@@ -172,12 +181,13 @@ mod tests {
             duration_ms: 12,
             response: Some([4; 32]),
             count: None,
+            cut_bytes: None,
         }
     }
 
     #[test]
     fn a_line_is_its_own_canonical_form_and_hashes_without_its_hash() {
-        for entry in [pending(), Pending::lost(3)] {
+        for entry in [pending(), Pending::lost(3), Pending::resumed(2, 70)] {
             let (line, hash) = render(&entry, 7, "api-1", &[9; 32]);
             let value: serde_json::Value = serde_json::from_str(&line).unwrap();
             assert_eq!(serde_json_canonicalizer::to_string(&value).unwrap(), line);

@@ -20,6 +20,8 @@ pub struct JsonlSink {
     path: PathBuf,
     file: Option<File>,
     len: u64,
+    /// Bytes of a torn last line cut off when the tail was read.
+    cut: u64,
 }
 
 impl JsonlSink {
@@ -71,6 +73,7 @@ impl JsonlSink {
             path,
             file: Some(file),
             len,
+            cut: 0,
         })
     }
 
@@ -109,22 +112,30 @@ fn named(path: &Path, err: io::Error) -> io::Error {
 }
 
 impl AuditSink for JsonlSink {
+    fn cut_bytes(&self) -> u64 {
+        self.cut
+    }
+
     async fn tail(&mut self) -> io::Result<Vec<String>> {
-        self.blocking(|file, len, path| {
-            let (tail, whole) = read_tail(file, *len)?;
-            if whole < *len {
-                tracing::warn!(
-                    path = %path.display(),
-                    bytes = *len - whole,
-                    "the audit chain ends in a torn line (a write cut short); cutting it off"
-                );
-                file.set_len(whole)?;
-                file.sync_all()?;
-                *len = whole;
-            }
-            Ok(tail)
-        })
-        .await
+        let before = self.len;
+        let tail = self
+            .blocking(|file, len, path| {
+                let (tail, whole) = read_tail(file, *len)?;
+                if whole < *len {
+                    tracing::warn!(
+                        path = %path.display(),
+                        bytes = *len - whole,
+                        "the audit chain ends in a torn line (a write cut short); cutting it off"
+                    );
+                    file.set_len(whole)?;
+                    file.sync_all()?;
+                    *len = whole;
+                }
+                Ok(tail)
+            })
+            .await?;
+        self.cut += before - self.len;
+        Ok(tail)
     }
 
     async fn append(&mut self, lines: &[AuditLine]) -> io::Result<()> {

@@ -309,6 +309,7 @@ impl AuditBuilder {
             return Err(AuditError::InvalidInstance(self.instance));
         }
         let tail = sink.tail().await.map_err(AuditError::Sink)?;
+        let cut = sink.cut_bytes();
         let resumed = resume::check(&tail, &self.instance, &self.signer.verifier())
             .map_err(AuditError::Chain)?;
         if resumed.adopted > 0 {
@@ -335,6 +336,7 @@ impl AuditBuilder {
             tree: resumed.tree,
             last: resumed.last,
             adopted: resumed.adopted,
+            cut,
             since: 0,
             written: 0,
             every: self.every,
@@ -538,6 +540,8 @@ struct Writer<S> {
     /// Entries found after the last checkpoint at start, still to be
     /// counted by a `resumed` entry.
     adopted: u64,
+    /// Bytes of a torn last line the sink cut at start, for the same entry.
+    cut: u64,
     /// Entries since the last checkpoint.
     since: u64,
     written: u64,
@@ -597,9 +601,10 @@ impl<S: AuditSink> Writer<S> {
                     }
                 }
             };
-            if self.adopted > 0 {
+            if self.adopted > 0 || self.cut > 0 {
                 let adopted = std::mem::take(&mut self.adopted);
-                self.entry(&Pending::resumed(adopted), &mut lines);
+                let cut = std::mem::take(&mut self.cut);
+                self.entry(&Pending::resumed(adopted, cut), &mut lines);
             }
             let lost = self.state.lost.swap(0, Ordering::Relaxed);
             if lost > 0 {

@@ -49,6 +49,13 @@ pub trait AuditSink: Send + 'static {
     /// continues the chain from it.
     fn tail(&mut self) -> impl Future<Output = io::Result<Vec<String>>> + Send;
 
+    /// Bytes of a torn last line (a write a crash cut short) this sink
+    /// removed when it read its [`tail`](Self::tail): the writer records
+    /// them in its `resumed` entry, so nothing is cut unseen. 0 by default.
+    fn cut_bytes(&self) -> u64 {
+        0
+    }
+
     /// Stores `lines` durably and in order; see the trait's rules.
     fn append(&mut self, lines: &[AuditLine]) -> impl Future<Output = io::Result<()>> + Send;
 

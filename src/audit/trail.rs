@@ -102,6 +102,7 @@ impl Trail {
             duration_ms: millis as u64,
             response: response.map(|digest| self.log.shared.hasher.rekey(digest)),
             count: None,
+            cut_bytes: None,
         };
         self.log.send(self.permit.take(), pending);
     }

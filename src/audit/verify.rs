@@ -37,6 +37,10 @@ pub struct VerifiedChain {
     /// lines added while no writer ran. Later checkpoints cover them, but
     /// nothing shows who wrote them.
     pub adopted: Vec<(u64, u64)>,
+    /// The `resumed` entries (their line) whose writer's sink cut bytes of
+    /// a torn last line before it started, and how many: a write a crash
+    /// cut short, whose decisions may be missing.
+    pub cut: Vec<(u64, u64)>,
     /// The lines (first and last) of the entries after the last
     /// checkpoint, if any: not (yet) signed.
     pub unsigned_lines: Option<(u64, u64)>,
@@ -59,7 +63,10 @@ impl VerifiedChain {
     /// Every entry is signed by a checkpoint, and none was adopted unsigned
     /// at a restart.
     pub fn is_complete(&self) -> bool {
-        self.unsigned_tail() == 0 && self.adopted.is_empty() && self.torn_line.is_none()
+        self.unsigned_tail() == 0
+            && self.adopted.is_empty()
+            && self.cut.is_empty()
+            && self.torn_line.is_none()
     }
 }
 
@@ -263,6 +270,7 @@ struct Checker<'k> {
     /// The lines of the entries since the last checkpoint.
     since: Option<(u64, u64)>,
     adopted: Vec<(u64, u64)>,
+    cut: Vec<(u64, u64)>,
     last_checkpoint: Option<String>,
 }
 
@@ -280,6 +288,7 @@ impl<'k> Checker<'k> {
             signed_through: None,
             since: None,
             adopted: Vec::new(),
+            cut: Vec::new(),
             last_checkpoint: None,
         }
     }
@@ -355,6 +364,9 @@ impl<'k> Checker<'k> {
             }
             if let Some(run) = self.since.take() {
                 self.adopted.push(run);
+            }
+            if let Some(cut) = entry.object.get("cut_bytes").and_then(Value::as_u64) {
+                self.cut.push((at, cut));
             }
         }
         self.seq = entry.seq;
@@ -461,6 +473,7 @@ impl<'k> Checker<'k> {
             signed_through: self.signed_through,
             signatures_checked: !self.trust.keys.is_empty(),
             adopted: self.adopted,
+            cut: self.cut,
             unsigned_lines: self.since,
             root: self.tree.root(),
             last_checkpoint: self.last_checkpoint,
