@@ -732,7 +732,11 @@ async fn a_restart_continues_the_chain_from_the_files_head() {
         .iter()
         .position(|l| l.contains("\"decision\":\"resumed\""))
         .unwrap();
-    assert!(lines[resumed].contains("\"cut_bytes\":17"), "{}", lines[resumed]);
+    assert!(
+        lines[resumed].contains("\"cut_bytes\":17"),
+        "{}",
+        lines[resumed]
+    );
     assert_eq!(chain.cut, [(resumed as u64 + 1, 17)]);
     assert!(!chain.is_complete(), "the cut is reported");
     // Another instance's name on this chain is refused.
