@@ -376,7 +376,16 @@ impl AuditVerifier {
     /// beside a real one is refused, not skipped). Lines of other keys
     /// (a witness's cosignature) are left alone.
     pub(crate) fn check(&self, note: &Note) -> Result<(), &'static str> {
-        let mut valid = false;
+        match self.signs(note) {
+            Signed::Valid => Ok(()),
+            Signed::Bad => Err(BAD_SIGNATURE),
+            Signed::Absent => Err(NOT_SIGNED),
+        }
+    }
+
+    /// What this key's lines in `note` say.
+    pub(crate) fn signs(&self, note: &Note) -> Signed {
+        let mut found = Signed::Absent;
         for (name, id, signature) in &note.signatures {
             if *name != self.name || *id != self.id {
                 continue;
@@ -387,17 +396,29 @@ impl AuditVerifier {
                 .verify_strict(note.body.as_bytes(), &signature)
                 .is_err()
             {
-                return Err("checkpoint signature does not verify");
+                return Signed::Bad;
             }
-            valid = true;
+            found = Signed::Valid;
         }
-        if valid {
-            Ok(())
-        } else {
-            Err("checkpoint is not signed by the given key")
-        }
+        found
     }
 }
+
+/// What one key's signature lines in a note say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Signed {
+    /// At least one line of the key, and every one verifies.
+    Valid,
+    /// A line of the key that does not verify.
+    Bad,
+    /// No line of the key.
+    Absent,
+}
+
+/// Why a note's signature by a key does not stand.
+pub(crate) const BAD_SIGNATURE: &str = "checkpoint signature does not verify";
+/// A note without a line of the key.
+pub(crate) const NOT_SIGNED: &str = "checkpoint is not signed by the given key";
 
 fn note_body(instance: &str, size: u64, root: &[u8; 32], time: &str, last: &[u8; 32]) -> String {
     format!(

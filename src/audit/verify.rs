@@ -143,16 +143,16 @@ impl Trust {
     fn signed(&self, note: &checkpoint::Note) -> Result<(), &'static str> {
         let mut valid = false;
         for key in &self.keys {
-            match key.check(note) {
-                Ok(()) => valid = true,
-                Err(why @ "checkpoint signature does not verify") => return Err(why),
-                Err(_) => {}
+            match key.signs(note) {
+                checkpoint::Signed::Valid => valid = true,
+                checkpoint::Signed::Bad => return Err(checkpoint::BAD_SIGNATURE),
+                checkpoint::Signed::Absent => {}
             }
         }
         if valid {
             Ok(())
         } else {
-            Err("checkpoint is not signed by the given key")
+            Err(checkpoint::NOT_SIGNED)
         }
     }
 }
