@@ -11,7 +11,7 @@ use axum::{
     middleware::{self, Next},
     response::Response as AxumResponse,
 };
-use common::{Captured, Counter, body_bytes, booking_router, problem};
+use common::{Counter, body_bytes, booking_router, problem};
 use http::{Request, StatusCode, header};
 use tower::ServiceExt;
 use tower_idempotency::{
@@ -168,33 +168,6 @@ async fn anonymous_keyed_requests_are_rejected_by_default() {
         StatusCode::CREATED
     );
     assert_eq!(counter.get(), 1);
-}
-
-#[tokio::test(flavor = "current_thread")]
-async fn the_shared_anonymous_scope_is_explicit_and_warned_about_once() {
-    let captured = Captured::default();
-    let _guard = tracing::subscriber::set_default(captured.subscriber(tracing::Level::WARN));
-    // Tests on other threads set and drop their own subscribers: make sure
-    // no callsite's interest was cached while this one was not yet there.
-    tracing::callsite::rebuild_interest_cache();
-
-    let counter = Counter::default();
-    let app = booking_router(counter.clone())
-        .layer(IdempotencyLayer::new(MemoryStore::default()).with_anonymous(Anonymous::Shared));
-    let first = app.clone().oneshot(request("k", None, "x")).await.unwrap();
-    assert_eq!(first.status(), StatusCode::CREATED);
-    body_bytes(first).await;
-    for _ in 0..3 {
-        let again = app.clone().oneshot(request("k", None, "x")).await.unwrap();
-        assert_eq!(again.headers()["idempotent-replayed"], "true");
-    }
-    assert_eq!(counter.get(), 1);
-    let log = captured.text();
-    assert_eq!(
-        log.matches("with_anonymous(Anonymous::Shared)").count(),
-        1,
-        "one warning naming the setting: {log}"
-    );
 }
 
 #[tokio::test]
