@@ -25,11 +25,18 @@
 //! `--checkpoint`). `--instance` refuses entries of another instance.
 //! `--history` lists, after the verdict, the decisions about the key with
 //! that hash (SHA-256 hex of the key, or a prefix of at least 8 digits).
+//! `--receipt FILE` holds the chain to a receipt a response carried (the
+//! `Idempotency-Receipt` header's value, or its note text): after the
+//! verdict it prints `receipt: line L (seq S, DECISION) holds it, signed
+//! through N`; a receipt the keys did not sign, or whose entry is missing
+//! or says something else, is exit 1 with `receipt: REASON`; an entry not
+//! signed yet leaves the verdict incomplete (exit 3).
 
 use std::{path::PathBuf, process::ExitCode};
 
 use tower_idempotency::audit::{
-    AuditVerifier, Trust, VerifiedChain, VerifyError, history_with, verify_file_with,
+    AuditVerifier, Receipt, Trust, VerifiedChain, VerifyError, check_receipt, history_with,
+    verify_file_with,
 };
 
 const USAGE: &str = "usage: audit_verify PATH --public-key FILE [--public-key FILE...] \
@@ -145,10 +152,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if args.receipt.is_some() {
-        eprintln!("audit_verify: --receipt: receipts are not written by this version");
-        return ExitCode::from(2);
-    }
     let trust = match trust(&args) {
         Ok(trust) => trust,
         Err(why) => {
@@ -156,11 +159,37 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let path = args.path.as_ref().expect("checked in parse");
-    let result = match &args.history {
-        None => verify_file_with(path, &trust).map(|chain| (chain, None)),
-        Some(hash) => history_with(path, hash, &trust).map(|(c, h)| (c, Some(h))),
+    let receipt = match args.receipt.as_ref().map(|file| {
+        read(file).and_then(|text| {
+            Receipt::parse(&text).map_err(|err| format!("{}: {err}", file.display()))
+        })
+    }) {
+        None => None,
+        Some(Ok(receipt)) => Some(receipt),
+        Some(Err(why)) => {
+            eprintln!("audit_verify: --receipt {why}");
+            return ExitCode::from(2);
+        }
     };
+    let path = args.path.as_ref().expect("checked in parse");
+    let mut held = None;
+    let result = match (&args.history, &receipt) {
+        (None, None) => verify_file_with(path, &trust).map(|chain| (chain, None)),
+        (Some(hash), _) => history_with(path, hash, &trust).map(|(c, h)| (c, Some(h))),
+        (None, Some(receipt)) => check_receipt(path, &trust, receipt).map(|(chain, found)| {
+            held = Some(found);
+            (chain, None)
+        }),
+    };
+    if let (Some(receipt), None, Ok(_)) = (&receipt, &held, &result) {
+        match check_receipt(path, &trust, receipt) {
+            Ok((_, found)) => held = Some(found),
+            Err(err) => {
+                eprintln!("audit_verify: {}: {err}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
     let (chain, decisions) = match result {
         Ok(found) => found,
         Err(VerifyError::Broken(broken)) => {
@@ -178,7 +207,27 @@ fn main() -> ExitCode {
         eprintln!("audit_verify: {}: {err}", out.display());
         return ExitCode::from(2);
     }
+    if let Some(Err(why)) = &held {
+        println!("receipt: {why}");
+        return ExitCode::from(1);
+    }
     let code = verdict(&chain);
+    if let Some(Ok(found)) = &held {
+        if found.signed {
+            println!(
+                "receipt: line {} (seq {}, {}) holds it, signed through {}",
+                found.line,
+                found.seq,
+                found.decision,
+                chain.signed_through.unwrap_or(0)
+            );
+        } else {
+            println!(
+                "receipt: line {} (seq {}, {}) holds it, not signed by a checkpoint yet",
+                found.line, found.seq, found.decision
+            );
+        }
+    }
     for decision in decisions.into_iter().flatten() {
         println!("{decision}");
     }

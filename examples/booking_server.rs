@@ -44,7 +44,10 @@
 //! `PATH.key`), which is generated and saved there when the file does not
 //! exist. The public key is printed at start (`audit public key: ...`) and
 //! saved beside the signing key as `.pub`, for
-//! `cargo run --example audit_verify -- PATH --public-key KEY.pub`.
+//! `cargo run --example audit_verify -- PATH --public-key KEY.pub`. With
+//! `IDEMPOTENCY_AUDIT_RECEIPTS=1` every audited response carries a signed
+//! `Idempotency-Receipt` header, which `audit_verify --receipt FILE` checks
+//! against the chain.
 //!
 //! Logs: the layer's warnings go to stderr (`RUST_LOG=debug` for more).
 //!
@@ -465,7 +468,17 @@ async fn audit_from_env() -> Result<Option<AuditLog>, String> {
         .map_err(|e| format!("IDEMPOTENCY_AUDIT_SIGNING_KEY {}: {e}", key_file.display()))?;
     let public = signer.verifier().to_string();
     let sink = JsonlSink::open(&path).map_err(|e| format!("IDEMPOTENCY_AUDIT: {e}"))?;
-    let audit = AuditLog::builder(instance, signer)
+    let mut builder = AuditLog::builder(instance, signer);
+    match std::env::var("IDEMPOTENCY_AUDIT_RECEIPTS").as_deref() {
+        Err(_) | Ok("0") => {}
+        Ok("1") => builder = builder.with_receipts(),
+        Ok(other) => {
+            return Err(format!(
+                "IDEMPOTENCY_AUDIT_RECEIPTS={other:?}: use 1 (receipts) or 0 (none)"
+            ));
+        }
+    }
+    let audit = builder
         .start(sink)
         .await
         .map_err(|e| format!("IDEMPOTENCY_AUDIT {}: {e}", path.display()))?;

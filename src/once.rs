@@ -582,7 +582,7 @@ impl<St: Store + Clone> AtMostOnce<St> {
                 }
             }
         };
-        if took_over && let Some(held_trail) = trail.take() {
+        if took_over && let Some(mut held_trail) = trail.take() {
             match held_trail.another() {
                 Ok(execution) => {
                     held_trail.record("taken_over", None, None);

@@ -92,9 +92,9 @@ where
         }
         if !req.headers().contains_key(&config.header) {
             if config.require_key {
-                let response = reject(config, missing_key(config));
+                let mut response = reject(config, missing_key(config));
                 count(config, &req.into_parts().0, &response);
-                note(config, None, None, &response);
+                note(config, None, None, &mut response);
                 return ResponseFuture::ready(response);
             }
             return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::streaming)));
@@ -134,9 +134,9 @@ where
             _ => Err(KeyError::Repeated),
         };
         let early = |rejection: Rejection, scope: Option<&str>, key: Option<&str>| {
-            let response = reject(config, rejection);
+            let mut response = reject(config, rejection);
             count(config, &parts, &response);
-            note(config, scope, key, &response);
+            note(config, scope, key, &mut response);
             ResponseFuture::ready(response)
         };
         let key = match key {
@@ -156,6 +156,7 @@ where
         // The request's trail in the audit chain; its place in the queue is
         // taken once its body is read, before anything can run.
         let trail = config.loose_trail(Some(scope.as_str()), Some(&key));
+        let receipt = trail.as_ref().and_then(Trail::receipt);
         #[cfg(feature = "metrics")]
         let route = (config.metrics_route)(&parts);
         let record_key = RecordKey::new(scope.as_str(), &key);
@@ -188,7 +189,11 @@ where
         );
         let path = tracing::Instrument::instrument(
             async move {
-                let result = path.await;
+                let mut result = path.await;
+                if let (Some(receipt), Ok(response)) = (&receipt, &mut result) {
+                    let status = response.status().as_u16();
+                    receipt.stamp(status, response.headers_mut());
+                }
                 if let Ok(response) = &result {
                     let outcome = response.extensions().get::<Outcome>();
                     if let Some(outcome) = outcome {
@@ -212,10 +217,15 @@ fn note<St, B>(
     config: &Config<St>,
     scope: Option<&str>,
     key: Option<&str>,
-    response: &Response<B>,
+    response: &mut Response<B>,
 ) {
     if let Ok(Some(trail)) = config.trail(scope, key) {
+        let receipt = trail.receipt();
         answered(Some(trail), response);
+        if let Some(receipt) = receipt {
+            let status = response.status().as_u16();
+            receipt.stamp(status, response.headers_mut());
+        }
     }
 }
 
@@ -412,7 +422,7 @@ where
     if took_over {
         crate::metrics::lease_taken_over();
         // The take-over is a decision of its own, before the execution's.
-        if let Some(held_trail) = trail.take() {
+        if let Some(mut held_trail) = trail.take() {
             match held_trail.another() {
                 Ok(execution) => {
                     held_trail.record("taken_over", None, None);
@@ -446,8 +456,9 @@ where
             key = %KeyHash(&record_key),
             "request reached a drain's deadline before its handler started; claim released"
         );
-        held.release(None).await;
-        return Ok(reject(&config, shutting_down()));
+        let response = reject(&config, shutting_down());
+        held.release(Some(response.status().as_u16())).await;
+        return Ok(response);
     }
     let context = IdempotencyContext::new(record_key, fingerprint, took_over);
     parts.extensions.insert(context);

@@ -8,6 +8,17 @@ pub(crate) use crate::audit::Trail;
 #[cfg(not(feature = "audit"))]
 pub(crate) enum Trail {}
 
+/// A request's promised receipt: none without the feature.
+#[cfg(not(feature = "audit"))]
+pub(crate) enum ReceiptSlot {}
+
+#[cfg(not(feature = "audit"))]
+impl ReceiptSlot {
+    pub(crate) fn stamp(&self, _: u16, _: &mut http::HeaderMap) {
+        match *self {}
+    }
+}
+
 #[cfg(not(feature = "audit"))]
 impl Trail {
     pub(crate) fn fingerprint(&mut self, _: &crate::Fingerprint) {
@@ -18,7 +29,11 @@ impl Trail {
         match *self {}
     }
 
-    pub(crate) fn another(&self) -> Result<Trail, ()> {
+    pub(crate) fn another(&mut self) -> Result<Trail, ()> {
+        match *self {}
+    }
+
+    pub(crate) fn receipt(&self) -> Option<ReceiptSlot> {
         match *self {}
     }
 

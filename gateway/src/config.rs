@@ -50,6 +50,11 @@ pub struct Args {
     #[arg(long, env = "GATEWAY_AUDIT", value_name = "PATH")]
     pub audit: Option<PathBuf>,
 
+    /// Give every audited response a signed `Idempotency-Receipt` header:
+    /// the chain's word that it holds the decision (needs --audit).
+    #[arg(long, env = "GATEWAY_AUDIT_RECEIPTS", requires = "audit")]
+    pub audit_receipts: bool,
+
     /// The name of this gateway in the audit chain.
     #[arg(
         long,

@@ -341,6 +341,9 @@ async fn open_audit(args: &Args, path: &std::path::Path) -> Result<AuditLog, Str
     if let Some(secret) = &args.scope_secret {
         builder = builder.with_secret(secret);
     }
+    if args.audit_receipts {
+        builder = builder.with_receipts();
+    }
     let audit = builder
         .start(sink)
         .await

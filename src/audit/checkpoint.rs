@@ -385,17 +385,18 @@ impl AuditVerifier {
 
     /// What this key's lines in `note` say.
     pub(crate) fn signs(&self, note: &Note) -> Signed {
+        self.signs_body(&note.body, &note.signatures)
+    }
+
+    /// What this key's lines among `signatures` say of `body`.
+    pub(crate) fn signs_body(&self, body: &str, signatures: &[SignatureLine]) -> Signed {
         let mut found = Signed::Absent;
-        for (name, id, signature) in &note.signatures {
+        for (name, id, signature) in signatures {
             if *name != self.name || *id != self.id {
                 continue;
             }
             let signature = Signature::from_bytes(signature);
-            if self
-                .key
-                .verify_strict(note.body.as_bytes(), &signature)
-                .is_err()
-            {
+            if self.key.verify_strict(body.as_bytes(), &signature).is_err() {
                 return Signed::Bad;
             }
             found = Signed::Valid;
@@ -458,15 +459,52 @@ pub(crate) struct Note {
     pub(crate) root: [u8; 32],
     /// The leaf hash of the last entry it covers.
     pub(crate) last: [u8; 32],
-    pub(crate) signatures: Vec<(String, [u8; 4], [u8; 64])>,
+    pub(crate) signatures: Vec<SignatureLine>,
+}
+
+/// A signature line's parts: the key's name, its id, the signature.
+pub(crate) type SignatureLine = (String, [u8; 4], [u8; 64]);
+
+/// Splits a signed note into its body (each line ending in a newline) and
+/// its signature lines, checking their form (not the signatures).
+pub(crate) fn split_signed(text: &str) -> Result<(String, Vec<SignatureLine>), &'static str> {
+    let (body, signatures) = text
+        .split_once("\n\n")
+        .ok_or("note has no blank line before its signatures")?;
+    let body = format!("{body}\n");
+    let mut parsed: Vec<SignatureLine> = Vec::new();
+    let signatures = signatures
+        .strip_suffix('\n')
+        .ok_or("note does not end with a newline")?;
+    for line in signatures.split('\n') {
+        let rest = line
+            .strip_prefix(DASH)
+            .ok_or("note signature line does not start with an em dash")?;
+        let (name, sig) = rest
+            .split_once(' ')
+            .ok_or("note signature line has no key name")?;
+        let raw = BASE64
+            .decode(sig)
+            .map_err(|_| "note signature is not base64")?;
+        let (id, signature) = (raw.get(..4), raw.get(4..));
+        let (Some(id), Some(signature)) = (id, signature) else {
+            return Err("note signature is too short");
+        };
+        let id: [u8; 4] = id.try_into().expect("four bytes");
+        let signature: [u8; 64] = signature
+            .try_into()
+            .map_err(|_| "note signature is not 64 bytes after its key id")?;
+        if parsed.iter().any(|(n, i, _)| n == name && *i == id) {
+            return Err("note carries two signature lines of one key");
+        }
+        parsed.push((name.to_owned(), id, signature));
+    }
+    Ok((body, parsed))
 }
 
 /// Reads a checkpoint's text, checking its form (not its signatures).
 pub(crate) fn parse(text: &str) -> Result<Note, &'static str> {
-    let (body, signatures) = text
-        .split_once("\n\n")
-        .ok_or("checkpoint has no blank line before its signatures")?;
-    let body = format!("{body}\n");
+    let (body, signatures) = split_signed(text)?;
     let mut lines = body.lines();
     let (Some(origin), Some(size), Some(root), Some(time), Some(last), None) = (
         lines.next(),
@@ -504,59 +542,34 @@ pub(crate) fn parse(text: &str) -> Result<Note, &'static str> {
     if body != note_body(instance, size, &root, time, &last) {
         return Err("checkpoint body is not in canonical form");
     }
-    let mut parsed = Vec::new();
-    let signatures = signatures
-        .strip_suffix('\n')
-        .ok_or("checkpoint does not end with a newline")?;
-    for line in signatures.split('\n') {
-        let rest = line
-            .strip_prefix(DASH)
-            .ok_or("checkpoint signature line does not start with an em dash")?;
-        let (name, sig) = rest
-            .split_once(' ')
-            .ok_or("checkpoint signature line has no key name")?;
-        let raw = BASE64
-            .decode(sig)
-            .map_err(|_| "checkpoint signature is not base64")?;
-        let (id, signature) = (raw.get(..4), raw.get(4..));
-        let (Some(id), Some(signature)) = (id, signature) else {
-            return Err("checkpoint signature is too short");
-        };
-        let id: [u8; 4] = id.try_into().expect("four bytes");
-        let signature: [u8; 64] = signature
-            .try_into()
-            .map_err(|_| "checkpoint signature is not 64 bytes after its key id")?;
-        if parsed
-            .iter()
-            .any(|(n, i, _): &(String, [u8; 4], [u8; 64])| n == name && *i == id)
-        {
-            return Err("checkpoint carries two signature lines of one key");
-        }
-        parsed.push((name.to_owned(), id, signature));
-    }
     Ok(Note {
         instance: instance.to_owned(),
         body,
         size,
         root,
         last,
-        signatures: parsed,
+        signatures,
     })
 }
 
 /// 64 lowercase hex digits as 32 bytes.
 pub(crate) fn parse_hex32(text: &str) -> Option<[u8; 32]> {
+    parse_hex(text)
+}
+
+/// `2 * N` lowercase hex digits as `N` bytes.
+pub(crate) fn parse_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
     let bytes = text.as_bytes();
-    if bytes.len() != 64 {
+    if bytes.len() != 2 * N {
         return None;
     }
-    let mut out = [0u8; 32];
+    let digit = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; N];
     for (i, pair) in bytes.chunks_exact(2).enumerate() {
-        let digit = |b: u8| match b {
-            b'0'..=b'9' => Some(b - b'0'),
-            b'a'..=b'f' => Some(b - b'a' + 10),
-            _ => None,
-        };
         out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
     }
     Some(out)
@@ -665,7 +678,7 @@ mod tests {
         let with_junk = format!("{body}\n\n{junk}{real}");
         assert_eq!(
             parse(&with_junk).unwrap_err(),
-            "checkpoint carries two signature lines of one key"
+            "note carries two signature lines of one key"
         );
         let cosigned = witness.sign_note(&format!("{body}\n"));
         let cosignature = cosigned.split_once("\n\n").unwrap().1;
@@ -681,7 +694,7 @@ mod tests {
         let twice = format!("{body}\n\n{real}{real}");
         assert_eq!(
             parse(&twice).unwrap_err(),
-            "checkpoint carries two signature lines of one key"
+            "note carries two signature lines of one key"
         );
     }
 }

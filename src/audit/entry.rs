@@ -26,6 +26,8 @@ pub(crate) struct Pending {
     /// Bytes of a torn last line the sink cut off before this writer
     /// started (a `resumed` entry only).
     pub(crate) cut_bytes: Option<u64>,
+    /// The id of the receipt its response carried.
+    pub(crate) receipt: Option<[u8; 16]>,
 }
 
 impl Pending {
@@ -53,6 +55,7 @@ impl Pending {
             response: None,
             count: Some(count),
             cut_bytes: None,
+            receipt: None,
         }
     }
 }
@@ -92,6 +95,9 @@ pub(crate) fn render(
         hex_member(&mut head, "key", key);
     }
     hex_member(&mut head, "prev", prev);
+    if let Some(receipt) = &pending.receipt {
+        hex_member(&mut head, "receipt", receipt);
+    }
     if let Some(response) = &pending.response {
         hex_member(&mut head, "response_sha256", response);
     }
@@ -182,6 +188,7 @@ mod tests {
             response: Some([4; 32]),
             count: None,
             cut_bytes: None,
+            receipt: Some([5; 16]),
         }
     }
 

@@ -96,6 +96,7 @@ mod file;
 pub mod merkle;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod receipt;
 mod resume;
 mod sink;
 mod trail;
@@ -119,11 +120,14 @@ pub use checkpoint::{AuditKeyError, AuditSigner, AuditVerifier};
 pub use file::JsonlSink;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresAuditSink;
+pub(crate) use receipt::ReceiptSlot;
+pub use receipt::{RECEIPT_HEADER, Receipt, ReceiptError, ReceiptProof};
 pub use sink::{AuditLine, AuditSink};
 pub(crate) use trail::Trail;
 pub use verify::{
-    ChainBreak, HistoryEntry, Trust, VerifiedChain, VerifyError, history, history_with,
-    verify_file, verify_file_with, verify_lines, verify_lines_with,
+    ChainBreak, HistoryEntry, ReceiptFound, Trust, VerifiedChain, VerifyError, check_receipt,
+    history, history_with, receipt_proof, verify_file, verify_file_with, verify_lines,
+    verify_lines_with,
 };
 
 use entry::{Hasher, Pending, render, valid_instance};
@@ -219,6 +223,7 @@ pub struct AuditBuilder {
     close_timeout: Duration,
     append_timeout: Duration,
     linger: Duration,
+    receipts: bool,
 }
 
 impl fmt::Debug for AuditBuilder {
@@ -234,6 +239,7 @@ impl fmt::Debug for AuditBuilder {
             .field("close_timeout", &self.close_timeout)
             .field("append_timeout", &self.append_timeout)
             .field("linger", &self.linger)
+            .field("receipts", &self.receipts)
             .finish()
     }
 }
@@ -302,6 +308,16 @@ impl AuditBuilder {
         self
     }
 
+    /// Gives every response whose decision has a place in the chain an
+    /// `Idempotency-Receipt` header ([`RECEIPT_HEADER`]): the log's signed
+    /// word that the entry carrying the receipt's id is in the chain (see
+    /// [`Receipt`]). Off by default; it costs an Ed25519 signature and
+    /// about 400 header bytes per response.
+    pub fn with_receipts(mut self) -> Self {
+        self.receipts = true;
+        self
+    }
+
     /// Reads where `sink`'s chain ends, and starts the writer there, on the
     /// current tokio runtime.
     pub async fn start<S: AuditSink>(self, mut sink: S) -> Result<AuditLog, AuditError> {
@@ -346,6 +362,15 @@ impl AuditBuilder {
             linger: self.linger,
             state: state.clone(),
         };
+        let receipts = self.receipts.then(|| writer.signer.clone());
+        let mut receipt_prefix = [0u8; 8];
+        if receipts.is_some() {
+            getrandom::fill(&mut receipt_prefix).map_err(|err| {
+                AuditError::Sink(io::Error::other(format!(
+                    "no random bytes for receipt ids: {err}"
+                )))
+            })?;
+        }
         let task = tokio::spawn(writer.run(rx));
         Ok(AuditLog {
             shared: Arc::new(Shared {
@@ -357,6 +382,9 @@ impl AuditBuilder {
                     None => Hasher::Plain,
                 },
                 instance,
+                receipts,
+                receipt_prefix,
+                receipt_count: AtomicU64::new(0),
                 task: Mutex::new(Some(task)),
             }),
         })
@@ -405,6 +433,11 @@ struct Shared {
     failure: AuditFailure,
     hasher: Hasher,
     instance: Arc<str>,
+    /// The key that signs receipts, when they are given.
+    receipts: Option<AuditSigner>,
+    /// Receipt ids: these random bytes, then a count.
+    receipt_prefix: [u8; 8],
+    receipt_count: AtomicU64,
     task: Mutex<Option<tokio::task::JoinHandle<Result<AuditSummary, AuditError>>>>,
 }
 
@@ -433,6 +466,7 @@ impl AuditLog {
             close_timeout: Duration::from_secs(10),
             append_timeout: Duration::from_secs(5),
             linger: Duration::from_millis(5),
+            receipts: false,
         }
     }
 
@@ -489,6 +523,16 @@ impl AuditLog {
         let scope = scope.map(|s| hasher.digest(s.as_bytes()));
         let key = key.map(|k| hasher.digest(k.as_bytes()));
         Trail::new(self.clone(), None, scope, key)
+    }
+
+    /// A new receipt for a request about `key`, with receipts on.
+    pub(crate) fn receipt_slot(&self, key: Option<[u8; 32]>) -> Option<Arc<ReceiptSlot>> {
+        self.shared.receipts.as_ref()?;
+        let count = self.shared.receipt_count.fetch_add(1, Ordering::Relaxed);
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&self.shared.receipt_prefix);
+        id[8..].copy_from_slice(&count.to_be_bytes());
+        Some(ReceiptSlot::new(self.clone(), id, key))
     }
 
     pub(crate) fn reserve(&self) -> Result<Option<mpsc::OwnedPermit<Pending>>, ()> {

@@ -1,10 +1,10 @@
 //! [`Trail`]: one request's place in the chain.
 
-use std::time::SystemTime;
+use std::{sync::Arc, time::SystemTime};
 
 use tokio::{sync::mpsc::OwnedPermit, time::Instant};
 
-use super::{AuditLog, entry::Pending};
+use super::{AuditLog, entry::Pending, receipt::ReceiptSlot};
 use crate::Fingerprint;
 
 /// The decisions of one request (or one at-most-once call), with the place
@@ -17,6 +17,8 @@ pub(crate) struct Trail {
     key: Option<[u8; 32]>,
     fingerprint: Option<[u8; 32]>,
     recorded: bool,
+    /// The receipt its response gets, with receipts on.
+    receipt: Option<Arc<ReceiptSlot>>,
 }
 
 impl Trail {
@@ -26,6 +28,12 @@ impl Trail {
         scope: Option<[u8; 32]>,
         key: Option<[u8; 32]>,
     ) -> Self {
+        let receipt = log.receipt_slot(key);
+        if permit.is_some()
+            && let Some(slot) = &receipt
+        {
+            slot.promise();
+        }
         Trail {
             log,
             permit,
@@ -34,7 +42,14 @@ impl Trail {
             key,
             fingerprint: None,
             recorded: false,
+            receipt,
         }
+    }
+
+    /// The receipt the request's response gets (with receipts on): given
+    /// once the decision has its place in the queue.
+    pub(crate) fn receipt(&self) -> Option<Arc<ReceiptSlot>> {
+        self.receipt.clone()
     }
 
     /// Takes the request's place in the queue now (after its body was
@@ -48,6 +63,11 @@ impl Trail {
         }
         match self.log.reserve() {
             Ok(permit) => {
+                if permit.is_some()
+                    && let Some(slot) = &self.receipt
+                {
+                    slot.promise();
+                }
                 self.permit = permit;
                 Ok(())
             }
@@ -63,10 +83,14 @@ impl Trail {
     }
 
     /// Another place for the same request, for a second decision (a take
-    /// over before the execution's own). `Err` as for
-    /// [`AuditLog::trail`].
-    pub(crate) fn another(&self) -> Result<Trail, ()> {
+    /// over before the execution's own), which takes the receipt with it.
+    /// `Err` as for [`AuditLog::trail`].
+    pub(crate) fn another(&mut self) -> Result<Trail, ()> {
         let permit = self.log.reserve()?;
+        let receipt = self.receipt.take();
+        if let Some(slot) = &receipt {
+            slot.set_promised(permit.is_some());
+        }
         Ok(Trail {
             log: self.log.clone(),
             permit,
@@ -75,6 +99,7 @@ impl Trail {
             key: self.key,
             fingerprint: self.fingerprint,
             recorded: false,
+            receipt,
         })
     }
 
@@ -103,6 +128,7 @@ impl Trail {
             response: response.map(|digest| self.log.shared.hasher.rekey(digest)),
             count: None,
             cut_bytes: None,
+            receipt: self.receipt.as_ref().and_then(|slot| slot.promised_id()),
         };
         self.log.send(self.permit.take(), pending);
     }

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::{
-    AuditVerifier,
+    AuditVerifier, Receipt, ReceiptError, ReceiptProof,
     checkpoint::{self, parse_hex32},
     entry::{GENESIS, valid_instance},
     merkle::{self, Tree},
@@ -136,6 +136,11 @@ impl Trust {
             keys: key.into_iter().cloned().collect(),
             ..Trust::default()
         }
+    }
+
+    /// The keys given.
+    pub(crate) fn keys(&self) -> &[AuditVerifier] {
+        &self.keys
     }
 
     /// Checks `note` against every key: a valid signature by one, and no
@@ -491,6 +496,13 @@ pub(crate) struct Parsed {
     object: Map<String, Value>,
 }
 
+impl Parsed {
+    /// The entry's members.
+    pub(crate) fn object(&self) -> &Map<String, Value> {
+        &self.object
+    }
+}
+
 pub(crate) fn canonical(object: &Map<String, Value>) -> String {
     serde_json_canonicalizer::to_string(object).expect("a parsed JSON object serialises")
 }
@@ -579,7 +591,7 @@ pub(crate) const LINE_LIMIT: u64 = 64 * 1024;
 fn walk(
     path: &Path,
     trust: &Trust,
-    mut each: impl FnMut(u64, Map<String, Value>),
+    mut each: impl FnMut(u64, &str, Map<String, Value>),
 ) -> Result<VerifiedChain, VerifyError> {
     let file = std::fs::File::open(path).map_err(VerifyError::Io)?;
     let mut reader = io::BufReader::new(file);
@@ -620,7 +632,7 @@ fn walk(
         };
         let text = std::str::from_utf8(body).map_err(|_| broken("not UTF-8"))?;
         if let Some(entry) = checker.line(text).map_err(VerifyError::Broken)? {
-            each(at, entry);
+            each(at, text, entry);
         }
     }
     checker.finish().map_err(VerifyError::Broken)
@@ -639,7 +651,7 @@ pub fn verify_file_with(
     path: impl AsRef<Path>,
     trust: &Trust,
 ) -> Result<VerifiedChain, VerifyError> {
-    walk(path.as_ref(), trust, |_, _| {})
+    walk(path.as_ref(), trust, |_, _, _| {})
 }
 
 /// Checks the chain at `path`, then lists, in order, the decisions about
@@ -661,7 +673,7 @@ pub fn history_with(
 ) -> Result<(VerifiedChain, Vec<HistoryEntry>), VerifyError> {
     let wanted = key_hash.to_ascii_lowercase();
     let mut found = Vec::new();
-    let chain = walk(path.as_ref(), trust, |line, entry| {
+    let chain = walk(path.as_ref(), trust, |line, _, entry| {
         let matches = entry
             .get("key")
             .and_then(Value::as_str)
@@ -698,4 +710,140 @@ pub fn history_with(
         entry.signed = entry.seq <= through && !entry.adopted;
     }
     Ok((chain, found))
+}
+
+/// Where a chain holds a receipt's entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReceiptFound {
+    /// The entry's 1-based line.
+    pub line: u64,
+    /// Its `seq`.
+    pub seq: u64,
+    /// Its `decision`.
+    pub decision: String,
+    /// Whether a checkpoint signs it and it was not adopted unsigned at a
+    /// restart.
+    pub signed: bool,
+}
+
+/// Checks the chain at `path` against `trust`, then holds it to
+/// `receipt`: the outer `Err` is the chain's own break; the inner one says
+/// why the receipt does not stand (not signed by the trusted keys, its
+/// entry missing or different).
+pub fn check_receipt(
+    path: impl AsRef<Path>,
+    trust: &Trust,
+    receipt: &Receipt,
+) -> Result<(VerifiedChain, Result<ReceiptFound, ReceiptError>), VerifyError> {
+    let (chain, found, _) = locate(path.as_ref(), trust, receipt, false)?;
+    Ok((chain, found.map(|(found, _)| found)))
+}
+
+/// The evidence for `receipt` that needs no log: its entry's line, the
+/// last checkpoint of the chain at `path` (checked against `trust`), and
+/// the entry's inclusion proof in that checkpoint's tree.
+pub fn receipt_proof(
+    path: impl AsRef<Path>,
+    trust: &Trust,
+    receipt: &Receipt,
+) -> Result<ReceiptProof, ReceiptError> {
+    let (chain, found, leaves) = locate(path.as_ref(), trust, receipt, true)
+        .map_err(|err| ReceiptError::Broken(format!("the chain does not verify: {err}")))?;
+    let (found, entry) = found?;
+    if !found.signed {
+        return Err(ReceiptError::Broken(format!(
+            "line {}: the receipt's entry is not signed by a checkpoint yet",
+            found.line
+        )));
+    }
+    let (Some(checkpoint), Some(size)) = (chain.last_checkpoint, chain.signed_through) else {
+        return Err(ReceiptError::Broken("the chain has no checkpoint".into()));
+    };
+    let size = usize::try_from(size).expect("a chain read into memory fits");
+    let proof = merkle::inclusion_proof(found.seq - 1, &leaves[..size])
+        .expect("a signed entry is in the signed tree");
+    Ok(ReceiptProof {
+        entry,
+        checkpoint,
+        proof,
+    })
+}
+
+type Located = (
+    VerifiedChain,
+    Result<(ReceiptFound, String), ReceiptError>,
+    Vec<merkle::Hash>,
+);
+
+fn locate(
+    path: &Path,
+    trust: &Trust,
+    receipt: &Receipt,
+    keep_leaves: bool,
+) -> Result<Located, VerifyError> {
+    let mut leaves = Vec::new();
+    let mut found: Option<(u64, u64, String, String)> = None;
+    let mut differs: Option<String> = None;
+    let chain = walk(path, trust, |line, text, entry| {
+        if keep_leaves {
+            leaves.push(merkle::leaf_hash(text.as_bytes()));
+        }
+        if differs.is_some() {
+            return;
+        }
+        match receipt.matches(&entry) {
+            Ok(false) => {}
+            Ok(true) if found.is_some() => {
+                differs = Some(format!(
+                    "line {line}: a second entry carries the receipt's id: an entry was duplicated"
+                ));
+            }
+            Ok(true) => {
+                let seq = entry.get("seq").and_then(Value::as_u64).unwrap_or(0);
+                let decision = entry
+                    .get("decision")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
+                found = Some((line, seq, decision, text.to_owned()));
+            }
+            Err(why) => differs = Some(format!("line {line}: {why}")),
+        }
+    })?;
+    let verdict = (|| {
+        receipt.verify(trust.keys())?;
+        if let Some(instance) = &chain.instance
+            && *instance != receipt.instance()
+        {
+            return Err(ReceiptError::Broken(format!(
+                "the receipt was issued by instance `{}`, the chain is `{instance}`'s",
+                receipt.instance()
+            )));
+        }
+        if let Some(why) = differs {
+            return Err(ReceiptError::Broken(why));
+        }
+        let Some((line, seq, decision, text)) = found else {
+            return Err(ReceiptError::Broken(format!(
+                "no entry carries receipt {}: the decision it promises is not in the chain (left out, removed, or lost before it was written)",
+                receipt.id()
+            )));
+        };
+        let adopted = chain
+            .adopted
+            .iter()
+            .any(|(first, last)| (*first..=*last).contains(&line));
+        let signed = seq <= chain.signed_through.unwrap_or(0) && !adopted;
+        Ok((
+            ReceiptFound {
+                line,
+                seq,
+                decision,
+                signed,
+            },
+            text,
+        ))
+    })();
+    Ok((chain, verdict, leaves))
 }
