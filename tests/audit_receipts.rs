@@ -255,3 +255,284 @@ fn a_receipt_that_is_not_one_is_named() {
         }
     }
 }
+
+/// The flow the README shows: the demo with receipts on, a booking, its
+/// receipt saved, and `audit_verify --receipt` after shutdown: 0 when the
+/// chain holds it, 1 for a chain without it, 3 while it is unsigned, 2 for
+/// a file that is no receipt.
+#[tokio::test]
+async fn the_demo_gives_receipts_and_audit_verify_checks_them() {
+    use http_body_util::{BodyExt as _, Full};
+    use std::io::BufRead as _;
+    let dir = scratch("demo");
+    let run_demo = |chain: &Path| {
+        let mut child = std::process::Command::new(common::example("booking_server"))
+            .arg("127.0.0.1:0")
+            .env("IDEMPOTENCY_AUDIT", chain)
+            .env("IDEMPOTENCY_AUDIT_RECEIPTS", "1")
+            .env_remove("IDEMPOTENCY_AUDIT_SIGNING_KEY")
+            .env_remove("IDEMPOTENCY_STORE")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let base = loop {
+            let mut line = String::new();
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "the demo starts");
+            if let Some(addr) = line.trim().strip_prefix("listening on ") {
+                break addr.to_owned();
+            }
+        };
+        (child, base, stdout)
+    };
+    let book = |base: &str, key: &str| {
+        Request::post(format!("{base}/appointments"))
+            .header("host", "bookings.example")
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer grace.v1")
+            .header("idempotency-key", key)
+            .body(Full::new(bytes::Bytes::from_static(
+                br#"{"caller":"grace","slot":"2026-12-02T10:00","provider":"dr-receipt"}"#,
+            )))
+            .unwrap()
+    };
+    let stop = |(mut child, _, stdout): (
+        std::process::Child,
+        String,
+        std::io::BufReader<std::process::ChildStdout>,
+    )| {
+        let pid = child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let rest: Vec<String> = stdout.lines().map(Result::unwrap).collect();
+        assert!(child.wait().unwrap().success(), "{rest:?}");
+    };
+    let client = common::fleet::client();
+
+    let chain = dir.join("audit.jsonl");
+    let demo = run_demo(&chain);
+    let response = client.request(book(&demo.1, "receipt-1")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let header = response.headers()[RECEIPT_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    response.into_body().collect().await.unwrap();
+    // Once the first entry is signed, a second booking, for a receipt
+    // whose entry follows a checkpoint.
+    for _ in 0..10_000 {
+        let text = std::fs::read_to_string(&chain).unwrap_or_default();
+        if text.lines().any(|l| l.starts_with("{\"checkpoint\"")) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let response = client.request(book(&demo.1, "receipt-1b")).await.unwrap();
+    let second = response.headers()[RECEIPT_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    response.into_body().collect().await.unwrap();
+    stop(demo);
+    let receipt_file = dir.join("receipt");
+    std::fs::write(&receipt_file, &header).unwrap();
+    let second_file = dir.join("second-receipt");
+    std::fs::write(&second_file, &second).unwrap();
+
+    let other = dir.join("other.jsonl");
+    let demo = run_demo(&other);
+    let response = client.request(book(&demo.1, "receipt-2")).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    stop(demo);
+
+    let verify = |chain: &Path, key: &Path, receipt: &Path| {
+        let out = std::process::Command::new(common::example("audit_verify"))
+            .arg(chain)
+            .arg("--public-key")
+            .arg(key)
+            .arg("--receipt")
+            .arg(receipt)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let key = dir.join("audit.jsonl.key.pub");
+    let (code, stdout) = verify(&chain, &key, &receipt_file);
+    assert_eq!(code, 0, "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "ok: 2 entries, signed through 2", "{stdout}");
+    assert_eq!(
+        lines[1],
+        "receipt: line 1 (seq 1, executed) holds it, signed through 2"
+    );
+
+    // Another chain under the same key does not hold it.
+    std::fs::copy(dir.join("audit.jsonl.key"), dir.join("forged.jsonl.key")).unwrap();
+    let forged = dir.join("forged.jsonl");
+    let demo = run_demo(&forged);
+    let response = client.request(book(&demo.1, "receipt-3")).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    stop(demo);
+    let (code, stdout) = verify(&forged, &key, &receipt_file);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.starts_with("receipt: no entry carries receipt"),
+        "{stdout}"
+    );
+    // A receipt another key signed is not this log's.
+    let (code, stdout) = verify(&other, &dir.join("other.jsonl.key.pub"), &receipt_file);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("did not issue it"), "{stdout}");
+
+    // The second entry without the checkpoint after it: intact, incomplete.
+    let text = std::fs::read_to_string(&chain).unwrap();
+    let unsigned = dir.join("unsigned.jsonl");
+    let kept: Vec<&str> = text.lines().take(3).collect();
+    assert!(!kept[2].starts_with("{\"checkpoint\""));
+    std::fs::write(&unsigned, kept.join("\n") + "\n").unwrap();
+    let (code, stdout) = verify(&unsigned, &key, &second_file);
+    assert_eq!(code, 3, "{stdout}");
+    assert!(
+        stdout.contains("receipt: line 3 (seq 2, executed) holds it, not signed"),
+        "{stdout}"
+    );
+
+    let junk = dir.join("junk");
+    std::fs::write(&junk, "not a receipt").unwrap();
+    assert_eq!(verify(&chain, &key, &junk).0, 2);
+}
+
+/// The client keeps the receipt of the answer it ends with, on both
+/// clients; a replay carries its own.
+#[tokio::test]
+async fn the_retrying_client_reports_the_receipt() {
+    use http_body_util::Full;
+    use tower::Layer as _;
+    use tower_idempotency::client::{RetryLayer, RetryMiddleware, RetryReport};
+    let dir = scratch("client");
+    let signer = AuditSigner::generate("test-audit").unwrap();
+    let audit = log(&dir.join("audit.jsonl"), &signer).await;
+    let app = common::booking_router(Counter::default())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    let key = [signer.verifier()];
+
+    // tower
+    let client = RetryLayer::new().layer(app.clone());
+    let request = || {
+        Request::post("/book")
+            .header("authorization", AUTH)
+            .header("idempotency-key", "client-1")
+            .body(Full::new(bytes::Bytes::from_static(b"x")))
+            .unwrap()
+    };
+    let first = client.clone().oneshot(request()).await.unwrap();
+    let first = first.extensions().get::<RetryReport>().unwrap().clone();
+    let receipt = first.receipt.expect("the answer's receipt is kept");
+    receipt.verify(&key).unwrap();
+    assert_eq!(receipt.status(), 201);
+    let again = client.oneshot(request()).await.unwrap();
+    let again = again.extensions().get::<RetryReport>().unwrap().clone();
+    assert!(again.replayed);
+    let replay = again.receipt.unwrap();
+    replay.verify(&key).unwrap();
+    assert_ne!(replay.id(), receipt.id());
+
+    // reqwest
+    let base = common::fleet::serve(app).await;
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(RetryMiddleware::from(RetryLayer::new()))
+        .build();
+    let response = client
+        .post(format!("{base}/book"))
+        .header("authorization", AUTH)
+        .header("idempotency-key", "client-2")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    let report = response.extensions().get::<RetryReport>().unwrap().clone();
+    report.receipt.unwrap().verify(&key).unwrap();
+    audit.close().await.unwrap();
+}
+
+/// Receipts and their proofs check in the independent implementation of
+/// the documented formats (tests/independent/audit_check.py).
+#[tokio::test]
+async fn receipts_and_their_proofs_check_in_an_independent_implementation() {
+    let dir = scratch("independent");
+    let path = dir.join("audit.jsonl");
+    let signer = AuditSigner::generate("test-audit").unwrap();
+    let audit = AuditLog::builder("api-1", signer.clone())
+        .with_receipts()
+        .with_checkpoints(3)
+        .start(JsonlSink::open(&path).unwrap())
+        .await
+        .unwrap();
+    let app = common::booking_router(Counter::default())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    let mut receipts = Vec::new();
+    for i in 0..9 {
+        let key: &'static str = format!("k{}", i / 2).leak();
+        let response = app.clone().oneshot(post_with_key(key, "x")).await.unwrap();
+        receipts.push(receipt_of(&response));
+        body_bytes(response).await;
+    }
+    audit.close().await.unwrap();
+    let key_file = dir.join("audit.key.pub");
+    std::fs::write(&key_file, signer.verifier().to_string()).unwrap();
+    let proofs: Vec<(String, serde_json::Value)> = receipts
+        .iter()
+        .map(|receipt| {
+            let proof = receipt_proof(&path, &trust(&signer), receipt).unwrap();
+            (
+                receipt.to_header_value(),
+                serde_json::from_str(&proof.to_json()).unwrap(),
+            )
+        })
+        .collect();
+    let run = |pairs: &[(String, serde_json::Value)]| {
+        let doc = serde_json::json!({
+            "receipts": pairs
+                .iter()
+                .map(|(receipt, proof)| serde_json::json!({"receipt": receipt, "proof": proof}))
+                .collect::<Vec<_>>(),
+        });
+        let file = dir.join("receipts.json");
+        std::fs::write(&file, doc.to_string()).unwrap();
+        std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/independent/audit_check.py"
+            ))
+            .arg(&path)
+            .arg(&key_file)
+            .arg(&file)
+            .output()
+            .expect("python3 runs (with the `cryptography` package)")
+    };
+    let out = run(&proofs);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.ends_with(", 9 proofs\n"), "{stdout}");
+    // One receipt with another's proof.
+    let swapped = vec![(proofs[0].0.clone(), proofs[1].1.clone())];
+    let out = run(&swapped);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "the entry is not the receipt's\n"
+    );
+}

@@ -173,6 +173,7 @@ async fn judge(
         .headers()
         .get(crate::IDEMPOTENT_REPLAYED)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    let receipt = super::retry::receipt_in(response.headers());
     if !policy::reads_body(
         judge_by,
         status,
@@ -191,6 +192,7 @@ async fn judge(
         return Ok(Judged {
             status,
             replayed,
+            receipt,
             verdict,
             reach,
             answer: response,
@@ -227,6 +229,7 @@ async fn judge(
     Ok(Judged {
         status,
         replayed,
+        receipt,
         verdict,
         reach,
         answer: rebuild(parts, url, body),

@@ -114,6 +114,13 @@ pub struct RetryReport {
     pub exhausted: bool,
     /// What is known of the request's outcome.
     pub ending: Ending,
+    /// The receipt the final answer carried (`Idempotency-Receipt`, from a
+    /// server whose audit log gives them), if it reads as one: keep it, and
+    /// check it with [`Receipt::verify`](crate::audit::Receipt::verify)
+    /// against the server's audit key. A replay carries a receipt of its
+    /// own, for the replay's entry.
+    #[cfg(feature = "audit")]
+    pub receipt: Option<crate::audit::Receipt>,
 }
 
 /// Why a request got no answer.
@@ -515,6 +522,8 @@ where
                 key: None,
                 exhausted: false,
                 ending: Ending::NothingRan,
+                #[cfg(feature = "audit")]
+                receipt: None,
             },
             source: Some(err.into()),
         })
@@ -595,6 +604,7 @@ where
             };
             let response = service.call(request).await.map_err(Into::into)?;
             let replayed = is_replay(&response);
+            let receipt = receipt_in(response.headers());
             let (response, body) = read_body(response, &*judge).await?;
             let (verdict, reach) = judge
                 .judge(&Answer::new(
@@ -608,6 +618,7 @@ where
             Ok(Judged {
                 status: response.status(),
                 replayed,
+                receipt,
                 verdict,
                 reach,
                 answer: response,
@@ -638,10 +649,27 @@ pub(crate) fn key_of(headers: &http::HeaderMap, header: &HeaderName) -> Option<S
 pub(crate) struct Judged<R> {
     pub(crate) status: StatusCode,
     pub(crate) replayed: bool,
+    /// The receipt the answer carried.
+    pub(crate) receipt: HeldReceipt,
     pub(crate) verdict: Verdict,
     /// Whether the attempt may have reached the handler.
     pub(crate) reach: Reach,
     pub(crate) answer: R,
+}
+
+/// A receipt an answer carried: kept with the feature `audit`.
+#[cfg(feature = "audit")]
+pub(crate) type HeldReceipt = Option<crate::audit::Receipt>;
+/// A receipt an answer carried: kept with the feature `audit`.
+#[cfg(not(feature = "audit"))]
+pub(crate) type HeldReceipt = ();
+
+/// The receipt in `headers`, if one reads.
+pub(crate) fn receipt_in(headers: &http::HeaderMap) -> HeldReceipt {
+    #[cfg(feature = "audit")]
+    return crate::audit::Receipt::from_headers(headers).and_then(Result::ok);
+    #[cfg(not(feature = "audit"))]
+    let _ = headers;
 }
 
 /// Whether a failed attempt may have reached the handler: not when the
@@ -744,7 +772,7 @@ where
                 },
                 judged.verdict,
                 judged.reach,
-                Ok((judged.answer, judged.replayed)),
+                Ok((judged.answer, judged.replayed, judged.receipt)),
             ),
         };
         // An answer to retry that the handler gave (a custom policy's
@@ -805,7 +833,7 @@ where
             (false, _) => Ending::NothingRan,
         };
         return match answer {
-            Ok((answer, replayed)) => {
+            Ok((answer, replayed, receipt)) => {
                 tracing::info!(
                     attempts = attempt,
                     replayed,
@@ -819,6 +847,8 @@ where
                     key,
                     exhausted,
                     ending,
+                    #[cfg(feature = "audit")]
+                    receipt,
                 };
                 Ok((answer, report))
             }
@@ -837,6 +867,8 @@ where
                         key,
                         exhausted,
                         ending,
+                        #[cfg(feature = "audit")]
+                        receipt: None,
                     },
                     source,
                 })

@@ -7,7 +7,8 @@ usage: audit_check.py CHAIN PUBLIC_KEY_FILE [PROOFS_JSON]
 
 Checks every checkpoint line of CHAIN against the tree of the entries before
 it and its signature by the key; with PROOFS_JSON, checks each inclusion
-and consistency proof in it. Prints "ok: N entries, C checkpoints, P proofs"
+and consistency proof in it, and each receipt with the proof drawn for it
+(signed by the key, its entry in the signed tree). Prints "ok: N entries, C checkpoints, P proofs"
 and exits 0, or prints what failed and exits 1.
 """
 
@@ -108,9 +109,29 @@ def read_key(text):
     return name, expected, Ed25519PublicKey.from_public_bytes(raw[1:])
 
 
-def check_note(note, key, size, root, last):
+def signed_by(note, key):
+    """The note's body and None if the key signed it, else why not."""
     body, _, signatures = note.partition("\n\n")
     body += "\n"
+    name, key_id, public = key
+    signed = False
+    for line in signatures.rstrip("\n").split("\n"):
+        if not line.startswith("\u2014 "):
+            return body, "a signature line without its em dash"
+        who, sig = line[2:].split(" ", 1)
+        raw = base64.b64decode(sig)
+        if who != name or raw[:4] != key_id:
+            continue
+        try:
+            public.verify(raw[4:], body.encode())
+        except InvalidSignature:
+            return body, "a signature by the key that does not verify"
+        signed = True
+    return body, None if signed else "not signed by the key"
+
+
+def check_note(note, key, size, root, last):
+    body, why = signed_by(note, key)
     lines = body.split("\n")[:-1]
     if len(lines) != 5 or not lines[0].startswith("tower-idempotency/audit/"):
         return "not a five-line checkpoint body"
@@ -122,21 +143,33 @@ def check_note(note, key, size, root, last):
         return f"tree size {lines[1]}, but {size} entries precede it"
     if base64.b64decode(lines[2]) != root:
         return "the root is not the tree's"
-    name, key_id, public = key
-    signed = False
-    for line in signatures.rstrip("\n").split("\n"):
-        if not line.startswith("\u2014 "):
-            return "a signature line without its em dash"
-        who, sig = line[2:].split(" ", 1)
-        raw = base64.b64decode(sig)
-        if who != name or raw[:4] != key_id:
-            continue
-        try:
-            public.verify(raw[4:], body.encode())
-        except InvalidSignature:
-            return "a signature by the key that does not verify"
-        signed = True
-    return None if signed else "not signed by the key"
+    return why
+
+
+def check_receipt(header, proof, key):
+    """A receipt (its header value) and the proof drawn for it: the receipt
+    and the checkpoint signed by the key, the entry carrying the receipt's
+    id and status, and the entry's inclusion in the checkpoint's tree."""
+    body, why = signed_by(base64.b64decode(header).decode(), key)
+    if why:
+        return "receipt: " + why
+    origin, receipt_id, status, key_line, time = body.split("\n")[:-1]
+    if not origin.startswith("tower-idempotency/receipt/") or not time.startswith("time "):
+        return "receipt: not a five-line receipt body"
+    checkpoint, why = signed_by(proof["checkpoint"], key)
+    if why:
+        return "proof's checkpoint: " + why
+    _, size, root, _, _ = checkpoint.split("\n")[:-1]
+    entry = json.loads(proof["entry"])
+    if entry.get("receipt") != receipt_id or "status " + str(entry.get("status")) != status:
+        return "the entry is not the receipt's"
+    if key_line != "key " + entry.get("key", "-"):
+        return "the entry's key is not the receipt's"
+    if origin.split("/", 2)[2] != entry["instance"]:
+        return "the entry is another instance's"
+    ok = verify_inclusion(entry["seq"] - 1, int(size), leaf(proof["entry"].encode()),
+                          [base64.b64decode(p) for p in proof["proof"]], base64.b64decode(root))
+    return None if ok else "the inclusion proof does not reach the checkpoint's root"
 
 
 def main(argv):
@@ -175,6 +208,12 @@ def main(argv):
             if not verify_consistency(first, second, mth(leaves[:first]), mth(leaves[:second]),
                                       b(p["proof"])):
                 print(f"consistency proof from {first} to {second} does not check")
+                return 1
+            proofs += 1
+        for r in doc.get("receipts", []):
+            why = check_receipt(r["receipt"], r["proof"], key)
+            if why is not None:
+                print(why)
                 return 1
             proofs += 1
     print(f"ok: {len(leaves)} entries, {len(checkpoints)} checkpoints, {proofs} proofs")
