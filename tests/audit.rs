@@ -1766,3 +1766,139 @@ async fn a_restart_refuses_an_end_that_is_not_its_writers() {
         .unwrap();
     audit.close().await.unwrap();
 }
+
+/// A key rotation is a signed entry naming the next key, and the checkpoint
+/// after it carries both signatures: a verifier given the first key learns
+/// the next from the chain; checkpoints the old key signs after the
+/// rotation, a rotation nobody signed, and a restart with the old key are
+/// refused.
+#[tokio::test]
+async fn a_key_rotation_hands_signing_to_the_next_key() {
+    use tower_idempotency::audit::{Trust, verify_lines_with};
+    let dir = scratch("rotation");
+    let path = dir.join("audit.jsonl");
+    let old = signer();
+    let next = AuditSigner::generate("test-audit-2").unwrap();
+    let audit = AuditLog::builder("api-1", old.clone())
+        .start(JsonlSink::open(&path).unwrap())
+        .await
+        .unwrap();
+    let app = common::booking_router(Counter::default())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    for key in ["r1", "r2"] {
+        body_bytes(app.clone().oneshot(post_with_key(key, "x")).await.unwrap()).await;
+    }
+    until(|| {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .matches("\"decision\":\"executed\"")
+            .count()
+            == 2
+    })
+    .await;
+    let seq = audit.rotate_key(next.clone()).await.unwrap();
+    assert_eq!(seq, 3);
+    for key in ["r3", "r4"] {
+        body_bytes(app.clone().oneshot(post_with_key(key, "x")).await.unwrap()).await;
+    }
+    audit.close().await.unwrap();
+
+    let lines = read_lines(&path);
+    let rotation = lines
+        .iter()
+        .position(|l| l.contains("\"decision\":\"key_rotated\""))
+        .unwrap();
+    assert!(
+        lines[rotation].contains(&format!("\"next_key\":\"{}\"", next.verifier())),
+        "{}",
+        lines[rotation]
+    );
+    assert!(lines[rotation].contains(&format!("\"seq\":{seq},")));
+    let cosigned: Value = serde_json::from_str(&lines[rotation + 1]).unwrap();
+    let note = cosigned["checkpoint"].as_str().unwrap();
+    assert_eq!(note.matches('\u{2014}').count(), 2, "{note}");
+
+    let with_old = Trust::new().with_key(old.verifier());
+    let chain = verify_lines_with(&lines, &with_old).unwrap();
+    assert!(chain.is_complete());
+    assert_eq!(chain.entries, 5);
+    assert_eq!(
+        chain.rotations,
+        vec![(rotation as u64 + 1, next.verifier())]
+    );
+    // Only the next key: what came before is not its to vouch for.
+    let with_next = Trust::new().with_key(next.verifier());
+    assert!(verify_lines_with(&lines, &with_next).is_err());
+
+    // The old key keeps signing after the rotation: refused.
+    let mut stale = lines.clone();
+    let last = stale.len() - 1;
+    let tail_value: Value = serde_json::from_str(&stale[last]).unwrap();
+    let body = tail_value["checkpoint"]
+        .as_str()
+        .unwrap()
+        .split_once("\n\n")
+        .unwrap()
+        .0
+        .to_owned()
+        + "\n";
+    stale[last] = serde_json::to_string(&serde_json::json!({
+        "checkpoint": key_sign(&old, &body),
+        "peaks": tail_value["peaks"],
+    }))
+    .unwrap();
+    let broken = verify_lines_with(&stale, &with_old).unwrap_err();
+    assert_eq!(broken.line, last as u64 + 1, "{broken}");
+
+    // A rotation to a forger's key, with a checkpoint only the forger
+    // signs: refused at that checkpoint.
+    let forger = AuditSigner::generate("forger").unwrap();
+    let mut forged: Vec<String> = lines[..rotation].to_vec();
+    let mut entry: serde_json::Map<String, Value> =
+        serde_json::from_str(&forge_next(&forged, "key_rotated")).unwrap();
+    entry.insert(
+        "next_key".into(),
+        Value::from(forger.verifier().to_string()),
+    );
+    entry.remove("hash");
+    let hash = sha256_hex(
+        serde_json_canonicalizer::to_string(&entry)
+            .unwrap()
+            .as_bytes(),
+    );
+    entry.insert("hash".into(), Value::from(hash));
+    forged.push(serde_json_canonicalizer::to_string(&entry).unwrap());
+    let mut tree = merkle::Tree::new();
+    let mut last_leaf = [0; 32];
+    for line in forged.iter().filter(|l| !is_checkpoint(l)) {
+        last_leaf = merkle::leaf_hash(line.as_bytes());
+        tree.push(last_leaf);
+    }
+    forged.push(forge_checkpoint(&forger, &tree, &last_leaf));
+    let broken = verify_lines_with(&forged, &with_old).unwrap_err();
+    assert_eq!(broken.line, forged.len() as u64, "{broken}");
+
+    // A restart with the old key does not continue a chain it handed on.
+    let mut cut: Vec<String> = lines[..=rotation + 1].to_vec();
+    cut.push(String::new());
+    std::fs::write(&path, cut.join("\n")).unwrap();
+    let err = AuditLog::builder("api-1", old.clone())
+        .start(JsonlSink::open(&path).unwrap())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("handed signing"), "{err}");
+    // The next key continues it.
+    let again = AuditLog::builder("api-1", next.clone())
+        .start(JsonlSink::open(&path).unwrap())
+        .await
+        .unwrap();
+    again.close().await.unwrap();
+    assert!(
+        verify_file_with_key(&path, &with_old),
+        "the continued chain verifies"
+    );
+}
+
+fn verify_file_with_key(path: &Path, trust: &tower_idempotency::audit::Trust) -> bool {
+    tower_idempotency::audit::verify_file_with(path, trust).is_ok_and(|c| c.is_complete())
+}

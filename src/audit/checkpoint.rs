@@ -286,14 +286,28 @@ impl AuditSigner {
         self.sign_note(&body)
     }
 
+    /// `note` (a signed note) with this key's signature added.
+    pub(crate) fn cosign(&self, note: &str) -> String {
+        let body = match note.split_once("\n\n") {
+            Some((body, _)) => format!("{body}\n"),
+            None => note.to_owned(),
+        };
+        format!("{note}{}", self.signature_line(&body))
+    }
+
     /// `body` (each line ending in a newline) as a signed note with this
     /// key's signature.
     pub(crate) fn sign_note(&self, body: &str) -> String {
+        format!("{body}\n{}", self.signature_line(body))
+    }
+
+    /// This key's signature line over `body`.
+    fn signature_line(&self, body: &str) -> String {
         let signature = self.key.sign(body.as_bytes());
         let mut signed = Vec::with_capacity(68);
         signed.extend_from_slice(&self.id);
         signed.extend_from_slice(&signature.to_bytes());
-        format!("{body}\n{DASH}{} {}\n", self.name, BASE64.encode(signed))
+        format!("{DASH}{} {}\n", self.name, BASE64.encode(signed))
     }
 }
 

@@ -28,6 +28,9 @@ pub(crate) struct Pending {
     pub(crate) cut_bytes: Option<u64>,
     /// The id of the receipt its response carried.
     pub(crate) receipt: Option<[u8; 16]>,
+    /// The key that signs from the next checkpoint on (a `key_rotated`
+    /// entry only), in its text form.
+    pub(crate) next_key: Option<String>,
 }
 
 impl Pending {
@@ -39,6 +42,17 @@ impl Pending {
             decision: "resumed",
             cut_bytes: (cut > 0).then_some(cut),
             ..Pending::lost(count)
+        }
+    }
+
+    /// A `key_rotated` entry: checkpoints from the next on are signed by
+    /// `next` (the next one by both keys).
+    pub(crate) fn rotated(next: String) -> Self {
+        Pending {
+            decision: "key_rotated",
+            count: None,
+            next_key: Some(next),
+            ..Pending::lost(0)
         }
     }
 
@@ -56,6 +70,7 @@ impl Pending {
             count: Some(count),
             cut_bytes: None,
             receipt: None,
+            next_key: None,
         }
     }
 }
@@ -64,9 +79,10 @@ impl Pending {
 /// canonical JSON, members in code-point order, `hash` included) and its
 /// hash, the SHA-256 of the same canonical JSON without the `hash` member.
 ///
-/// Every value is an integer or a string of characters JSON never escapes
-/// (hex, decimal, an RFC 3339 time, a checked instance name, a decision
-/// label), so writing the members in order is the canonical form.
+/// Every value but `next_key` is an integer or a string of characters JSON
+/// never escapes (hex, decimal, an RFC 3339 time, a checked instance name,
+/// a decision label), so writing the members in order is the canonical
+/// form.
 pub(crate) fn render(
     pending: &Pending,
     seq: u64,
@@ -93,6 +109,15 @@ pub(crate) fn render(
     let _ = write!(head, "\"instance\":\"{instance}\",");
     if let Some(key) = &pending.key {
         hex_member(&mut head, "key", key);
+    }
+    if let Some(next) = &pending.next_key {
+        // A key's name may hold characters JSON escapes: serde_json's
+        // escaping of ASCII is the canonical one.
+        let _ = write!(
+            head,
+            "\"next_key\":{},",
+            serde_json::to_string(next).expect("a string serialises")
+        );
     }
     hex_member(&mut head, "prev", prev);
     if let Some(receipt) = &pending.receipt {
@@ -189,12 +214,18 @@ mod tests {
             count: None,
             cut_bytes: None,
             receipt: Some([5; 16]),
+            next_key: None,
         }
     }
 
     #[test]
     fn a_line_is_its_own_canonical_form_and_hashes_without_its_hash() {
-        for entry in [pending(), Pending::lost(3), Pending::resumed(2, 70)] {
+        for entry in [
+            pending(),
+            Pending::lost(3),
+            Pending::resumed(2, 70),
+            Pending::rotated("a\"b\\c+0badc0de+AQ/=".into()),
+        ] {
             let (line, hash) = render(&entry, 7, "api-1", &[9; 32]);
             let value: serde_json::Value = serde_json::from_str(&line).unwrap();
             assert_eq!(serde_json_canonicalizer::to_string(&value).unwrap(), line);

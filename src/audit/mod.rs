@@ -341,6 +341,9 @@ impl AuditBuilder {
             closing: AtomicBool::new(false),
             lost: AtomicU64::new(0),
             close: Notify::new(),
+            rotation: Mutex::new(Ok(None)),
+            rotate: Notify::new(),
+            receipts: std::sync::RwLock::new(self.receipts.then(|| Arc::new(self.signer.clone()))),
         });
         let instance: Arc<str> = self.instance.into();
         let writer = Writer {
@@ -362,16 +365,24 @@ impl AuditBuilder {
             linger: self.linger,
             state: state.clone(),
         };
-        let receipts = self.receipts.then(|| writer.signer.clone());
         let mut receipt_prefix = [0u8; 8];
-        if receipts.is_some() {
+        if self.receipts {
             getrandom::fill(&mut receipt_prefix).map_err(|err| {
                 AuditError::Sink(io::Error::other(format!(
                     "no random bytes for receipt ids: {err}"
                 )))
             })?;
         }
-        let task = tokio::spawn(writer.run(rx));
+        let ended = state.clone();
+        let task = tokio::spawn(async move {
+            let result = writer.run(rx).await;
+            // A rotation asked for now is answered `Closed`.
+            *ended
+                .rotation
+                .lock()
+                .expect("the rotation slot is never poisoned") = Err(());
+            result
+        });
         Ok(AuditLog {
             shared: Arc::new(Shared {
                 tx,
@@ -382,7 +393,7 @@ impl AuditBuilder {
                     None => Hasher::Plain,
                 },
                 instance,
-                receipts,
+                receipts: self.receipts,
                 receipt_prefix,
                 receipt_count: AtomicU64::new(0),
                 task: Mutex::new(Some(task)),
@@ -433,8 +444,8 @@ struct Shared {
     failure: AuditFailure,
     hasher: Hasher,
     instance: Arc<str>,
-    /// The key that signs receipts, when they are given.
-    receipts: Option<AuditSigner>,
+    /// Whether responses get receipts.
+    receipts: bool,
     /// Receipt ids: these random bytes, then a count.
     receipt_prefix: [u8; 8],
     receipt_count: AtomicU64,
@@ -449,6 +460,19 @@ struct State {
     /// Decisions that found no room, not yet written as a `lost` entry.
     lost: AtomicU64,
     close: Notify,
+    /// A key rotation asked for, and who waits for it; `Err` once the
+    /// writer has stopped.
+    rotation: Mutex<Result<Option<Rotation>, ()>>,
+    rotate: Notify,
+    /// The key that signs receipts, when they are given: the writer's
+    /// current key.
+    receipts: std::sync::RwLock<Option<Arc<AuditSigner>>>,
+}
+
+/// A key rotation on its way to the writer.
+struct Rotation {
+    next: AuditSigner,
+    done: tokio::sync::oneshot::Sender<Result<u64, AuditError>>,
 }
 
 impl AuditLog {
@@ -488,6 +512,40 @@ impl AuditLog {
         self.shared.state.healthy.load(Ordering::Relaxed)
     }
 
+    /// Hands signing over to `next`: the writer appends a `key_rotated`
+    /// entry naming `next`'s public key, then a checkpoint signed by both
+    /// keys, and signs every later checkpoint (and receipt) with `next`
+    /// alone. A verifier given the current key learns `next` from the
+    /// chain; one that trusts only `next` cannot check what came before.
+    /// Save `next` where the writer's key is loaded from before the next
+    /// start: a restart continues the chain only with it. Returns the
+    /// rotation entry's `seq` once it is durable.
+    pub async fn rotate_key(&self, next: AuditSigner) -> Result<u64, AuditError> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        {
+            let mut slot = self
+                .shared
+                .state
+                .rotation
+                .lock()
+                .expect("the rotation slot is never poisoned");
+            match &*slot {
+                Err(()) => return Err(AuditError::Closed),
+                Ok(Some(_)) => {
+                    return Err(AuditError::Chain(
+                        "a key rotation is already under way".into(),
+                    ));
+                }
+                Ok(None) if self.shared.state.closing.load(Ordering::SeqCst) => {
+                    return Err(AuditError::Closed);
+                }
+                Ok(None) => *slot = Ok(Some(Rotation { next, done })),
+            }
+        }
+        self.shared.state.rotate.notify_one();
+        answer.await.unwrap_or(Err(AuditError::Closed))
+    }
+
     /// Stops taking entries, writes those queued (waiting, up to the close
     /// timeout, for requests that reserved a place), appends a final
     /// checkpoint and stops the writer. Close after the server has drained.
@@ -525,9 +583,21 @@ impl AuditLog {
         Trail::new(self.clone(), None, scope, key)
     }
 
+    /// The key receipts are signed with now, with receipts on.
+    pub(crate) fn receipt_signer(&self) -> Option<Arc<AuditSigner>> {
+        self.shared
+            .state
+            .receipts
+            .read()
+            .expect("the receipt key is never poisoned")
+            .clone()
+    }
+
     /// A new receipt for a request about `key`, with receipts on.
     pub(crate) fn receipt_slot(&self, key: Option<[u8; 32]>) -> Option<Arc<ReceiptSlot>> {
-        self.shared.receipts.as_ref()?;
+        if !self.shared.receipts {
+            return None;
+        }
         let count = self.shared.receipt_count.fetch_add(1, Ordering::Relaxed);
         let mut id = [0u8; 16];
         id[..8].copy_from_slice(&self.shared.receipt_prefix);
@@ -612,6 +682,10 @@ impl<S: AuditSink> Writer<S> {
                             rx.close();
                             continue;
                         }
+                        // A rotation waits for the entries queued before
+                        // it (see the end of the loop); this only wakes an
+                        // idle writer for it.
+                        () = self.state.rotate.notified() => 0,
                         received = rx.recv_many(&mut pending, self.batch) => {
                             if received == 0 {
                                 // Every handle is gone: close.
@@ -669,6 +743,9 @@ impl<S: AuditSink> Writer<S> {
             if !lines.is_empty() {
                 self.write(&mut lines, closing).await?;
             }
+            if closing.is_none() {
+                self.rotate(&mut lines).await?;
+            }
             if finishing {
                 if let Err(err) = self.sink.close().await {
                     tracing::warn!(error = %err, "audit sink did not close cleanly");
@@ -694,6 +771,64 @@ impl<S: AuditSink> Writer<S> {
             checkpoint: false,
             text,
         });
+    }
+
+    /// Writes a rotation asked for: its entry, a checkpoint both keys
+    /// sign, then signs with the next key.
+    async fn rotate(&mut self, lines: &mut Vec<AuditLine>) -> Result<(), AuditError> {
+        let Ok(Some(Rotation { next, done })) = self
+            .state
+            .rotation
+            .lock()
+            .expect("the rotation slot is never poisoned")
+            .as_mut()
+            .map(Option::take)
+        else {
+            return Ok(());
+        };
+        let (current, upcoming) = (self.signer.verifier(), next.verifier());
+        if current == upcoming {
+            let _ = done.send(Err(AuditError::Chain(
+                "the next key is the current one".into(),
+            )));
+            return Ok(());
+        }
+        self.entry(&Pending::rotated(upcoming.to_string()), lines);
+        let seq = self.seq;
+        self.checkpoint(lines);
+        if let Some(line) = lines.last_mut() {
+            line.text = self.cosigned(&line.text, &next);
+        }
+        let written = self.write(lines, None).await;
+        if written.is_ok() {
+            self.signer = next;
+            let mut receipts = self
+                .state
+                .receipts
+                .write()
+                .expect("the receipt key is never poisoned");
+            if receipts.is_some() {
+                *receipts = Some(Arc::new(self.signer.clone()));
+            }
+            tracing::info!(seq, key = %upcoming, "audit signing key rotated");
+        }
+        let _ = done.send(
+            written
+                .as_ref()
+                .map(|()| seq)
+                .map_err(|err| AuditError::Sink(io::Error::other(err.to_string()))),
+        );
+        written
+    }
+
+    /// A checkpoint line with `next`'s signature added to its note.
+    fn cosigned(&self, line: &str, next: &AuditSigner) -> String {
+        let object: serde_json::Value =
+            serde_json::from_str(line).expect("the writer's checkpoint line is JSON");
+        let note = object["checkpoint"]
+            .as_str()
+            .expect("a checkpoint line holds its note");
+        checkpoint::line(&next.cosign(note), &self.tree)
     }
 
     fn checkpoint(&mut self, lines: &mut Vec<AuditLine>) {

@@ -354,7 +354,7 @@ impl ReceiptSlot {
         let Some(id) = self.promised_id() else {
             return;
         };
-        let Some(signer) = &self.log.shared.receipts else {
+        let Some(signer) = self.log.receipt_signer() else {
             return;
         };
         let time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();

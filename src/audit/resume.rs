@@ -29,6 +29,13 @@ fn object(text: &str) -> Result<Map<String, Value>, String> {
     }
 }
 
+/// The key a `key_rotated` entry hands signing to.
+fn rotated_to(entry: &Parsed) -> Option<&str> {
+    let object = entry.object();
+    (object.get("decision").and_then(Value::as_str) == Some("key_rotated"))
+        .then(|| object.get("next_key").and_then(Value::as_str).unwrap_or(""))
+}
+
 fn is_checkpoint(text: &str) -> bool {
     text.starts_with("{\"checkpoint\"")
 }
@@ -118,6 +125,14 @@ pub(crate) fn check(
                     note.size
                 )
             })?;
+            if let Some(next) = rotated_to(&signed_entry)
+                && next != key.to_string()
+            {
+                return Err(format!(
+                    "its entry {} handed signing to the key `{next}`: a chain is only continued by the key that signs it; start with that key",
+                    signed_entry.seq
+                ));
+            }
             let leaf = merkle::leaf_hash(signed_text.as_bytes());
             if note.size != signed_entry.seq || note.last != leaf {
                 return Err(format!(
@@ -149,6 +164,11 @@ pub(crate) fn check(
             return Err(broken("a checkpoint that signs no entry".into()));
         }
         let entry = entry(text).map_err(broken)?;
+        if rotated_to(&entry).is_some() {
+            return Err(broken(
+                "a key rotation no checkpoint signs: this writer did not write it".into(),
+            ));
+        }
         if entry.seq != seq + 1 || entry.prev != head {
             return Err(broken(format!(
                 "entry {} does not follow it: an entry is missing, moved or inserted",

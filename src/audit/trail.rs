@@ -129,6 +129,7 @@ impl Trail {
             count: None,
             cut_bytes: None,
             receipt: self.receipt.as_ref().and_then(|slot| slot.promised_id()),
+            next_key: None,
         };
         self.log.send(self.permit.take(), pending);
     }

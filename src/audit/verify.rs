@@ -52,6 +52,10 @@ pub struct VerifiedChain {
     /// a crash (the writer cuts it off when it starts again). Not read as
     /// an entry.
     pub torn_line: Option<u64>,
+    /// The key rotations (the `key_rotated` entry's line, and the key it
+    /// handed signing to), in order; with keys given, each was signed by
+    /// the key before it, and the checkpoint after it by both.
+    pub rotations: Vec<(u64, AuditVerifier)>,
 }
 
 impl VerifiedChain {
@@ -146,19 +150,25 @@ impl Trust {
     /// Checks `note` against every key: a valid signature by one, and no
     /// bad line by any.
     fn signed(&self, note: &checkpoint::Note) -> Result<(), &'static str> {
-        let mut valid = false;
-        for key in &self.keys {
-            match key.signs(note) {
-                checkpoint::Signed::Valid => valid = true,
-                checkpoint::Signed::Bad => return Err(checkpoint::BAD_SIGNATURE),
-                checkpoint::Signed::Absent => {}
-            }
+        signed_by_any(&self.keys, note)
+    }
+}
+
+/// Checks `note` against `keys`: a valid signature by one, and no bad line
+/// by any.
+fn signed_by_any(keys: &[AuditVerifier], note: &checkpoint::Note) -> Result<(), &'static str> {
+    let mut valid = false;
+    for key in keys {
+        match key.signs(note) {
+            checkpoint::Signed::Valid => valid = true,
+            checkpoint::Signed::Bad => return Err(checkpoint::BAD_SIGNATURE),
+            checkpoint::Signed::Absent => {}
         }
-        if valid {
-            Ok(())
-        } else {
-            Err(checkpoint::NOT_SIGNED)
-        }
+    }
+    if valid {
+        Ok(())
+    } else {
+        Err(checkpoint::NOT_SIGNED)
     }
 }
 
@@ -277,6 +287,12 @@ struct Checker<'k> {
     adopted: Vec<(u64, u64)>,
     cut: Vec<(u64, u64)>,
     last_checkpoint: Option<String>,
+    /// The keys whose signature makes the next checkpoint count: those
+    /// trusted, until a rotation hands signing to the key it names.
+    signers: Vec<AuditVerifier>,
+    /// A rotation's line and next key, until the checkpoint after it.
+    next_key: Option<(u64, AuditVerifier)>,
+    rotations: Vec<(u64, AuditVerifier)>,
 }
 
 impl<'k> Checker<'k> {
@@ -295,6 +311,9 @@ impl<'k> Checker<'k> {
             adopted: Vec::new(),
             cut: Vec::new(),
             last_checkpoint: None,
+            signers: trust.keys.clone(),
+            next_key: None,
+            rotations: Vec::new(),
         }
     }
 
@@ -374,6 +393,20 @@ impl<'k> Checker<'k> {
                 self.cut.push((at, cut));
             }
         }
+        if entry.object.get("decision").and_then(Value::as_str) == Some("key_rotated") {
+            let next: AuditVerifier = entry
+                .object
+                .get("next_key")
+                .and_then(Value::as_str)
+                .and_then(|k| k.parse().ok())
+                .ok_or_else(|| broken("a `key_rotated` entry without a valid `next_key`".into()))?;
+            if self.next_key.is_some() {
+                return Err(broken(
+                    "a second key rotation before the first was signed".into(),
+                ));
+            }
+            self.next_key = Some((at, next));
+        }
         self.seq = entry.seq;
         self.head = entry.hash;
         self.last = merkle::leaf_hash(text.as_bytes());
@@ -433,8 +466,21 @@ impl<'k> Checker<'k> {
         if !peaks.iter().eq(self.tree.peaks()) {
             return Err("checkpoint's peaks are not those of the tree it signs");
         }
-        if !self.trust.keys.is_empty() {
-            self.trust.signed(&parsed)?;
+        if let Some((rotation, next)) = self.next_key.take() {
+            if !self.trust.keys.is_empty() {
+                // The rotation is the old key's word, and the new key's
+                // signature shows the new key accepted it.
+                signed_by_any(&self.signers, &parsed)?;
+                if next.signs(&parsed) != checkpoint::Signed::Valid {
+                    return Err(
+                        "the checkpoint after a key rotation is not signed by the key it names",
+                    );
+                }
+                self.signers = vec![next.clone()];
+            }
+            self.rotations.push((rotation, next));
+        } else if !self.trust.keys.is_empty() {
+            signed_by_any(&self.signers, &parsed)?;
         }
         self.checkpoints += 1;
         self.signed_through = Some(self.seq);
@@ -483,6 +529,7 @@ impl<'k> Checker<'k> {
             root: self.tree.root(),
             last_checkpoint: self.last_checkpoint,
             torn_line: None,
+            rotations: self.rotations,
         })
     }
 }
@@ -812,7 +859,9 @@ fn locate(
         }
     })?;
     let verdict = (|| {
-        receipt.verify(trust.keys())?;
+        let mut keys = trust.keys().to_vec();
+        keys.extend(chain.rotations.iter().map(|(_, key)| key.clone()));
+        receipt.verify(&keys)?;
         if let Some(instance) = &chain.instance
             && *instance != receipt.instance()
         {
