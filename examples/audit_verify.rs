@@ -1,7 +1,7 @@
 //! Checks an audit chain written by the layer.
 //!
 //! ```text
-//! cargo run --example audit_verify -- PATH --public-key FILE [--public-key FILE...]
+//! cargo run --example audit_verify -- PATH [PATH...] --public-key FILE [--public-key FILE...]
 //!   [--checkpoint FILE...] [--latest-checkpoint OUT] [--instance NAME]
 //!   [--history KEY_HASH] [--receipt FILE]
 //! ```
@@ -20,6 +20,10 @@
 //!   entries, `lines A-B: REASON`;
 //! - exit 2: bad arguments or an unreadable file.
 //!
+//! Several PATHs are the files of one rotated chain, oldest first
+//! (`PATH.<seq>` files, then `PATH`): each after the first must begin with a
+//! `continued` entry naming the final checkpoint of the one before.
+//!
 //! `--latest-checkpoint OUT` writes the last verified checkpoint note to
 //! OUT (what an operator hands to a witness or keeps elsewhere, for a later
 //! `--checkpoint`). `--instance` refuses entries of another instance.
@@ -35,16 +39,16 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use tower_idempotency::audit::{
-    AuditVerifier, Receipt, Trust, VerifiedChain, VerifyError, check_receipt, history_with,
-    verify_file_with,
+    AuditVerifier, Receipt, Trust, VerifiedChain, VerifyError, check_receipt_files,
+    history_files_with, verify_files_with,
 };
 
-const USAGE: &str = "usage: audit_verify PATH --public-key FILE [--public-key FILE...] \
+const USAGE: &str = "usage: audit_verify PATH [PATH...] --public-key FILE [--public-key FILE...] \
 [--checkpoint FILE...] [--latest-checkpoint OUT] [--instance NAME] [--history KEY_HASH] [--receipt FILE]";
 
 #[derive(Default)]
 struct Args {
-    path: Option<PathBuf>,
+    paths: Vec<PathBuf>,
     keys: Vec<PathBuf>,
     checkpoints: Vec<PathBuf>,
     latest: Option<PathBuf>,
@@ -102,11 +106,10 @@ fn parse(mut args: impl Iterator<Item = std::ffi::OsString>) -> Result<Args, Str
             flag if flag.starts_with('-') && flag.len() > 1 => {
                 return Err(format!("unknown option {flag}"));
             }
-            _ if parsed.path.is_some() => return Err(format!("unexpected argument {arg:?}")),
-            _ => parsed.path = Some(PathBuf::from(arg)),
+            _ => parsed.paths.push(PathBuf::from(arg)),
         }
     }
-    if parsed.path.is_none() {
+    if parsed.paths.is_empty() {
         return Err("no PATH given".into());
     }
     if parsed.keys.is_empty() {
@@ -171,18 +174,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let path = args.path.as_ref().expect("checked in parse");
+    let paths = &args.paths;
+    let path = paths.last().expect("checked in parse");
     let mut held = None;
     let result = match (&args.history, &receipt) {
-        (None, None) => verify_file_with(path, &trust).map(|chain| (chain, None)),
-        (Some(hash), _) => history_with(path, hash, &trust).map(|(c, h)| (c, Some(h))),
-        (None, Some(receipt)) => check_receipt(path, &trust, receipt).map(|(chain, found)| {
-            held = Some(found);
-            (chain, None)
-        }),
+        (None, None) => verify_files_with(paths, &trust).map(|chain| (chain, None)),
+        (Some(hash), _) => history_files_with(paths, hash, &trust).map(|(c, h)| (c, Some(h))),
+        (None, Some(receipt)) => {
+            check_receipt_files(paths, &trust, receipt).map(|(chain, found)| {
+                held = Some(found);
+                (chain, None)
+            })
+        }
     };
     if let (Some(receipt), None, Ok(_)) = (&receipt, &held, &result) {
-        match check_receipt(path, &trust, receipt) {
+        match check_receipt_files(paths, &trust, receipt) {
             Ok((_, found)) => held = Some(found),
             Err(err) => {
                 eprintln!("audit_verify: {}: {err}", path.display());

@@ -433,8 +433,9 @@ where
                     // and the place held records the take-over.
                     let mut held = Held::new(config.clone(), record_key, token, None);
                     HeldClaim::release(&mut held, None).await;
-                    held_trail.record("taken_over", Some(503), None);
-                    return Ok(reject(&config, audit_unavailable()));
+                    let response = reject(&config, audit_unavailable());
+                    held_trail.record("taken_over", Some(response.status().as_u16()), None);
+                    return Ok(response);
                 }
             }
         }

@@ -1822,10 +1822,9 @@ async fn a_key_rotation_hands_signing_to_the_next_key() {
     let chain = verify_lines_with(&lines, &with_old).unwrap();
     assert!(chain.is_complete());
     assert_eq!(chain.entries, 5);
-    assert_eq!(
-        chain.rotations,
-        vec![(rotation as u64 + 1, next.verifier())]
-    );
+    assert_eq!(chain.rotations.len(), 1);
+    assert_eq!(chain.rotations[0].line, rotation as u64 + 1);
+    assert_eq!(chain.rotations[0].key, next.verifier());
     // Only the next key: what came before is not its to vouch for.
     let with_next = Trust::new().with_key(next.verifier());
     assert!(verify_lines_with(&lines, &with_next).is_err());
@@ -1901,4 +1900,179 @@ async fn a_key_rotation_hands_signing_to_the_next_key() {
 
 fn verify_file_with_key(path: &Path, trust: &tower_idempotency::audit::Trust) -> bool {
     tower_idempotency::audit::verify_file_with(path, trust).is_ok_and(|c| c.is_complete())
+}
+
+/// A rotated file closes at its size after a checkpoint, and the next
+/// begins with a `continued` entry naming that checkpoint: the files
+/// verify as one chain and each on its own; a missing or reordered file is
+/// found; a rotation cut short by a crash (closed file renamed, new one
+/// empty) is finished at the next start.
+#[tokio::test]
+async fn rotated_files_verify_as_one_chain() {
+    use tower_idempotency::audit::{Trust, verify_files_with};
+    let dir = scratch("file-rotation");
+    let path = dir.join("audit.jsonl");
+    let signer = signer();
+    let trust = Trust::new().with_key(signer.verifier());
+    let audit = AuditLog::builder("api-1", signer.clone())
+        .start(JsonlSink::open(&path).unwrap().with_max_bytes(3000))
+        .await
+        .unwrap();
+    let app = common::booking_router(Counter::default())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    let executed = |path: &Path| {
+        let mut files = JsonlSink::rotated_files(path).unwrap();
+        files.push(path.to_owned());
+        files
+            .iter()
+            .map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap_or_default()
+                    .matches("\"decision\":\"executed\"")
+                    .count()
+            })
+            .sum::<usize>()
+    };
+    for i in 0..24 {
+        let key: &'static str = format!("f{i}").leak();
+        body_bytes(app.clone().oneshot(post_with_key(key, "x")).await.unwrap()).await;
+        // One batch each, so the file grows past its size between them.
+        until(|| executed(&path) == i + 1).await;
+    }
+    audit.close().await.unwrap();
+    let mut files = JsonlSink::rotated_files(&path).unwrap();
+    assert!(files.len() >= 2, "{files:?}");
+    files.push(path.clone());
+    let chain = verify_files_with(&files, &trust).unwrap();
+    assert!(chain.is_complete());
+    let total: usize = files
+        .iter()
+        .map(|f| read_lines(f).iter().filter(|l| !is_checkpoint(l)).count())
+        .sum();
+    assert_eq!(chain.entries, total as u64);
+    for (i, file) in files.iter().enumerate() {
+        let lines = read_lines(file);
+        assert!(is_checkpoint(lines.last().unwrap()), "{file:?} ends signed");
+        let alone = verify_files_with(&[file], &trust).unwrap();
+        assert!(alone.is_complete(), "{file:?} verifies on its own");
+        if i > 0 {
+            assert!(
+                lines[0].contains("\"decision\":\"continued\""),
+                "{}",
+                lines[0]
+            );
+            assert!(alone.first_seq > 1);
+        }
+    }
+    // A file left out, and two in the wrong order.
+    let mut gap = files.clone();
+    gap.remove(1);
+    let broken = verify_files_with(&gap, &trust).unwrap_err().to_string();
+    assert!(
+        broken.contains("previous file's final checkpoint"),
+        "{broken}"
+    );
+    let mut swapped = files.clone();
+    swapped.swap(0, 1);
+    assert!(verify_files_with(&swapped, &trust).is_err());
+    // Only the first file verifies from seq 1 on its own; a later one
+    // alone is no whole chain when held against a checkpoint beyond it.
+    let cli = std::process::Command::new(common::example("audit_verify"))
+        .args(&files)
+        .arg("--public-key")
+        .arg({
+            let key = dir.join("key.pub");
+            std::fs::write(&key, signer.verifier().to_string()).unwrap();
+            key
+        })
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&cli.stdout);
+    assert_eq!(cli.status.code(), Some(0), "{stdout}");
+    assert_eq!(
+        stdout,
+        format!("ok: {total} entries, signed through {total}\n")
+    );
+
+    // A rotation cut short: the closed file renamed, the new one empty.
+    let crash = dir.join("crash.jsonl");
+    let crash_signer = write_chain(JsonlSink::open(&crash).unwrap(), 4, 100).await;
+    let last_seq = read_lines(&crash)
+        .iter()
+        .filter(|l| !is_checkpoint(l))
+        .count();
+    let closed = dir.join(format!("crash.jsonl.{last_seq:020}"));
+    std::fs::rename(&crash, &closed).unwrap();
+    std::fs::write(&crash, "").unwrap();
+    let audit = AuditLog::builder("api-1", crash_signer.clone())
+        .start(JsonlSink::open(&crash).unwrap())
+        .await
+        .unwrap();
+    audit.close().await.unwrap();
+    let lines = read_lines(&crash);
+    assert!(lines[0].contains("\"decision\":\"continued\""), "{lines:?}");
+    let trust = Trust::new().with_key(crash_signer.verifier());
+    assert!(
+        verify_files_with(&[&closed, &crash], &trust)
+            .unwrap()
+            .is_complete()
+    );
+}
+
+/// After a rotation, the retired key vouches only for what came before
+/// it: a receipt it signs with a later time is refused (a leaked old key
+/// cannot frame the log), while the receipts it gave before the rotation
+/// still stand; and with no trusted key, a key the chain names is no
+/// authority at all.
+#[tokio::test]
+async fn a_retired_key_cannot_vouch_for_later_receipts() {
+    use tower_idempotency::audit::{Receipt, ReceiptError, Trust, check_receipt};
+    let dir = scratch("retired-receipts");
+    let path = dir.join("audit.jsonl");
+    let old = signer();
+    let next = AuditSigner::generate("test-audit-2").unwrap();
+    let audit = AuditLog::builder("api-1", old.clone())
+        .with_receipts()
+        .start(JsonlSink::open(&path).unwrap())
+        .await
+        .unwrap();
+    let app = common::booking_router(Counter::default())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    let response = app.clone().oneshot(post_with_key("t1", "x")).await.unwrap();
+    let before = Receipt::from_headers(response.headers()).unwrap().unwrap();
+    body_bytes(response).await;
+    until(|| {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .contains("\"decision\":\"executed\"")
+    })
+    .await;
+    audit.rotate_key(next.clone()).await.unwrap();
+    let response = app.clone().oneshot(post_with_key("t2", "x")).await.unwrap();
+    let after = Receipt::from_headers(response.headers()).unwrap().unwrap();
+    body_bytes(response).await;
+    audit.close().await.unwrap();
+    let trust = Trust::new().with_key(old.verifier());
+    assert!(
+        after.verify(&[next.verifier()]).is_ok(),
+        "signed by the new key"
+    );
+    for receipt in [&before, &after] {
+        let (_, found) = check_receipt(&path, &trust, receipt).unwrap();
+        assert!(found.unwrap().signed);
+    }
+    // The old key, leaked, signs a receipt dated after the rotation.
+    let body = format!(
+        "tower-idempotency/receipt/api-1\n{}\nstatus 200\nkey -\ntime 2999-01-01T00:00:00.000Z\n",
+        "ab".repeat(16)
+    );
+    let forged = Receipt::parse(&key_sign(&old, &body)).unwrap();
+    let (_, found) = check_receipt(&path, &trust, &forged).unwrap();
+    match found {
+        Err(ReceiptError::Broken(why)) => assert!(why.contains("retired key"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // No trusted key: nothing vouches.
+    let (_, found) = check_receipt(&path, &Trust::new(), &after).unwrap();
+    assert_eq!(found.unwrap_err(), ReceiptError::Forged);
 }

@@ -31,6 +31,10 @@ pub(crate) struct Pending {
     /// The key that signs from the next checkpoint on (a `key_rotated`
     /// entry only), in its text form.
     pub(crate) next_key: Option<String>,
+    /// The previous file's final checkpoint note and its tree's peaks
+    /// (base64), for a `continued` entry (the first of a file after a
+    /// rotation).
+    pub(crate) continues: Option<(String, Vec<String>)>,
 }
 
 impl Pending {
@@ -56,6 +60,18 @@ impl Pending {
         }
     }
 
+    /// A `continued` entry: the first of a file after a rotation, naming
+    /// the previous file's final checkpoint `note`, with its tree's `peaks`
+    /// (base64) so the file's checkpoints can be checked on their own.
+    pub(crate) fn continued(note: String, peaks: Vec<String>) -> Self {
+        Pending {
+            decision: "continued",
+            count: None,
+            continues: Some((note, peaks)),
+            ..Pending::lost(0)
+        }
+    }
+
     /// A `lost` entry: `count` decisions were not written.
     pub(crate) fn lost(count: u64) -> Self {
         Pending {
@@ -71,6 +87,7 @@ impl Pending {
             cut_bytes: None,
             receipt: None,
             next_key: None,
+            continues: None,
         }
     }
 }
@@ -119,7 +136,23 @@ pub(crate) fn render(
             serde_json::to_string(next).expect("a string serialises")
         );
     }
+    if let Some((_, peaks)) = &pending.continues {
+        let _ = write!(
+            head,
+            "\"peaks\":{},",
+            serde_json::to_string(peaks).expect("strings serialise")
+        );
+    }
     hex_member(&mut head, "prev", prev);
+    if let Some((note, _)) = &pending.continues {
+        // The note's newlines and em dash: serde_json escapes `\n` as
+        // RFC 8785 does, and writes other characters as they are.
+        let _ = write!(
+            head,
+            "\"previous_checkpoint\":{},",
+            serde_json::to_string(note).expect("a string serialises")
+        );
+    }
     if let Some(receipt) = &pending.receipt {
         hex_member(&mut head, "receipt", receipt);
     }
@@ -215,6 +248,7 @@ mod tests {
             cut_bytes: None,
             receipt: Some([5; 16]),
             next_key: None,
+            continues: None,
         }
     }
 
@@ -225,6 +259,10 @@ mod tests {
             Pending::lost(3),
             Pending::resumed(2, 70),
             Pending::rotated("a\"b\\c+0badc0de+AQ/=".into()),
+            Pending::continued(
+                "tower-idempotency/audit/api-1\n3\nAA==\n\n\u{2014} k AA==\n".into(),
+                vec!["AA==".into(), "AQ==".into()],
+            ),
         ] {
             let (line, hash) = render(&entry, 7, "api-1", &[9; 32]);
             let value: serde_json::Value = serde_json::from_str(&line).unwrap();

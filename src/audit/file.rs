@@ -15,6 +15,14 @@ use super::{AuditLine, AuditSink};
 /// file is refused. Opening a file whose last line was torn by a crash (it
 /// does not end in a newline) cuts that partial line off, with a warning:
 /// its batch was never acknowledged.
+///
+/// With [`with_max_bytes`](Self::with_max_bytes) or
+/// [`with_max_age`](Self::with_max_age) the file is rotated: once it has
+/// grown past the size (or been written for longer than the age), after a
+/// batch that ends in a checkpoint, it is renamed `PATH.<last seq, 20
+/// digits>` and a new `PATH` begins with a `continued` entry naming the
+/// closed file's final checkpoint. `audit_verify OLDEST ... PATH` checks the
+/// files as one chain.
 #[derive(Debug)]
 pub struct JsonlSink {
     path: PathBuf,
@@ -22,6 +30,16 @@ pub struct JsonlSink {
     len: u64,
     /// Bytes of a torn last line cut off when the tail was read.
     cut: u64,
+    mode: u32,
+    group: Option<u32>,
+    max_bytes: Option<u64>,
+    max_age: Option<std::time::Duration>,
+    /// When the current file was begun (or opened).
+    begun: std::time::Instant,
+    /// The seq of the last line appended.
+    last_seq: u64,
+    /// The current file is empty and continues the files before it.
+    continues: bool,
 }
 
 impl JsonlSink {
@@ -74,7 +92,55 @@ impl JsonlSink {
             file: Some(file),
             len,
             cut: 0,
+            mode,
+            group,
+            max_bytes: None,
+            max_age: None,
+            begun: std::time::Instant::now(),
+            last_seq: 0,
+            continues: false,
         })
+    }
+
+    /// Rotates the file once it holds `bytes` or more (at a batch's end).
+    pub fn with_max_bytes(mut self, bytes: u64) -> Self {
+        self.max_bytes = Some(bytes.max(1));
+        self
+    }
+
+    /// Rotates the file once it has been written for `age` (counted from
+    /// when this sink opened or began it; at a batch's end).
+    pub fn with_max_age(mut self, age: std::time::Duration) -> Self {
+        self.max_age = Some(age);
+        self
+    }
+
+    /// The closed files beside `path` (`PATH.<20 digits>`), oldest first:
+    /// with `path` last, the chain in order.
+    pub fn rotated_files(path: impl AsRef<Path>) -> io::Result<Vec<PathBuf>> {
+        let path = path.as_ref();
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Ok(Vec::new());
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let prefix = format!("{}.", name.to_string_lossy());
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if let Some(digits) = file.strip_prefix(&prefix)
+                && digits.len() == 20
+                && digits.bytes().all(|b| b.is_ascii_digit())
+            {
+                found.push(entry.path());
+            }
+        }
+        found.sort();
+        Ok(found)
     }
 
     /// The file's path.
@@ -116,7 +182,91 @@ impl AuditSink for JsonlSink {
         self.cut
     }
 
+    fn rotation_due(&self) -> bool {
+        self.len > 0
+            && (self.max_bytes.is_some_and(|max| self.len >= max)
+                || self.max_age.is_some_and(|age| self.begun.elapsed() >= age))
+    }
+
+    fn continues(&self) -> bool {
+        self.continues
+    }
+
+    async fn rotate(&mut self) -> io::Result<()> {
+        let mut closed = self.path.as_os_str().to_owned();
+        closed.push(format!(".{:020}", self.last_seq));
+        let closed = PathBuf::from(closed);
+        let (mode, group) = (self.mode, self.group);
+        let path = self.path.clone();
+        let file = tokio::task::spawn_blocking(move || -> io::Result<File> {
+            if closed.exists() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{}: a closed audit file of that name exists",
+                        closed.display()
+                    ),
+                ));
+            }
+            std::fs::rename(&path, &closed).map_err(|err| named(&path, err))?;
+            let mut options = OpenOptions::new();
+            options.read(true).append(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+            let file = options.open(&path).map_err(|err| named(&path, err))?;
+            #[cfg(unix)]
+            if let Some(gid) = group {
+                std::os::unix::fs::fchown(&file, None, Some(gid))
+                    .map_err(|err| named(&path, err))?;
+            }
+            #[cfg(not(unix))]
+            let _ = (mode, group);
+            file.try_lock().map_err(|err| {
+                named(
+                    &path,
+                    io::Error::other(format!("cannot lock the new file: {err}")),
+                )
+            })?;
+            // The rename and the new name are durable before anything is
+            // written into the new file.
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                File::open(dir).and_then(|d| d.sync_all())?;
+            }
+            Ok(file)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        // The old file's lock goes with its handle.
+        self.file = Some(file);
+        self.len = 0;
+        self.begun = std::time::Instant::now();
+        self.continues = true;
+        Ok(())
+    }
+
     async fn tail(&mut self) -> io::Result<Vec<String>> {
+        if self.len == 0
+            && let Some(previous) = Self::rotated_files(&self.path)?.pop()
+        {
+            // A rotation that stopped before the new file got its first
+            // line: the chain goes on from the newest closed file.
+            self.continues = true;
+            return tokio::task::spawn_blocking(move || {
+                let mut file = File::open(&previous).map_err(|err| named(&previous, err))?;
+                let len = file.metadata()?.len();
+                let (tail, whole) = read_tail(&mut file, len)?;
+                if whole < len {
+                    return Err(named(
+                        &previous,
+                        io::Error::other("a closed audit file ends in a torn line"),
+                    ));
+                }
+                Ok(tail)
+            })
+            .await
+            .map_err(io::Error::other)?
+            .inspect(|tail| self.last_seq = last_seq_of(tail));
+        }
         let before = self.len;
         let tail = self
             .blocking(|file, len, path| {
@@ -135,6 +285,7 @@ impl AuditSink for JsonlSink {
             })
             .await?;
         self.cut += before - self.len;
+        self.last_seq = last_seq_of(&tail);
         Ok(tail)
     }
 
@@ -144,6 +295,7 @@ impl AuditSink for JsonlSink {
             batch.extend_from_slice(line.text.as_bytes());
             batch.push(b'\n');
         }
+        let last_seq = lines.last().map(|l| l.seq);
         self.blocking(move |file, len, path| {
             if *len == POISONED {
                 return Err(io::Error::other(format!(
@@ -178,11 +330,30 @@ impl AuditSink for JsonlSink {
                 }
             }
         })
-        .await
+        .await?;
+        if let Some(seq) = last_seq {
+            self.last_seq = seq;
+            self.continues = false;
+        }
+        Ok(())
     }
 }
 
 /// The most a writer reads back from a chain's end at start.
+/// The `seq` of the last entry among `tail`'s lines (0 for none).
+fn last_seq_of(tail: &[String]) -> u64 {
+    tail.iter()
+        .rev()
+        .filter(|l| !l.starts_with("{\"checkpoint\""))
+        .find_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()?
+                .get("seq")?
+                .as_u64()
+        })
+        .unwrap_or(0)
+}
+
 const TAIL_LIMIT: u64 = 16 * 1024 * 1024;
 
 /// Reads a file of `len` bytes backwards to the entry its last checkpoint

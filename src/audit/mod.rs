@@ -125,9 +125,9 @@ pub use receipt::{RECEIPT_HEADER, Receipt, ReceiptError, ReceiptProof};
 pub use sink::{AuditLine, AuditSink};
 pub(crate) use trail::Trail;
 pub use verify::{
-    ChainBreak, HistoryEntry, ReceiptFound, Trust, VerifiedChain, VerifyError, check_receipt,
-    history, history_with, receipt_proof, verify_file, verify_file_with, verify_lines,
-    verify_lines_with,
+    ChainBreak, HistoryEntry, KeyRotation, ReceiptFound, Trust, VerifiedChain, VerifyError,
+    check_receipt, check_receipt_files, history, history_files_with, history_with, receipt_proof,
+    verify_file, verify_file_with, verify_files_with, verify_lines, verify_lines_with,
 };
 
 use entry::{Hasher, Pending, render, valid_instance};
@@ -328,6 +328,12 @@ impl AuditBuilder {
         let cut = sink.cut_bytes();
         let resumed = resume::check(&tail, &self.instance, &self.signer.verifier())
             .map_err(AuditError::Chain)?;
+        let continuing = sink.continues();
+        if continuing && (resumed.adopted > 0 || resumed.note.is_none()) {
+            return Err(AuditError::Chain(
+                "the closed file before the current one does not end in a checkpoint".into(),
+            ));
+        }
         if resumed.adopted > 0 {
             tracing::warn!(
                 adopted = resumed.adopted,
@@ -356,6 +362,8 @@ impl AuditBuilder {
             last: resumed.last,
             adopted: resumed.adopted,
             cut,
+            last_note: resumed.note,
+            continuing,
             since: 0,
             written: 0,
             every: self.every,
@@ -656,6 +664,11 @@ struct Writer<S> {
     adopted: u64,
     /// Bytes of a torn last line the sink cut at start, for the same entry.
     cut: u64,
+    /// The last checkpoint's note.
+    last_note: Option<String>,
+    /// The sink's current file is new after a rotation: its first entry is
+    /// still to be the `continued` one.
+    continuing: bool,
     /// Entries since the last checkpoint.
     since: u64,
     written: u64,
@@ -719,6 +732,9 @@ impl<S: AuditSink> Writer<S> {
                     }
                 }
             };
+            if self.continuing {
+                self.continued(&mut lines);
+            }
             if self.adopted > 0 || self.cut > 0 {
                 let adopted = std::mem::take(&mut self.adopted);
                 let cut = std::mem::take(&mut self.cut);
@@ -742,6 +758,9 @@ impl<S: AuditSink> Writer<S> {
             }
             if !lines.is_empty() {
                 self.write(&mut lines, closing).await?;
+            }
+            if self.sink.rotation_due() && !self.continuing {
+                self.rotate_file(&mut lines, closing).await?;
             }
             if closing.is_none() {
                 self.rotate(&mut lines).await?;
@@ -793,23 +812,28 @@ impl<S: AuditSink> Writer<S> {
             )));
             return Ok(());
         }
-        self.entry(&Pending::rotated(upcoming.to_string()), lines);
-        let seq = self.seq;
-        self.checkpoint(lines);
-        if let Some(line) = lines.last_mut() {
-            line.text = self.cosigned(&line.text, &next);
-        }
-        let written = self.write(lines, None).await;
-        if written.is_ok() {
-            self.signer = next;
+        // Receipts move to the next key before the rotation's time is
+        // taken: every receipt the old key signs is from before it.
+        {
             let mut receipts = self
                 .state
                 .receipts
                 .write()
                 .expect("the receipt key is never poisoned");
             if receipts.is_some() {
-                *receipts = Some(Arc::new(self.signer.clone()));
+                *receipts = Some(Arc::new(next.clone()));
             }
+        }
+        self.entry(&Pending::rotated(upcoming.to_string()), lines);
+        let seq = self.seq;
+        self.checkpoint(lines);
+        if let Some(mut line) = lines.pop() {
+            line.text = self.cosigned(&line.text, &next);
+            lines.push(line);
+        }
+        let written = self.write(lines, None).await;
+        if written.is_ok() {
+            self.signer = next;
             tracing::info!(seq, key = %upcoming, "audit signing key rotated");
         }
         let _ = done.send(
@@ -821,14 +845,48 @@ impl<S: AuditSink> Writer<S> {
         written
     }
 
+    /// The `continued` entry that begins a file after a rotation.
+    fn continued(&mut self, lines: &mut Vec<AuditLine>) {
+        let note = self.last_note.clone().unwrap_or_default();
+        let peaks = self
+            .tree
+            .peaks()
+            .map(|p| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, p))
+            .collect();
+        self.continuing = false;
+        self.entry(&Pending::continued(note, peaks), lines);
+    }
+
+    /// Closes the sink's file after its final checkpoint and begins the
+    /// next with a `continued` entry (and its checkpoint). A sink that
+    /// cannot rotate goes on in its file, and says so.
+    async fn rotate_file(
+        &mut self,
+        lines: &mut Vec<AuditLine>,
+        closing: Option<Instant>,
+    ) -> Result<(), AuditError> {
+        if let Err(error) = self.sink.rotate().await {
+            tracing::error!(%error, "audit file rotation failed; writing on in the current file");
+            return Ok(());
+        }
+        tracing::info!(seq = self.seq, "audit file rotated");
+        self.continued(lines);
+        self.checkpoint(lines);
+        self.write(lines, closing).await
+    }
+
     /// A checkpoint line with `next`'s signature added to its note.
-    fn cosigned(&self, line: &str, next: &AuditSigner) -> String {
+    fn cosigned(&mut self, line: &str, next: &AuditSigner) -> String {
         let object: serde_json::Value =
             serde_json::from_str(line).expect("the writer's checkpoint line is JSON");
-        let note = object["checkpoint"]
-            .as_str()
-            .expect("a checkpoint line holds its note");
-        checkpoint::line(&next.cosign(note), &self.tree)
+        let note = next.cosign(
+            object["checkpoint"]
+                .as_str()
+                .expect("a checkpoint line holds its note"),
+        );
+        let line = checkpoint::line(&note, &self.tree);
+        self.last_note = Some(note);
+        line
     }
 
     fn checkpoint(&mut self, lines: &mut Vec<AuditLine>) {
@@ -840,6 +898,7 @@ impl<S: AuditSink> Writer<S> {
             std::time::SystemTime::now(),
         );
         let text = checkpoint::line(&note, &self.tree);
+        self.last_note = Some(note);
         self.since = 0;
         lines.push(AuditLine {
             seq: self.seq,

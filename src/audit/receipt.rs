@@ -33,7 +33,7 @@ use std::{
     fmt,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU16, Ordering},
     },
     time::SystemTime,
 };
@@ -321,6 +321,8 @@ pub(crate) struct ReceiptSlot {
     id: [u8; 16],
     key: Option<[u8; 32]>,
     promised: AtomicBool,
+    /// The status the receipt states, once given (0 before).
+    stamped: AtomicU16,
 }
 
 impl ReceiptSlot {
@@ -330,6 +332,7 @@ impl ReceiptSlot {
             id,
             key,
             promised: AtomicBool::new(false),
+            stamped: AtomicU16::new(0),
         })
     }
 
@@ -343,6 +346,11 @@ impl ReceiptSlot {
         self.promised.store(promised, Ordering::Relaxed);
     }
 
+    /// The status the receipt stated, if one was given.
+    pub(crate) fn stamped_status(&self) -> Option<u16> {
+        Some(self.stamped.load(Ordering::Relaxed)).filter(|&s| s != 0)
+    }
+
     /// The id, if the entry will carry it.
     pub(crate) fn promised_id(&self) -> Option<[u8; 16]> {
         self.promised.load(Ordering::Relaxed).then_some(self.id)
@@ -351,12 +359,21 @@ impl ReceiptSlot {
     /// Puts the signed receipt of a response with `status` in `headers`,
     /// if its decision has a place in the chain.
     pub(crate) fn stamp(&self, status: u16, headers: &mut HeaderMap) {
+        // A receipt header is this log's alone: one the service set is not
+        // passed on as if it were.
+        headers.remove(RECEIPT_HEADER);
         let Some(id) = self.promised_id() else {
             return;
         };
+        // Closing, a request still under way may not get its entry written
+        // within the close timeout: no promise is made then.
+        if self.log.shared.state.closing.load(Ordering::Relaxed) {
+            return;
+        }
         let Some(signer) = self.log.receipt_signer() else {
             return;
         };
+        self.stamped.store(status, Ordering::Relaxed);
         let time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         let body = receipt_body(
             &self.log.shared.instance,

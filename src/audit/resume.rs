@@ -19,6 +19,8 @@ pub(crate) struct Resumed {
     pub(crate) last: merkle::Hash,
     /// Entries after the last checkpoint, adopted unsigned.
     pub(crate) adopted: u64,
+    /// The last checkpoint's note.
+    pub(crate) note: Option<String>,
 }
 
 fn object(text: &str) -> Result<Map<String, Value>, String> {
@@ -63,6 +65,7 @@ pub(crate) fn check(
         }
         Ok(parsed)
     };
+    let mut last_note = None;
     let (mut seq, mut head, mut tree, mut last, rest) = match tail
         .iter()
         .rposition(|l| is_checkpoint(l))
@@ -88,6 +91,13 @@ pub(crate) fn check(
                         ));
                     }
                 }
+                // The first entry of a file after a rotation: what comes
+                // before it is in the closed file.
+                None if signed_entry
+                    .object()
+                    .get("decision")
+                    .and_then(Value::as_str)
+                    == Some("continued") => {}
                 None if signed_entry.seq != 1 => {
                     return Err(format!(
                         "the entry before entry {} is missing",
@@ -97,7 +107,7 @@ pub(crate) fn check(
                 None => {}
             }
             let line = object(&tail[at])?;
-            let (Some(Value::String(note)), Some(peaks), 2) = (
+            let (Some(Value::String(note_text)), Some(peaks), 2) = (
                 line.get("checkpoint"),
                 line.get("peaks").and_then(peaks),
                 line.len(),
@@ -109,8 +119,8 @@ pub(crate) fn check(
                     "its last checkpoint line is not in canonical form: it was changed".into(),
                 );
             }
-            let note =
-                checkpoint::parse(note).map_err(|why| format!("its last checkpoint: {why}"))?;
+            let note = checkpoint::parse(note_text)
+                .map_err(|why| format!("its last checkpoint: {why}"))?;
             if note.instance != instance {
                 return Err(format!(
                     "it is the chain of instance `{}`, not `{instance}`",
@@ -143,6 +153,7 @@ pub(crate) fn check(
             let tree = Tree::from_peaks(note.size, &peaks)
                 .filter(|tree| tree.root() == note.root)
                 .ok_or("its last checkpoint's peaks do not grow its signed root")?;
+            last_note = Some(note_text.clone());
             (
                 signed_entry.seq,
                 signed_entry.hash,
@@ -187,5 +198,6 @@ pub(crate) fn check(
         tree,
         last,
         adopted,
+        note: last_note,
     })
 }

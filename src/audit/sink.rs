@@ -59,6 +59,33 @@ pub trait AuditSink: Send + 'static {
     /// Stores `lines` durably and in order; see the trait's rules.
     fn append(&mut self, lines: &[AuditLine]) -> impl Future<Output = io::Result<()>> + Send;
 
+    /// Whether the sink wants its current file closed and a new one begun
+    /// (it reached its size or age): asked after every append that ends
+    /// in a checkpoint. Never, by default.
+    fn rotation_due(&self) -> bool {
+        false
+    }
+
+    /// Closes the current file, whose last line is a checkpoint, and begins
+    /// an empty one; the writer starts it with a `continued` entry naming
+    /// that checkpoint. Unsupported by default.
+    fn rotate(&mut self) -> impl Future<Output = io::Result<()>> + Send {
+        async {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this audit sink does not rotate",
+            ))
+        }
+    }
+
+    /// Whether the current file holds nothing yet while the chain goes on
+    /// in the files before it (a rotation the process did not finish):
+    /// then [`tail`](Self::tail) is the previous file's, and the writer
+    /// begins this one with a `continued` entry. False by default.
+    fn continues(&self) -> bool {
+        false
+    }
+
     /// Called once, after the writer's last append: release what the sink
     /// holds (a lock). Does nothing by default.
     fn close(&mut self) -> impl Future<Output = io::Result<()>> + Send {

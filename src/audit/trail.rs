@@ -117,6 +117,14 @@ impl Trail {
         self.recorded = true;
         // Capped where JSON numbers stop being exact.
         let millis = self.started.elapsed().as_millis().min((1 << 53) - 1);
+        let promised = self
+            .receipt
+            .as_ref()
+            .filter(|slot| slot.promised_id().is_some());
+        // A decision without a status of its own (a request dropped, a
+        // claim released after a panic) whose response was already given
+        // states the status its receipt did.
+        let status = status.or_else(|| promised.and_then(|slot| slot.stamped_status()));
         let pending = Pending {
             time: SystemTime::now(),
             decision,
@@ -130,6 +138,7 @@ impl Trail {
             cut_bytes: None,
             receipt: self.receipt.as_ref().and_then(|slot| slot.promised_id()),
             next_key: None,
+            continues: None,
         };
         self.log.send(self.permit.take(), pending);
     }

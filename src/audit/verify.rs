@@ -20,8 +20,11 @@ use super::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct VerifiedChain {
-    /// Entries in the chain.
+    /// Entries in the chain (in the files checked).
     pub entries: u64,
+    /// The `seq` of the first entry checked: 1, or for a file after a
+    /// rotation checked on its own, its `continued` entry's.
+    pub first_seq: u64,
     /// Checkpoints in the chain.
     pub checkpoints: u64,
     /// The writer's instance (`None` for an empty chain).
@@ -52,16 +55,29 @@ pub struct VerifiedChain {
     /// a crash (the writer cuts it off when it starts again). Not read as
     /// an entry.
     pub torn_line: Option<u64>,
-    /// The key rotations (the `key_rotated` entry's line, and the key it
-    /// handed signing to), in order; with keys given, each was signed by
+    /// The key rotations, in order; with keys given, each was signed by
     /// the key before it, and the checkpoint after it by both.
-    pub rotations: Vec<(u64, AuditVerifier)>,
+    pub rotations: Vec<KeyRotation>,
+}
+
+/// A `key_rotated` entry of a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KeyRotation {
+    /// Its 1-based line.
+    pub line: u64,
+    /// Its `time`: receipts signed by the key before it are from before
+    /// it.
+    pub time: String,
+    /// The key it handed signing to.
+    pub key: AuditVerifier,
 }
 
 impl VerifiedChain {
     /// Entries after the last checkpoint: not (yet) signed.
     pub fn unsigned_tail(&self) -> u64 {
-        self.entries - self.signed_through.unwrap_or(0)
+        let before = self.first_seq.saturating_sub(1);
+        before + self.entries - self.signed_through.unwrap_or(before)
     }
 
     /// Every entry is signed by a checkpoint, and none was adopted unsigned
@@ -182,13 +198,16 @@ pub struct ChainBreak {
     /// For a rollback: the name of the saved checkpoint the chain falls
     /// short of.
     pub checkpoint: Option<String>,
+    /// When several files were checked as one chain: the file of the line.
+    pub file: Option<String>,
 }
 
 impl fmt::Display for ChainBreak {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.checkpoint {
-            Some(name) => write!(f, "{name}: {}", self.reason),
-            None => write!(f, "line {}: {}", self.line, self.reason),
+        match (&self.checkpoint, &self.file) {
+            (Some(name), _) => write!(f, "{name}: {}", self.reason),
+            (None, Some(file)) => write!(f, "{file} line {}: {}", self.line, self.reason),
+            (None, None) => write!(f, "line {}: {}", self.line, self.reason),
         }
     }
 }
@@ -270,6 +289,9 @@ impl fmt::Display for HistoryEntry {
     }
 }
 
+/// A file after the first that does not begin as a rotation begins one.
+const NOT_CONTINUED: &str = "a file after the first does not begin with a `continued` entry naming the previous file's final checkpoint";
+
 /// The running check of a chain, one line at a time.
 struct Checker<'k> {
     trust: &'k Trust,
@@ -290,9 +312,13 @@ struct Checker<'k> {
     /// The keys whose signature makes the next checkpoint count: those
     /// trusted, until a rotation hands signing to the key it names.
     signers: Vec<AuditVerifier>,
-    /// A rotation's line and next key, until the checkpoint after it.
-    next_key: Option<(u64, AuditVerifier)>,
-    rotations: Vec<(u64, AuditVerifier)>,
+    /// A rotation, until the checkpoint after it.
+    next_key: Option<KeyRotation>,
+    rotations: Vec<KeyRotation>,
+    /// The next line begins a file.
+    file_start: bool,
+    /// Entries before the first one checked (a file after a rotation).
+    base: u64,
 }
 
 impl<'k> Checker<'k> {
@@ -314,6 +340,8 @@ impl<'k> Checker<'k> {
             signers: trust.keys.clone(),
             next_key: None,
             rotations: Vec::new(),
+            file_start: true,
+            base: 0,
         }
     }
 
@@ -325,18 +353,47 @@ impl<'k> Checker<'k> {
             line: at,
             reason,
             checkpoint: None,
+            file: None,
         };
         let value: Value =
             serde_json::from_str(text).map_err(|err| broken(format!("not JSON: {err}")))?;
         let Value::Object(object) = value else {
             return Err(broken("not a JSON object".into()));
         };
+        let starting = std::mem::take(&mut self.file_start);
         if object.contains_key("checkpoint") {
+            if starting && self.seq > 0 {
+                return Err(broken(NOT_CONTINUED.into()));
+            }
             self.checkpoint(text, &object)
                 .map_err(|r| broken(r.into()))?;
             return Ok(None);
         }
         let entry = parse_entry(text, object).map_err(broken)?;
+        if entry.object.get("decision").and_then(Value::as_str) == Some("continued") {
+            match (starting, self.seq) {
+                (true, 0) if entry.seq != 1 => self.begin_after(&entry).map_err(broken)?,
+                (true, seq) if seq > 0 => {
+                    let named = entry
+                        .object
+                        .get("previous_checkpoint")
+                        .and_then(Value::as_str);
+                    if named != self.last_checkpoint.as_deref() || self.unsigned() > 0 {
+                        return Err(broken(
+                            "the `continued` entry does not name the previous file's final checkpoint"
+                                .into(),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(broken(
+                        "a `continued` entry that does not begin a file after a rotation".into(),
+                    ));
+                }
+            }
+        } else if starting && self.seq > 0 {
+            return Err(broken(NOT_CONTINUED.into()));
+        }
         if let Some(wanted) = &self.trust.instance
             && *wanted != entry.instance
         {
@@ -405,7 +462,17 @@ impl<'k> Checker<'k> {
                     "a second key rotation before the first was signed".into(),
                 ));
             }
-            self.next_key = Some((at, next));
+            let time = entry
+                .object
+                .get("time")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            self.next_key = Some(KeyRotation {
+                line: at,
+                time,
+                key: next,
+            });
         }
         self.seq = entry.seq;
         self.head = entry.hash;
@@ -424,6 +491,44 @@ impl<'k> Checker<'k> {
             None => (at, at),
         });
         Ok(Some(entry.object))
+    }
+
+    /// Starts a lone file after a rotation from its `continued` entry:
+    /// the previous file's final checkpoint (signed by a trusted key) and
+    /// its tree's peaks.
+    fn begin_after(&mut self, entry: &Parsed) -> Result<(), String> {
+        let text = entry
+            .object
+            .get("previous_checkpoint")
+            .and_then(Value::as_str)
+            .ok_or("a `continued` entry without its `previous_checkpoint`")?;
+        let note =
+            checkpoint::parse(text).map_err(|why| format!("its previous checkpoint: {why}"))?;
+        if note.instance != entry.instance || note.size + 1 != entry.seq {
+            return Err(format!(
+                "its previous checkpoint signs {} entries of `{}`, but it is entry {} of `{}`",
+                note.size, note.instance, entry.seq, entry.instance
+            ));
+        }
+        let tree = entry
+            .object
+            .get("peaks")
+            .and_then(checkpoint::peaks)
+            .and_then(|peaks| Tree::from_peaks(note.size, &peaks))
+            .filter(|tree| tree.root() == note.root)
+            .ok_or("its `peaks` do not grow its previous checkpoint's root")?;
+        if !self.trust.keys.is_empty() {
+            signed_by_any(&self.signers, &note)
+                .map_err(|why| format!("its previous checkpoint: {why}"))?;
+        }
+        self.seq = note.size;
+        self.base = note.size;
+        self.head = entry.prev;
+        self.tree = tree;
+        self.last = note.last;
+        self.signed_through = Some(note.size);
+        self.last_checkpoint = Some(text.to_owned());
+        Ok(())
     }
 
     /// Entries since the last checkpoint (or the start).
@@ -466,7 +571,8 @@ impl<'k> Checker<'k> {
         if !peaks.iter().eq(self.tree.peaks()) {
             return Err("checkpoint's peaks are not those of the tree it signs");
         }
-        if let Some((rotation, next)) = self.next_key.take() {
+        if let Some(rotation) = self.next_key.take() {
+            let next = &rotation.key;
             if !self.trust.keys.is_empty() {
                 // The rotation is the old key's word, and the new key's
                 // signature shows the new key accepted it.
@@ -478,7 +584,7 @@ impl<'k> Checker<'k> {
                 }
                 self.signers = vec![next.clone()];
             }
-            self.rotations.push((rotation, next));
+            self.rotations.push(rotation);
         } else if !self.trust.keys.is_empty() {
             signed_by_any(&self.signers, &parsed)?;
         }
@@ -504,6 +610,7 @@ impl<'k> Checker<'k> {
                     trusted.size, self.seq
                 ),
                 checkpoint: Some(trusted.name.clone()),
+                file: None,
             });
         }
         if !self.trust.keys.is_empty() && self.seq > 0 && self.signed_through.is_none() {
@@ -515,10 +622,12 @@ impl<'k> Checker<'k> {
                     keys.join(" or ")
                 ),
                 checkpoint: None,
+                file: None,
             });
         }
         Ok(VerifiedChain {
-            entries: self.seq,
+            entries: self.seq - self.base,
+            first_seq: self.base + 1,
             checkpoints: self.checkpoints,
             instance: self.instance,
             signed_through: self.signed_through,
@@ -638,51 +747,99 @@ pub(crate) const LINE_LIMIT: u64 = 64 * 1024;
 fn walk(
     path: &Path,
     trust: &Trust,
+    each: impl FnMut(u64, &str, Map<String, Value>),
+) -> Result<VerifiedChain, VerifyError> {
+    walk_files(&[path], trust, each)
+}
+
+/// Walks the files of one chain in order (the closed files of a rotation,
+/// then the current one), line by line.
+fn walk_files(
+    paths: &[&Path],
+    trust: &Trust,
     mut each: impl FnMut(u64, &str, Map<String, Value>),
 ) -> Result<VerifiedChain, VerifyError> {
-    let file = std::fs::File::open(path).map_err(VerifyError::Io)?;
-    let mut reader = io::BufReader::new(file);
     let mut checker = Checker::new(trust);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        let read = (&mut reader)
-            .take(LINE_LIMIT + 1)
-            .read_until(b'\n', &mut buf)
-            .map_err(VerifyError::Io)?;
-        if read == 0 {
-            break;
-        }
-        if read as u64 > LINE_LIMIT {
-            return Err(VerifyError::Broken(ChainBreak {
-                line: checker.line + 1,
-                reason: format!(
+    let several = paths.len() > 1;
+    for (index, path) in paths.iter().enumerate() {
+        let last_file = index + 1 == paths.len();
+        checker.line = 0;
+        checker.file_start = true;
+        let name = several.then(|| path.display().to_string());
+        let in_file = |mut broken: ChainBreak| {
+            broken.file.clone_from(&name);
+            VerifyError::Broken(broken)
+        };
+        let file = std::fs::File::open(path).map_err(VerifyError::Io)?;
+        let mut reader = io::BufReader::new(file);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            let read = (&mut reader)
+                .take(LINE_LIMIT + 1)
+                .read_until(b'\n', &mut buf)
+                .map_err(VerifyError::Io)?;
+            if read == 0 {
+                break;
+            }
+            let at = checker.line + 1;
+            let broken = |reason: String| ChainBreak {
+                line: at,
+                reason,
+                checkpoint: None,
+                file: None,
+            };
+            if read as u64 > LINE_LIMIT {
+                return Err(in_file(broken(format!(
                     "a line longer than {} KiB: no line its writer writes is",
                     LINE_LIMIT / 1024
-                ),
-                checkpoint: None,
-            }));
+                ))));
+            }
+            let Some(body) = buf.strip_suffix(b"\n") else {
+                // Only the last line can lack its newline: a write cut short.
+                if !last_file {
+                    return Err(in_file(broken("a closed file ends in a torn line".into())));
+                }
+                let mut chain = checker.finish().map_err(in_file)?;
+                chain.torn_line = Some(at);
+                return Ok(chain);
+            };
+            let text =
+                std::str::from_utf8(body).map_err(|_| in_file(broken("not UTF-8".into())))?;
+            if let Some(entry) = checker.line(text).map_err(in_file)? {
+                each(at, text, entry);
+            }
         }
-        let at = checker.line + 1;
-        let broken = |reason: &str| {
-            VerifyError::Broken(ChainBreak {
-                line: at,
-                reason: reason.to_owned(),
-                checkpoint: None,
-            })
-        };
-        let Some(body) = buf.strip_suffix(b"\n") else {
-            // Only the last line can lack its newline: a write cut short.
-            let mut chain = checker.finish().map_err(VerifyError::Broken)?;
-            chain.torn_line = Some(at);
-            return Ok(chain);
-        };
-        let text = std::str::from_utf8(body).map_err(|_| broken("not UTF-8"))?;
-        if let Some(entry) = checker.line(text).map_err(VerifyError::Broken)? {
-            each(at, text, entry);
+        if !last_file && checker.unsigned() > 0 {
+            return Err(in_file(broken_at(
+                checker.line,
+                "a closed file does not end in a checkpoint",
+            )));
         }
     }
     checker.finish().map_err(VerifyError::Broken)
+}
+
+fn broken_at(line: u64, reason: &str) -> ChainBreak {
+    ChainBreak {
+        line,
+        reason: reason.to_owned(),
+        checkpoint: None,
+        file: None,
+    }
+}
+
+/// Checks the files of one chain in order, oldest first (the closed files
+/// of a rotation, `PATH.<seq>`, then `PATH`; see
+/// [`JsonlSink::rotated_files`](super::JsonlSink::rotated_files)): each
+/// file after the first must begin with a `continued` entry naming the
+/// final checkpoint of the one before.
+pub fn verify_files_with<P: AsRef<Path>>(
+    paths: &[P],
+    trust: &Trust,
+) -> Result<VerifiedChain, VerifyError> {
+    let paths: Vec<&Path> = paths.iter().map(AsRef::as_ref).collect();
+    walk_files(&paths, trust, |_, _, _| {})
 }
 
 /// Checks the chain in the JSON Lines file at `path`; see [`verify_lines`].
@@ -718,9 +875,20 @@ pub fn history_with(
     key_hash: &str,
     trust: &Trust,
 ) -> Result<(VerifiedChain, Vec<HistoryEntry>), VerifyError> {
+    history_files_with(&[path], key_hash, trust)
+}
+
+/// [`history_with`] over the files of one chain, oldest first (see
+/// [`verify_files_with`]).
+pub fn history_files_with<P: AsRef<Path>>(
+    paths: &[P],
+    key_hash: &str,
+    trust: &Trust,
+) -> Result<(VerifiedChain, Vec<HistoryEntry>), VerifyError> {
+    let paths: Vec<&Path> = paths.iter().map(AsRef::as_ref).collect();
     let wanted = key_hash.to_ascii_lowercase();
     let mut found = Vec::new();
-    let chain = walk(path.as_ref(), trust, |line, _, entry| {
+    let chain = walk_files(&paths, trust, |line, _, entry| {
         let matches = entry
             .get("key")
             .and_then(Value::as_str)
@@ -783,7 +951,18 @@ pub fn check_receipt(
     trust: &Trust,
     receipt: &Receipt,
 ) -> Result<(VerifiedChain, Result<ReceiptFound, ReceiptError>), VerifyError> {
-    let (chain, found, _) = locate(path.as_ref(), trust, receipt, false)?;
+    check_receipt_files(&[path], trust, receipt)
+}
+
+/// [`check_receipt`] over the files of one chain, oldest first (see
+/// [`verify_files_with`]).
+pub fn check_receipt_files<P: AsRef<Path>>(
+    paths: &[P],
+    trust: &Trust,
+    receipt: &Receipt,
+) -> Result<(VerifiedChain, Result<ReceiptFound, ReceiptError>), VerifyError> {
+    let paths: Vec<&Path> = paths.iter().map(AsRef::as_ref).collect();
+    let (chain, found, _) = locate(&paths, trust, receipt, false)?;
     Ok((chain, found.map(|(found, _)| found)))
 }
 
@@ -795,8 +974,14 @@ pub fn receipt_proof(
     trust: &Trust,
     receipt: &Receipt,
 ) -> Result<ReceiptProof, ReceiptError> {
-    let (chain, found, leaves) = locate(path.as_ref(), trust, receipt, true)
+    let (chain, found, leaves) = locate(&[path.as_ref()], trust, receipt, true)
         .map_err(|err| ReceiptError::Broken(format!("the chain does not verify: {err}")))?;
+    if chain.first_seq != 1 {
+        return Err(ReceiptError::Broken(format!(
+            "the file begins after a rotation (at seq {}): a proof is drawn from a chain that begins at seq 1",
+            chain.first_seq
+        )));
+    }
     let (found, entry) = found?;
     if !found.signed {
         return Err(ReceiptError::Broken(format!(
@@ -824,7 +1009,7 @@ type Located = (
 );
 
 fn locate(
-    path: &Path,
+    paths: &[&Path],
     trust: &Trust,
     receipt: &Receipt,
     keep_leaves: bool,
@@ -832,7 +1017,7 @@ fn locate(
     let mut leaves = Vec::new();
     let mut found: Option<(u64, u64, String, String)> = None;
     let mut differs: Option<String> = None;
-    let chain = walk(path, trust, |line, text, entry| {
+    let chain = walk_files(paths, trust, |line, text, entry| {
         if keep_leaves {
             leaves.push(merkle::leaf_hash(text.as_bytes()));
         }
@@ -859,9 +1044,7 @@ fn locate(
         }
     })?;
     let verdict = (|| {
-        let mut keys = trust.keys().to_vec();
-        keys.extend(chain.rotations.iter().map(|(_, key)| key.clone()));
-        receipt.verify(&keys)?;
+        receipt_signed(receipt, trust.keys(), &chain.rotations)?;
         if let Some(instance) = &chain.instance
             && *instance != receipt.instance()
         {
@@ -895,4 +1078,41 @@ fn locate(
         ))
     })();
     Ok((chain, verdict, leaves))
+}
+
+/// Checks that `receipt` was signed by a key that signed for the log when
+/// it was issued: a trusted key until the first rotation, each rotation's
+/// key until the next. Keys learned from the chain count only when the
+/// chain's checkpoints were checked against trusted keys.
+fn receipt_signed(
+    receipt: &Receipt,
+    trusted: &[AuditVerifier],
+    rotations: &[KeyRotation],
+) -> Result<(), ReceiptError> {
+    if trusted.is_empty() {
+        return Err(ReceiptError::Forged);
+    }
+    let mut periods: Vec<(&[AuditVerifier], Option<&str>)> =
+        vec![(trusted, rotations.first().map(|r| r.time.as_str()))];
+    for (i, rotation) in rotations.iter().enumerate() {
+        let until = rotations.get(i + 1).map(|r| r.time.as_str());
+        periods.push((std::slice::from_ref(&rotation.key), until));
+    }
+    let mut signed_by_one = false;
+    for (keys, until) in periods {
+        if receipt.verify(keys).is_ok() {
+            signed_by_one = true;
+            // Times are RFC 3339 in one form: they compare as text.
+            if until.is_none_or(|until| receipt.time() <= until) {
+                return Ok(());
+            }
+        }
+    }
+    Err(if signed_by_one {
+        ReceiptError::Broken(
+            "the receipt is signed by a key the log had handed on before the receipt's time: a retired key cannot vouch for later decisions".into(),
+        )
+    } else {
+        ReceiptError::Forged
+    })
 }
