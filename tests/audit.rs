@@ -25,8 +25,8 @@ use tower::ServiceExt;
 use tower_idempotency::{
     IdempotencyLayer, MemoryStore,
     audit::{
-        AuditFailure, AuditLine, AuditLog, AuditSigner, AuditSink, JsonlSink, merkle, verify_file,
-        verify_lines,
+        AuditError, AuditFailure, AuditLine, AuditLog, AuditSigner, AuditSink, JsonlSink, merkle,
+        verify_file, verify_lines,
     },
     once::{AtMostOnce, OnceError},
     store::{Fault, FaultyStore, Op},
@@ -947,6 +947,232 @@ mod postgres {
             .position(|l| l.contains("\"seq\":3,") && !l.contains("checkpoint"))
             .unwrap();
         assert_eq!(broken.line, at as u64 + 1, "{broken}");
+    }
+
+    /// A pool whose sessions carry `name`, so a test can end them.
+    async fn named_pool(name: &str) -> Option<sqlx::PgPool> {
+        use std::str::FromStr;
+        let Ok(url) = std::env::var("DATABASE_URL") else {
+            eprintln!("skipping: DATABASE_URL is not set");
+            return None;
+        };
+        let options = sqlx::postgres::PgConnectOptions::from_str(&url)
+            .unwrap()
+            .application_name(name);
+        Some(sqlx::PgPool::connect_with(options).await.unwrap())
+    }
+
+    /// Ends every session of the pool named `app` (as a failover, an
+    /// operator's `pg_terminate_backend` or an idle timeout would) while
+    /// another session waits for the chain's lock of `instance`, so the lock
+    /// passes to that one; returns it, holding the lock.
+    async fn take_the_chain(pool: &sqlx::PgPool, app: &str, instance: &str) -> sqlx::PgConnection {
+        use sqlx::Connection;
+        let url = std::env::var("DATABASE_URL").unwrap();
+        let thief = format!("thief-{instance}");
+        let mut other = sqlx::PgConnection::connect(&format!("{url}?application_name={thief}"))
+            .await
+            .unwrap();
+        let instance = instance.to_owned();
+        let waiting = tokio::spawn(async move {
+            sqlx::query(
+                "SELECT pg_advisory_lock(hashtextextended('tower-idempotency/audit/' || $1, 0))",
+            )
+            .bind(&instance)
+            .execute(&mut other)
+            .await
+            .unwrap();
+            other
+        });
+        // The other session waits in the lock's queue before the writer's
+        // session ends, so it has the lock before the writer can ask again.
+        loop {
+            let queued: bool = sqlx::query_scalar(
+                "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+            )
+            .bind(&thief)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            if queued {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(app)
+        .execute(pool)
+        .await
+        .unwrap();
+        waiting.await.unwrap()
+    }
+
+    async fn wait_for_entries(pool: &sqlx::PgPool, name: &str, n: usize) {
+        for _ in 0..2000 {
+            let lines = PostgresAuditSink::lines(pool, name).await.unwrap();
+            if entries(&lines).len() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("{n} entries were never written");
+    }
+
+    async fn status(app: &Router, key: &'static str) -> StatusCode {
+        let response = app.clone().oneshot(post_with_key(key, "x")).await.unwrap();
+        let status = response.status();
+        body_bytes(response).await;
+        status
+    }
+
+    /// A writer whose session ended while a request ran, and whose lock
+    /// another session took meanwhile: the entry cannot be written, the log
+    /// turns unhealthy, the next keyed request runs nothing, and close says
+    /// how many decisions were not written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_whose_lock_was_taken_refuses_and_counts_what_it_could_not_write() {
+        let name = instance("pg-taken");
+        let app_name = format!("a-{name}");
+        let Some(pool) = named_pool(&app_name).await else {
+            return;
+        };
+        let Some(watcher) = pool_for_checks().await else {
+            return;
+        };
+        let signer = signer();
+        let audit = AuditLog::builder(&name, signer.clone())
+            // Nothing finds the lost session before the next request.
+            .with_probe_interval(Duration::from_secs(3600))
+            .with_close_timeout(Duration::from_secs(2))
+            .start(
+                PostgresAuditSink::connect(pool.clone(), &name)
+                    .await
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let counter = Counter::default();
+        let app = common::booking_router(counter.clone())
+            .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+        assert_eq!(status(&app, "k1").await, StatusCode::CREATED);
+        assert_eq!(status(&app, "k2").await, StatusCode::CREATED);
+        wait_for_entries(&watcher, &name, 2).await;
+
+        let _thief = take_the_chain(&watcher, &app_name, &name).await;
+        // This one had its place before the writer knew: it runs, and its
+        // entry is what cannot be written.
+        assert_eq!(status(&app, "k3").await, StatusCode::CREATED);
+        until(|| !audit.is_healthy() && audit.unwritten() == 1).await;
+        assert_eq!(status(&app, "k4").await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(counter.get(), 3, "nothing runs once the chain is taken");
+
+        match audit.close().await {
+            Err(AuditError::Taken { unwritten, error }) => {
+                assert_eq!(unwritten, 2, "k3's entry and k4's refusal");
+                assert!(error.to_string().contains("another writer"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let lines = PostgresAuditSink::lines(&watcher, &name).await.unwrap();
+        verify_lines(&lines, Some(&signer.verifier())).unwrap();
+        assert_eq!(decisions(&lines), ["executed", "executed"]);
+    }
+
+    /// The same loss while no request comes: the idle probe finds it, and
+    /// the first request after it runs nothing. Here the other session also
+    /// writes a row and lets the lock go, so the writer could take its lock
+    /// back, and must still refuse the chain that went on without it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_writer_finds_its_chain_taken_before_a_request_runs() {
+        let name = instance("pg-idle");
+        let app_name = format!("a-{name}");
+        let Some(pool) = named_pool(&app_name).await else {
+            return;
+        };
+        let Some(watcher) = pool_for_checks().await else {
+            return;
+        };
+        let audit = AuditLog::builder(&name, signer())
+            .with_probe_interval(Duration::from_millis(20))
+            .start(
+                PostgresAuditSink::connect(pool.clone(), &name)
+                    .await
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let counter = Counter::default();
+        let app = common::booking_router(counter.clone())
+            .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+        assert_eq!(status(&app, "k1").await, StatusCode::CREATED);
+        wait_for_entries(&watcher, &name, 1).await;
+
+        let mut thief = take_the_chain(&watcher, &app_name, &name).await;
+        sqlx::query("INSERT INTO idempotency_audit (instance, seq, checkpoint, line) VALUES ($1, 2, false, '{\"seq\":2,\"decision\":\"executed\"}')")
+            .bind(&name)
+            .execute(&mut thief)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut thief)
+            .await
+            .unwrap();
+        until(|| audit.unwritten() == 0 && !audit.is_healthy()).await;
+        assert_eq!(status(&app, "k2").await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(counter.get(), 1);
+        match audit.close().await {
+            Err(AuditError::Taken { unwritten, .. }) => assert_eq!(unwritten, 1),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A session that ended with nobody waiting for the lock is only an
+    /// outage: the writer takes its lock back and the chain goes on whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_whose_session_ended_takes_its_lock_back() {
+        let name = instance("pg-back");
+        let app_name = format!("a-{name}");
+        let Some(pool) = named_pool(&app_name).await else {
+            return;
+        };
+        let Some(watcher) = pool_for_checks().await else {
+            return;
+        };
+        let signer = signer();
+        let audit = AuditLog::builder(&name, signer.clone())
+            .with_probe_interval(Duration::from_millis(20))
+            .start(
+                PostgresAuditSink::connect(pool.clone(), &name)
+                    .await
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let counter = Counter::default();
+        let app = common::booking_router(counter.clone())
+            .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+        assert_eq!(status(&app, "k1").await, StatusCode::CREATED);
+        wait_for_entries(&watcher, &name, 1).await;
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(&app_name)
+        .execute(&watcher)
+        .await
+        .unwrap();
+        assert_eq!(status(&app, "k2").await, StatusCode::CREATED);
+        wait_for_entries(&watcher, &name, 2).await;
+        assert!(audit.is_healthy());
+        audit.close().await.unwrap();
+        let lines = PostgresAuditSink::lines(&watcher, &name).await.unwrap();
+        verify_lines(&lines, Some(&signer.verifier())).unwrap();
+        assert_eq!(decisions(&lines), ["executed", "executed"]);
+    }
+
+    async fn pool_for_checks() -> Option<sqlx::PgPool> {
+        pool().await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2075,4 +2301,44 @@ async fn a_retired_key_cannot_vouch_for_later_receipts() {
     // No trusted key: nothing vouches.
     let (_, found) = check_receipt(&path, &Trust::new(), &after).unwrap();
     assert_eq!(found.unwrap_err(), ReceiptError::Forged);
+}
+
+/// A sink whose append panics, as a bug in a sink would.
+struct PanickingSink(Arc<AtomicBool>);
+
+impl AuditSink for PanickingSink {
+    async fn tail(&mut self) -> io::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    async fn append(&mut self, _: &[AuditLine]) -> io::Result<()> {
+        self.0.store(true, Ordering::SeqCst);
+        panic!("a sink's bug");
+    }
+}
+
+/// A writer that died of a panic leaves no one waiting: the log is
+/// unhealthy, a key rotation asked for afterwards is answered `Closed`, and
+/// close says the writer failed.
+#[tokio::test(start_paused = true)]
+async fn a_writer_that_panicked_answers_rotations_and_turns_unhealthy() {
+    let panicked = Arc::new(AtomicBool::new(false));
+    let audit = AuditLog::builder("api-1", signer())
+        .start(PanickingSink(panicked.clone()))
+        .await
+        .unwrap();
+    let app = common::booking_router(Counter::default())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    body_bytes(app.clone().oneshot(post_with_key("p1", "x")).await.unwrap()).await;
+    until(|| panicked.load(Ordering::SeqCst)).await;
+    tokio::task::yield_now().await;
+    assert!(!audit.is_healthy());
+    let next = AuditSigner::generate("test-audit-2").unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(60), audit.rotate_key(next))
+        .await
+        .expect("a rotation is answered, not left waiting");
+    assert!(matches!(answered, Err(AuditError::Closed)), "{answered:?}");
+    let response = app.oneshot(post_with_key("p2", "x")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(audit.close().await.is_err());
 }

@@ -122,7 +122,7 @@ pub use file::JsonlSink;
 pub use postgres::PostgresAuditSink;
 pub(crate) use receipt::ReceiptSlot;
 pub use receipt::{RECEIPT_HEADER, Receipt, ReceiptError, ReceiptProof};
-pub use sink::{AuditLine, AuditSink};
+pub use sink::{AuditLine, AuditSink, ChainTaken};
 pub(crate) use trail::Trail;
 pub use verify::{
     ChainBreak, HistoryEntry, KeyRotation, ReceiptFound, Trust, VerifiedChain, VerifyError,
@@ -168,6 +168,16 @@ pub enum AuditError {
         /// The sink's last error.
         error: io::Error,
     },
+    /// The chain passed to another writer while this one ran (its sink
+    /// said [`ChainTaken`]): from then on it refused every request
+    /// (fail-closed) or ran them without entries (fail-open).
+    Taken {
+        /// Decisions that had, or asked for, a place in the chain and were
+        /// not written: those queued when it was taken and every one after.
+        unwritten: u64,
+        /// What the sink found.
+        error: io::Error,
+    },
 }
 
 impl fmt::Display for AuditError {
@@ -185,6 +195,9 @@ impl fmt::Display for AuditError {
             AuditError::Unwritten { lines, error } => {
                 write!(f, "{lines} audit lines were not written: {error}")
             }
+            AuditError::Taken { unwritten, error } => {
+                write!(f, "{error}; {unwritten} decisions were not written")
+            }
         }
     }
 }
@@ -192,7 +205,9 @@ impl fmt::Display for AuditError {
 impl std::error::Error for AuditError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            AuditError::Sink(err) | AuditError::Unwritten { error: err, .. } => Some(err),
+            AuditError::Sink(err)
+            | AuditError::Unwritten { error: err, .. }
+            | AuditError::Taken { error: err, .. } => Some(err),
             _ => None,
         }
     }
@@ -222,6 +237,7 @@ pub struct AuditBuilder {
     secret: Option<Vec<u8>>,
     close_timeout: Duration,
     append_timeout: Duration,
+    probe_interval: Duration,
     linger: Duration,
     receipts: bool,
 }
@@ -238,6 +254,7 @@ impl fmt::Debug for AuditBuilder {
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("close_timeout", &self.close_timeout)
             .field("append_timeout", &self.append_timeout)
+            .field("probe_interval", &self.probe_interval)
             .field("linger", &self.linger)
             .field("receipts", &self.receipts)
             .finish()
@@ -308,6 +325,16 @@ impl AuditBuilder {
         self
     }
 
+    /// How long the writer may sit idle before it asks the sink whether it
+    /// could still append ([`AuditSink::probe`]; default 1 s, at least
+    /// 1 ms): a database session that ended while no request came (and
+    /// with it the PostgreSQL sink's lock) shows as unhealthy, or as a
+    /// chain taken by another writer, before the next request runs.
+    pub fn with_probe_interval(mut self, interval: Duration) -> Self {
+        self.probe_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
     /// Gives every response whose decision has a place in the chain an
     /// `Idempotency-Receipt` header ([`RECEIPT_HEADER`]): the log's signed
     /// word that the entry carrying the receipt's id is in the chain (see
@@ -346,6 +373,8 @@ impl AuditBuilder {
             healthy: AtomicBool::new(true),
             closing: AtomicBool::new(false),
             lost: AtomicU64::new(0),
+            taken: AtomicBool::new(false),
+            unwritten: AtomicU64::new(0),
             close: Notify::new(),
             rotation: Mutex::new(Ok(None)),
             rotate: Notify::new(),
@@ -370,6 +399,7 @@ impl AuditBuilder {
             batch: self.batch,
             close_timeout: self.close_timeout,
             append_timeout: self.append_timeout,
+            probe_interval: self.probe_interval,
             linger: self.linger,
             state: state.clone(),
         };
@@ -381,15 +411,10 @@ impl AuditBuilder {
                 )))
             })?;
         }
-        let ended = state.clone();
+        let ended = Ended(state.clone());
         let task = tokio::spawn(async move {
-            let result = writer.run(rx).await;
-            // A rotation asked for now is answered `Closed`.
-            *ended
-                .rotation
-                .lock()
-                .expect("the rotation slot is never poisoned") = Err(());
-            result
+            let _ended = ended;
+            writer.run(rx).await
         });
         Ok(AuditLog {
             shared: Arc::new(Shared {
@@ -467,6 +492,10 @@ struct State {
     closing: AtomicBool,
     /// Decisions that found no room, not yet written as a `lost` entry.
     lost: AtomicU64,
+    /// The chain passed to another writer: this one writes nothing more.
+    taken: AtomicBool,
+    /// Decisions queued for the chain when it was taken, or after.
+    unwritten: AtomicU64,
     close: Notify,
     /// A key rotation asked for, and who waits for it; `Err` once the
     /// writer has stopped.
@@ -475,6 +504,26 @@ struct State {
     /// The key that signs receipts, when they are given: the writer's
     /// current key.
     receipts: std::sync::RwLock<Option<Arc<AuditSigner>>>,
+}
+
+/// Marks the writer stopped when its task ends, by returning or by a
+/// panic: a rotation asked for is answered `Closed`, and the log is
+/// unhealthy.
+struct Ended(Arc<State>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.healthy.store(false, Ordering::Relaxed);
+        let waiting = std::mem::replace(
+            &mut *self
+                .0
+                .rotation
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            Err(()),
+        );
+        drop(waiting);
+    }
 }
 
 /// A key rotation on its way to the writer.
@@ -497,6 +546,7 @@ impl AuditLog {
             secret: None,
             close_timeout: Duration::from_secs(10),
             append_timeout: Duration::from_secs(5),
+            probe_interval: Duration::from_secs(1),
             linger: Duration::from_millis(5),
             receipts: false,
         }
@@ -515,9 +565,19 @@ impl AuditLog {
         hex
     }
 
-    /// Whether the last append succeeded.
+    /// Whether the last append (or idle probe) succeeded.
     pub fn is_healthy(&self) -> bool {
         self.shared.state.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Decisions this log could not write because its chain passed to
+    /// another writer ([`AuditError::Taken`]); 0 while the chain is its own.
+    pub fn unwritten(&self) -> u64 {
+        let state = &self.shared.state;
+        if !state.taken.load(Ordering::SeqCst) {
+            return 0;
+        }
+        state.unwritten.load(Ordering::Relaxed) + state.lost.load(Ordering::Relaxed)
     }
 
     /// Hands signing over to `next`: the writer appends a `key_rotated`
@@ -569,8 +629,15 @@ impl AuditLog {
         };
         self.shared.state.closing.store(true, Ordering::SeqCst);
         self.shared.state.close.notify_one();
-        task.await
-            .map_err(|err| AuditError::Sink(io::Error::other(err)))?
+        match task.await {
+            // Refusals go on being counted after the writer stopped.
+            Ok(Err(AuditError::Taken { error, .. })) => Err(AuditError::Taken {
+                unwritten: self.unwritten(),
+                error,
+            }),
+            Ok(closed) => closed,
+            Err(err) => Err(AuditError::Sink(io::Error::other(err))),
+        }
     }
 
     /// A place for a request's decisions, reserved now. `Err` under
@@ -676,12 +743,75 @@ struct Writer<S> {
     batch: usize,
     close_timeout: Duration,
     append_timeout: Duration,
+    probe_interval: Duration,
     linger: Duration,
     state: Arc<State>,
 }
 
 impl<S: AuditSink> Writer<S> {
     async fn run(mut self, mut rx: mpsc::Receiver<Pending>) -> Result<AuditSummary, AuditError> {
+        match self.serve(&mut rx).await {
+            Err(AuditError::Taken { unwritten, error }) => {
+                Err(self.taken(rx, unwritten, error).await)
+            }
+            served => served,
+        }
+    }
+
+    /// The chain is another writer's: refuse every request from now on
+    /// (the queue is closed), and count the decisions that were queued or
+    /// still hold a place ([`AuditLog::close`] adds the refusals).
+    async fn taken(
+        &mut self,
+        mut rx: mpsc::Receiver<Pending>,
+        unwritten: u64,
+        error: io::Error,
+    ) -> AuditError {
+        let state = &self.state;
+        state.healthy.store(false, Ordering::Relaxed);
+        state.unwritten.fetch_add(unwritten, Ordering::Relaxed);
+        state.taken.store(true, Ordering::SeqCst);
+        rx.close();
+        tracing::error!(
+            %error,
+            unwritten,
+            "the audit chain passed to another writer; this one writes nothing more: requests are refused (fail-closed) or run without entries (fail-open), and every decision is counted as unwritten"
+        );
+        let mut closing = state
+            .closing
+            .load(Ordering::SeqCst)
+            .then(|| Instant::now() + self.close_timeout);
+        loop {
+            let next = match closing {
+                None => tokio::select! {
+                    biased;
+                    () = state.close.notified() => {
+                        closing = Some(Instant::now() + self.close_timeout);
+                        continue;
+                    }
+                    next = rx.recv() => next,
+                },
+                Some(deadline) => tokio::time::timeout_at(deadline, rx.recv())
+                    .await
+                    .unwrap_or(None),
+            };
+            match next {
+                Some(_) => {
+                    state.unwritten.fetch_add(1, Ordering::Relaxed);
+                }
+                None => break,
+            }
+        }
+        AuditError::Taken {
+            unwritten: state.unwritten.load(Ordering::Relaxed),
+            error,
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        rx: &mut mpsc::Receiver<Pending>,
+    ) -> Result<AuditSummary, AuditError> {
         let mut pending = Vec::with_capacity(self.batch);
         let mut lines = Vec::new();
         let mut closing: Option<Instant> = None;
@@ -699,6 +829,10 @@ impl<S: AuditSink> Writer<S> {
                         // it (see the end of the loop); this only wakes an
                         // idle writer for it.
                         () = self.state.rotate.notified() => 0,
+                        () = tokio::time::sleep(self.probe_interval) => {
+                            self.probe().await?;
+                            continue;
+                        }
                         received = rx.recv_many(&mut pending, self.batch) => {
                             if received == 0 {
                                 // Every handle is gone: close.
@@ -907,6 +1041,28 @@ impl<S: AuditSink> Writer<S> {
         });
     }
 
+    /// Asks an idle sink whether it could append now.
+    async fn probe(&mut self) -> Result<(), AuditError> {
+        match patient(&self.state, self.append_timeout, self.sink.probe()).await {
+            Ok(()) => {
+                if !self.state.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!("audit sink recovered");
+                }
+                Ok(())
+            }
+            Err(error) if ChainTaken::is(&error) => Err(AuditError::Taken {
+                unwritten: 0,
+                error,
+            }),
+            Err(error) => {
+                if self.state.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::error!(%error, "audit sink failed its idle probe; requests are refused until it recovers (fail-closed) or run without entries (fail-open)");
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Appends `lines`, trying again with a growing pause while the sink
     /// fails; when closing, until the close deadline.
     async fn write(
@@ -930,26 +1086,7 @@ impl<S: AuditSink> Writer<S> {
                             "the sink did not answer before the close timeout",
                         ))
                     }),
-                // A sink that hangs (rather than fails) is unhealthy once
-                // it has not answered within the append timeout, so requests
-                // are refused (fail-closed) or counted (fail-open) rather
-                // than run while their entries wait; the append itself is
-                // awaited to its end, all or nothing.
-                None => {
-                    let mut append = std::pin::pin!(self.sink.append(lines));
-                    match tokio::time::timeout(self.append_timeout, append.as_mut()).await {
-                        Ok(appended) => appended,
-                        Err(_) => {
-                            if self.state.healthy.swap(false, Ordering::Relaxed) {
-                                tracing::error!(
-                                    timeout_ms = self.append_timeout.as_millis() as u64,
-                                    "audit sink has not answered within the append timeout; requests are refused until it does (fail-closed) or run without entries (fail-open)"
-                                );
-                            }
-                            append.await
-                        }
-                    }
-                }
+                None => patient(&self.state, self.append_timeout, self.sink.append(lines)).await,
             };
             match appended {
                 Ok(()) => {
@@ -959,6 +1096,12 @@ impl<S: AuditSink> Writer<S> {
                     self.written += lines.iter().filter(|l| !l.checkpoint).count() as u64;
                     lines.clear();
                     return Ok(());
+                }
+                Err(error) if ChainTaken::is(&error) => {
+                    return Err(AuditError::Taken {
+                        unwritten: lines.iter().filter(|l| !l.checkpoint).count() as u64,
+                        error,
+                    });
                 }
                 Err(error) => {
                     if self.state.healthy.swap(false, Ordering::Relaxed) {
@@ -974,6 +1117,27 @@ impl<S: AuditSink> Writer<S> {
                     pause = (pause * 2).min(Duration::from_secs(1));
                 }
             }
+        }
+    }
+}
+
+/// Awaits a sink's call to its end (all or nothing), marking the log
+/// unhealthy once it has not answered within `timeout`: a sink that hangs
+/// rather than fails (a stalled disk, a paused database) then refuses
+/// requests (fail-closed) or counts them (fail-open) rather than run them
+/// while their entries wait.
+async fn patient<T>(state: &State, timeout: Duration, call: impl Future<Output = T>) -> T {
+    let mut call = std::pin::pin!(call);
+    match tokio::time::timeout(timeout, call.as_mut()).await {
+        Ok(answered) => answered,
+        Err(_) => {
+            if state.healthy.swap(false, Ordering::Relaxed) {
+                tracing::error!(
+                    timeout_ms = timeout.as_millis() as u64,
+                    "audit sink has not answered within the append timeout; requests are refused until it does (fail-closed) or run without entries (fail-open)"
+                );
+            }
+            call.await
         }
     }
 }

@@ -5,7 +5,7 @@ use std::io;
 
 use sqlx::{Connection, PgPool, Postgres, Row, pool::PoolConnection};
 
-use super::{AuditLine, AuditSink};
+use super::{AuditLine, AuditSink, ChainTaken};
 
 const SCHEMA: &str = r#"
 SELECT pg_advisory_xact_lock(hashtextextended('tower-idempotency/audit/schema', 0));
@@ -47,6 +47,14 @@ pub struct PostgresAuditSink {
     pool: PgPool,
     instance: String,
     connection: Option<PoolConnection<Postgres>>,
+    /// The chain's last seq as this writer knows it: from its tail, then
+    /// from each committed batch.
+    last_seq: Option<u64>,
+    /// The lock was taken once: losing it now means the chain may have
+    /// passed to another writer.
+    started: bool,
+    /// The last append failed: its batch may have committed unacknowledged.
+    unacknowledged: bool,
 }
 
 fn other(err: sqlx::Error) -> io::Error {
@@ -76,6 +84,9 @@ impl PostgresAuditSink {
             pool,
             instance: instance.to_owned(),
             connection: None,
+            last_seq: None,
+            started: false,
+            unacknowledged: false,
         };
         sink.connection().await?;
         Ok(sink)
@@ -93,14 +104,37 @@ impl PostgresAuditSink {
             .await
             .map_err(other)?;
             if !locked {
-                return Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!(
-                        "another writer holds the audit chain of instance `{}`",
-                        self.instance
-                    ),
-                ));
+                let held = format!(
+                    "another writer holds the audit chain of instance `{}`",
+                    self.instance
+                );
+                return Err(if self.started {
+                    ChainTaken::error(format!("{held}: this writer's session ended"))
+                } else {
+                    io::Error::new(io::ErrorKind::WouldBlock, held)
+                });
             }
+            if self.started
+                && let Some(last) = self.last_seq
+            {
+                // The lock was free again, but another writer may have held
+                // it meanwhile: nothing may follow this writer's last row.
+                let max: Option<i64> = sqlx::query_scalar(
+                    "SELECT max(seq) FROM idempotency_audit WHERE instance = $1",
+                )
+                .bind(&self.instance)
+                .fetch_one(&mut *connection)
+                .await
+                .map_err(other)?;
+                if max.is_some_and(|max| max as u64 > last) && !self.unacknowledged {
+                    return Err(ChainTaken::error(format!(
+                        "the chain of `{}` goes on to seq {} after this writer's last row, seq {last}: another writer continued it while this writer's session was gone",
+                        self.instance,
+                        max.unwrap_or(0)
+                    )));
+                }
+            }
+            self.started = true;
             self.connection = Some(connection);
         }
         Ok(self.connection.as_mut().expect("set above"))
@@ -120,6 +154,7 @@ impl PostgresAuditSink {
 
     async fn try_append(&mut self, lines: &[AuditLine]) -> io::Result<()> {
         let instance = self.instance.clone();
+        let retry = self.unacknowledged;
         let connection = self.connection().await?;
         let mut tx = connection.begin().await.map_err(other)?;
         let seqs: Vec<i64> = lines
@@ -164,17 +199,32 @@ impl PostgresAuditSink {
                 // A retried batch holds the very same lines, checkpoints
                 // included: any other row there was written by someone else.
                 if ours.is_some_and(|l| l.text != line) {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "the chain of `{instance}` already holds another {} at seq {seq}: a row this writer did not write (a second writer, or an INSERT by hand)",
-                            if checkpoint { "checkpoint" } else { "entry" }
-                        ),
-                    ));
+                    return Err(ChainTaken::error(format!(
+                        "the chain of `{instance}` already holds another {} at seq {seq}: a row this writer did not write (a second writer, or an INSERT by hand)",
+                        if checkpoint { "checkpoint" } else { "entry" }
+                    )));
                 }
             }
         }
-        tx.commit().await.map_err(other)
+        let last = lines.last().map_or(0, |l| l.seq);
+        if retry {
+            // A retry: its batch may have committed, and another writer
+            // continued after it while this one had no session.
+            let max: Option<i64> =
+                sqlx::query_scalar("SELECT max(seq) FROM idempotency_audit WHERE instance = $1")
+                    .bind(&instance)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(other)?;
+            if let Some(max) = max.filter(|max| *max as u64 > last) {
+                return Err(ChainTaken::error(format!(
+                    "the chain of `{instance}` goes on to seq {max} after this writer's batch, which ends at seq {last}: a row this writer did not write"
+                )));
+            }
+        }
+        tx.commit().await.map_err(other)?;
+        self.last_seq = Some(last);
+        Ok(())
     }
 }
 
@@ -210,6 +260,7 @@ impl AuditSink for PostgresAuditSink {
         .fetch_all(&mut **connection)
         .await
         .map_err(other)?;
+        self.last_seq = Some(max.unwrap_or(0) as u64);
         rows.into_iter()
             .map(|(seq, checkpoint, line)| {
                 // Each entry's row is at its own seq.
@@ -227,14 +278,26 @@ impl AuditSink for PostgresAuditSink {
 
     async fn append(&mut self, lines: &[AuditLine]) -> io::Result<()> {
         let result = self.try_append(lines).await;
+        self.unacknowledged = result.is_err();
         if result.is_err() {
-            // Its lock may be gone with it: close it (a pooled session would
-            // keep the lock) and take a fresh one next time.
-            if let Some(connection) = self.connection.take() {
-                let _ = connection.close().await;
-            }
+            self.drop_connection().await;
         }
         result
+    }
+
+    /// An idle writer's check that its session, and with it its lock, is
+    /// still there; a lost session is taken again, if no other writer
+    /// took the chain meanwhile.
+    async fn probe(&mut self) -> io::Result<()> {
+        if let Some(connection) = self.connection.as_mut()
+            && sqlx::query("SELECT 1")
+                .execute(&mut **connection)
+                .await
+                .is_err()
+        {
+            self.drop_connection().await;
+        }
+        self.connection().await.map(drop)
     }
 
     async fn close(&mut self) -> io::Result<()> {
@@ -249,6 +312,16 @@ impl AuditSink for PostgresAuditSink {
         .await
         .map_err(other)?;
         Ok(())
+    }
+}
+
+impl PostgresAuditSink {
+    /// Ends the locked session after an error: its lock may be gone with it,
+    /// and a pooled session would keep it.
+    async fn drop_connection(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            let _ = connection.close().await;
+        }
     }
 }
 

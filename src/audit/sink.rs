@@ -1,6 +1,6 @@
 //! Where a chain's lines go: the [`AuditSink`] trait.
 
-use std::{future::Future, io};
+use std::{error::Error, fmt, future::Future, io};
 
 /// One line of a chain as a sink stores it: an entry, or a signed
 /// checkpoint after the entry of the same `seq`.
@@ -40,7 +40,11 @@ impl AuditLine {
 ///   `seq`), so a partial write must be undone or recognised.
 /// - Only one writer appends to a chain: a sink should refuse a second one
 ///   (the file sink locks its file, the PostgreSQL sink takes an advisory
-///   lock per instance).
+///   lock per instance). A sink that finds, after it started, that the
+///   chain is no longer its writer's (its lock went with its session and
+///   another writer holds it, or rows it did not write follow its own)
+///   fails with [`ChainTaken`] (see [`ChainTaken::error`]): the writer then
+///   stops for good, refusing requests and counting what it cannot write.
 pub trait AuditSink: Send + 'static {
     /// The end of the chain already stored, as lines in order: from the
     /// entry the last checkpoint signs (that entry, the checkpoint line,
@@ -58,6 +62,14 @@ pub trait AuditSink: Send + 'static {
 
     /// Stores `lines` durably and in order; see the trait's rules.
     fn append(&mut self, lines: &[AuditLine]) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Checks, while the writer is idle, that the sink could append now:
+    /// an error marks the log unhealthy before any request runs (a
+    /// [`ChainTaken`] stops it). Called after each idle probe interval;
+    /// does nothing by default.
+    fn probe(&mut self) -> impl Future<Output = io::Result<()>> + Send {
+        async { Ok(()) }
+    }
 
     /// Whether the sink wants its current file closed and a new one begun
     /// (it reached its size or age): asked after every append that ends
@@ -92,3 +104,29 @@ pub trait AuditSink: Send + 'static {
         async { Ok(()) }
     }
 }
+
+/// The chain a sink holds has passed to another writer: see [`AuditSink`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainTaken(pub String);
+
+impl ChainTaken {
+    /// This as an [`io::Error`], what a sink returns.
+    pub fn error(why: impl Into<String>) -> io::Error {
+        io::Error::other(ChainTaken(why.into()))
+    }
+
+    /// Whether `error` says the chain was taken.
+    pub fn is(error: &io::Error) -> bool {
+        error
+            .get_ref()
+            .is_some_and(|inner| inner.is::<ChainTaken>())
+    }
+}
+
+impl fmt::Display for ChainTaken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the audit chain is no longer this writer's: {}", self.0)
+    }
+}
+
+impl Error for ChainTaken {}
