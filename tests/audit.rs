@@ -2122,6 +2122,39 @@ async fn a_key_rotation_hands_signing_to_the_next_key() {
         verify_file_with_key(&path, &with_old),
         "the continued chain verifies"
     );
+
+    // A crash tore the rotation's batch: its entry is there, the checkpoint
+    // both keys sign is not. The rotation did not happen (rotate_key never
+    // answered): the old key continues the chain, the rotation's entry is
+    // adopted unsigned, and nothing is handed to the next key.
+    let mut torn: Vec<String> = lines[..=rotation].to_vec();
+    torn.push(String::new());
+    std::fs::write(&path, torn.join("\n")).unwrap();
+    let err = AuditLog::builder("api-1", next.clone())
+        .start(JsonlSink::open(&path).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not signed by this writer's key"),
+        "{err}"
+    );
+    let resumed = AuditLog::builder("api-1", old.clone())
+        .start(JsonlSink::open(&path).unwrap())
+        .await
+        .unwrap();
+    let app = common::booking_router(Counter::default())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(resumed.clone()));
+    body_bytes(app.oneshot(post_with_key("r5", "x")).await.unwrap()).await;
+    resumed.close().await.unwrap();
+    let chain = verify_lines_with(&read_lines(&path), &with_old).unwrap();
+    assert!(chain.rotations.is_empty(), "{:?}", chain.rotations);
+    assert_eq!(
+        chain.adopted.len(),
+        1,
+        "the rotation's entry, adopted unsigned"
+    );
+    assert_eq!(chain.adopted[0], (rotation as u64 + 1, rotation as u64 + 1));
+    assert!(verify_lines_with(&read_lines(&path), &with_next).is_err());
 }
 
 fn verify_file_with_key(path: &Path, trust: &tower_idempotency::audit::Trust) -> bool {

@@ -443,6 +443,10 @@ impl<'k> Checker<'k> {
                     "a `resumed` entry counts {counted} entries adopted after the last checkpoint, but {after} follow it"
                 )));
             }
+            // A rotation no checkpoint signed before the restart did not
+            // happen: its entry is adopted unsigned like the rest, and the
+            // writer signs on with the key it had.
+            self.next_key = None;
             if let Some(run) = self.since.take() {
                 self.adopted.push(run);
             }
