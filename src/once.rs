@@ -364,7 +364,7 @@ impl<St: Store + Clone> AtMostOnce<St> {
     fn trail(&self, scope: &str, key: &str) -> Result<Option<Trail>, ()> {
         #[cfg(feature = "audit")]
         if let Some(audit) = &self.audit {
-            return audit.trail(Some(scope), Some(key)).map(Some);
+            return audit.call_trail(scope, key).map(Some);
         }
         let _ = (scope, key);
         Ok(None)

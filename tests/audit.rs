@@ -386,6 +386,8 @@ async fn take_overs_fenced_and_abandoned_completions_have_their_entries() {
 async fn every_decision_of_at_most_once_has_its_entry() {
     let sink = MemorySink::default();
     let audit = AuditLog::builder("worker-1", signer())
+        // A call has no response to carry a receipt: its entries name none.
+        .with_receipts()
         .start(sink.clone())
         .await
         .unwrap();
@@ -416,6 +418,7 @@ async fn every_decision_of_at_most_once_has_its_entry() {
     assert_eq!(all[0]["key"], sha256_hex(b"m1"));
     assert_eq!(all[0]["scope"], sha256_hex(b"s"));
     assert!(all[0].get("status").is_none());
+    assert!(all.iter().all(|e| e.get("receipt").is_none()), "{lines:#?}");
 }
 
 /// 64 duplicates at once: one `executed`, and every other one answered as

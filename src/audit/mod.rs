@@ -655,7 +655,22 @@ impl AuditLog {
         let hasher = &self.shared.hasher;
         let scope = scope.map(|s| hasher.digest(s.as_bytes()));
         let key = key.map(|k| hasher.digest(k.as_bytes()));
-        Trail::new(self.clone(), None, scope, key)
+        Trail::new(self.clone(), None, scope, key, true)
+    }
+
+    /// An [`AtMostOnce`](crate::once::AtMostOnce) call's place, reserved
+    /// now: like [`trail`](Self::trail), without a receipt.
+    pub(crate) fn call_trail(&self, scope: &str, key: &str) -> Result<Trail, ()> {
+        let hasher = &self.shared.hasher;
+        let mut trail = Trail::new(
+            self.clone(),
+            None,
+            Some(hasher.digest(scope.as_bytes())),
+            Some(hasher.digest(key.as_bytes())),
+            false,
+        );
+        trail.reserve()?;
+        Ok(trail)
     }
 
     /// The key receipts are signed with now, with receipts on.

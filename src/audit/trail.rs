@@ -27,8 +27,11 @@ impl Trail {
         permit: Option<OwnedPermit<Pending>>,
         scope: Option<[u8; 32]>,
         key: Option<[u8; 32]>,
+        receipt: bool,
     ) -> Self {
-        let receipt = log.receipt_slot(key);
+        // Only a response carries a receipt: an at-most-once call has none
+        // to give, and its entry promises nobody one.
+        let receipt = if receipt { log.receipt_slot(key) } else { None };
         if permit.is_some()
             && let Some(slot) = &receipt
         {
