@@ -2149,7 +2149,7 @@ async fn a_key_rotation_hands_signing_to_the_next_key() {
         .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(resumed.clone()));
     body_bytes(app.oneshot(post_with_key("r5", "x")).await.unwrap()).await;
     resumed.close().await.unwrap();
-    let chain = verify_lines_with(&read_lines(&path), &with_old).unwrap();
+    let chain = verify_lines_with(read_lines(&path), &with_old).unwrap();
     assert!(chain.rotations.is_empty(), "{:?}", chain.rotations);
     assert_eq!(
         chain.adopted.len(),
@@ -2157,7 +2157,7 @@ async fn a_key_rotation_hands_signing_to_the_next_key() {
         "the rotation's entry, adopted unsigned"
     );
     assert_eq!(chain.adopted[0], (rotation as u64 + 1, rotation as u64 + 1));
-    assert!(verify_lines_with(&read_lines(&path), &with_next).is_err());
+    assert!(verify_lines_with(read_lines(&path), &with_next).is_err());
 }
 
 fn verify_file_with_key(path: &Path, trust: &tower_idempotency::audit::Trust) -> bool {
