@@ -47,7 +47,9 @@
 //! `cargo run --example audit_verify -- PATH --public-key KEY.pub`. With
 //! `IDEMPOTENCY_AUDIT_RECEIPTS=1` every audited response carries a signed
 //! `Idempotency-Receipt` header, which `audit_verify --receipt FILE` checks
-//! against the chain.
+//! against the chain. With `IDEMPOTENCY_AUDIT_MAX_BYTES=N` the file is
+//! closed once it holds N bytes, as `PATH.<last seq>`, and the chain goes on
+//! in a new `PATH` (`audit_verify $(ls PATH.*) PATH ...` checks them all).
 //!
 //! Logs: the layer's warnings go to stderr (`RUST_LOG=debug` for more).
 //!
@@ -455,7 +457,7 @@ async fn audit_from_env() -> Result<Option<AuditLog>, String> {
         std::env::var("IDEMPOTENCY_AUDIT_INSTANCE").unwrap_or_else(|_| "booking-server".into());
     // A chain that holds entries is continued only with its own key: never
     // a new one made because the key file went missing.
-    let chain_holds_entries = std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
+    let chain_holds_entries = JsonlSink::holds_chain(&path);
     if chain_holds_entries && !key_file.exists() {
         return Err(format!(
             "IDEMPOTENCY_AUDIT_SIGNING_KEY {}: missing, but the chain {} holds entries signed with it; restore the key",
@@ -467,7 +469,18 @@ async fn audit_from_env() -> Result<Option<AuditLog>, String> {
     let (signer, created) = AuditSigner::load_or_generate(&key_file, "booking-server-audit")
         .map_err(|e| format!("IDEMPOTENCY_AUDIT_SIGNING_KEY {}: {e}", key_file.display()))?;
     let public = signer.verifier().to_string();
-    let sink = JsonlSink::open(&path).map_err(|e| format!("IDEMPOTENCY_AUDIT: {e}"))?;
+    let mut sink = JsonlSink::open(&path).map_err(|e| format!("IDEMPOTENCY_AUDIT: {e}"))?;
+    match std::env::var("IDEMPOTENCY_AUDIT_MAX_BYTES") {
+        Err(_) => {}
+        Ok(bytes) => match bytes.parse::<u64>() {
+            Ok(bytes) if bytes > 0 => sink = sink.with_max_bytes(bytes),
+            _ => {
+                return Err(format!(
+                    "IDEMPOTENCY_AUDIT_MAX_BYTES={bytes:?}: use a number of bytes, at least 1"
+                ));
+            }
+        },
+    }
     let mut builder = AuditLog::builder(instance, signer);
     match std::env::var("IDEMPOTENCY_AUDIT_RECEIPTS").as_deref() {
         Err(_) | Ok("0") => {}

@@ -324,7 +324,7 @@ async fn open_audit(args: &Args, path: &std::path::Path) -> Result<AuditLog, Str
     let key_file = std::path::PathBuf::from(key_file);
     // A chain that holds entries is continued only with its own key: never
     // a new one made because the key file went missing.
-    if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) && !key_file.exists() {
+    if JsonlSink::holds_chain(path) && !key_file.exists() {
         return Err(format!(
             "--audit signing key {}: missing, but the chain {} holds entries signed with it; restore the key",
             key_file.display(),
@@ -336,7 +336,13 @@ async fn open_audit(args: &Args, path: &std::path::Path) -> Result<AuditLog, Str
         AuditSigner::load_or_generate(&key_file, "idempotency-gateway-audit")
             .map_err(|e| format!("--audit signing key {}: {e}", key_file.display()))?;
     let public = signer.verifier().to_string();
-    let sink = JsonlSink::open(path).map_err(|e| format!("--audit {}: {e}", path.display()))?;
+    let mut sink = JsonlSink::open(path).map_err(|e| format!("--audit {}: {e}", path.display()))?;
+    if let Some(bytes) = args.audit_max_bytes {
+        sink = sink.with_max_bytes(bytes);
+    }
+    if let Some(secs) = args.audit_max_age_secs {
+        sink = sink.with_max_age(std::time::Duration::from_secs(secs));
+    }
     let mut builder = AuditLog::builder(args.audit_instance.clone(), signer);
     if let Some(secret) = &args.scope_secret {
         builder = builder.with_secret(secret);

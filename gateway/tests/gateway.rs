@@ -1885,3 +1885,62 @@ async fn a_sigterm_right_after_listening_drains() {
         assert!(exit.success(), "killed instead of drained: {exit:?}");
     }
 }
+
+/// The gateway's audit chain end to end: every answer carries a receipt,
+/// the file rotates at its size, and after a SIGTERM the files verify as
+/// one chain that holds every receipt.
+#[tokio::test]
+async fn the_gateway_audits_with_receipts_across_rotated_files() {
+    use tower_idempotency::audit::{
+        AuditVerifier, JsonlSink, Receipt, Trust, check_receipt_files, verify_files_with,
+    };
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let dir = std::env::temp_dir().join(unique("gateway-audit"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("audit.jsonl");
+    let path_arg = path.to_str().unwrap().to_owned();
+    let (mut child, addr) = spawn_gateway_binary(
+        upstream_addr,
+        &[
+            "--audit",
+            &path_arg,
+            "--audit-receipts",
+            "--audit-max-bytes",
+            "2000",
+        ],
+    )
+    .await;
+    let mut receipts = Vec::new();
+    for i in 0..12 {
+        let key = format!("audited-{i}");
+        for attempt in 0..2 {
+            let reply = send(addr, Method::POST, "/appointments", Some(&key), "{}").await;
+            assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+            assert_eq!(reply.replayed(), attempt == 1);
+            let header = reply.headers["idempotency-receipt"].to_str().unwrap();
+            receipts.push(Receipt::parse(header).unwrap());
+        }
+    }
+    signal(child.id().unwrap(), "TERM");
+    assert!(child.wait().await.unwrap().success());
+
+    let public = std::fs::read_to_string(dir.join("audit.jsonl.key.pub")).unwrap();
+    let key: AuditVerifier = public.trim().parse().unwrap();
+    let trust = Trust::new().with_key(key.clone());
+    let mut files = JsonlSink::rotated_files(&path).unwrap();
+    assert!(files.len() >= 2, "the file rotated: {files:?}");
+    files.push(path.clone());
+    let chain = verify_files_with(&files, &trust).unwrap();
+    assert!(chain.is_complete(), "{chain:?}");
+    assert!(chain.entries >= 24, "{}", chain.entries);
+    for receipt in &receipts {
+        receipt.verify(std::slice::from_ref(&key)).unwrap();
+        let (_, found) = check_receipt_files(&files, &trust, receipt).unwrap();
+        let found = found.unwrap();
+        assert!(
+            found.decision == "executed" || found.decision == "replayed",
+            "{}",
+            found.decision
+        );
+    }
+}

@@ -115,6 +115,15 @@ impl JsonlSink {
         self
     }
 
+    /// Whether a chain is kept at `path`: the file holds bytes, or closed
+    /// files of a rotation lie beside it. Before making a signing key for a
+    /// chain, check this: a chain is continued only with its own key.
+    pub fn holds_chain(path: impl AsRef<Path>) -> bool {
+        let path = path.as_ref();
+        std::fs::metadata(path).is_ok_and(|m| m.len() > 0)
+            || Self::rotated_files(path).is_ok_and(|files| !files.is_empty())
+    }
+
     /// The closed files beside `path` (`PATH.<20 digits>`), oldest first:
     /// with `path` last, the chain in order.
     pub fn rotated_files(path: impl AsRef<Path>) -> io::Result<Vec<PathBuf>> {
