@@ -519,20 +519,9 @@ pub(crate) fn split_signed(text: &str) -> Result<(String, Vec<SignatureLine>), &
 /// Reads a checkpoint's text, checking its form (not its signatures).
 pub(crate) fn parse(text: &str) -> Result<Note, &'static str> {
     let (body, signatures) = split_signed(text)?;
-    let mut lines = body.lines();
-    let (Some(origin), Some(size), Some(root), Some(time), Some(last), None) = (
-        lines.next(),
-        lines.next(),
-        lines.next(),
-        lines.next(),
-        lines.next(),
-        lines.next(),
-    ) else {
-        return Err("checkpoint body is not five lines");
-    };
-    let instance = origin
-        .strip_prefix(ORIGIN)
-        .filter(|i| super::entry::valid_instance(i))
+    let [origin, size, root, time, last] =
+        five_lines(&body).ok_or("checkpoint body is not five lines")?;
+    let instance = origin_instance(origin, ORIGIN)
         .ok_or("checkpoint origin is not tower-idempotency/audit/<instance>")?;
     let size: u64 = size
         .parse()
@@ -544,10 +533,7 @@ pub(crate) fn parse(text: &str) -> Result<Note, &'static str> {
         .ok()
         .and_then(|raw| raw.try_into().ok())
         .ok_or("checkpoint root is not the base64 of 32 bytes")?;
-    let time = time
-        .strip_prefix("time ")
-        .filter(|t| humantime::parse_rfc3339(t).is_ok())
-        .ok_or("checkpoint has no `time` line with an RFC 3339 time")?;
+    let time = time_line(time).ok_or("checkpoint has no `time` line with an RFC 3339 time")?;
     let last: [u8; 32] = last
         .strip_prefix("last ")
         .and_then(|l| BASE64.decode(l).ok())
@@ -564,6 +550,31 @@ pub(crate) fn parse(text: &str) -> Result<Note, &'static str> {
         last,
         signatures,
     })
+}
+
+/// The lines of a note's body, when it has exactly five.
+pub(crate) fn five_lines(body: &str) -> Option<[&str; 5]> {
+    let mut lines = body.lines();
+    let five = [
+        lines.next()?,
+        lines.next()?,
+        lines.next()?,
+        lines.next()?,
+        lines.next()?,
+    ];
+    lines.next().is_none().then_some(five)
+}
+
+/// The valid instance name an origin line gives after `prefix`.
+pub(crate) fn origin_instance<'a>(line: &'a str, prefix: &str) -> Option<&'a str> {
+    line.strip_prefix(prefix)
+        .filter(|i| super::entry::valid_instance(i))
+}
+
+/// The time of a `time <RFC 3339>` line.
+pub(crate) fn time_line(line: &str) -> Option<&str> {
+    line.strip_prefix("time ")
+        .filter(|t| humantime::parse_rfc3339(t).is_ok())
 }
 
 /// 64 lowercase hex digits as 32 bytes.
@@ -587,6 +598,25 @@ pub(crate) fn parse_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
         out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
     }
     Some(out)
+}
+
+/// Whether `body` is signed by one of `keys` with no bad line among theirs:
+/// one valid signature of a trusted key, and no line of a trusted key that
+/// fails (a junk line under a trusted key's name is not skipped).
+pub(crate) fn signed_by_any(
+    keys: &[AuditVerifier],
+    body: &str,
+    signatures: &[SignatureLine],
+) -> Result<(), &'static str> {
+    let mut valid = false;
+    for key in keys {
+        match key.signs_body(body, signatures) {
+            Signed::Valid => valid = true,
+            Signed::Bad => return Err(BAD_SIGNATURE),
+            Signed::Absent => {}
+        }
+    }
+    if valid { Ok(()) } else { Err(NOT_SIGNED) }
 }
 
 #[cfg(test)]

@@ -44,8 +44,7 @@ use serde_json::Value;
 
 use super::{
     AuditLog, AuditVerifier,
-    checkpoint::{self, SignatureLine, Signed, parse_hex, parse_hex32},
-    entry::valid_instance,
+    checkpoint::{self, SignatureLine, parse_hex, parse_hex32},
     merkle,
     verify::parse_entry,
 };
@@ -130,23 +129,11 @@ impl Receipt {
         };
         let (body, signatures) =
             checkpoint::split_signed(&note).map_err(ReceiptError::Malformed)?;
-        let mut lines = body.lines();
-        let (Some(origin), Some(id), Some(status), Some(key), Some(time), None) = (
-            lines.next(),
-            lines.next(),
-            lines.next(),
-            lines.next(),
-            lines.next(),
-            lines.next(),
-        ) else {
-            return Err(ReceiptError::Malformed("its body is not five lines"));
-        };
-        let instance = origin
-            .strip_prefix(ORIGIN)
-            .filter(|i| valid_instance(i))
-            .ok_or(ReceiptError::Malformed(
-                "its origin is not tower-idempotency/receipt/<instance>",
-            ))?;
+        let [origin, id, status, key, time] = checkpoint::five_lines(&body)
+            .ok_or(ReceiptError::Malformed("its body is not five lines"))?;
+        let instance = checkpoint::origin_instance(origin, ORIGIN).ok_or(
+            ReceiptError::Malformed("its origin is not tower-idempotency/receipt/<instance>"),
+        )?;
         let id = parse_hex::<16>(id).ok_or(ReceiptError::Malformed(
             "its id is not 32 lowercase hex digits",
         ))?;
@@ -165,12 +152,9 @@ impl Receipt {
             ))?),
             None => return Err(ReceiptError::Malformed("it has no `key` line")),
         };
-        let time = time
-            .strip_prefix("time ")
-            .filter(|t| humantime::parse_rfc3339(t).is_ok())
-            .ok_or(ReceiptError::Malformed(
-                "it has no `time` line with an RFC 3339 time",
-            ))?;
+        let time = checkpoint::time_line(time).ok_or(ReceiptError::Malformed(
+            "it has no `time` line with an RFC 3339 time",
+        ))?;
         if body != receipt_body(instance, &id, status, key.as_ref(), time) {
             return Err(ReceiptError::Malformed("its body is not in canonical form"));
         }
@@ -243,19 +227,8 @@ impl Receipt {
     /// Checks that one of `keys` signed it, and that no line of any of them
     /// fails to verify.
     pub fn verify(&self, keys: &[AuditVerifier]) -> Result<(), ReceiptError> {
-        let mut valid = false;
-        for key in keys {
-            match key.signs_body(&self.body, &self.signatures) {
-                Signed::Valid => valid = true,
-                Signed::Bad => return Err(ReceiptError::Forged),
-                Signed::Absent => {}
-            }
-        }
-        if valid {
-            Ok(())
-        } else {
-            Err(ReceiptError::Forged)
-        }
+        checkpoint::signed_by_any(keys, &self.body, &self.signatures)
+            .map_err(|_| ReceiptError::Forged)
     }
 
     /// Whether the entry line `object` (already checked as an entry) is the
@@ -447,17 +420,7 @@ impl ReceiptProof {
         receipt.verify(keys)?;
         let broken = |why: &str| ReceiptError::Broken(why.to_owned());
         let note = checkpoint::parse(&self.checkpoint).map_err(broken)?;
-        let mut signed = false;
-        for key in keys {
-            match key.signs(&note) {
-                Signed::Valid => signed = true,
-                Signed::Bad => return Err(broken(checkpoint::BAD_SIGNATURE)),
-                Signed::Absent => {}
-            }
-        }
-        if !signed {
-            return Err(broken(checkpoint::NOT_SIGNED));
-        }
+        checkpoint::signed_by_any(keys, &note.body, &note.signatures).map_err(broken)?;
         if note.instance != receipt.instance {
             return Err(broken("the checkpoint is another instance's"));
         }

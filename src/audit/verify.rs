@@ -173,19 +173,7 @@ impl Trust {
 /// Checks `note` against `keys`: a valid signature by one, and no bad line
 /// by any.
 fn signed_by_any(keys: &[AuditVerifier], note: &checkpoint::Note) -> Result<(), &'static str> {
-    let mut valid = false;
-    for key in keys {
-        match key.signs(note) {
-            checkpoint::Signed::Valid => valid = true,
-            checkpoint::Signed::Bad => return Err(checkpoint::BAD_SIGNATURE),
-            checkpoint::Signed::Absent => {}
-        }
-    }
-    if valid {
-        Ok(())
-    } else {
-        Err(checkpoint::NOT_SIGNED)
-    }
+    checkpoint::signed_by_any(keys, &note.body, &note.signatures)
 }
 
 /// Where and why a chain is broken: the first bad line.
