@@ -32,6 +32,19 @@ use tower_idempotency::{
     store::{Fault, FaultyStore, Op},
 };
 
+/// Starts a writer of the chain at `path`, answers one request under `key`
+/// through it, and closes it.
+async fn one_request(path: &Path, signer: &AuditSigner, key: &'static str) {
+    let audit = AuditLog::builder("api-1", signer.clone())
+        .start(JsonlSink::open(path).unwrap())
+        .await
+        .unwrap();
+    let app = common::booking_router(Counter::default())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    body_bytes(app.oneshot(post_with_key(key, "x")).await.unwrap()).await;
+    audit.close().await.unwrap();
+}
+
 /// A fresh directory for one test's files.
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
@@ -1030,56 +1043,75 @@ mod postgres {
         status
     }
 
+    /// A writer on its own pool (sessions named after it), a layer that
+    /// audits into it, and a second pool to watch the table with.
+    struct PgWriter {
+        name: String,
+        app_name: String,
+        watcher: sqlx::PgPool,
+        signer: AuditSigner,
+        audit: AuditLog,
+        counter: Counter,
+        app: Router,
+    }
+
+    async fn pg_writer(prefix: &str, probe: Duration) -> Option<PgWriter> {
+        let name = instance(prefix);
+        let app_name = format!("a-{name}");
+        let pool = named_pool(&app_name).await?;
+        let watcher = pool_for_checks().await?;
+        let signer = signer();
+        let audit = AuditLog::builder(&name, signer.clone())
+            .with_probe_interval(probe)
+            .with_close_timeout(Duration::from_secs(2))
+            .start(PostgresAuditSink::connect(pool, &name).await.unwrap())
+            .await
+            .unwrap();
+        let counter = Counter::default();
+        let app = common::booking_router(counter.clone())
+            .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+        Some(PgWriter {
+            name,
+            app_name,
+            watcher,
+            signer,
+            audit,
+            counter,
+            app,
+        })
+    }
+
     /// A writer whose session ended while a request ran, and whose lock
     /// another session took meanwhile: the entry cannot be written, the log
     /// turns unhealthy, the next keyed request runs nothing, and close says
     /// how many decisions were not written.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_writer_whose_lock_was_taken_refuses_and_counts_what_it_could_not_write() {
-        let name = instance("pg-taken");
-        let app_name = format!("a-{name}");
-        let Some(pool) = named_pool(&app_name).await else {
+        // Nothing finds the lost session before the next request.
+        let Some(w) = pg_writer("pg-taken", Duration::from_secs(3600)).await else {
             return;
         };
-        let Some(watcher) = pool_for_checks().await else {
-            return;
-        };
-        let signer = signer();
-        let audit = AuditLog::builder(&name, signer.clone())
-            // Nothing finds the lost session before the next request.
-            .with_probe_interval(Duration::from_secs(3600))
-            .with_close_timeout(Duration::from_secs(2))
-            .start(
-                PostgresAuditSink::connect(pool.clone(), &name)
-                    .await
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        let counter = Counter::default();
-        let app = common::booking_router(counter.clone())
-            .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
-        assert_eq!(status(&app, "k1").await, StatusCode::CREATED);
-        assert_eq!(status(&app, "k2").await, StatusCode::CREATED);
-        wait_for_entries(&watcher, &name, 2).await;
+        assert_eq!(status(&w.app, "k1").await, StatusCode::CREATED);
+        assert_eq!(status(&w.app, "k2").await, StatusCode::CREATED);
+        wait_for_entries(&w.watcher, &w.name, 2).await;
 
-        let _thief = take_the_chain(&watcher, &app_name, &name).await;
+        let _thief = take_the_chain(&w.watcher, &w.app_name, &w.name).await;
         // This one had its place before the writer knew: it runs, and its
         // entry is what cannot be written.
-        assert_eq!(status(&app, "k3").await, StatusCode::CREATED);
-        until(|| !audit.is_healthy() && audit.unwritten() == 1).await;
-        assert_eq!(status(&app, "k4").await, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(counter.get(), 3, "nothing runs once the chain is taken");
+        assert_eq!(status(&w.app, "k3").await, StatusCode::CREATED);
+        until(|| !w.audit.is_healthy() && w.audit.unwritten() == 1).await;
+        assert_eq!(status(&w.app, "k4").await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(w.counter.get(), 3, "nothing runs once the chain is taken");
 
-        match audit.close().await {
+        match w.audit.close().await {
             Err(AuditError::Taken { unwritten, error }) => {
                 assert_eq!(unwritten, 2, "k3's entry and k4's refusal");
                 assert!(error.to_string().contains("another writer"), "{error}");
             }
             other => panic!("{other:?}"),
         }
-        let lines = PostgresAuditSink::lines(&watcher, &name).await.unwrap();
-        verify_lines(&lines, Some(&signer.verifier())).unwrap();
+        let lines = PostgresAuditSink::lines(&w.watcher, &w.name).await.unwrap();
+        verify_lines(&lines, Some(&w.signer.verifier())).unwrap();
         assert_eq!(decisions(&lines), ["executed", "executed"]);
     }
 
@@ -1089,32 +1121,15 @@ mod postgres {
     /// back, and must still refuse the chain that went on without it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_writer_finds_its_chain_taken_before_a_request_runs() {
-        let name = instance("pg-idle");
-        let app_name = format!("a-{name}");
-        let Some(pool) = named_pool(&app_name).await else {
+        let Some(w) = pg_writer("pg-idle", Duration::from_millis(20)).await else {
             return;
         };
-        let Some(watcher) = pool_for_checks().await else {
-            return;
-        };
-        let audit = AuditLog::builder(&name, signer())
-            .with_probe_interval(Duration::from_millis(20))
-            .start(
-                PostgresAuditSink::connect(pool.clone(), &name)
-                    .await
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        let counter = Counter::default();
-        let app = common::booking_router(counter.clone())
-            .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
-        assert_eq!(status(&app, "k1").await, StatusCode::CREATED);
-        wait_for_entries(&watcher, &name, 1).await;
+        assert_eq!(status(&w.app, "k1").await, StatusCode::CREATED);
+        wait_for_entries(&w.watcher, &w.name, 1).await;
 
-        let mut thief = take_the_chain(&watcher, &app_name, &name).await;
+        let mut thief = take_the_chain(&w.watcher, &w.app_name, &w.name).await;
         sqlx::query("INSERT INTO idempotency_audit (instance, seq, checkpoint, line) VALUES ($1, 2, false, '{\"seq\":2,\"decision\":\"executed\"}')")
-            .bind(&name)
+            .bind(&w.name)
             .execute(&mut thief)
             .await
             .unwrap();
@@ -1122,10 +1137,10 @@ mod postgres {
             .execute(&mut thief)
             .await
             .unwrap();
-        until(|| audit.unwritten() == 0 && !audit.is_healthy()).await;
-        assert_eq!(status(&app, "k2").await, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(counter.get(), 1);
-        match audit.close().await {
+        until(|| w.audit.unwritten() == 0 && !w.audit.is_healthy()).await;
+        assert_eq!(status(&w.app, "k2").await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(w.counter.get(), 1);
+        match w.audit.close().await {
             Err(AuditError::Taken { unwritten, .. }) => assert_eq!(unwritten, 1),
             other => panic!("{other:?}"),
         }
@@ -1135,42 +1150,26 @@ mod postgres {
     /// outage: the writer takes its lock back and the chain goes on whole.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_writer_whose_session_ended_takes_its_lock_back() {
-        let name = instance("pg-back");
-        let app_name = format!("a-{name}");
-        let Some(pool) = named_pool(&app_name).await else {
+        let Some(w) = pg_writer("pg-back", Duration::from_millis(20)).await else {
             return;
         };
-        let Some(watcher) = pool_for_checks().await else {
-            return;
-        };
-        let signer = signer();
-        let audit = AuditLog::builder(&name, signer.clone())
-            .with_probe_interval(Duration::from_millis(20))
-            .start(
-                PostgresAuditSink::connect(pool.clone(), &name)
-                    .await
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        let counter = Counter::default();
-        let app = common::booking_router(counter.clone())
-            .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
-        assert_eq!(status(&app, "k1").await, StatusCode::CREATED);
-        wait_for_entries(&watcher, &name, 1).await;
+        assert_eq!(status(&w.app, "k1").await, StatusCode::CREATED);
+        wait_for_entries(&w.watcher, &w.name, 1).await;
         sqlx::query(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
         )
-        .bind(&app_name)
-        .execute(&watcher)
+        .bind(&w.app_name)
+        .execute(&w.watcher)
         .await
         .unwrap();
-        assert_eq!(status(&app, "k2").await, StatusCode::CREATED);
-        wait_for_entries(&watcher, &name, 2).await;
-        assert!(audit.is_healthy());
-        audit.close().await.unwrap();
-        let lines = PostgresAuditSink::lines(&watcher, &name).await.unwrap();
-        verify_lines(&lines, Some(&signer.verifier())).unwrap();
+        assert_eq!(status(&w.app, "k2").await, StatusCode::CREATED);
+        wait_for_entries(&w.watcher, &w.name, 2).await;
+        // Healthy again once the append that found the session gone has
+        // been answered.
+        until(|| w.audit.is_healthy()).await;
+        w.audit.close().await.unwrap();
+        let lines = PostgresAuditSink::lines(&w.watcher, &w.name).await.unwrap();
+        verify_lines(&lines, Some(&w.signer.verifier())).unwrap();
         assert_eq!(decisions(&lines), ["executed", "executed"]);
     }
 
@@ -1373,14 +1372,7 @@ async fn a_forged_tail_is_named_before_and_after_a_restart() {
     assert_eq!(chain.unsigned_lines, Some((forged_line, forged_line)));
     assert!(!chain.is_complete());
 
-    let audit = AuditLog::builder("api-1", signer.clone())
-        .start(JsonlSink::open(&path).unwrap())
-        .await
-        .unwrap();
-    let app = common::booking_router(Counter::default())
-        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
-    body_bytes(app.oneshot(post_with_key("after", "x")).await.unwrap()).await;
-    audit.close().await.unwrap();
+    one_request(&path, &signer, "after").await;
     let lines = read_lines(&path);
     let resumed = entries(&lines)
         .into_iter()
@@ -2141,14 +2133,7 @@ async fn a_key_rotation_hands_signing_to_the_next_key() {
         err.to_string().contains("not signed by this writer's key"),
         "{err}"
     );
-    let resumed = AuditLog::builder("api-1", old.clone())
-        .start(JsonlSink::open(&path).unwrap())
-        .await
-        .unwrap();
-    let app = common::booking_router(Counter::default())
-        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(resumed.clone()));
-    body_bytes(app.oneshot(post_with_key("r5", "x")).await.unwrap()).await;
-    resumed.close().await.unwrap();
+    one_request(&path, &old, "r5").await;
     let chain = verify_lines_with(read_lines(&path), &with_old).unwrap();
     assert!(chain.rotations.is_empty(), "{:?}", chain.rotations);
     assert_eq!(
