@@ -65,13 +65,15 @@ impl RecordKey {
     /// Builds a key from a scope and a client key.
     pub fn new(scope: &str, key: &str) -> Self {
         use std::fmt::Write;
-        let mut joined = String::with_capacity(21 + scope.len() + key.len());
-        let _ = write!(joined, "{}:", scope.len());
-        joined.push_str(scope);
-        joined.push_str(key);
-        RecordKey {
-            joined: joined.into(),
-        }
+        // Joined on the stack when it fits, so the one allocation is the
+        // shared string's own.
+        let mut joined = Joined::default();
+        let _ = write!(joined, "{}:{scope}{key}", scope.len());
+        let joined: Arc<str> = match &joined.spilled {
+            Some(spilled) => Arc::from(spilled.as_str()),
+            None => Arc::from(joined.as_str()),
+        };
+        RecordKey { joined }
     }
 
     /// Where the scope starts and ends in the joined string.
@@ -97,6 +99,47 @@ impl RecordKey {
     /// `(scope, key)` pairs give the same string.
     pub fn as_str(&self) -> &str {
         &self.joined
+    }
+}
+
+/// A string built on the stack up to its capacity, on the heap past it.
+struct Joined {
+    buf: [u8; 192],
+    len: usize,
+    spilled: Option<String>,
+}
+
+impl Default for Joined {
+    fn default() -> Self {
+        Joined {
+            buf: [0; 192],
+            len: 0,
+            spilled: None,
+        }
+    }
+}
+
+impl Joined {
+    fn as_str(&self) -> &str {
+        // Only whole `str`s are copied in, so the bytes are UTF-8.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+impl fmt::Write for Joined {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if let Some(spilled) = &mut self.spilled {
+            spilled.push_str(s);
+        } else if let Some(room) = self.buf.get_mut(self.len..self.len + s.len()) {
+            room.copy_from_slice(s.as_bytes());
+            self.len += s.len();
+        } else {
+            let mut spilled = String::with_capacity(2 * (self.len + s.len()));
+            spilled.push_str(self.as_str());
+            spilled.push_str(s);
+            self.spilled = Some(spilled);
+        }
+        Ok(())
     }
 }
 
@@ -374,5 +417,24 @@ mod tests {
         assert_eq!((colon.scope(), colon.key()), ("1:x", ":k"));
         let empty = RecordKey::new("", "k");
         assert_eq!((empty.scope(), empty.key()), ("", "k"));
+    }
+
+    /// Joined on the stack or, past its room, on the heap: the same key
+    /// either way, at every length around the edge and with multi-byte
+    /// characters across it.
+    #[test]
+    fn long_record_keys_join_like_short_ones() {
+        for scope_len in [0, 1, 100, 185, 186, 187, 190, 300] {
+            for key_len in [1, 2, 5, 255] {
+                let scope = "s".repeat(scope_len);
+                let key = "\u{e9}".repeat(key_len);
+                let joined = RecordKey::new(&scope, &key);
+                assert_eq!(joined.as_str(), format!("{scope_len}:{scope}{key}"));
+                assert_eq!(
+                    (joined.scope(), joined.key()),
+                    (scope.as_str(), key.as_str())
+                );
+            }
+        }
     }
 }
