@@ -2264,6 +2264,27 @@ async fn rotated_files_verify_as_one_chain() {
             .unwrap()
             .is_complete()
     );
+    let whole = read_lines(&crash);
+
+    // A crash tore the new file's first line: the start cuts it and goes on
+    // from the closed file, never from seq 1 again.
+    std::fs::write(&crash, &whole[0][..whole[0].len() / 2]).unwrap();
+    one_request(&crash, &crash_signer, "after-torn").await;
+    let lines = read_lines(&crash);
+    assert!(lines[0].contains("\"decision\":\"continued\""), "{lines:?}");
+    assert!(!lines[0].contains("\"seq\":1,"), "{}", lines[0]);
+    let chain = verify_files_with(&[&closed, &crash], &trust).unwrap();
+    assert_eq!(chain.cut.len(), 1, "the torn line is counted");
+    assert_eq!(chain.entries as usize, last_seq + 3);
+
+    // A crash cut the new file's first batch before its checkpoint: the
+    // `continued` entry is adopted unsigned, with a torn line after it cut.
+    std::fs::write(&crash, format!("{}\n{{\"seq\":", whole[0])).unwrap();
+    one_request(&crash, &crash_signer, "after-unsigned").await;
+    let chain = verify_files_with(&[&closed, &crash], &trust).unwrap();
+    assert_eq!(chain.adopted.len(), 1, "the continued entry, adopted");
+    assert_eq!(chain.cut.len(), 1);
+    assert_eq!(chain.entries as usize, last_seq + 3);
 }
 
 /// After a rotation, the retired key vouches only for what came before

@@ -254,28 +254,6 @@ impl AuditSink for JsonlSink {
     }
 
     async fn tail(&mut self) -> io::Result<Vec<String>> {
-        if self.len == 0
-            && let Some(previous) = Self::rotated_files(&self.path)?.pop()
-        {
-            // A rotation that stopped before the new file got its first
-            // line: the chain goes on from the newest closed file.
-            self.continues = true;
-            return tokio::task::spawn_blocking(move || {
-                let mut file = File::open(&previous).map_err(|err| named(&previous, err))?;
-                let len = file.metadata()?.len();
-                let (tail, whole) = read_tail(&mut file, len)?;
-                if whole < len {
-                    return Err(named(
-                        &previous,
-                        io::Error::other("a closed audit file ends in a torn line"),
-                    ));
-                }
-                Ok(tail)
-            })
-            .await
-            .map_err(io::Error::other)?
-            .inspect(|tail| self.last_seq = last_seq_of(tail));
-        }
         let before = self.len;
         let tail = self
             .blocking(|file, len, path| {
@@ -294,8 +272,39 @@ impl AuditSink for JsonlSink {
             })
             .await?;
         self.cut += before - self.len;
-        self.last_seq = last_seq_of(&tail);
-        Ok(tail)
+        let signed = tail.iter().any(|l| is_checkpoint(l));
+        let previous = match signed {
+            true => None,
+            false => Self::rotated_files(&self.path)?.pop(),
+        };
+        let Some(previous) = previous else {
+            self.last_seq = last_seq_of(&tail);
+            return Ok(tail);
+        };
+        // After a rotation the chain's last checkpoint may still be the
+        // closed file's: the new file holds nothing yet (the process
+        // stopped before its first line, or a crash tore that line), or its
+        // first batch lacks its checkpoint.
+        let mut whole = tokio::task::spawn_blocking(move || {
+            let mut file = File::open(&previous).map_err(|err| named(&previous, err))?;
+            let len = file.metadata()?.len();
+            let (tail, whole) = read_tail(&mut file, len)?;
+            if whole < len {
+                return Err(named(
+                    &previous,
+                    io::Error::other("a closed audit file ends in a torn line"),
+                ));
+            }
+            Ok(tail)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        // Nothing in the new file: the writer begins it with its
+        // `continued` entry.
+        self.continues = tail.is_empty();
+        whole.extend(tail);
+        self.last_seq = last_seq_of(&whole);
+        Ok(whole)
     }
 
     async fn append(&mut self, lines: &[AuditLine]) -> io::Result<()> {
@@ -350,10 +359,14 @@ impl AuditSink for JsonlSink {
 
 /// The most a writer reads back from a chain's end at start.
 /// The `seq` of the last entry among `tail`'s lines (0 for none).
+fn is_checkpoint(line: &str) -> bool {
+    line.starts_with("{\"checkpoint\"")
+}
+
 fn last_seq_of(tail: &[String]) -> u64 {
     tail.iter()
         .rev()
-        .filter(|l| !l.starts_with("{\"checkpoint\""))
+        .filter(|l| !is_checkpoint(l))
         .find_map(|l| {
             serde_json::from_str::<serde_json::Value>(l)
                 .ok()?

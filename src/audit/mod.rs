@@ -882,7 +882,10 @@ impl<S: AuditSink> Writer<S> {
                 }
             };
             if self.continuing {
+                // Signed at once, as after a rotation: a `resumed` entry
+                // after it counts only what it adopted.
                 self.continued(&mut lines);
+                self.checkpoint(&mut lines);
             }
             if self.adopted > 0 || self.cut > 0 {
                 let adopted = std::mem::take(&mut self.adopted);
