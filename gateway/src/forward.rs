@@ -22,7 +22,7 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
-use tower_idempotency::IdempotencyContext;
+use tower_idempotency::{IdempotencyContext, audit::RECEIPT_HEADER};
 use tower_service::Service;
 
 /// Any error a body may end with.
@@ -114,6 +114,10 @@ pub struct Forwarder {
     upstream: Arc<Upstream>,
     timeout: Duration,
     trusted: Arc<[ipnet::IpNet]>,
+    /// The gateway signs receipts: an `Idempotency-Receipt` from anyone else
+    /// (a client's request, an upstream's response head or trailers) is
+    /// removed, so every receipt a client holds is the gateway's.
+    receipts: bool,
 }
 
 impl Forwarder {
@@ -140,7 +144,16 @@ impl Forwarder {
             upstream: Arc::new(upstream),
             timeout,
             trusted: Arc::from([]),
+            receipts: false,
         }
+    }
+
+    /// Removes every `Idempotency-Receipt` the gateway did not sign: on
+    /// requests to the upstream, and on its responses, trailers included.
+    #[must_use]
+    pub fn with_receipts(mut self, receipts: bool) -> Self {
+        self.receipts = receipts;
+        self
     }
 
     /// Keeps the forwarding headers of clients in `proxies`.
@@ -188,7 +201,11 @@ impl Forwarder {
         } else {
             Some(self.timeout)
         };
-        let request = outgoing(&self.upstream, &self.trusted, req);
+        let mut request = outgoing(&self.upstream, &self.trusted, req);
+        let receipts = self.receipts;
+        if receipts {
+            request.headers_mut().remove(RECEIPT_HEADER);
+        }
         let sent = self.client.request(request);
         let timeout = self.timeout;
         async move {
@@ -201,7 +218,7 @@ impl Forwarder {
             match result {
                 Ok(Ok(response)) => {
                     upstream_metric("response", seconds);
-                    incoming(response)
+                    incoming(response, receipts)
                 }
                 Ok(Err(err)) if err.is_connect() || never_sent(&err) => {
                     upstream_metric("unreachable", seconds);
@@ -370,10 +387,24 @@ fn join_cookies(headers: &mut HeaderMap) {
 }
 
 /// The upstream's response as the client gets it.
-fn incoming(response: Response<hyper::body::Incoming>) -> Response<GatewayBody> {
+fn incoming(response: Response<hyper::body::Incoming>, receipts: bool) -> Response<GatewayBody> {
     let (mut parts, body) = response.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+    let body = body.map_err(BoxError::from);
+    if !receipts {
+        return Response::from_parts(parts, body.boxed_unsync());
+    }
+    // Not the gateway's: an upstream's receipt would pass for one, on an
+    // answer the gateway never audited (a pass-through) or as a trailer.
+    parts.headers.remove(RECEIPT_HEADER);
+    let body = body.map_frame(|frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            trailers.remove(RECEIPT_HEADER);
+            http_body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    });
+    Response::from_parts(parts, body.boxed_unsync())
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

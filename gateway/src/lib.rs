@@ -78,7 +78,8 @@ pub async fn serve(
         Duration::from_secs(args.connect_timeout_secs),
         Duration::from_secs(args.upstream_idle_secs),
     )
-    .with_trusted_proxies(&args.trusted_proxies);
+    .with_trusted_proxies(&args.trusted_proxies)
+    .with_receipts(args.audit_receipts);
     describe(&api, &args, store_name);
     let health = Health {
         store,

@@ -123,6 +123,21 @@ impl Upstream {
         if path == "/crash" {
             return None;
         }
+        // An upstream that plants a receipt of its own, in its head and as
+        // a trailer.
+        if let Some(planted) = parts.headers.get("x-plant-receipt").cloned() {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("idempotency-receipt", planted.clone());
+            let body = Full::new(Bytes::from("planted"))
+                .with_trailers(async move { Some(Ok(trailers)) })
+                .boxed_unsync();
+            let mut response = Response::new(body);
+            *response.status_mut() = StatusCode::CREATED;
+            response
+                .headers_mut()
+                .insert("idempotency-receipt", planted);
+            return Some(response);
+        }
         Some(match (parts.method.clone(), path.as_str()) {
             (_, "/flaky") if n == 1 => reply(StatusCode::SERVICE_UNAVAILABLE, "busy".into()),
             (_, "/slow") => {
@@ -1884,6 +1899,74 @@ async fn a_sigterm_right_after_listening_drains() {
             .unwrap();
         assert!(exit.success(), "killed instead of drained: {exit:?}");
     }
+}
+
+/// With receipts on, every `Idempotency-Receipt` a client gets is the
+/// gateway's: an upstream's, in the head or as a trailer, on an answer the
+/// gateway audits or on one it passes through, is removed, and a client's
+/// never reaches the upstream.
+#[tokio::test]
+async fn only_the_gateway_gives_receipts() {
+    use tower_idempotency::audit::{AuditVerifier, Receipt};
+    let (upstream_addr, _upstream) = start_upstream().await;
+    let dir = std::env::temp_dir().join(unique("gateway-receipts"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("audit.jsonl");
+    let path_arg = path.to_str().unwrap().to_owned();
+    let (mut child, addr) =
+        spawn_gateway_binary(upstream_addr, &["--audit", &path_arg, "--audit-receipts"]).await;
+    let public = std::fs::read_to_string(dir.join("audit.jsonl.key.pub")).unwrap();
+    let key: AuditVerifier = public.trim().parse().unwrap();
+    let planted = [("x-plant-receipt", "Zm9yZ2Vk"), ("host", "clinic.example")];
+    // Audited (a key), and passed through (no key where none is needed).
+    for (path, key_header) in [("/appointments", Some("planted-1")), ("/echo", None)] {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{addr}{path}"))
+            .header("authorization", "Bearer alice")
+            .header("x-plant-receipt", planted[0].1);
+        let request = match key_header {
+            Some(k) => request.header("idempotency-key", k),
+            None => request,
+        };
+        let response = client()
+            .request(request.body(Full::new(Bytes::from("{}"))).unwrap())
+            .await
+            .unwrap();
+        let receipts: Vec<_> = response
+            .headers()
+            .get_all("idempotency-receipt")
+            .iter()
+            .cloned()
+            .collect();
+        let body = response.into_body().collect().await.unwrap();
+        let trailers = body.trailers().cloned().unwrap_or_default();
+        assert!(
+            !trailers.contains_key("idempotency-receipt"),
+            "{trailers:?}"
+        );
+        match key_header {
+            Some(_) => {
+                assert_eq!(receipts.len(), 1, "{receipts:?}");
+                let receipt = Receipt::parse(receipts[0].to_str().unwrap()).unwrap();
+                receipt.verify(std::slice::from_ref(&key)).unwrap();
+            }
+            None => assert!(receipts.is_empty(), "{receipts:?}"),
+        }
+    }
+    let echoed = send_with(
+        &client(),
+        addr,
+        Method::POST,
+        "/echo",
+        None,
+        "{}",
+        &[("idempotency-receipt", "Q0xJRU5U"), planted[1]],
+    )
+    .await;
+    assert!(!echoed.text().contains("Q0xJRU5U"), "{}", echoed.text());
+    signal(child.id().unwrap(), "TERM");
+    assert!(child.wait().await.unwrap().success());
 }
 
 /// The gateway's audit chain end to end: every answer carries a receipt,
