@@ -32,14 +32,16 @@
 //! `--receipt FILE` holds the chain to a receipt a response carried (the
 //! `Idempotency-Receipt` header's value, or its note text): after the
 //! verdict it prints `receipt: line L (seq S, DECISION) holds it, signed
-//! through N`; a receipt the keys did not sign, or whose entry is missing
-//! or says something else, is exit 1 with `receipt: REASON`; an entry not
-//! signed yet leaves the verdict incomplete (exit 3).
+//! through N`; a receipt the keys did not sign, or whose entry says
+//! something else or is missing though the log was closed after it, is
+//! exit 1 with `receipt: REASON`; an entry not signed yet, or missing while
+//! the log has not been closed since, or lost in a crash a later restart
+//! records, leaves the verdict incomplete (exit 3, `receipt: REASON`).
 
 use std::{path::PathBuf, process::ExitCode};
 
 use tower_idempotency::audit::{
-    AuditVerifier, Receipt, Trust, VerifiedChain, VerifyError, check_receipt_files,
+    AuditVerifier, Receipt, ReceiptError, Trust, VerifiedChain, VerifyError, check_receipt_files,
     history_files_with, verify_files_with,
 };
 
@@ -120,8 +122,37 @@ fn parse(mut args: impl Iterator<Item = std::ffi::OsString>) -> Result<Args, Str
     Ok(parsed)
 }
 
+/// A key, checkpoint or receipt file: small, so read up to a bound (a
+/// device or a huge file is refused, not read to the end).
 fn read(file: &PathBuf) -> Result<String, String> {
-    std::fs::read_to_string(file).map_err(|err| format!("{}: {err}", file.display()))
+    use std::io::Read;
+    const LIMIT: u64 = 64 * 1024;
+    let named = |err: std::io::Error| format!("{}: {err}", file.display());
+    let mut text = String::new();
+    std::fs::File::open(file)
+        .map_err(named)?
+        .take(LIMIT + 1)
+        .read_to_string(&mut text)
+        .map_err(named)?;
+    if text.len() as u64 > LIMIT {
+        return Err(format!(
+            "{}: larger than {LIMIT} bytes: not a key, checkpoint or receipt",
+            file.display()
+        ));
+    }
+    Ok(text)
+}
+
+/// Whether `out` names a file this run reads as a chain, key or receipt:
+/// `--latest-checkpoint` must never overwrite the evidence.
+fn read_here(args: &Args, out: &std::path::Path) -> Option<PathBuf> {
+    let out = std::fs::canonicalize(out).ok()?;
+    args.paths
+        .iter()
+        .chain(&args.keys)
+        .chain(&args.receipt)
+        .find(|file| std::fs::canonicalize(file).is_ok_and(|file| file == out))
+        .cloned()
 }
 
 /// The keys, saved checkpoints and instance, or why they cannot be used.
@@ -155,6 +186,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(out) = &args.latest
+        && let Some(read) = read_here(&args, out)
+    {
+        eprintln!(
+            "audit_verify: --latest-checkpoint {} is {}, a file this run reads: refusing to overwrite it",
+            out.display(),
+            read.display()
+        );
+        return ExitCode::from(2);
+    }
     let trust = match trust(&args) {
         Ok(trust) => trust,
         Err(why) => {
@@ -213,11 +254,25 @@ fn main() -> ExitCode {
         eprintln!("audit_verify: {}: {err}", out.display());
         return ExitCode::from(2);
     }
-    if let Some(Err(why)) = &held {
+    if let Some(Err(why)) = &held
+        && !matches!(why, ReceiptError::Unwritten(_))
+    {
         println!("receipt: {why}");
         return ExitCode::from(1);
     }
     let code = verdict(&chain);
+    if chain.first_seq > 1 {
+        eprintln!(
+            "audit_verify: note: the files given begin at seq {} (after a rotation): the entries before it are not checked; give the closed files before it too, oldest first",
+            chain.first_seq
+        );
+    }
+    if let Some(Err(why)) = &held {
+        // Intact, and short of the receipt's entry by a crash or a log
+        // still open: incomplete.
+        println!("receipt: {why}");
+        return ExitCode::from(3);
+    }
     if let Some(Ok(found)) = &held {
         if found.signed {
             println!(

@@ -49,7 +49,7 @@
 //! `Idempotency-Receipt` header, which `audit_verify --receipt FILE` checks
 //! against the chain. With `IDEMPOTENCY_AUDIT_MAX_BYTES=N` the file is
 //! closed once it holds N bytes, as `PATH.<last seq>`, and the chain goes on
-//! in a new `PATH` (`audit_verify $(ls PATH.*) PATH ...` checks them all).
+//! in a new `PATH` (`audit_verify $(ls PATH.[0-9]*) PATH ...` checks them all).
 //!
 //! Logs: the layer's warnings go to stderr (`RUST_LOG=debug` for more).
 //!
@@ -399,6 +399,7 @@ async fn run() -> Result<(), String> {
             eprintln!("booking_server: cannot set TCP_NODELAY: {err}");
         }
     });
+    let shutdown = shutdown_signal();
     println!("listening on http://{bound}");
     eprintln!("idempotency store: {store_name}");
     let layer = store.map(|store| {
@@ -421,7 +422,7 @@ async fn run() -> Result<(), String> {
         }),
     );
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))?;
     // No connection is left; what runs now runs for clients that went away.
@@ -505,32 +506,40 @@ async fn audit_from_env() -> Result<Option<AuditLog>, String> {
     Ok(Some(audit))
 }
 
-/// Resolves on Ctrl-C, or on SIGTERM (what a deploy sends) where there is
-/// one.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            eprintln!("booking_server: cannot listen for Ctrl-C: {err}");
+/// Resolves on SIGTERM (what a deploy sends) or Ctrl-C. The handlers are
+/// installed at the call, before the server says it is listening: a signal
+/// that comes early drains the server and closes its audit chain instead of
+/// killing it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    let installed = {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(terminate), Ok(interrupt)) => Some((terminate, interrupt)),
+            (Err(err), _) | (_, Err(err)) => {
+                eprintln!("booking_server: cannot listen for SIGTERM and SIGINT: {err}");
+                None
+            }
+        }
+    };
+    async move {
+        #[cfg(unix)]
+        match installed {
+            Some((mut terminate, mut interrupt)) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+        #[cfg(not(unix))]
+        if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                eprintln!("booking_server: cannot listen for SIGTERM: {err}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
+        eprintln!("shutting down: no new connections; draining");
     }
-    eprintln!("shutting down: no new connections; draining");
 }

@@ -105,12 +105,22 @@ fn signer() -> AuditSigner {
     AuditSigner::generate("test-audit").unwrap()
 }
 
+/// The entries of the requests: without checkpoints, and without the
+/// `closed` entries a clean close writes (see `closes`).
 fn entries(lines: &[String]) -> Vec<Value> {
     lines
         .iter()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v.get("checkpoint").is_none())
+        .filter(|v| v.get("checkpoint").is_none() && v["decision"] != "closed")
         .collect()
+}
+
+/// How many times the log was closed cleanly: its `closed` entries.
+fn closes(lines: &[String]) -> usize {
+    lines
+        .iter()
+        .filter(|l| l.contains("\"decision\":\"closed\""))
+        .count()
 }
 
 fn decisions(lines: &[String]) -> Vec<String> {
@@ -317,7 +327,7 @@ async fn every_decision_of_the_layer_has_its_entry() {
             "executed",
         ]
     );
-    assert_eq!(summary.seq, 13);
+    assert_eq!(summary.seq, 14, "13 decisions and the close");
     let all = entries(&lines);
     // The executed entry: status, the body's digest, hashed key and scope.
     let executed = &all[0];
@@ -346,7 +356,7 @@ async fn every_decision_of_the_layer_has_its_entry() {
         }
     }
     let chain = verify_lines(&lines, Some(&signer.verifier())).unwrap_or_else(|b| panic!("{b}"));
-    assert_eq!(chain.entries, 13);
+    assert_eq!(chain.entries, 14, "13 decisions and the close");
     assert_eq!(chain.unsigned_tail(), 0, "closing signs the head");
     assert_eq!(counter.get(), 5);
 }
@@ -475,7 +485,7 @@ async fn racing_duplicates_give_one_executed_entry() {
             .all(|d| ["executed", "replayed", "request_in_flight"].contains(&d.as_str()))
     );
     let chain = verify_file(dir.join("audit.jsonl"), Some(&signer.verifier())).unwrap();
-    assert_eq!(chain.entries, 64);
+    assert_eq!(chain.entries, 65, "64 decisions and the close");
 }
 
 fn read_lines(path: &Path) -> Vec<String> {
@@ -561,7 +571,8 @@ fn check_line_tampering(lines: &[String], key: &tower_idempotency::audit::AuditV
         if is_checkpoint(&lines[removed]) {
             // A checkpoint's removal leaves a valid chain, less of it signed.
             let chain = result.unwrap();
-            assert!(chain.signed_through < Some(12) || removed + 1 < lines.len());
+            let last = verify_lines(lines, Some(key)).unwrap().signed_through;
+            assert!(chain.signed_through < last || removed + 1 < lines.len());
         } else {
             let broken = result.expect_err("a removed entry is found");
             assert_eq!(
@@ -590,9 +601,10 @@ fn check_line_tampering(lines: &[String], key: &tower_idempotency::audit::AuditV
     }
     // A tail cut at a line boundary past a checkpoint keeps a valid, shorter
     // chain; its unsigned entries are named.
+    let whole = verify_lines(lines, Some(key)).unwrap().entries;
     let cut = &lines[..lines.len() - 2];
     let chain = verify_lines(cut, Some(key)).unwrap();
-    assert!(chain.entries < 12);
+    assert!(chain.entries < whole);
 }
 
 #[tokio::test]
@@ -739,10 +751,11 @@ async fn a_restart_continues_the_chain_from_the_files_head() {
         .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
     body_bytes(app.oneshot(post_with_key("after", "x")).await.unwrap()).await;
     let summary = audit.close().await.unwrap();
-    // A `resumed` entry that records the cut bytes, then the new entry.
-    assert_eq!((summary.seq, summary.written), (5, 2));
+    // A `resumed` entry that records the cut bytes, then the new entry,
+    // then the close.
+    assert_eq!((summary.seq, summary.written), (7, 3));
     let chain = verify_file(&path, Some(&signer.verifier())).unwrap();
-    assert_eq!(chain.entries, 5);
+    assert_eq!(chain.entries, 7);
     let lines = read_lines(&path);
     let resumed = lines
         .iter()
@@ -920,7 +933,8 @@ mod postgres {
         }
         let lines = PostgresAuditSink::lines(&pool, &name).await.unwrap();
         let chain = verify_lines(&lines, Some(&signer.verifier())).unwrap();
-        assert_eq!(chain.entries, 12, "the restart continued the chain");
+        assert_eq!(chain.entries, 14, "the restart continued the chain");
+        assert_eq!(closes(&lines), 2);
         assert_eq!(
             decisions(&lines)
                 .iter()
@@ -1314,9 +1328,17 @@ fn is_checkpoint(line: &str) -> bool {
 /// with write access can forge it: the formats are public.
 fn forge_next(lines: &[String], decision: &str) -> String {
     let last = lines.iter().rev().find(|l| !is_checkpoint(l)).unwrap();
-    let mut value: serde_json::Map<String, Value> = serde_json::from_str(last).unwrap();
-    let prev = value["hash"].as_str().unwrap().to_owned();
-    let seq = value["seq"].as_u64().unwrap() + 1;
+    let last: Value = serde_json::from_str(last).unwrap();
+    // A request's entry, made to follow the last one (a `closed` entry has
+    // no key to copy).
+    let request = lines
+        .iter()
+        .rev()
+        .find(|l| !is_checkpoint(l) && l.contains("\"key\":"))
+        .unwrap();
+    let mut value: serde_json::Map<String, Value> = serde_json::from_str(request).unwrap();
+    let prev = last["hash"].as_str().unwrap().to_owned();
+    let seq = last["seq"].as_u64().unwrap() + 1;
     value.insert("seq".into(), Value::from(seq));
     value.insert("prev".into(), Value::from(prev));
     value.insert("decision".into(), Value::from(decision));
@@ -1588,11 +1610,11 @@ async fn audit_verify_exit_codes() {
     ]);
     assert_eq!(
         (code, stdout.as_str()),
-        (0, "ok: 6 entries, signed through 6\n")
+        (0, "ok: 7 entries, signed through 7\n")
     );
     let note = std::fs::read_to_string(&saved).unwrap();
     assert!(
-        note.starts_with("tower-idempotency/audit/api-1\n6\n"),
+        note.starts_with("tower-idempotency/audit/api-1\n7\n"),
         "{note}"
     );
 
@@ -1675,6 +1697,31 @@ async fn audit_verify_exit_codes() {
         2
     );
     assert_eq!(run(&["--help".as_ref()]).0, 0);
+
+    // A key, checkpoint or receipt file is read up to a bound: a device
+    // that never ends is refused, not read until memory runs out.
+    assert_eq!(
+        run(&[
+            path.as_os_str(),
+            "--public-key".as_ref(),
+            "/dev/zero".as_ref()
+        ])
+        .0,
+        2
+    );
+    // The latest checkpoint never overwrites what the run reads.
+    let before = std::fs::read(&path).unwrap();
+    for out in [&path, &key] {
+        let (code, _) = run(&[
+            path.as_os_str(),
+            "--public-key".as_ref(),
+            key.as_os_str(),
+            "--latest-checkpoint".as_ref(),
+            out.as_os_str(),
+        ]);
+        assert_eq!(code, 2, "{out:?}");
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), before);
 }
 
 /// With a secret, every digest in an entry is keyed: the fingerprint and
@@ -2042,7 +2089,7 @@ async fn a_key_rotation_hands_signing_to_the_next_key() {
     let with_old = Trust::new().with_key(old.verifier());
     let chain = verify_lines_with(&lines, &with_old).unwrap();
     assert!(chain.is_complete());
-    assert_eq!(chain.entries, 5);
+    assert_eq!(chain.entries, 6, "four requests, the rotation, the close");
     assert_eq!(chain.rotations.len(), 1);
     assert_eq!(chain.rotations[0].line, rotation as u64 + 1);
     assert_eq!(chain.rotations[0].key, next.verifier());
@@ -2240,6 +2287,26 @@ async fn rotated_files_verify_as_one_chain() {
         stdout,
         format!("ok: {total} entries, signed through {total}\n")
     );
+    // The first file left out, held against a checkpoint it held: the
+    // files that held it are missing.
+    let first = read_lines(&files[0]);
+    let early = dir.join("early.checkpoint");
+    let note: Value =
+        serde_json::from_str(first.iter().find(|l| is_checkpoint(l)).unwrap()).unwrap();
+    std::fs::write(&early, note["checkpoint"].as_str().unwrap()).unwrap();
+    let later = verify_files_with(
+        &files[1..],
+        &Trust::new()
+            .with_key(signer.verifier())
+            .with_checkpoint("early", &std::fs::read_to_string(&early).unwrap())
+            .unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        later.contains("files that held them are missing"),
+        "{later}"
+    );
 
     // A rotation cut short: the closed file renamed, the new one empty.
     let crash = dir.join("crash.jsonl");
@@ -2275,7 +2342,9 @@ async fn rotated_files_verify_as_one_chain() {
     assert!(!lines[0].contains("\"seq\":1,"), "{}", lines[0]);
     let chain = verify_files_with(&[&closed, &crash], &trust).unwrap();
     assert_eq!(chain.cut.len(), 1, "the torn line is counted");
-    assert_eq!(chain.entries as usize, last_seq + 3);
+    // The closed file's entries (its close among them), then `continued`,
+    // `resumed`, the request and the close.
+    assert_eq!(chain.entries as usize, last_seq + 4);
 
     // A crash cut the new file's first batch before its checkpoint: the
     // `continued` entry is adopted unsigned, with a torn line after it cut.
@@ -2284,7 +2353,7 @@ async fn rotated_files_verify_as_one_chain() {
     let chain = verify_files_with(&[&closed, &crash], &trust).unwrap();
     assert_eq!(chain.adopted.len(), 1, "the continued entry, adopted");
     assert_eq!(chain.cut.len(), 1);
-    assert_eq!(chain.entries as usize, last_seq + 3);
+    assert_eq!(chain.entries as usize, last_seq + 4);
 }
 
 /// After a rotation, the retired key vouches only for what came before

@@ -369,10 +369,10 @@ async fn the_demo_gives_receipts_and_audit_verify_checks_them() {
     let (code, stdout) = verify(&chain, &key, &receipt_file);
     assert_eq!(code, 0, "{stdout}");
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines[0], "ok: 2 entries, signed through 2", "{stdout}");
+    assert_eq!(lines[0], "ok: 3 entries, signed through 3", "{stdout}");
     assert_eq!(
         lines[1],
-        "receipt: line 1 (seq 1, executed) holds it, signed through 2"
+        "receipt: line 1 (seq 1, executed) holds it, signed through 3"
     );
 
     // Another chain under the same key does not hold it.
@@ -405,6 +405,38 @@ async fn the_demo_gives_receipts_and_audit_verify_checks_them() {
         stdout.contains("receipt: line 3 (seq 2, executed) holds it, not signed"),
         "{stdout}"
     );
+
+    // A crash before the second entry was durable: the chain as it was
+    // then. While no writer has started again, the entry may still be on
+    // its way; once one has, the chain records the stop, and the receipt's
+    // entry was lost in it. Either way intact and incomplete, not forged.
+    let crashed = dir.join("crashed.jsonl");
+    std::fs::write(
+        &crashed,
+        text.lines().take(2).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .unwrap();
+    for suffix in [".key", ".key.pub"] {
+        std::fs::copy(
+            dir.join(format!("audit.jsonl{suffix}")),
+            dir.join(format!("crashed.jsonl{suffix}")),
+        )
+        .unwrap();
+    }
+    let (code, stdout) = verify(&crashed, &key, &second_file);
+    assert_eq!(code, 3, "{stdout}");
+    assert!(
+        stdout.contains("has not been closed since it was issued"),
+        "{stdout}"
+    );
+    stop(run_demo(&crashed));
+    let (code, stdout) = verify(&crashed, &key, &second_file);
+    assert_eq!(code, 3, "{stdout}");
+    assert!(stdout.contains("lost in that stop"), "{stdout}");
+    let restarted = std::fs::read_to_string(&crashed).unwrap();
+    assert!(restarted.contains("\"after\":\"crash\""), "{restarted}");
+    // The first receipt's entry is there all the same.
+    assert_eq!(verify(&crashed, &key, &receipt_file).0, 0);
 
     let junk = dir.join("junk");
     std::fs::write(&junk, "not a receipt").unwrap();

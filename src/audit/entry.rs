@@ -28,6 +28,9 @@ pub(crate) struct Pending {
     pub(crate) cut_bytes: Option<u64>,
     /// The id of the receipt its response carried.
     pub(crate) receipt: Option<[u8; 16]>,
+    /// The writer before this one stopped without closing the log (a
+    /// `resumed` entry only): `"after":"crash"`.
+    pub(crate) after_crash: bool,
     /// The key that signs from the next checkpoint on (a `key_rotated`
     /// entry only), in its text form.
     pub(crate) next_key: Option<String>,
@@ -41,11 +44,22 @@ impl Pending {
     /// A `resumed` entry: the writer started on a chain whose last `count`
     /// entries follow its last checkpoint, and adopted them unsigned; and
     /// whose sink cut `cut` bytes of a torn last line, if any.
-    pub(crate) fn resumed(count: u64, cut: u64) -> Self {
+    pub(crate) fn resumed(count: u64, cut: u64, after_crash: bool) -> Self {
         Pending {
             decision: "resumed",
             cut_bytes: (cut > 0).then_some(cut),
+            after_crash,
             ..Pending::lost(count)
+        }
+    }
+
+    /// A `closed` entry: the writer closed the log, every entry it had a
+    /// place for written before it.
+    pub(crate) fn closed() -> Self {
+        Pending {
+            decision: "closed",
+            count: None,
+            ..Pending::lost(0)
         }
     }
 
@@ -88,6 +102,7 @@ impl Pending {
             receipt: None,
             next_key: None,
             continues: None,
+            after_crash: false,
         }
     }
 }
@@ -108,6 +123,9 @@ pub(crate) fn render(
 ) -> (String, [u8; 32]) {
     let mut head = String::with_capacity(420);
     head.push('{');
+    if pending.after_crash {
+        head.push_str("\"after\":\"crash\",");
+    }
     if let Some(count) = pending.count {
         let _ = write!(head, "\"count\":{count},");
     }
@@ -249,6 +267,7 @@ mod tests {
             receipt: Some([5; 16]),
             next_key: None,
             continues: None,
+            after_crash: false,
         }
     }
 
@@ -257,7 +276,9 @@ mod tests {
         for entry in [
             pending(),
             Pending::lost(3),
-            Pending::resumed(2, 70),
+            Pending::resumed(2, 70, false),
+            Pending::resumed(0, 0, true),
+            Pending::closed(),
             Pending::rotated("a\"b\\c+0badc0de+AQ/=".into()),
             Pending::continued(
                 "tower-idempotency/audit/api-1\n3\nAA==\n\n\u{2014} k AA==\n".into(),

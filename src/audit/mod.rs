@@ -391,6 +391,8 @@ impl AuditBuilder {
             last: resumed.last,
             adopted: resumed.adopted,
             cut,
+            after_crash: resumed.after_crash,
+            abandoned: false,
             last_note: resumed.note,
             continuing,
             since: 0,
@@ -746,6 +748,12 @@ struct Writer<S> {
     adopted: u64,
     /// Bytes of a torn last line the sink cut at start, for the same entry.
     cut: u64,
+    /// The writer before this one stopped without closing the log: said in
+    /// the same entry.
+    after_crash: bool,
+    /// Closing gave up on requests that still held a place: no `closed`
+    /// entry, so the next start says the log was not closed.
+    abandoned: bool,
     /// The last checkpoint's note.
     last_note: Option<String>,
     /// The sink's current file is new after a rotation: its first entry is
@@ -876,6 +884,7 @@ impl<S: AuditSink> Writer<S> {
                             tracing::error!(
                                 "audit log closed with requests still holding a place; their entries are lost"
                             );
+                            self.abandoned = true;
                             0
                         }
                     }
@@ -887,10 +896,11 @@ impl<S: AuditSink> Writer<S> {
                 self.continued(&mut lines);
                 self.checkpoint(&mut lines);
             }
-            if self.adopted > 0 || self.cut > 0 {
+            if self.adopted > 0 || self.cut > 0 || self.after_crash {
                 let adopted = std::mem::take(&mut self.adopted);
                 let cut = std::mem::take(&mut self.cut);
-                self.entry(&Pending::resumed(adopted, cut), &mut lines);
+                let after_crash = std::mem::take(&mut self.after_crash);
+                self.entry(&Pending::resumed(adopted, cut, after_crash), &mut lines);
             }
             let lost = self.state.lost.swap(0, Ordering::Relaxed);
             if lost > 0 {
@@ -903,6 +913,11 @@ impl<S: AuditSink> Writer<S> {
                 }
             }
             let finishing = closing.is_some() && received == 0;
+            if finishing && !self.abandoned {
+                // Every entry with a place is written: the log closes
+                // cleanly, and a later start can tell a crash from it.
+                self.entry(&Pending::closed(), &mut lines);
+            }
             // Every batch made durable ends signed: the unsigned tail after
             // a crash is at most the batch being written.
             if self.since > 0 {

@@ -94,6 +94,12 @@ pub enum ReceiptError {
     /// decision out, changed it, or the proof does not reach a signed
     /// checkpoint).
     Broken(String),
+    /// The chain is intact and holds no entry for the receipt, which the
+    /// log could not yet, or could no longer, write: it was issued in a
+    /// run of the writer that has not closed the log, or that stopped
+    /// without closing it (the next run's `resumed` entry says so). Says
+    /// which.
+    Unwritten(String),
 }
 
 impl fmt::Display for ReceiptError {
@@ -103,7 +109,7 @@ impl fmt::Display for ReceiptError {
             ReceiptError::Forged => f.write_str(
                 "the receipt's signature does not verify with the given keys: this log did not issue it",
             ),
-            ReceiptError::Broken(why) => f.write_str(why),
+            ReceiptError::Broken(why) | ReceiptError::Unwritten(why) => f.write_str(why),
         }
     }
 }

@@ -21,6 +21,9 @@ pub(crate) struct Resumed {
     pub(crate) adopted: u64,
     /// The last checkpoint's note.
     pub(crate) note: Option<String>,
+    /// The chain holds entries and its last is not `closed`: the writer
+    /// before stopped without closing it.
+    pub(crate) after_crash: bool,
 }
 
 fn object(text: &str) -> Result<Map<String, Value>, String> {
@@ -66,11 +69,11 @@ pub(crate) fn check(
         Ok(parsed)
     };
     let mut last_note = None;
-    let (mut seq, mut head, mut tree, mut last, rest) = match tail
+    let (mut seq, mut head, mut tree, mut last, rest, signed_decision) = match tail
         .iter()
         .rposition(|l| is_checkpoint(l))
     {
-        None => (0, GENESIS, Tree::new(), [0; 32], tail),
+        None => (0, GENESIS, Tree::new(), [0; 32], tail, None),
         Some(at) => {
             let signed = at
                 .checked_sub(1)
@@ -160,9 +163,16 @@ pub(crate) fn check(
                 tree,
                 leaf,
                 &tail[at + 1..],
+                signed_entry
+                    .object()
+                    .get("decision")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
             )
         }
     };
+    // The decision of the chain's last entry, as far as read.
+    let mut last_decision = signed_decision;
     let mut adopted = 0;
     for text in rest {
         let broken = |why: String| {
@@ -184,6 +194,11 @@ pub(crate) fn check(
                 entry.seq
             )));
         }
+        last_decision = entry
+            .object()
+            .get("decision")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         seq = entry.seq;
         head = entry.hash;
         last = merkle::leaf_hash(text.as_bytes());
@@ -197,5 +212,6 @@ pub(crate) fn check(
         last,
         adopted,
         note: last_note,
+        after_crash: seq > 0 && last_decision.as_deref() != Some("closed"),
     })
 }

@@ -142,6 +142,7 @@ impl Trail {
             receipt: self.receipt.as_ref().and_then(|slot| slot.promised_id()),
             next_key: None,
             continues: None,
+            after_crash: false,
         };
         self.log.send(self.permit.take(), pending);
     }

@@ -605,6 +605,26 @@ impl<'k> Checker<'k> {
                 file: None,
             });
         }
+        if let Some(trusted) = self
+            .trust
+            .checkpoints
+            .iter()
+            .filter(|t| self.base > 0 && t.size <= self.base)
+            .min_by_key(|t| t.size)
+        {
+            // Its tree lies in files before the first one given: nothing
+            // here shows this chain holds it.
+            return Err(ChainBreak {
+                line: 1,
+                reason: format!(
+                    "this saved checkpoint signed {} entries, and the files given begin at seq {}: the files that held them are missing",
+                    trusted.size,
+                    self.base + 1
+                ),
+                checkpoint: Some(trusted.name.clone()),
+                file: None,
+            });
+        }
         if !self.trust.keys.is_empty() && self.seq > 0 && self.signed_through.is_none() {
             let keys: Vec<String> = self.trust.keys.iter().map(ToString::to_string).collect();
             return Err(ChainBreak {
@@ -1009,9 +1029,23 @@ fn locate(
     let mut leaves = Vec::new();
     let mut found: Option<(u64, u64, String, String)> = None;
     let mut differs: Option<String> = None;
+    // Where a run of the writer ended after the receipt was issued: its
+    // `closed` entry, or the `resumed` entry of the next run after a crash.
+    let mut ended: Option<(u64, bool)> = None;
     let chain = walk_files(paths, trust, |line, text, entry| {
         if keep_leaves {
             leaves.push(merkle::leaf_hash(text.as_bytes()));
+        }
+        if ended.is_none() {
+            let decision = entry.get("decision").and_then(Value::as_str);
+            let crash = decision == Some("resumed")
+                && entry.get("after").and_then(Value::as_str) == Some("crash");
+            let time = entry.get("time").and_then(Value::as_str).unwrap_or("");
+            // Times are RFC 3339 UTC with milliseconds, as receipts': they
+            // compare as strings.
+            if (crash || decision == Some("closed")) && time >= receipt.time() {
+                ended = Some((line, crash));
+            }
         }
         if differs.is_some() {
             return;
@@ -1049,10 +1083,18 @@ fn locate(
             return Err(ReceiptError::Broken(why));
         }
         let Some((line, seq, decision, text)) = found else {
-            return Err(ReceiptError::Broken(format!(
-                "no entry carries receipt {}: the decision it promises is not in the chain (left out, removed, or lost before it was written)",
-                receipt.id()
-            )));
+            let id = receipt.id();
+            return Err(match ended {
+                Some((line, true)) => ReceiptError::Unwritten(format!(
+                    "no entry carries receipt {id}: the writer stopped without closing the log after it was issued, and line {line} records the restart; its entry was lost in that stop (a crash, or a kill)"
+                )),
+                None => ReceiptError::Unwritten(format!(
+                    "no entry carries receipt {id} yet: the log has not been closed since it was issued (its writer still runs, or stopped and has not started again); the entry may still come, or have been lost in a stop the next start records"
+                )),
+                Some((line, false)) => ReceiptError::Broken(format!(
+                    "no entry carries receipt {id}: the decision it promises is not in the chain, and the log was closed after it at line {line} with every entry written (left out or removed)"
+                )),
+            });
         };
         let adopted = chain
             .adopted
