@@ -138,6 +138,7 @@ impl Forwarder {
         connector.enforce_http(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(idle)
+            .http1_max_headers(MAX_UPSTREAM_HEADERS)
             .build(connector);
         Forwarder {
             client,
@@ -234,6 +235,21 @@ impl Forwarder {
                     response.extensions_mut().insert(Unreached);
                     response
                 }
+                Ok(Err(err)) if head_too_large(&err) => {
+                    // The upstream answered, with a head past hyper's
+                    // bounds: it carried the request out, so the key is
+                    // not released (this 502 is recorded).
+                    upstream_metric("unreadable", seconds);
+                    let cause = error_chain(&err);
+                    eprintln!("idempotency-gateway: upstream response head unreadable: {cause}");
+                    problem(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream-head-too-large",
+                        &format!(
+                            "The upstream answered with a response head the gateway does not read ({cause}: more than {MAX_UPSTREAM_HEADERS} headers, or too many bytes); it carried the request out. This key will not run again: check the outcome before retrying with a new key."
+                        ),
+                    )
+                }
                 Ok(Err(err)) => {
                     // The connection broke once the request may have been
                     // written: the upstream may have carried it out, so the
@@ -263,6 +279,24 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// The most headers an upstream response may carry (hyper's default).
+const MAX_UPSTREAM_HEADERS: usize = 100;
+
+/// Whether the upstream's response head was past hyper's bounds.
+fn head_too_large(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = err.source();
+    while let Some(err) = source {
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse_too_large)
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Whether hyper gave the request back unsent: the connection closed

@@ -15,7 +15,7 @@ use std::{
 
 use bytes::Bytes;
 use clap::Parser;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::{
@@ -52,6 +52,9 @@ paths:
     post: {}
     get: {}
   /crash:
+    post:
+      x-idempotency: required
+  /bighead:
     post:
       x-idempotency: required
   /metered:
@@ -139,6 +142,16 @@ impl Upstream {
             return Some(response);
         }
         Some(match (parts.method.clone(), path.as_str()) {
+            (_, "/bighead") => {
+                let mut response = reply(StatusCode::CREATED, "booked".into());
+                for i in 0..120 {
+                    response.headers_mut().insert(
+                        HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(),
+                        HeaderValue::from_static("v"),
+                    );
+                }
+                response
+            }
             (_, "/flaky") if n == 1 => reply(StatusCode::SERVICE_UNAVAILABLE, "busy".into()),
             (_, "/slow") => {
                 self.started.notify_one();
@@ -617,6 +630,21 @@ async fn a_connection_broken_after_the_request_was_sent_never_runs_it_again() {
     assert_eq!(retry.status, StatusCode::BAD_GATEWAY);
     assert!(retry.replayed());
     assert_eq!(upstream.count("/crash"), 1);
+}
+
+/// An upstream that answered with more headers than the gateway reads
+/// carried the request out: the key is recorded with a 502 that says so,
+/// and the write is never sent again.
+#[tokio::test]
+async fn an_answer_with_a_head_too_large_is_recorded_and_never_sent_again() {
+    let (upstream_addr, upstream) = start_upstream().await;
+    let gateway = start_gateway(upstream_addr, &[]).await;
+    let first = send(gateway.addr, Method::POST, "/bighead", Some("h-1"), "{}").await;
+    assert_eq!(first.status, StatusCode::BAD_GATEWAY, "{}", first.text());
+    assert_eq!(first.code(), "upstream-head-too-large", "{}", first.text());
+    let retry = send(gateway.addr, Method::POST, "/bighead", Some("h-1"), "{}").await;
+    assert!(retry.replayed());
+    assert_eq!(upstream.count("/bighead"), 1);
 }
 
 #[tokio::test]
