@@ -1,8 +1,7 @@
 //! [`MemoryStore`]: a bounded in-process store on `dashmap`.
 
 use std::{
-    cmp::Reverse,
-    collections::{BTreeSet, BinaryHeap, HashMap},
+    collections::{BTreeSet, HashMap},
     fmt,
     future::{Future, ready},
     sync::{
@@ -13,7 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use dashmap::{DashMap, mapref::entry::Entry, try_result::TryResult};
+use dashmap::{DashMap, mapref::entry::Entry};
 use tokio::time::Instant;
 
 use super::{Claim, Peeked, RecordKey, Store, StoreError, Token};
@@ -142,13 +141,15 @@ struct Inner {
     /// Hashed with foldhash, seeded per process: several times SipHash's
     /// speed on these short keys, and no fixed seed to aim collisions at.
     map: DashMap<RecordKey, Record, Hasher>,
-    /// Completed records by expiry, for eviction. An entry goes stale when
-    /// its record is replaced or removed; it then no longer matches a
-    /// completed record with the same expiry.
-    expiry: Mutex<BinaryHeap<Reverse<(Nanos, RecordKey)>>>,
+    /// Every completed record by expiry, for eviction: an entry is added
+    /// under the record's map guard as it completes and removed as the
+    /// record leaves, so the index holds exactly the completed records and
+    /// never needs pruning (a prune is a stall of every request). Taken
+    /// while holding a map guard, and never held while waiting for one.
+    expiry: Mutex<BTreeSet<(Nanos, RecordKey)>>,
     /// What each scope holds, for eviction that takes from the heaviest
-    /// scope. Always the innermost lock: sometimes taken while holding a
-    /// map guard, and never held while waiting for one (it only tries them).
+    /// scope. Taken while holding a map guard, never held while waiting for
+    /// one, and never together with `expiry`.
     scopes: Mutex<Scopes>,
     /// Records evicted before their TTL.
     evicted_live: AtomicU64,
@@ -227,9 +228,9 @@ struct ScopeUse {
     bytes: usize,
     /// Completed records: the ones eviction may take.
     completed: usize,
-    /// This scope's completed records by expiry. An entry goes stale, as in
-    /// `Inner::expiry`, when its record is replaced or removed.
-    queue: BinaryHeap<Reverse<(Nanos, RecordKey)>>,
+    /// This scope's completed records by expiry, exactly, as
+    /// `Inner::expiry`.
+    queue: BTreeSet<(Nanos, RecordKey)>,
 }
 
 /// A change to what a scope holds.
@@ -276,9 +277,15 @@ impl Scopes {
     }
 
     /// Applies `delta` to `scope`, queueing `completed` (a record it just
-    /// completed) for eviction. Returns whether the scope's queue has grown
-    /// stale enough to be pruned (see [`Scopes::prune`]).
-    fn update(&mut self, scope: &str, delta: Delta, completed: Option<(Nanos, RecordKey)>) -> bool {
+    /// completed) for eviction and unqueueing `gone` (a completed record
+    /// that left).
+    fn update(
+        &mut self,
+        scope: &str,
+        delta: Delta,
+        completed: Option<(Nanos, RecordKey)>,
+        gone: Option<(Nanos, RecordKey)>,
+    ) {
         let (name, mut used) = match self.by_name.remove_entry(scope) {
             Some((name, used)) => {
                 let weighed = (self.weight(&used), name);
@@ -300,22 +307,22 @@ impl Scopes {
         used.completed = apply(used.completed, delta.completed);
         self.total_entries = apply(self.total_entries, delta.entries);
         self.total_completed = apply(self.total_completed, delta.completed);
+        if let Some(entry) = gone {
+            used.queue.remove(&entry);
+        }
         if let Some(entry) = completed {
-            used.queue.push(Reverse(entry));
+            used.queue.insert(entry);
         }
         if used.entries == 0 {
-            // Nothing left, so every queued entry is stale.
-            debug_assert!(used.bytes == 0 && used.completed == 0);
-            return false;
+            debug_assert!(used.bytes == 0 && used.completed == 0 && used.queue.is_empty());
+            return;
         }
-        let stale = used.queue.len() > 2 * used.completed + 16;
         let weight = self.weight(&used);
         if used.completed > 0 {
             self.evictable.insert((weight, name.clone()));
         }
         self.by_weight.insert((weight, name.clone()));
         self.by_name.insert(name, used);
-        stale
     }
 
     /// Live and lapsed claims `scope` holds.
@@ -323,14 +330,6 @@ impl Scopes {
         self.by_name
             .get(scope)
             .map_or(0, |used| used.entries - used.completed)
-    }
-
-    /// Drops the queue entries of `scope` that `live` says no longer name a
-    /// completed record.
-    fn prune(&mut self, scope: &str, live: impl Fn(&(Nanos, RecordKey)) -> bool) {
-        if let Some(used) = self.by_name.get_mut(scope) {
-            used.queue.retain(|Reverse(entry)| live(entry));
-        }
     }
 
     /// The record to evict to make room for a record of `requester`: the
@@ -369,8 +368,7 @@ impl Scopes {
             Some((weight, _)) if weight >= heaviest_weight => return None,
             _ => &heaviest,
         };
-        let Reverse(entry) = self.by_name.get_mut(chosen)?.queue.pop()?;
-        Some(entry)
+        self.by_name.get_mut(chosen)?.queue.pop_first()
     }
 }
 
@@ -596,44 +594,52 @@ impl Inner {
         let bytes = key.as_str().len() + record.record_len();
         self.entries.fetch_sub(1, Ordering::AcqRel);
         self.bytes.fetch_sub(bytes, Ordering::AcqRel);
-        let completed = matches!(record, Record::Completed { .. });
+        let gone = match record {
+            Record::Completed { expires_at, .. } => Some(*expires_at),
+            Record::InFlight { .. } => None,
+        };
         self.account(
             key,
             Delta {
                 entries: -1,
                 bytes: -(bytes as isize),
-                completed: -isize::from(completed),
+                completed: -isize::from(gone.is_some()),
             },
             None,
+            gone,
         );
     }
 
-    /// Changes what `key`'s scope holds. Every increase is made under the
-    /// key's map guard, before the record can be removed, so that no
-    /// decrease is counted before it. Returns whether the scope's eviction
-    /// queue should be pruned, which the caller does with
-    /// [`prune_scope`](Self::prune_scope) once it holds no map guard.
-    fn account(&self, key: &RecordKey, delta: Delta, completed: Option<Nanos>) -> bool {
-        let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
-        let completed = completed.map(|expiry| (expiry, key.clone()));
-        scopes.update(key.scope(), delta, completed)
-    }
-
-    /// Drops stale entries from a scope's eviction queue: amortised, since
-    /// it runs once the queue holds twice the scope's completed records.
-    /// Must not be called while holding a map guard; it holds the scope lock
-    /// throughout and only tries map guards, never waits for one.
-    fn prune_scope(&self, scope: &str) {
-        let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
-        scopes.prune(scope, |(expiry, key)| match self.map.try_get(key) {
-            TryResult::Present(record) => matches!(
-                &*record,
-                Record::Completed { expires_at, .. } if expires_at == expiry
-            ),
-            TryResult::Absent => false,
-            // Busy: keep it; a stale entry only costs a pop later.
-            TryResult::Locked => true,
-        });
+    /// Changes what `key`'s scope holds, and the eviction indexes with it:
+    /// `completed` is the expiry of the record it just completed, `gone`
+    /// that of a completed record that left. Every increase is made under
+    /// the key's map guard, before the record can be removed, so that no
+    /// decrease is counted before it.
+    fn account(
+        &self,
+        key: &RecordKey,
+        delta: Delta,
+        completed: Option<Nanos>,
+        gone: Option<Nanos>,
+    ) {
+        {
+            let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+            scopes.update(
+                key.scope(),
+                delta,
+                completed.map(|expiry| (expiry, key.clone())),
+                gone.map(|expiry| (expiry, key.clone())),
+            );
+        }
+        if completed.is_some() || gone.is_some() {
+            let mut index = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(expiry) = gone {
+                index.remove(&(expiry, key.clone()));
+            }
+            if let Some(expiry) = completed {
+                index.insert((expiry, key.clone()));
+            }
+        }
     }
 
     /// Makes room for a record of `requester`'s scope: evicts a completed
@@ -647,13 +653,13 @@ impl Inner {
     fn evict_one(&self, now: Nanos, requester: &str, for_claim: bool) -> bool {
         loop {
             let expired = {
-                let mut queue = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
-                match queue.peek() {
-                    Some(Reverse((expiry, _))) if *expiry <= now => queue.pop(),
+                let mut index = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+                match index.first() {
+                    Some((expiry, _)) if *expiry <= now => index.pop_first(),
                     _ => None,
                 }
             };
-            if let Some(Reverse((expiry, key))) = expired {
+            if let Some((expiry, key)) = expired {
                 if self.evict(&key, expiry, now) {
                     return true;
                 }
@@ -716,19 +722,7 @@ impl Inner {
                 true
             }
         });
-        self.prune_expiry_queue();
         removed
-    }
-
-    /// Drops stale queue entries, keeping the queue's size proportional to
-    /// the completed records actually held.
-    fn prune_expiry_queue(&self) {
-        let mut queue = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
-        queue.retain(|Reverse((expiry, key))| {
-            self.map.get(key).is_some_and(
-                |r| matches!(&*r, Record::Completed { expires_at, .. } if expires_at == expiry),
-            )
-        });
     }
 
     fn claim(
@@ -790,13 +784,16 @@ impl Inner {
                     // Counters change under the shard lock, so that no
                     // concurrent removal of this record subtracts first.
                     self.bytes.fetch_sub(old.record_len(), Ordering::AcqRel);
-                    if let Record::Completed { record, .. } = &old {
+                    if let Record::Completed {
+                        record, expires_at, ..
+                    } = &old
+                    {
                         let delta = Delta {
                             bytes: -(record.len() as isize),
                             completed: -1,
                             ..Delta::default()
                         };
-                        self.account(key, delta, None);
+                        self.account(key, delta, None, Some(*expires_at));
                     }
                     drop(entry);
                     if reserved {
@@ -817,7 +814,7 @@ impl Inner {
                         bytes: key.as_str().len() as isize,
                         completed: 0,
                     };
-                    self.account(key, delta, None);
+                    self.account(key, delta, None, None);
                     return Ok(Claim::Acquired {
                         token,
                         took_over: false,
@@ -871,40 +868,29 @@ impl Inner {
             }
         }
         let expires_at = now.saturating_add(nanos(ttl));
-        let stale = {
-            let mut guard = self.map.get_mut(key).ok_or(StoreError::Fenced)?;
-            let fingerprint = match &*guard {
-                Record::InFlight {
-                    fingerprint,
-                    token: held,
-                    ..
-                } if *held == token => *fingerprint,
-                _ => return Err(StoreError::Fenced),
-            };
-            *guard = Record::Completed {
+        let mut guard = self.map.get_mut(key).ok_or(StoreError::Fenced)?;
+        let fingerprint = match &*guard {
+            Record::InFlight {
                 fingerprint,
-                record,
-                expires_at,
-            };
-            self.bytes.fetch_add(size, Ordering::AcqRel);
-            let delta = Delta {
-                bytes: size as isize,
-                completed: 1,
-                ..Delta::default()
-            };
-            self.account(key, delta, Some(expires_at))
+                token: held,
+                ..
+            } if *held == token => *fingerprint,
+            _ => return Err(StoreError::Fenced),
         };
-        if stale {
-            self.prune_scope(key.scope());
-        }
-        let queued = {
-            let mut queue = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
-            queue.push(Reverse((expires_at, key.clone())));
-            queue.len()
+        *guard = Record::Completed {
+            fingerprint,
+            record,
+            expires_at,
         };
-        if queued > 2 * self.entries.load(Ordering::Acquire) + 64 {
-            self.prune_expiry_queue();
-        }
+        self.bytes.fetch_add(size, Ordering::AcqRel);
+        let delta = Delta {
+            bytes: size as isize,
+            completed: 1,
+            ..Delta::default()
+        };
+        // Indexed under the guard: no removal of the record can come first.
+        self.account(key, delta, Some(expires_at), None);
+        drop(guard);
         Ok(())
     }
 
@@ -1090,10 +1076,11 @@ mod tests {
         assert!(store.evicted_live() > 0, "the race made the store evict");
     }
 
-    /// A scope whose records keep expiring and being claimed again does not
-    /// grow its eviction queue without bound.
+    /// A scope whose records keep expiring and being claimed again keeps
+    /// exactly its completed records in its eviction queue and in the
+    /// store's: nothing stale to prune.
     #[tokio::test(start_paused = true)]
-    async fn a_scope_queue_is_pruned_as_its_records_turn_over() {
+    async fn eviction_queues_hold_exactly_the_completed_records() {
         let store = MemoryStore::default();
         let fp = Fingerprint::from_bytes([1; 32]);
         for i in 0..5000 {
@@ -1113,10 +1100,7 @@ mod tests {
         let scopes = store.inner.scopes.lock().unwrap();
         let used = &scopes.by_name["busy"];
         assert_eq!(used.completed, 10);
-        assert!(
-            used.queue.len() <= 2 * 10 + 17,
-            "{} queued",
-            used.queue.len()
-        );
+        assert_eq!(used.queue.len(), 10);
+        assert_eq!(store.inner.expiry.lock().unwrap().len(), 10);
     }
 }
