@@ -14,14 +14,16 @@ use std::convert::Infallible;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use tower::{Service, ServiceExt, service_fn};
+use http_body_util::Full;
+use tower::Service;
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
+
+mod common;
+
+use common::{get, handler, post, run};
 
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
-
-const KIB: &[u8] = &[b'a'; 1024];
 
 /// Requests counted per path, after as many to warm up.
 const ROUNDS: u64 = 2_000;
@@ -37,39 +39,6 @@ const BUDGET: &[(&str, u64)] = &[
     ("GET pass-through", 0),
     ("POST without a key", 0),
 ];
-
-fn handler<B>()
--> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
-+ Clone
-+ Send
-+ 'static {
-    service_fn(|_req: Request<B>| async { Ok(Response::new(Full::new(Bytes::from_static(KIB)))) })
-}
-
-fn post(key: Option<&str>) -> Request<Full<Bytes>> {
-    let mut req = Request::post("/book")
-        .header("content-type", "application/json")
-        .header("authorization", "Bearer bench");
-    if let Some(key) = key {
-        req = req.header("idempotency-key", key);
-    }
-    req.body(Full::new(Bytes::from_static(KIB))).unwrap()
-}
-
-fn get() -> Request<Full<Bytes>> {
-    Request::get("/book").body(Full::default()).unwrap()
-}
-
-/// Runs one request to its end, body included (the record completes there).
-async fn run<S, B>(svc: &S, req: Request<Full<Bytes>>)
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = Infallible> + Clone,
-    B: http_body::Body<Data = Bytes>,
-    B::Error: std::fmt::Debug,
-{
-    let response = svc.clone().oneshot(req).await.unwrap();
-    response.into_body().collect().await.unwrap();
-}
 
 /// Allocations and bytes per request of `make` through `svc`, after a warm
 /// up of as many.

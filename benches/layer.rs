@@ -8,60 +8,20 @@
 //! cargo bench --all-features --bench layer`
 
 use std::{
-    convert::Infallible,
     hint::black_box,
     sync::atomic::{AtomicU64, Ordering},
 };
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
+use http::Request;
+use http_body_util::Full;
 use tokio::runtime::Runtime;
-use tower::{Service, ServiceExt, service_fn};
 use tower_idempotency::{Fingerprint, IdempotencyLayer, MemoryStore, Store};
 
-const KIB: &[u8] = &[b'a'; 1024];
+mod common;
 
-/// A trivial handler answering with 1 KiB.
-fn handler<B>()
--> impl Service<Request<B>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
-+ Clone
-+ Send
-+ 'static {
-    service_fn(|_req: Request<B>| async { Ok(Response::new(Full::new(Bytes::from_static(KIB)))) })
-}
-
-fn post(key: Option<&str>) -> Request<Full<Bytes>> {
-    let mut req = Request::post("/book")
-        .header("content-type", "application/json")
-        .header("authorization", "Bearer bench");
-    if let Some(key) = key {
-        req = req.header("idempotency-key", key);
-    }
-    req.body(Full::new(Bytes::from_static(KIB))).unwrap()
-}
-
-fn get() -> Request<Full<Bytes>> {
-    Request::get("/book").body(Full::default()).unwrap()
-}
-
-/// Runs one request to its end, body included (the record completes there).
-async fn run<S, B>(svc: &S, req: Request<Full<Bytes>>) -> usize
-where
-    S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = Infallible> + Clone,
-    B: http_body::Body<Data = Bytes>,
-    B::Error: std::fmt::Debug,
-{
-    let response = svc.clone().oneshot(req).await.unwrap();
-    response
-        .into_body()
-        .collect()
-        .await
-        .unwrap()
-        .to_bytes()
-        .len()
-}
+use common::{KIB, get, handler, post, run};
 
 /// The same workload for any store, so every backend is measured alike.
 fn bench_store<St: Store + Clone>(c: &mut Criterion, rt: &Runtime, name: &str, store: St) {
