@@ -50,7 +50,7 @@
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header, response};
 
-use crate::{Rejection, RejectionKind, RejectionResponse, layer::RecordPolicy};
+use crate::{Rejection, RejectionKind, RejectionResponse, policy::RecordPolicy};
 
 /// A gRPC status code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -164,26 +164,23 @@
 #[cfg(feature = "audit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "audit")))]
 pub mod audit;
-mod background;
-mod body;
-mod budget;
-mod claim;
 pub mod client;
 mod context;
 mod fingerprint;
-mod future;
 pub mod grpc;
 mod key;
-mod layer;
 mod metrics;
 pub mod once;
 mod outcome;
+mod policy;
 mod record;
 mod rejection;
 mod scope;
-mod service;
+mod server;
 pub mod store;
 mod trail;
+
+use server::{background, body, budget, claim, future, layer, service};
 
 pub use background::{BackgroundStats, Drained};
 pub use body::{RequestBody, ResponseBody};
@@ -193,11 +190,9 @@ pub use context::MissingContext;
 pub use fingerprint::Fingerprint;
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN};
-pub use layer::{
-    IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyLayer, Lapse, RecordPolicy,
-    RecordUnlessRetryable,
-};
+pub use layer::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyLayer, Lapse};
 pub use outcome::Outcome;
+pub use policy::{RecordPolicy, RecordUnlessRetryable};
 pub use rejection::{PROBLEM_TYPE_BASE, ProblemJson, Rejection, RejectionKind, RejectionResponse};
 pub use scope::{Anonymous, DefaultScope, Principal, Scope, ScopeExtractor};
 pub use service::Idempotency;

@@ -55,8 +55,9 @@ pub struct Args {
     #[arg(long, env = "GATEWAY_AUDIT_RECEIPTS", requires = "audit")]
     pub audit_receipts: bool,
 
-    /// Close the audit file once it holds N bytes, as PATH.<last seq>, and
-    /// go on in a new PATH that names its final checkpoint (needs --audit).
+    /// Close the audit file once it holds N bytes, as PATH.SEQ (its last
+    /// entry's seq, 20 digits), and go on in a new PATH that names its final
+    /// checkpoint (needs --audit).
     #[arg(long, env = "GATEWAY_AUDIT_MAX_BYTES", value_name = "N", requires = "audit",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub audit_max_bytes: Option<u64>,

@@ -24,7 +24,7 @@ use pin_project_lite::pin_project;
 
 use crate::{
     claim::{BoxFuture, Finish, HeldClaim},
-    layer::RecordPolicy,
+    policy::RecordPolicy,
     record::RecordBuilder,
 };
 
