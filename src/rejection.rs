@@ -5,10 +5,12 @@
 //! [`IdempotencyLayer::with_rejection_response`](crate::IdempotencyLayer::with_rejection_response),
 //! for example to answer a gRPC client with a gRPC status.
 
-use std::{borrow::Cow, fmt};
+use std::{borrow::Cow, fmt, time::Duration};
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+
+use crate::key::KeyError;
 
 /// Which rule a request broke.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -222,6 +224,153 @@ impl RejectionResponse for ProblemJson {
     fn response(&self, rejection: &Rejection) -> Response<Bytes> {
         rejection.to_response()
     }
+}
+
+// The rejections of the request path, each with the detail a client reads.
+
+pub(crate) fn missing_key(header: &HeaderName) -> Rejection {
+    Rejection::new(
+        RejectionKind::MissingKey,
+        StatusCode::BAD_REQUEST,
+        format!(
+            "This endpoint requires an `{}` header: a unique value (such as a UUID) chosen once per operation and sent again, unchanged, with every retry of it.",
+            header
+        ),
+    )
+}
+
+pub(crate) fn invalid_key(header: &HeaderName, err: KeyError) -> Rejection {
+    Rejection::new(
+        RejectionKind::InvalidKey,
+        StatusCode::BAD_REQUEST,
+        format!(
+            "The `{}` header is invalid: {err}. Send 1 to 255 visible ASCII characters, bare or as a quoted string.",
+            header
+        ),
+    )
+}
+
+pub(crate) fn body_too_large(limit: usize) -> Rejection {
+    Rejection::new(
+        RejectionKind::BodyTooLarge,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "The request body is larger than the {} bytes this endpoint accepts with an idempotency key.",
+            limit
+        ),
+    )
+}
+
+pub(crate) fn overloaded() -> Rejection {
+    Rejection::new(
+        RejectionKind::Overloaded,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The server is holding as many request bodies as it can right now, so this request was not executed. Retry with the same key.",
+    )
+    .with_retry_after(1)
+}
+
+pub(crate) fn body_unreadable() -> Rejection {
+    Rejection::new(
+        RejectionKind::BodyUnreadable,
+        StatusCode::BAD_REQUEST,
+        "The request body could not be read to its end. Nothing was executed; send the request again with the same key.",
+    )
+}
+
+pub(crate) fn anonymous(header: &HeaderName) -> Rejection {
+    Rejection::new(
+        RejectionKind::AnonymousRequest,
+        StatusCode::UNAUTHORIZED,
+        format!(
+            "A request with an `{}` header must come from an identified caller: authenticate, then send it again with the same key.",
+            header
+        ),
+    )
+}
+
+pub(crate) fn key_reused(status: StatusCode) -> Rejection {
+    Rejection::new(
+        RejectionKind::KeyReused,
+        status,
+        "This idempotency key was already used for a different request (method, host, path, query, content type or body differ). Use a new key for a new operation, or resend the original request unchanged.",
+    )
+}
+
+/// 409, with a short `Retry-After` hint: the configured one, but never past
+/// the end of the holder's lease (and at least one second, the header's
+/// unit).
+pub(crate) fn in_flight(retry_after: Duration, lease_remaining: Duration) -> Rejection {
+    let wait = retry_after.min(lease_remaining);
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    Rejection::new(
+        RejectionKind::RequestInFlight,
+        StatusCode::CONFLICT,
+        "A request with this idempotency key is still being processed. Retry after the time in Retry-After to get its response.",
+    )
+    .with_retry_after(seconds)
+}
+
+pub(crate) fn not_retained(original: StatusCode) -> Rejection {
+    Rejection::new(
+        RejectionKind::ResponseNotRetained,
+        StatusCode::GONE,
+        format!(
+            "The request with this idempotency key was already processed and answered with status {}, but its response was too large to keep, so it cannot be replayed. It will not be executed again.",
+            original.as_u16()
+        ),
+    )
+}
+
+pub(crate) fn outcome_unknown() -> Rejection {
+    Rejection::new(
+        RejectionKind::OutcomeUnknown,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "The request with this idempotency key ran past the server's time limit and was stopped. It may or may not have taken effect, and it will not be executed again under this key: check the state of what it changes before sending a new request with a new key.",
+    )
+}
+
+/// A retry found its key's claim lapsed past the maximum execution time,
+/// under [`Lapse::Settle`](crate::Lapse::Settle).
+pub(crate) fn outcome_unknown_lapsed() -> Rejection {
+    Rejection::new(
+        RejectionKind::OutcomeUnknown,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "The first request with this idempotency key stopped answering before it finished (its server stalled or went away), so it may or may not have taken effect. It will not be executed again under this key: check the state of what it changes before sending a new request with a new key.",
+    )
+}
+
+/// The audit chain has no room for the request's entry.
+pub(crate) fn audit_unavailable() -> Rejection {
+    Rejection::new(
+        RejectionKind::AuditUnavailable,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The audit log cannot record this request right now, so it was not executed. Retry with the same key.",
+    )
+    .with_retry_after(1)
+}
+
+/// A detached request's claim landed after a drain's deadline: released,
+/// and nothing ran. Nobody reads this answer (the client had gone); it is
+/// what the request's span and metrics record.
+pub(crate) fn shutting_down() -> Rejection {
+    Rejection::new(
+        RejectionKind::StoreUnavailable,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The server was shutting down before this request started, so it was not executed. Retry with the same key.",
+    )
+    .with_retry_after(1)
+}
+
+/// The store's own error goes to the log (with the hashed key), never to the
+/// client: it can name hosts, users, tables and driver internals.
+pub(crate) fn store_unavailable() -> Rejection {
+    Rejection::new(
+        RejectionKind::StoreUnavailable,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Idempotency could not be guaranteed, so the request was not executed. Retry with the same key.",
+    )
+    .with_retry_after(1)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::{
 };
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, request};
+use http::{HeaderMap, HeaderValue, Request, Response, request};
 use http_body::Body;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
@@ -25,6 +25,7 @@ use crate::{
     key,
     layer::{Config, IDEMPOTENT_REPLAYED, Lapse},
     record::{self, RecordBuilder},
+    rejection,
     store::{Claim, RecordKey, Store},
     trail::Trail,
 };
@@ -92,7 +93,7 @@ where
         }
         if !req.headers().contains_key(&config.header) {
             if config.require_key {
-                let mut response = reject(config, missing_key(config));
+                let mut response = reject(config, rejection::missing_key(&config.header));
                 count(config, &req.into_parts().0, &response);
                 note(config, None, None, &mut response);
                 return ResponseFuture::ready(response);
@@ -141,17 +142,21 @@ where
         };
         let key = match key {
             Ok(key) => key,
-            Err(err) => return early(invalid_key(config, err), None, None),
+            Err(err) => return early(rejection::invalid_key(&config.header, err), None, None),
         };
         let scope = match config.scope.scope(&parts) {
             Some(scope) => scope,
             None => match anonymous_scope(config) {
                 Some(scope) => scope,
-                None => return early(anonymous(config), None, Some(&key)),
+                None => return early(rejection::anonymous(&config.header), None, Some(&key)),
             },
         };
         if body.size_hint().lower() > config.request_body_limit as u64 {
-            return early(body_too_large(config), Some(scope.as_str()), Some(&key));
+            return early(
+                rejection::body_too_large(config.request_body_limit),
+                Some(scope.as_str()),
+                Some(&key),
+            );
         }
         // The request's trail in the audit chain; its place in the queue is
         // taken once its body is read, before anything can run.
@@ -360,20 +365,23 @@ where
     let (body, trailers) = match buffer(body, config.request_body_limit, &mut reserved).await {
         Ok(buffered) => buffered,
         Err(Buffering::TooLarge) => {
-            let response = reject(&config, body_too_large(&config));
+            let response = reject(
+                &config,
+                rejection::body_too_large(config.request_body_limit),
+            );
             answered(trail, &response);
             return Ok(response);
         }
         Err(Buffering::Overloaded) => {
             tracing::warn!(key = %KeyHash(&record_key), "request bodies buffered at the layer's bound; rejecting");
-            let response = reject(&config, overloaded());
+            let response = reject(&config, rejection::overloaded());
             answered(trail, &response);
             return Ok(response);
         }
         Err(Buffering::Unreadable(err)) => {
             let err = err.into();
             tracing::debug!(key = %KeyHash(&record_key), error = %err, "request body unreadable");
-            let response = reject(&config, body_unreadable());
+            let response = reject(&config, rejection::body_unreadable());
             answered(trail, &response);
             return Ok(response);
         }
@@ -389,7 +397,7 @@ where
         // an upload that takes its time holds none.
         if trail.reserve().is_err() {
             // Counted as lost already: no second entry is attempted.
-            return Ok(reject(&config, audit_unavailable()));
+            return Ok(reject(&config, rejection::audit_unavailable()));
         }
         trail.fingerprint(&fingerprint);
     }
@@ -433,7 +441,7 @@ where
                     // and the place held records the take-over.
                     let mut held = Held::new(config.clone(), record_key, token, None);
                     HeldClaim::release(&mut held, None).await;
-                    let response = reject(&config, audit_unavailable());
+                    let response = reject(&config, rejection::audit_unavailable());
                     held_trail.record("taken_over", Some(response.status().as_u16()), None);
                     return Ok(response);
                 }
@@ -446,7 +454,7 @@ where
     if took_over && config.lapse == Lapse::Settle {
         // The earlier holder stopped for longer than it may run: whether
         // its work took effect is unknown, and nothing runs again.
-        return Ok(settle(&config, held, outcome_unknown_lapsed()).await);
+        return Ok(settle(&config, held, rejection::outcome_unknown_lapsed()).await);
     }
     if lifeline.must_settle() {
         // A drain's deadline passed while the key was being claimed: the
@@ -457,7 +465,7 @@ where
             key = %KeyHash(&record_key),
             "request reached a drain's deadline before its handler started; claim released"
         );
-        let response = reject(&config, shutting_down());
+        let response = reject(&config, rejection::shutting_down());
         held.release(Some(response.status().as_u16())).await;
         return Ok(response);
     }
@@ -501,7 +509,7 @@ where
                 "request stopped past its maximum execution time; recorded as outcome-unknown"
             );
         }
-        return Ok(settle(&config, held, outcome_unknown()).await);
+        return Ok(settle(&config, held, rejection::outcome_unknown()).await);
     };
 
     let (mut parts, body) = match result {
@@ -605,7 +613,7 @@ async fn claim<St: Store, B>(
             }
             Err(err) => {
                 tracing::error!(key = %KeyHash(key), error = %err, "store failed; rejecting");
-                return Claimed::Answered(reject(config, store_unavailable()));
+                return Claimed::Answered(reject(config, rejection::store_unavailable()));
             }
         };
         let rejection = match found {
@@ -617,7 +625,7 @@ async fn claim<St: Store, B>(
             }
             | Claim::Completed {
                 fingerprint: held, ..
-            } if held != fingerprint => key_reused(config),
+            } if held != fingerprint => rejection::key_reused(config.mismatch_status),
             Claim::Completed { record, .. } => {
                 return Claimed::Answered(replay(config, key, record));
             }
@@ -639,7 +647,7 @@ async fn claim<St: Store, B>(
                         continue;
                     }
                 }
-                in_flight(config, lease_remaining)
+                rejection::in_flight(config.in_flight_retry_after, lease_remaining)
             }
         };
         tracing::debug!(key = %KeyHash(key), rejection = %rejection.kind(), "rejected");
@@ -653,11 +661,11 @@ fn replay<St, B>(config: &Config<St>, key: &RecordKey, record: Bytes) -> Respons
         Ok(recorded) => recorded,
         Err(why) => {
             tracing::error!(key = %KeyHash(key), reason = %why, "stored record is unreadable");
-            return reject(config, store_unavailable());
+            return reject(config, rejection::store_unavailable());
         }
     };
     let Some(body) = recorded.body else {
-        return reject(config, not_retained(recorded.status));
+        return reject(config, rejection::not_retained(recorded.status));
     };
     tracing::debug!(key = %KeyHash(key), "replaying recorded response");
     let mut response = Response::new(ResponseBody::buffered(body, recorded.trailers));
@@ -669,7 +677,7 @@ fn replay<St, B>(config: &Config<St>, key: &RecordKey, record: Bytes) -> Respons
     if marked.is_err() {
         // The decoder left room for it; a head without room is unreadable.
         tracing::error!(key = %KeyHash(key), "stored record has no room for the replay header");
-        return reject(config, store_unavailable());
+        return reject(config, rejection::store_unavailable());
     }
     response.extensions_mut().insert(Outcome::Replayed);
     response
@@ -684,56 +692,6 @@ fn reject<St, B>(config: &Config<St>, rejection: Rejection) -> Response<Response
         .extensions_mut()
         .insert(Outcome::Rejected(rejection.kind()));
     response
-}
-
-fn missing_key<St>(config: &Config<St>) -> Rejection {
-    Rejection::new(
-        RejectionKind::MissingKey,
-        StatusCode::BAD_REQUEST,
-        format!(
-            "This endpoint requires an `{}` header: a unique value (such as a UUID) chosen once per operation and sent again, unchanged, with every retry of it.",
-            config.header
-        ),
-    )
-}
-
-fn invalid_key<St>(config: &Config<St>, err: KeyError) -> Rejection {
-    Rejection::new(
-        RejectionKind::InvalidKey,
-        StatusCode::BAD_REQUEST,
-        format!(
-            "The `{}` header is invalid: {err}. Send 1 to 255 visible ASCII characters, bare or as a quoted string.",
-            config.header
-        ),
-    )
-}
-
-fn body_too_large<St>(config: &Config<St>) -> Rejection {
-    Rejection::new(
-        RejectionKind::BodyTooLarge,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!(
-            "The request body is larger than the {} bytes this endpoint accepts with an idempotency key.",
-            config.request_body_limit
-        ),
-    )
-}
-
-fn overloaded() -> Rejection {
-    Rejection::new(
-        RejectionKind::Overloaded,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "The server is holding as many request bodies as it can right now, so this request was not executed. Retry with the same key.",
-    )
-    .with_retry_after(1)
-}
-
-fn body_unreadable() -> Rejection {
-    Rejection::new(
-        RejectionKind::BodyUnreadable,
-        StatusCode::BAD_REQUEST,
-        "The request body could not be read to its end. Nothing was executed; send the request again with the same key.",
-    )
 }
 
 /// The scope of a request without one, when the policy allows it.
@@ -755,101 +713,6 @@ fn anonymous_scope<St>(config: &Config<St>) -> Option<Scope> {
             Some(Scope::global())
         }
     }
-}
-
-fn anonymous<St>(config: &Config<St>) -> Rejection {
-    Rejection::new(
-        RejectionKind::AnonymousRequest,
-        StatusCode::UNAUTHORIZED,
-        format!(
-            "A request with an `{}` header must come from an identified caller: authenticate, then send it again with the same key.",
-            config.header
-        ),
-    )
-}
-
-fn key_reused<St>(config: &Config<St>) -> Rejection {
-    Rejection::new(
-        RejectionKind::KeyReused,
-        config.mismatch_status,
-        "This idempotency key was already used for a different request (method, host, path, query, content type or body differ). Use a new key for a new operation, or resend the original request unchanged.",
-    )
-}
-
-/// 409, with a short `Retry-After` hint: the configured one, but never past
-/// the end of the holder's lease (and at least one second, the header's
-/// unit).
-fn in_flight<St>(config: &Config<St>, lease_remaining: Duration) -> Rejection {
-    let wait = config.in_flight_retry_after.min(lease_remaining);
-    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    Rejection::new(
-        RejectionKind::RequestInFlight,
-        StatusCode::CONFLICT,
-        "A request with this idempotency key is still being processed. Retry after the time in Retry-After to get its response.",
-    )
-    .with_retry_after(seconds)
-}
-
-fn not_retained(original: StatusCode) -> Rejection {
-    Rejection::new(
-        RejectionKind::ResponseNotRetained,
-        StatusCode::GONE,
-        format!(
-            "The request with this idempotency key was already processed and answered with status {}, but its response was too large to keep, so it cannot be replayed. It will not be executed again.",
-            original.as_u16()
-        ),
-    )
-}
-
-fn outcome_unknown() -> Rejection {
-    Rejection::new(
-        RejectionKind::OutcomeUnknown,
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "The request with this idempotency key ran past the server's time limit and was stopped. It may or may not have taken effect, and it will not be executed again under this key: check the state of what it changes before sending a new request with a new key.",
-    )
-}
-
-/// A retry found its key's claim lapsed past the maximum execution time,
-/// under [`Lapse::Settle`].
-fn outcome_unknown_lapsed() -> Rejection {
-    Rejection::new(
-        RejectionKind::OutcomeUnknown,
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "The first request with this idempotency key stopped answering before it finished (its server stalled or went away), so it may or may not have taken effect. It will not be executed again under this key: check the state of what it changes before sending a new request with a new key.",
-    )
-}
-
-/// The audit chain has no room for the request's entry.
-fn audit_unavailable() -> Rejection {
-    Rejection::new(
-        RejectionKind::AuditUnavailable,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "The audit log cannot record this request right now, so it was not executed. Retry with the same key.",
-    )
-    .with_retry_after(1)
-}
-
-/// A detached request's claim landed after a drain's deadline: released,
-/// and nothing ran. Nobody reads this answer (the client had gone); it is
-/// what the request's span and metrics record.
-fn shutting_down() -> Rejection {
-    Rejection::new(
-        RejectionKind::StoreUnavailable,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "The server was shutting down before this request started, so it was not executed. Retry with the same key.",
-    )
-    .with_retry_after(1)
-}
-
-/// The store's own error goes to the log (with the hashed key), never to the
-/// client: it can name hosts, users, tables and driver internals.
-fn store_unavailable() -> Rejection {
-    Rejection::new(
-        RejectionKind::StoreUnavailable,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "Idempotency could not be guaranteed, so the request was not executed. Retry with the same key.",
-    )
-    .with_retry_after(1)
 }
 
 #[cfg(test)]
