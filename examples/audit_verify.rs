@@ -128,6 +128,10 @@ fn read(file: &PathBuf) -> Result<String, String> {
     use std::io::Read;
     const LIMIT: u64 = 64 * 1024;
     let named = |err: std::io::Error| format!("{}: {err}", file.display());
+    // A FIFO or a device would block or never end.
+    if !std::fs::metadata(file).map_err(named)?.is_file() {
+        return Err(format!("{}: not a regular file", file.display()));
+    }
     let mut text = String::new();
     std::fs::File::open(file)
         .map_err(named)?
@@ -146,13 +150,28 @@ fn read(file: &PathBuf) -> Result<String, String> {
 /// Whether `out` names a file this run reads as a chain, key or receipt:
 /// `--latest-checkpoint` must never overwrite the evidence.
 fn read_here(args: &Args, out: &std::path::Path) -> Option<PathBuf> {
-    let out = std::fs::canonicalize(out).ok()?;
+    let out = identity(out)?;
     args.paths
         .iter()
         .chain(&args.keys)
         .chain(&args.receipt)
-        .find(|file| std::fs::canonicalize(file).is_ok_and(|file| file == out))
+        .find(|file| identity(file).is_some_and(|file| file == out))
         .cloned()
+}
+
+/// What names a file whatever path reaches it (a symlink, a hard link):
+/// its device and inode where there are such, else its canonical path.
+fn identity(path: &std::path::Path) -> Option<(u64, u64, PathBuf)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.dev(), meta.ino(), PathBuf::new()))
+    }
+    #[cfg(not(unix))]
+    {
+        Some((0, 0, std::fs::canonicalize(path).ok()?))
+    }
 }
 
 /// The keys, saved checkpoints and instance, or why they cannot be used.
@@ -217,6 +236,13 @@ fn main() -> ExitCode {
     };
     let paths = &args.paths;
     let path = paths.last().expect("checked in parse");
+    if let Some(odd) = paths
+        .iter()
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| !m.is_file()))
+    {
+        eprintln!("audit_verify: {}: not a regular file", odd.display());
+        return ExitCode::from(2);
+    }
     let mut held = None;
     let result = match (&args.history, &receipt) {
         (None, None) => verify_files_with(paths, &trust).map(|chain| (chain, None)),
@@ -254,6 +280,12 @@ fn main() -> ExitCode {
         eprintln!("audit_verify: {}: {err}", out.display());
         return ExitCode::from(2);
     }
+    if chain.first_seq > 1 {
+        eprintln!(
+            "audit_verify: note: the files given begin at seq {} (after a rotation): the entries before it are not checked; give the closed files before it too, oldest first",
+            chain.first_seq
+        );
+    }
     if let Some(Err(why)) = &held
         && !matches!(why, ReceiptError::Unwritten(_))
     {
@@ -261,12 +293,6 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     let code = verdict(&chain);
-    if chain.first_seq > 1 {
-        eprintln!(
-            "audit_verify: note: the files given begin at seq {} (after a rotation): the entries before it are not checked; give the closed files before it too, oldest first",
-            chain.first_seq
-        );
-    }
     if let Some(Err(why)) = &held {
         // Intact, and short of the receipt's entry by a crash or a log
         // still open: incomplete.

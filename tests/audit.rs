@@ -668,6 +668,20 @@ async fn a_chain_rewritten_without_the_key_fails_its_signature() {
 /// Changes the first entry's status and rebuilds the chain after it, as a
 /// forger with `key` would: every hash recomputed, checkpoints re-signed.
 fn rewrite(lines: &[String], key: &AuditSigner) -> Vec<String> {
+    resign(lines, key, |i, value| {
+        if i == 0 {
+            value.insert("status".into(), Value::from(500));
+        }
+    })
+}
+
+/// The chain with each entry changed by `edit` (given its line's index),
+/// hashed, linked and signed again with `key`.
+fn resign(
+    lines: &[String],
+    key: &AuditSigner,
+    mut edit: impl FnMut(usize, &mut serde_json::Map<String, Value>),
+) -> Vec<String> {
     let mut out = Vec::new();
     let mut prev = "0".repeat(64);
     let mut tree = merkle::Tree::new();
@@ -678,9 +692,7 @@ fn rewrite(lines: &[String], key: &AuditSigner) -> Vec<String> {
             out.push(forge_checkpoint(key, &tree, &last));
             continue;
         }
-        if i == 0 {
-            value.insert("status".into(), Value::from(500));
-        }
+        edit(i, &mut value);
         value.insert("prev".into(), Value::from(prev.clone()));
         value.remove("hash");
         let canonical = serde_json_canonicalizer::to_string(&value).unwrap();
@@ -2307,6 +2319,18 @@ async fn rotated_files_verify_as_one_chain() {
         later.contains("files that held them are missing"),
         "{later}"
     );
+    // The first file's final checkpoint is the one the next file's
+    // `continued` entry names: held against it, the later files verify.
+    let last_of_first: Value =
+        serde_json::from_str(first.iter().rev().find(|l| is_checkpoint(l)).unwrap()).unwrap();
+    let named = verify_files_with(
+        &files[1..],
+        &Trust::new()
+            .with_key(signer.verifier())
+            .with_checkpoint("named", last_of_first["checkpoint"].as_str().unwrap())
+            .unwrap(),
+    );
+    assert!(named.is_ok(), "{named:?}");
 
     // A rotation cut short: the closed file renamed, the new one empty.
     let crash = dir.join("crash.jsonl");
@@ -2452,4 +2476,132 @@ async fn a_writer_that_panicked_answers_rotations_and_turns_unhealthy() {
     let response = app.oneshot(post_with_key("p2", "x")).await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(audit.close().await.is_err());
+}
+
+/// Which run of the writer a receipt was issued in is read from the chain,
+/// not from clocks: a receipt whose entry a crash lost stays "lost in that
+/// stop" when the next run's clock was behind; an unsigned `closed` line
+/// added after the crash excuses nothing and blames nothing; a clean close
+/// at a file's size bound is no crash at the next start; a receipt checked
+/// against later files alone is not called missing.
+#[tokio::test]
+async fn a_receipt_is_held_to_its_own_run() {
+    use tower_idempotency::audit::{Receipt, ReceiptError, Trust, check_receipt};
+    let dir = scratch("receipt-runs");
+    let path = dir.join("audit.jsonl");
+    let signer = signer();
+    let trust = Trust::new().with_key(signer.verifier());
+    let start = |path: PathBuf| {
+        let signer = signer.clone();
+        async move {
+            let audit = AuditLog::builder("api-1", signer)
+                .with_receipts()
+                .start(JsonlSink::open(&path).unwrap())
+                .await
+                .unwrap();
+            let app = common::booking_router(Counter::default())
+                .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+            (audit, app)
+        }
+    };
+    let book = |app: Router, key: &'static str| async move {
+        let response = app.oneshot(post_with_key(key, "x")).await.unwrap();
+        let receipt = Receipt::from_headers(response.headers()).unwrap().unwrap();
+        body_bytes(response).await;
+        receipt
+    };
+    // Run 1: one entry durable, then a crash before the second one was.
+    let (audit, app) = start(path.clone()).await;
+    book(app.clone(), "run1-a").await;
+    until(|| read_lines(&path).iter().any(|l| is_checkpoint(l))).await;
+    let at_crash = read_lines(&path);
+    let lost = book(app, "run1-b").await;
+    audit.close().await.unwrap();
+    std::fs::write(&path, at_crash.join("\n") + "\n").unwrap();
+    let verdict = |path: &Path| check_receipt(path, &trust, &lost).unwrap().1;
+    assert!(matches!(verdict(&path), Err(ReceiptError::Unwritten(_))));
+
+    // An unsigned `closed` line after the crash: still not closed.
+    let mut framed = at_crash.clone();
+    framed.push(forge_next(&at_crash, "closed"));
+    let framed_path = dir.join("framed.jsonl");
+    std::fs::write(&framed_path, framed.join("\n") + "\n").unwrap();
+    let why = verdict(&framed_path).unwrap_err();
+    assert!(matches!(why, ReceiptError::Unwritten(_)), "{why}");
+    assert!(why.to_string().contains("has not been closed"), "{why}");
+
+    // Runs 2 and 3 start on the crashed chain and close; then run 2's clock
+    // is made a minute behind run 1's (the chain signed again with the key).
+    for key in ["run2", "run3"] {
+        let (audit, app) = start(path.clone()).await;
+        book(app, key).await;
+        audit.close().await.unwrap();
+    }
+    let lines = read_lines(&path);
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l.contains("\"after\":\"crash\""))
+            .count(),
+        1,
+        "run 3 starts after a clean close: {lines:#?}"
+    );
+    let run2 = lines
+        .iter()
+        .position(|l| l.contains("\"after\":\"crash\""))
+        .unwrap();
+    let run2_end = run2
+        + lines[run2..]
+            .iter()
+            .position(|l| l.contains("\"decision\":\"closed\""))
+            .unwrap();
+    let skewed = resign(&lines, &signer, |i, value| {
+        if (run2..=run2_end).contains(&i) {
+            let time = humantime::parse_rfc3339(value["time"].as_str().unwrap()).unwrap();
+            let behind = time - Duration::from_secs(60);
+            value.insert(
+                "time".into(),
+                Value::from(humantime::format_rfc3339_millis(behind).to_string()),
+            );
+        }
+    });
+    let skewed_path = dir.join("skewed.jsonl");
+    std::fs::write(&skewed_path, skewed.join("\n") + "\n").unwrap();
+    let why = verdict(&skewed_path).unwrap_err();
+    assert!(why.to_string().contains("lost in that stop"), "{why}");
+    assert!(
+        why.to_string().contains(&format!("line {}", run2 + 1)),
+        "{why}"
+    );
+}
+
+/// A log closed when its file is past its size bound ends in its `closed`
+/// entry (the rotation waits for the next start), so the next start is
+/// not taken for one after a crash.
+#[tokio::test]
+async fn a_close_at_the_size_bound_is_a_clean_close() {
+    let dir = scratch("close-at-bound");
+    let path = dir.join("audit.jsonl");
+    let signer = signer();
+    for key in ["b1", "b2", "b3"] {
+        let audit = AuditLog::builder("api-1", signer.clone())
+            .start(JsonlSink::open(&path).unwrap().with_max_bytes(1))
+            .await
+            .unwrap();
+        let app = common::booking_router(Counter::default())
+            .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+        body_bytes(app.oneshot(post_with_key(key, "x")).await.unwrap()).await;
+        audit.close().await.unwrap();
+        let lines = read_lines(&path);
+        let last_entry = lines.iter().rev().find(|l| !is_checkpoint(l)).unwrap();
+        assert!(last_entry.contains("\"decision\":\"closed\""), "{lines:#?}");
+    }
+    let mut files = JsonlSink::rotated_files(&path).unwrap();
+    files.push(path.clone());
+    let all: Vec<String> = files.iter().flat_map(|f| read_lines(f)).collect();
+    assert!(files.len() >= 2, "{files:?}");
+    assert!(
+        !all.iter().any(|l| l.contains("\"after\":\"crash\"")),
+        "{all:#?}"
+    );
 }

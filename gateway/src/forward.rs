@@ -206,6 +206,7 @@ impl Forwarder {
         let receipts = self.receipts;
         if receipts {
             request.headers_mut().remove(RECEIPT_HEADER);
+            request = request.map(|body| without_receipt_trailer(body).boxed_unsync());
         }
         let sent = self.client.request(request);
         let timeout = self.timeout;
@@ -431,14 +432,20 @@ fn incoming(response: Response<hyper::body::Incoming>, receipts: bool) -> Respon
     // Not the gateway's: an upstream's receipt would pass for one, on an
     // answer the gateway never audited (a pass-through) or as a trailer.
     parts.headers.remove(RECEIPT_HEADER);
-    let body = body.map_frame(|frame| match frame.into_trailers() {
+    Response::from_parts(parts, without_receipt_trailer(body).boxed_unsync())
+}
+
+/// `body` without an `Idempotency-Receipt` trailer.
+fn without_receipt_trailer<B: Body<Data = Bytes>>(
+    body: B,
+) -> impl Body<Data = Bytes, Error = B::Error> {
+    body.map_frame(|frame| match frame.into_trailers() {
         Ok(mut trailers) => {
             trailers.remove(RECEIPT_HEADER);
             http_body::Frame::trailers(trailers)
         }
         Err(frame) => frame,
-    });
-    Response::from_parts(parts, body.boxed_unsync())
+    })
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");

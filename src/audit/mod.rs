@@ -393,6 +393,7 @@ impl AuditBuilder {
             cut,
             after_crash: resumed.after_crash,
             abandoned: false,
+            started: std::time::SystemTime::now(),
             last_note: resumed.note,
             continuing,
             since: 0,
@@ -754,6 +755,9 @@ struct Writer<S> {
     /// Closing gave up on requests that still held a place: no `closed`
     /// entry, so the next start says the log was not closed.
     abandoned: bool,
+    /// When this writer started: the time of its `resumed` entry, so that
+    /// entry comes before every decision of its run in time too.
+    started: std::time::SystemTime,
     /// The last checkpoint's note.
     last_note: Option<String>,
     /// The sink's current file is new after a rotation: its first entry is
@@ -900,7 +904,9 @@ impl<S: AuditSink> Writer<S> {
                 let adopted = std::mem::take(&mut self.adopted);
                 let cut = std::mem::take(&mut self.cut);
                 let after_crash = std::mem::take(&mut self.after_crash);
-                self.entry(&Pending::resumed(adopted, cut, after_crash), &mut lines);
+                let mut resumed = Pending::resumed(adopted, cut, after_crash);
+                resumed.time = self.started;
+                self.entry(&resumed, &mut lines);
             }
             let lost = self.state.lost.swap(0, Ordering::Relaxed);
             if lost > 0 {
@@ -926,7 +932,9 @@ impl<S: AuditSink> Writer<S> {
             if !lines.is_empty() {
                 self.write(&mut lines, closing).await?;
             }
-            if self.sink.rotation_due() && !self.continuing {
+            // Not after the `closed` entry: the chain ends with it, and the
+            // next start rotates.
+            if self.sink.rotation_due() && !self.continuing && !finishing {
                 self.rotate_file(&mut lines, closing).await?;
             }
             if closing.is_none() {

@@ -212,6 +212,9 @@ pub(crate) fn check(
         last,
         adopted,
         note: last_note,
-        after_crash: seq > 0 && last_decision.as_deref() != Some("closed"),
+        // A clean close signs everything it wrote, its `closed` entry last:
+        // entries after the last checkpoint mean it did not close cleanly,
+        // whatever they say.
+        after_crash: seq > 0 && (adopted > 0 || last_decision.as_deref() != Some("closed")),
     })
 }

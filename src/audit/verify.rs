@@ -307,6 +307,9 @@ struct Checker<'k> {
     file_start: bool,
     /// Entries before the first one checked (a file after a rotation).
     base: u64,
+    /// The root of the tree before the first entry checked, when a file
+    /// after a rotation begins the chain.
+    base_root: Option<[u8; 32]>,
 }
 
 impl<'k> Checker<'k> {
@@ -330,6 +333,7 @@ impl<'k> Checker<'k> {
             rotations: Vec::new(),
             file_start: true,
             base: 0,
+            base_root: None,
         }
     }
 
@@ -515,6 +519,7 @@ impl<'k> Checker<'k> {
         }
         self.seq = note.size;
         self.base = note.size;
+        self.base_root = Some(note.root);
         self.head = entry.prev;
         self.tree = tree;
         self.last = note.last;
@@ -609,7 +614,13 @@ impl<'k> Checker<'k> {
             .trust
             .checkpoints
             .iter()
-            .filter(|t| self.base > 0 && t.size <= self.base)
+            // One of the very size the files begin after is held by the
+            // first file's `continued` entry.
+            .filter(|t| {
+                self.base > 0
+                    && (t.size < self.base
+                        || (t.size == self.base && Some(t.root) != self.base_root))
+            })
             .min_by_key(|t| t.size)
         {
             // Its tree lies in files before the first one given: nothing
@@ -1029,23 +1040,31 @@ fn locate(
     let mut leaves = Vec::new();
     let mut found: Option<(u64, u64, String, String)> = None;
     let mut differs: Option<String> = None;
-    // Where a run of the writer ended after the receipt was issued: its
-    // `closed` entry, or the `resumed` entry of the next run after a crash.
-    let mut ended: Option<(u64, bool)> = None;
+    // The writer's runs end with a `closed` entry, or with the `resumed`
+    // entry of the next run after a crash: every such marker, in order.
+    let mut markers: Vec<(u64, u64, bool, String)> = Vec::new();
+    // The entries of the receipt's own run (receipt ids begin with the
+    // run's random prefix): the last one's seq.
+    let prefix = &receipt.id()[..16];
+    let mut run_last: Option<u64> = None;
     let chain = walk_files(paths, trust, |line, text, entry| {
         if keep_leaves {
             leaves.push(merkle::leaf_hash(text.as_bytes()));
         }
-        if ended.is_none() {
-            let decision = entry.get("decision").and_then(Value::as_str);
-            let crash = decision == Some("resumed")
-                && entry.get("after").and_then(Value::as_str) == Some("crash");
+        let seq = entry.get("seq").and_then(Value::as_u64).unwrap_or(0);
+        let decision = entry.get("decision").and_then(Value::as_str);
+        let crash = decision == Some("resumed")
+            && entry.get("after").and_then(Value::as_str) == Some("crash");
+        if crash || decision == Some("closed") {
             let time = entry.get("time").and_then(Value::as_str).unwrap_or("");
-            // Times are RFC 3339 UTC with milliseconds, as receipts': they
-            // compare as strings.
-            if (crash || decision == Some("closed")) && time >= receipt.time() {
-                ended = Some((line, crash));
-            }
+            markers.push((line, seq, crash, time.to_owned()));
+        }
+        if entry
+            .get("receipt")
+            .and_then(Value::as_str)
+            .is_some_and(|id| id.starts_with(prefix))
+        {
+            run_last = Some(seq);
         }
         if differs.is_some() {
             return;
@@ -1084,6 +1103,33 @@ fn locate(
         }
         let Some((line, seq, decision, text)) = found else {
             let id = receipt.id();
+            // Only the writer's own word counts: a marker its checkpoints
+            // sign, never one found after them or adopted unsigned.
+            let signed = |line: u64, seq: u64| {
+                seq <= chain.signed_through.unwrap_or(0)
+                    && !chain
+                        .adopted
+                        .iter()
+                        .any(|(first, last)| (*first..=*last).contains(&line))
+            };
+            let ended = match run_last {
+                // The marker that ends the receipt's run, in chain order.
+                Some(last) => markers
+                    .iter()
+                    .find(|(line, seq, _, _)| *seq > last && signed(*line, *seq)),
+                // No entry of its run is in the files given: by time.
+                None => markers.iter().find(|(line, seq, _, time)| {
+                    time.as_str() >= receipt.time() && signed(*line, *seq)
+                }),
+            }
+            .map(|(line, _, crash, _)| (*line, *crash));
+            // The entry may be in the files before the first one given.
+            if chain.first_seq > 1 {
+                return Err(ReceiptError::Unwritten(format!(
+                    "no entry in the files given carries receipt {id}; they begin at seq {} (after a rotation): give the closed files before them too",
+                    chain.first_seq
+                )));
+            }
             return Err(match ended {
                 Some((line, true)) => ReceiptError::Unwritten(format!(
                     "no entry carries receipt {id}: the writer stopped without closing the log after it was issued, and line {line} records the restart; its entry was lost in that stop (a crash, or a kill)"
