@@ -159,6 +159,31 @@ fn read_here(args: &Args, out: &std::path::Path) -> Option<PathBuf> {
         .cloned()
 }
 
+/// Why `out` is no file a checkpoint may replace: it exists and is not a
+/// saved checkpoint (a chain, a key, anything else).
+fn not_a_checkpoint(out: &std::path::Path) -> Option<String> {
+    let meta = std::fs::symlink_metadata(out).ok()?;
+    if !meta.is_file() {
+        return Some("not a regular file".into());
+    }
+    match read(&out.to_path_buf()) {
+        Ok(text) if Trust::new().with_checkpoint("out", &text).is_ok() => None,
+        _ => Some("it exists and is not a saved checkpoint".into()),
+    }
+}
+
+/// Writes the checkpoint beside `out`, then renames it over `out`: the name
+/// is replaced, never the contents of a file it linked to.
+fn save_checkpoint(out: &std::path::Path, note: &str) -> std::io::Result<()> {
+    let mut temporary = out.as_os_str().to_owned();
+    temporary.push(format!(".{}.tmp", std::process::id()));
+    let temporary = PathBuf::from(temporary);
+    std::fs::write(&temporary, note)?;
+    std::fs::rename(&temporary, out).inspect_err(|_| {
+        let _ = std::fs::remove_file(&temporary);
+    })
+}
+
 /// What names a file whatever path reaches it (a symlink, a hard link):
 /// its device and inode where there are such, else its canonical path.
 fn identity(path: &std::path::Path) -> Option<(u64, u64, PathBuf)> {
@@ -205,6 +230,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(out) = &args.latest
+        && let Some(why) = not_a_checkpoint(out)
+    {
+        eprintln!(
+            "audit_verify: --latest-checkpoint {}: {why}: refusing to overwrite it",
+            out.display()
+        );
+        return ExitCode::from(2);
+    }
     if let Some(out) = &args.latest
         && let Some(read) = read_here(&args, out)
     {
@@ -275,7 +309,7 @@ fn main() -> ExitCode {
         }
     };
     if let (Some(out), Some(note)) = (&args.latest, &chain.last_checkpoint)
-        && let Err(err) = std::fs::write(out, note)
+        && let Err(err) = save_checkpoint(out, note)
     {
         eprintln!("audit_verify: {}: {err}", out.display());
         return ExitCode::from(2);

@@ -105,13 +105,16 @@ fn signer() -> AuditSigner {
     AuditSigner::generate("test-audit").unwrap()
 }
 
-/// The entries of the requests: without checkpoints, and without the
-/// `closed` entries a clean close writes (see `closes`).
+/// The entries of the requests: without checkpoints, the `closed` entries
+/// a clean close writes (see `closes`), and the `started` entries of runs
+/// that give receipts.
 fn entries(lines: &[String]) -> Vec<Value> {
     lines
         .iter()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v.get("checkpoint").is_none() && v["decision"] != "closed")
+        .filter(|v| {
+            v.get("checkpoint").is_none() && v["decision"] != "closed" && v["decision"] != "started"
+        })
         .collect()
 }
 
@@ -1734,6 +1737,47 @@ async fn audit_verify_exit_codes() {
         assert_eq!(code, 2, "{out:?}");
     }
     assert_eq!(std::fs::read(&path).unwrap(), before);
+    // Nor by another name for the same file.
+    let linked = dir.join("hard-link");
+    std::fs::hard_link(&path, &linked).unwrap();
+    let (code, _) = run(&[
+        path.as_os_str(),
+        "--public-key".as_ref(),
+        key.as_os_str(),
+        "--latest-checkpoint".as_ref(),
+        linked.as_os_str(),
+    ]);
+    assert_eq!(code, 2);
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    // Nor a file that is no saved checkpoint (a key, anything else).
+    let other = dir.join("audit.jsonl.key");
+    std::fs::write(&other, "a signing key").unwrap();
+    let (code, _) = run(&[
+        path.as_os_str(),
+        "--public-key".as_ref(),
+        key.as_os_str(),
+        "--latest-checkpoint".as_ref(),
+        other.as_os_str(),
+    ]);
+    assert_eq!(code, 2);
+    assert_eq!(std::fs::read_to_string(&other).unwrap(), "a signing key");
+    // A FIFO would block the read: refused at once.
+    let fifo = dir.join("fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(
+        run(&[path.as_os_str(), "--public-key".as_ref(), fifo.as_os_str()]).0,
+        2
+    );
+    assert_eq!(
+        run(&[fifo.as_os_str(), "--public-key".as_ref(), key.as_os_str()]).0,
+        2
+    );
 }
 
 /// With a secret, every digest in an entry is keyed: the fingerprint and
@@ -2513,7 +2557,14 @@ async fn a_receipt_is_held_to_its_own_run() {
     // Run 1: one entry durable, then a crash before the second one was.
     let (audit, app) = start(path.clone()).await;
     book(app.clone(), "run1-a").await;
-    until(|| read_lines(&path).iter().any(|l| is_checkpoint(l))).await;
+    until(|| {
+        let lines = read_lines(&path);
+        lines
+            .iter()
+            .any(|l| l.contains("\"decision\":\"executed\""))
+            && lines.last().is_some_and(|l| is_checkpoint(l))
+    })
+    .await;
     let at_crash = read_lines(&path);
     let lost = book(app, "run1-b").await;
     audit.close().await.unwrap();
@@ -2604,4 +2655,44 @@ async fn a_close_at_the_size_bound_is_a_clean_close() {
         !all.iter().any(|l| l.contains("\"after\":\"crash\"")),
         "{all:#?}"
     );
+}
+
+/// A run killed before its first batch was written is still in the chain:
+/// its `started` entry is durable before it gives a receipt, so the next
+/// start records the crash, and the run's lost receipt reads as lost in it
+/// rather than as left out by the clean close after.
+#[tokio::test]
+async fn a_run_killed_before_its_first_batch_is_still_seen() {
+    use tower_idempotency::audit::{Receipt, ReceiptError, Trust, check_receipt};
+    let dir = scratch("killed-early");
+    let path = dir.join("audit.jsonl");
+    let signer = signer();
+    let run = |key: &'static str| {
+        let (path, signer) = (path.clone(), signer.clone());
+        async move {
+            let audit = AuditLog::builder("api-1", signer)
+                .with_receipts()
+                .start(JsonlSink::open(&path).unwrap())
+                .await
+                .unwrap();
+            let at_start = read_lines(&path);
+            let app = common::booking_router(Counter::default())
+                .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+            let response = app.oneshot(post_with_key(key, "x")).await.unwrap();
+            let receipt = Receipt::from_headers(response.headers()).unwrap().unwrap();
+            body_bytes(response).await;
+            audit.close().await.unwrap();
+            (receipt, at_start)
+        }
+    };
+    run("first").await;
+    let (lost, at_start) = run("killed").await;
+    // Killed before its first batch: the chain as the run began it.
+    std::fs::write(&path, at_start.join("\n") + "\n").unwrap();
+    assert!(at_start.last().is_some_and(|l| is_checkpoint(l)));
+    run("after").await;
+    let trust = Trust::new().with_key(signer.verifier());
+    let why = check_receipt(&path, &trust, &lost).unwrap().1.unwrap_err();
+    assert!(matches!(why, ReceiptError::Unwritten(_)), "{why}");
+    assert!(why.to_string().contains("lost in that stop"), "{why}");
 }

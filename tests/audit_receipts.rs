@@ -328,7 +328,14 @@ async fn the_demo_gives_receipts_and_audit_verify_checks_them() {
     // whose entry follows a checkpoint.
     for _ in 0..10_000 {
         let text = std::fs::read_to_string(&chain).unwrap_or_default();
-        if text.lines().any(|l| l.starts_with("{\"checkpoint\"")) {
+        // The run's `started` entry is signed at start: wait for the
+        // checkpoint after the booking.
+        if text
+            .lines()
+            .filter(|l| l.starts_with("{\"checkpoint\""))
+            .count()
+            >= 2
+        {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
@@ -369,10 +376,11 @@ async fn the_demo_gives_receipts_and_audit_verify_checks_them() {
     let (code, stdout) = verify(&chain, &key, &receipt_file);
     assert_eq!(code, 0, "{stdout}");
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines[0], "ok: 3 entries, signed through 3", "{stdout}");
+    // The run's `started` entry, the two bookings, the close.
+    assert_eq!(lines[0], "ok: 4 entries, signed through 4", "{stdout}");
     assert_eq!(
         lines[1],
-        "receipt: line 1 (seq 1, executed) holds it, signed through 3"
+        "receipt: line 3 (seq 2, executed) holds it, signed through 4"
     );
 
     // Another chain under the same key does not hold it.
@@ -396,13 +404,13 @@ async fn the_demo_gives_receipts_and_audit_verify_checks_them() {
     // The second entry without the checkpoint after it: intact, incomplete.
     let text = std::fs::read_to_string(&chain).unwrap();
     let unsigned = dir.join("unsigned.jsonl");
-    let kept: Vec<&str> = text.lines().take(3).collect();
-    assert!(!kept[2].starts_with("{\"checkpoint\""));
+    let kept: Vec<&str> = text.lines().take(5).collect();
+    assert!(!kept[4].starts_with("{\"checkpoint\""));
     std::fs::write(&unsigned, kept.join("\n") + "\n").unwrap();
     let (code, stdout) = verify(&unsigned, &key, &second_file);
     assert_eq!(code, 3, "{stdout}");
     assert!(
-        stdout.contains("receipt: line 3 (seq 2, executed) holds it, not signed"),
+        stdout.contains("receipt: line 5 (seq 3, executed) holds it, not signed"),
         "{stdout}"
     );
 
@@ -413,7 +421,7 @@ async fn the_demo_gives_receipts_and_audit_verify_checks_them() {
     let crashed = dir.join("crashed.jsonl");
     std::fs::write(
         &crashed,
-        text.lines().take(2).collect::<Vec<_>>().join("\n") + "\n",
+        text.lines().take(4).collect::<Vec<_>>().join("\n") + "\n",
     )
     .unwrap();
     for suffix in [".key", ".key.pub"] {

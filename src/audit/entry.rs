@@ -31,6 +31,8 @@ pub(crate) struct Pending {
     /// The writer before this one stopped without closing the log (a
     /// `resumed` entry only): `"after":"crash"`.
     pub(crate) after_crash: bool,
+    /// The random prefix of this run's receipt ids (a `started` entry only).
+    pub(crate) run: Option<[u8; 8]>,
     /// The key that signs from the next checkpoint on (a `key_rotated`
     /// entry only), in its text form.
     pub(crate) next_key: Option<String>,
@@ -103,6 +105,18 @@ impl Pending {
             next_key: None,
             continues: None,
             after_crash: false,
+            run: None,
+        }
+    }
+
+    /// A `started` entry: a writer giving receipts began a run whose
+    /// receipt ids begin with `run`, before it gave any.
+    pub(crate) fn started(run: [u8; 8]) -> Self {
+        Pending {
+            decision: "started",
+            count: None,
+            run: Some(run),
+            ..Pending::lost(0)
         }
     }
 }
@@ -176,6 +190,9 @@ pub(crate) fn render(
     }
     if let Some(response) = &pending.response {
         hex_member(&mut head, "response_sha256", response);
+    }
+    if let Some(run) = &pending.run {
+        hex_member(&mut head, "run", run);
     }
     if let Some(scope) = &pending.scope {
         hex_member(&mut head, "scope", scope);
@@ -268,6 +285,7 @@ mod tests {
             next_key: None,
             continues: None,
             after_crash: false,
+            run: None,
         }
     }
 
@@ -279,6 +297,7 @@ mod tests {
             Pending::resumed(2, 70, false),
             Pending::resumed(0, 0, true),
             Pending::closed(),
+            Pending::started([7; 8]),
             Pending::rotated("a\"b\\c+0badc0de+AQ/=".into()),
             Pending::continued(
                 "tower-idempotency/audit/api-1\n3\nAA==\n\n\u{2014} k AA==\n".into(),

@@ -381,7 +381,7 @@ impl AuditBuilder {
             receipts: std::sync::RwLock::new(self.receipts.then(|| Arc::new(self.signer.clone()))),
         });
         let instance: Arc<str> = self.instance.into();
-        let writer = Writer {
+        let mut writer = Writer {
             sink,
             signer: self.signer,
             instance: instance.clone(),
@@ -413,6 +413,10 @@ impl AuditBuilder {
                     "no random bytes for receipt ids: {err}"
                 )))
             })?;
+            // The run is in the chain before it gives a receipt: a crash
+            // before its first batch is then still seen at the next start,
+            // and a receipt is held to its run by the chain, not by clocks.
+            writer.begin(receipt_prefix).await?;
         }
         let ended = Ended(state.clone());
         let task = tokio::spawn(async move {
@@ -833,6 +837,39 @@ impl<S: AuditSink> Writer<S> {
             unwritten: state.unwritten.load(Ordering::Relaxed),
             error,
         }
+    }
+
+    /// Writes, before the log serves, what a start records (a `continued`
+    /// entry, a `resumed` one) and the run's `started` entry, signed and
+    /// durable: one attempt, whose failure fails the start.
+    async fn begin(&mut self, run: [u8; 8]) -> Result<(), AuditError> {
+        let mut lines = Vec::new();
+        if self.continuing {
+            self.continued(&mut lines);
+            self.checkpoint(&mut lines);
+        }
+        if self.adopted > 0 || self.cut > 0 || self.after_crash {
+            let adopted = std::mem::take(&mut self.adopted);
+            let cut = std::mem::take(&mut self.cut);
+            let after_crash = std::mem::take(&mut self.after_crash);
+            let mut resumed = Pending::resumed(adopted, cut, after_crash);
+            resumed.time = self.started;
+            self.entry(&resumed, &mut lines);
+        }
+        self.entry(&Pending::started(run), &mut lines);
+        self.checkpoint(&mut lines);
+        tokio::time::timeout(self.append_timeout, self.sink.append(&lines))
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the sink did not answer within the append timeout",
+                ))
+            })
+            .map_err(AuditError::Sink)?;
+        self.written += lines.iter().filter(|l| !l.checkpoint).count() as u64;
+        self.continuing = false;
+        Ok(())
     }
 
     async fn serve(

@@ -143,6 +143,7 @@ impl Trail {
             next_key: None,
             continues: None,
             after_crash: false,
+            run: None,
         };
         self.log.send(self.permit.take(), pending);
     }

@@ -1047,6 +1047,8 @@ fn locate(
     // run's random prefix): the last one's seq.
     let prefix = &receipt.id()[..16];
     let mut run_last: Option<u64> = None;
+    // The run's `started` entry: its line and seq.
+    let mut run_start: Option<(u64, u64)> = None;
     let chain = walk_files(paths, trust, |line, text, entry| {
         if keep_leaves {
             leaves.push(merkle::leaf_hash(text.as_bytes()));
@@ -1065,6 +1067,12 @@ fn locate(
             .is_some_and(|id| id.starts_with(prefix))
         {
             run_last = Some(seq);
+        }
+        if decision == Some("started")
+            && entry.get("run").and_then(Value::as_str) == Some(prefix)
+            && run_start.is_none()
+        {
+            run_start = Some((line, seq));
         }
         if differs.is_some() {
             return;
@@ -1112,7 +1120,15 @@ fn locate(
                         .iter()
                         .any(|(first, last)| (*first..=*last).contains(&line))
             };
-            let ended = match run_last {
+            // Where the receipt's run is in the chain: from its signed
+            // `started` entry, else from its last entry with a receipt.
+            let after = run_start
+                .filter(|(line, seq)| signed(*line, *seq))
+                .map(|(_, seq)| seq)
+                .into_iter()
+                .chain(run_last)
+                .max();
+            let ended = match after {
                 // The marker that ends the receipt's run, in chain order.
                 Some(last) => markers
                     .iter()
