@@ -262,15 +262,20 @@ async fn create_unprotected(
     if new.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(new.delay_ms)).await;
     }
+    let intent = format!("unprotected-{n}");
     let mut table = bookings.lock();
     let appointment = Appointment {
         id: table.rows.len() as u64 + 1,
         caller: new.caller,
         slot: new.slot,
         provider: new.provider,
-        intent: format!("unprotected-{n}"),
+        intent: intent.clone(),
     };
+    // The same table work as the protected handler, its intent index
+    // included, so that the two differ by the layer alone.
+    let row = table.rows.len();
     table.rows.push(appointment.clone());
+    table.by_intent.insert(intent, row);
     drop(table);
     (
         StatusCode::CREATED,
