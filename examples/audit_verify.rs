@@ -160,27 +160,54 @@ fn read_here(args: &Args, out: &std::path::Path) -> Option<PathBuf> {
 }
 
 /// Why `out` is no file a checkpoint may replace: it exists and is not a
-/// saved checkpoint (a chain, a key, anything else).
-fn not_a_checkpoint(out: &std::path::Path) -> Option<String> {
+/// checkpoint `trust`'s keys signed (a chain, a key, anything else).
+fn not_a_checkpoint(out: &std::path::Path, trust: &Trust) -> Option<String> {
     let meta = std::fs::symlink_metadata(out).ok()?;
     if !meta.is_file() {
         return Some("not a regular file".into());
     }
     match read(&out.to_path_buf()) {
-        Ok(text) if Trust::new().with_checkpoint("out", &text).is_ok() => None,
-        _ => Some("it exists and is not a saved checkpoint".into()),
+        Ok(text) if trust.clone().with_checkpoint("out", &text).is_ok() => None,
+        _ => Some("it exists and is not a checkpoint the given keys signed".into()),
     }
 }
 
-/// Writes the checkpoint beside `out`, then renames it over `out`: the name
-/// is replaced, never the contents of a file it linked to.
-fn save_checkpoint(out: &std::path::Path, note: &str) -> std::io::Result<()> {
+/// The tree size a checkpoint note states.
+fn note_size(note: &str) -> Option<u64> {
+    note.lines().nth(1)?.parse().ok()
+}
+
+/// Writes the checkpoint to a new file beside `out` (created afresh, never
+/// through a link planted there), then renames it over `out`: the name is
+/// replaced, never the contents of a file it linked to. A saved checkpoint
+/// of a larger tree is not replaced by a smaller one.
+fn save_checkpoint(out: &std::path::Path, note: &str) -> Result<(), String> {
+    use std::io::Write;
+    if let (Ok(saved), Some(new)) = (read(&out.to_path_buf()), note_size(note))
+        && let Some(size) = note_size(&saved).filter(|size| *size > new)
+    {
+        return Err(format!(
+            "it holds a checkpoint of {size} entries, more than this chain's {new}: not replaced (hold the chain against it with --checkpoint)"
+        ));
+    }
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let mut temporary = out.as_os_str().to_owned();
-    temporary.push(format!(".{}.tmp", std::process::id()));
+    temporary.push(format!(".{}-{nonce}.tmp", std::process::id()));
     let temporary = PathBuf::from(temporary);
-    std::fs::write(&temporary, note)?;
-    std::fs::rename(&temporary, out).inspect_err(|_| {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&temporary)
+        .map_err(|err| format!("{}: {err}", temporary.display()))?;
+    let written = file
+        .write_all(note.as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&temporary, out));
+    written.map_err(|err| {
         let _ = std::fs::remove_file(&temporary);
+        err.to_string()
     })
 }
 
@@ -231,15 +258,6 @@ fn main() -> ExitCode {
         }
     };
     if let Some(out) = &args.latest
-        && let Some(why) = not_a_checkpoint(out)
-    {
-        eprintln!(
-            "audit_verify: --latest-checkpoint {}: {why}: refusing to overwrite it",
-            out.display()
-        );
-        return ExitCode::from(2);
-    }
-    if let Some(out) = &args.latest
         && let Some(read) = read_here(&args, out)
     {
         eprintln!(
@@ -256,6 +274,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(out) = &args.latest
+        && let Some(why) = not_a_checkpoint(out, &trust)
+    {
+        eprintln!(
+            "audit_verify: --latest-checkpoint {}: {why}: refusing to overwrite it",
+            out.display()
+        );
+        return ExitCode::from(2);
+    }
     let receipt = match args.receipt.as_ref().map(|file| {
         read(file).and_then(|text| {
             Receipt::parse(&text).map_err(|err| format!("{}: {err}", file.display()))
@@ -276,6 +303,19 @@ fn main() -> ExitCode {
     {
         eprintln!("audit_verify: {}: not a regular file", odd.display());
         return ExitCode::from(2);
+    }
+    for (i, a) in paths.iter().enumerate() {
+        if let Some(b) = paths[i + 1..]
+            .iter()
+            .find(|b| identity(a).is_some_and(|a| identity(b) == Some(a)))
+        {
+            eprintln!(
+                "audit_verify: {} and {} are the same file: give each file of the chain once",
+                a.display(),
+                b.display()
+            );
+            return ExitCode::from(2);
+        }
     }
     let mut held = None;
     let result = match (&args.history, &receipt) {

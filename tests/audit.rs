@@ -1749,6 +1749,28 @@ async fn audit_verify_exit_codes() {
     ]);
     assert_eq!(code, 2);
     assert_eq!(std::fs::read(&path).unwrap(), before);
+    // A saved checkpoint is updated in place.
+    let (code, _) = run(&[
+        path.as_os_str(),
+        "--public-key".as_ref(),
+        key.as_os_str(),
+        "--checkpoint".as_ref(),
+        saved.as_os_str(),
+        "--latest-checkpoint".as_ref(),
+        saved.as_os_str(),
+    ]);
+    assert_eq!(code, 0);
+    // The same file twice is a bad argument, not tampering.
+    assert_eq!(
+        run(&[
+            path.as_os_str(),
+            path.as_os_str(),
+            "--public-key".as_ref(),
+            key.as_os_str()
+        ])
+        .0,
+        2
+    );
     // Nor a file that is no saved checkpoint (a key, anything else).
     let other = dir.join("audit.jsonl.key");
     std::fs::write(&other, "a signing key").unwrap();
@@ -2695,4 +2717,72 @@ async fn a_run_killed_before_its_first_batch_is_still_seen() {
     let why = check_receipt(&path, &trust, &lost).unwrap().1.unwrap_err();
     assert!(matches!(why, ReceiptError::Unwritten(_)), "{why}");
     assert!(why.to_string().contains("lost in that stop"), "{why}");
+}
+
+/// A log that left a decision out and closed cleanly is held to it: an
+/// unsigned line added after the close, carrying the receipt's id or any
+/// other id of its run, excuses nothing, before a restart or after one.
+#[tokio::test]
+async fn an_omission_stays_an_omission_whatever_is_appended() {
+    use tower_idempotency::audit::{Receipt, ReceiptError, Trust, check_receipt};
+    let dir = scratch("omission");
+    let path = dir.join("audit.jsonl");
+    let signer = signer();
+    let trust = Trust::new().with_key(signer.verifier());
+    let audit = AuditLog::builder("api-1", signer.clone())
+        .with_receipts()
+        .start(JsonlSink::open(&path).unwrap())
+        .await
+        .unwrap();
+    let app = common::booking_router(Counter::default())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    let mut receipts = Vec::new();
+    for key in ["o1", "o2"] {
+        let response = app.clone().oneshot(post_with_key(key, "x")).await.unwrap();
+        receipts.push(Receipt::from_headers(response.headers()).unwrap().unwrap());
+        body_bytes(response).await;
+    }
+    audit.close().await.unwrap();
+    // The log leaves o2's decision out (whoever holds the key can).
+    let mut omitted: Vec<String> = read_lines(&path)
+        .into_iter()
+        .filter(|l| !l.contains(&format!("\"receipt\":\"{}\"", receipts[1].id())))
+        .collect();
+    omitted.dedup_by(|b, a| is_checkpoint(a) && is_checkpoint(b));
+    let mut seq = 0;
+    let omitted = resign(&omitted, &signer, |_, value| {
+        seq += 1;
+        value.insert("seq".into(), Value::from(seq));
+    });
+    std::fs::write(&path, omitted.join("\n") + "\n").unwrap();
+    let verdict = |path: &Path| check_receipt(path, &trust, &receipts[1]).unwrap().1;
+    assert!(matches!(verdict(&path), Err(ReceiptError::Broken(_))));
+    let id = receipts[1].id();
+    let other = format!("{}{}", &id[..16], "00000000000000ff");
+    for carried in [id.clone(), other] {
+        let mut added = omitted.clone();
+        let mut line: serde_json::Map<String, Value> =
+            serde_json::from_str(&forge_next(&omitted, "executed")).unwrap();
+        line.insert("receipt".into(), Value::from(carried.clone()));
+        line.insert("status".into(), Value::from(201));
+        line.remove("hash");
+        let hash = sha256_hex(
+            serde_json_canonicalizer::to_string(&line)
+                .unwrap()
+                .as_bytes(),
+        );
+        line.insert("hash".into(), Value::from(hash));
+        added.push(serde_json_canonicalizer::to_string(&line).unwrap());
+        let forged = dir.join("forged.jsonl");
+        std::fs::write(&forged, added.join("\n") + "\n").unwrap();
+        let why = verdict(&forged).unwrap_err();
+        assert!(matches!(why, ReceiptError::Broken(_)), "{carried}: {why}");
+        // A restart adopts the line; the verdict stands.
+        one_request(&forged, &signer, "after").await;
+        let why = verdict(&forged).unwrap_err();
+        assert!(
+            matches!(why, ReceiptError::Broken(_)),
+            "{carried} after a restart: {why}"
+        );
+    }
 }

@@ -1046,7 +1046,8 @@ fn locate(
     // The entries of the receipt's own run (receipt ids begin with the
     // run's random prefix): the last one's seq.
     let prefix = &receipt.id()[..16];
-    let mut run_last: Option<u64> = None;
+    // The entries carrying a receipt of the run: line and seq.
+    let mut run_entries: Vec<(u64, u64)> = Vec::new();
     // The run's `started` entry: its line and seq.
     let mut run_start: Option<(u64, u64)> = None;
     let chain = walk_files(paths, trust, |line, text, entry| {
@@ -1066,7 +1067,7 @@ fn locate(
             .and_then(Value::as_str)
             .is_some_and(|id| id.starts_with(prefix))
         {
-            run_last = Some(seq);
+            run_entries.push((line, seq));
         }
         if decision == Some("started")
             && entry.get("run").and_then(Value::as_str) == Some(prefix)
@@ -1109,36 +1110,41 @@ fn locate(
         if let Some(why) = differs {
             return Err(ReceiptError::Broken(why));
         }
+        // Only the writer's own word counts: an entry or marker its
+        // checkpoints sign, never one found after them or adopted unsigned.
+        let signed = |line: u64, seq: u64| {
+            seq <= chain.signed_through.unwrap_or(0)
+                && !chain
+                    .adopted
+                    .iter()
+                    .any(|(first, last)| (*first..=*last).contains(&line))
+        };
+        // Where the receipt's run is in the chain: from its signed
+        // `started` entry, else from its last signed entry with a receipt.
+        let after = run_start
+            .filter(|(line, seq)| signed(*line, *seq))
+            .map(|(_, seq)| seq)
+            .into_iter()
+            .chain(
+                run_entries
+                    .iter()
+                    .filter(|(line, seq)| signed(*line, *seq))
+                    .map(|(_, seq)| *seq),
+            )
+            .max();
+        let ended = match after {
+            // The marker that ends the receipt's run, in chain order.
+            Some(last) => markers
+                .iter()
+                .find(|(line, seq, _, _)| *seq > last && signed(*line, *seq)),
+            // No entry of its run is in the files given: by time.
+            None => markers.iter().find(|(line, seq, _, time)| {
+                time.as_str() >= receipt.time() && signed(*line, *seq)
+            }),
+        }
+        .map(|(line, seq, crash, _)| (*line, *seq, *crash));
         let Some((line, seq, decision, text)) = found else {
             let id = receipt.id();
-            // Only the writer's own word counts: a marker its checkpoints
-            // sign, never one found after them or adopted unsigned.
-            let signed = |line: u64, seq: u64| {
-                seq <= chain.signed_through.unwrap_or(0)
-                    && !chain
-                        .adopted
-                        .iter()
-                        .any(|(first, last)| (*first..=*last).contains(&line))
-            };
-            // Where the receipt's run is in the chain: from its signed
-            // `started` entry, else from its last entry with a receipt.
-            let after = run_start
-                .filter(|(line, seq)| signed(*line, *seq))
-                .map(|(_, seq)| seq)
-                .into_iter()
-                .chain(run_last)
-                .max();
-            let ended = match after {
-                // The marker that ends the receipt's run, in chain order.
-                Some(last) => markers
-                    .iter()
-                    .find(|(line, seq, _, _)| *seq > last && signed(*line, *seq)),
-                // No entry of its run is in the files given: by time.
-                None => markers.iter().find(|(line, seq, _, time)| {
-                    time.as_str() >= receipt.time() && signed(*line, *seq)
-                }),
-            }
-            .map(|(line, _, crash, _)| (*line, *crash));
             // The entry may be in the files before the first one given.
             if chain.first_seq > 1 {
                 return Err(ReceiptError::Unwritten(format!(
@@ -1147,22 +1153,27 @@ fn locate(
                 )));
             }
             return Err(match ended {
-                Some((line, true)) => ReceiptError::Unwritten(format!(
+                Some((line, _, true)) => ReceiptError::Unwritten(format!(
                     "no entry carries receipt {id}: the writer stopped without closing the log after it was issued, and line {line} records the restart; its entry was lost in that stop (a crash, or a kill)"
                 )),
                 None => ReceiptError::Unwritten(format!(
                     "no entry carries receipt {id} yet: the log has not been closed since it was issued (its writer still runs, or stopped and has not started again); the entry may still come, or have been lost in a stop the next start records"
                 )),
-                Some((line, false)) => ReceiptError::Broken(format!(
+                Some((line, _, false)) => ReceiptError::Broken(format!(
                     "no entry carries receipt {id}: the decision it promises is not in the chain, and the log was closed after it at line {line} with every entry written (left out or removed)"
                 )),
             });
         };
-        let adopted = chain
-            .adopted
-            .iter()
-            .any(|(first, last)| (*first..=*last).contains(&line));
-        let signed = seq <= chain.signed_through.unwrap_or(0) && !adopted;
+        let signed = signed(line, seq);
+        // An entry its run could never have written: after the run closed.
+        if let Some((closed, closed_seq, false)) = ended
+            && !signed
+            && seq > closed_seq
+        {
+            return Err(ReceiptError::Broken(format!(
+                "line {line} carries the receipt, unsigned, after its run closed the log at line {closed}: it was added"
+            )));
+        }
         Ok((
             ReceiptFound {
                 line,
