@@ -839,14 +839,15 @@ impl<S: AuditSink> Writer<S> {
         }
     }
 
-    /// Writes, before the log serves, what a start records (a `continued`
-    /// entry, a `resumed` one) and the run's `started` entry, signed and
-    /// durable: one attempt, whose failure fails the start.
-    async fn begin(&mut self, run: [u8; 8]) -> Result<(), AuditError> {
-        let mut lines = Vec::new();
+    /// What a start records, once, before its first decision: the
+    /// `continued` entry of a rotation it finishes (signed at once, as after
+    /// a rotation, so a `resumed` entry after it counts only what it
+    /// adopted), and a `resumed` entry for what it adopted or cut, or for a
+    /// chain not closed cleanly.
+    fn start_entries(&mut self, lines: &mut Vec<AuditLine>) {
         if self.continuing {
-            self.continued(&mut lines);
-            self.checkpoint(&mut lines);
+            self.continued(lines);
+            self.checkpoint(lines);
         }
         if self.adopted > 0 || self.cut > 0 || self.after_crash {
             let adopted = std::mem::take(&mut self.adopted);
@@ -854,8 +855,16 @@ impl<S: AuditSink> Writer<S> {
             let after_crash = std::mem::take(&mut self.after_crash);
             let mut resumed = Pending::resumed(adopted, cut, after_crash);
             resumed.time = self.started;
-            self.entry(&resumed, &mut lines);
+            self.entry(&resumed, lines);
         }
+    }
+
+    /// Writes, before the log serves, what a start records (a `continued`
+    /// entry, a `resumed` one) and the run's `started` entry, signed and
+    /// durable: one attempt, whose failure fails the start.
+    async fn begin(&mut self, run: [u8; 8]) -> Result<(), AuditError> {
+        let mut lines = Vec::new();
+        self.start_entries(&mut lines);
         self.entry(&Pending::started(run), &mut lines);
         self.checkpoint(&mut lines);
         tokio::time::timeout(self.append_timeout, self.sink.append(&lines))
@@ -931,20 +940,7 @@ impl<S: AuditSink> Writer<S> {
                     }
                 }
             };
-            if self.continuing {
-                // Signed at once, as after a rotation: a `resumed` entry
-                // after it counts only what it adopted.
-                self.continued(&mut lines);
-                self.checkpoint(&mut lines);
-            }
-            if self.adopted > 0 || self.cut > 0 || self.after_crash {
-                let adopted = std::mem::take(&mut self.adopted);
-                let cut = std::mem::take(&mut self.cut);
-                let after_crash = std::mem::take(&mut self.after_crash);
-                let mut resumed = Pending::resumed(adopted, cut, after_crash);
-                resumed.time = self.started;
-                self.entry(&resumed, &mut lines);
-            }
+            self.start_entries(&mut lines);
             let lost = self.state.lost.swap(0, Ordering::Relaxed);
             if lost > 0 {
                 self.entry(&Pending::lost(lost), &mut lines);
