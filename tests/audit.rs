@@ -45,6 +45,29 @@ async fn one_request(path: &Path, signer: &AuditSigner, key: &'static str) {
     audit.close().await.unwrap();
 }
 
+/// A writer giving receipts on the chain at `path`, and the booking app
+/// that audits into it.
+async fn receipts_app(path: &Path, signer: &AuditSigner) -> (AuditLog, Router) {
+    let audit = AuditLog::builder("api-1", signer.clone())
+        .with_receipts()
+        .start(JsonlSink::open(path).unwrap())
+        .await
+        .unwrap();
+    let app = common::booking_router(Counter::default())
+        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
+    (audit, app)
+}
+
+/// Books under `key` and returns the answer's receipt.
+async fn book_receipt(app: &Router, key: &'static str) -> tower_idempotency::audit::Receipt {
+    let response = app.clone().oneshot(post_with_key(key, "x")).await.unwrap();
+    let receipt = tower_idempotency::audit::Receipt::from_headers(response.headers())
+        .unwrap()
+        .unwrap();
+    body_bytes(response).await;
+    receipt
+}
+
 /// A fresh directory for one test's files.
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
@@ -2552,33 +2575,14 @@ async fn a_writer_that_panicked_answers_rotations_and_turns_unhealthy() {
 /// against later files alone is not called missing.
 #[tokio::test]
 async fn a_receipt_is_held_to_its_own_run() {
-    use tower_idempotency::audit::{Receipt, ReceiptError, Trust, check_receipt};
+    use tower_idempotency::audit::{ReceiptError, Trust, check_receipt};
     let dir = scratch("receipt-runs");
     let path = dir.join("audit.jsonl");
     let signer = signer();
     let trust = Trust::new().with_key(signer.verifier());
-    let start = |path: PathBuf| {
-        let signer = signer.clone();
-        async move {
-            let audit = AuditLog::builder("api-1", signer)
-                .with_receipts()
-                .start(JsonlSink::open(&path).unwrap())
-                .await
-                .unwrap();
-            let app = common::booking_router(Counter::default())
-                .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
-            (audit, app)
-        }
-    };
-    let book = |app: Router, key: &'static str| async move {
-        let response = app.oneshot(post_with_key(key, "x")).await.unwrap();
-        let receipt = Receipt::from_headers(response.headers()).unwrap().unwrap();
-        body_bytes(response).await;
-        receipt
-    };
     // Run 1: one entry durable, then a crash before the second one was.
-    let (audit, app) = start(path.clone()).await;
-    book(app.clone(), "run1-a").await;
+    let (audit, app) = receipts_app(&path, &signer).await;
+    book_receipt(&app, "run1-a").await;
     until(|| {
         let lines = read_lines(&path);
         lines
@@ -2588,7 +2592,7 @@ async fn a_receipt_is_held_to_its_own_run() {
     })
     .await;
     let at_crash = read_lines(&path);
-    let lost = book(app, "run1-b").await;
+    let lost = book_receipt(&app, "run1-b").await;
     audit.close().await.unwrap();
     std::fs::write(&path, at_crash.join("\n") + "\n").unwrap();
     let verdict = |path: &Path| check_receipt(path, &trust, &lost).unwrap().1;
@@ -2606,8 +2610,8 @@ async fn a_receipt_is_held_to_its_own_run() {
     // Runs 2 and 3 start on the crashed chain and close; then run 2's clock
     // is made a minute behind run 1's (the chain signed again with the key).
     for key in ["run2", "run3"] {
-        let (audit, app) = start(path.clone()).await;
-        book(app, key).await;
+        let (audit, app) = receipts_app(&path, &signer).await;
+        book_receipt(&app, key).await;
         audit.close().await.unwrap();
     }
     let lines = read_lines(&path);
@@ -2685,24 +2689,16 @@ async fn a_close_at_the_size_bound_is_a_clean_close() {
 /// rather than as left out by the clean close after.
 #[tokio::test]
 async fn a_run_killed_before_its_first_batch_is_still_seen() {
-    use tower_idempotency::audit::{Receipt, ReceiptError, Trust, check_receipt};
+    use tower_idempotency::audit::{ReceiptError, Trust, check_receipt};
     let dir = scratch("killed-early");
     let path = dir.join("audit.jsonl");
     let signer = signer();
     let run = |key: &'static str| {
         let (path, signer) = (path.clone(), signer.clone());
         async move {
-            let audit = AuditLog::builder("api-1", signer)
-                .with_receipts()
-                .start(JsonlSink::open(&path).unwrap())
-                .await
-                .unwrap();
+            let (audit, app) = receipts_app(&path, &signer).await;
             let at_start = read_lines(&path);
-            let app = common::booking_router(Counter::default())
-                .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
-            let response = app.oneshot(post_with_key(key, "x")).await.unwrap();
-            let receipt = Receipt::from_headers(response.headers()).unwrap().unwrap();
-            body_bytes(response).await;
+            let receipt = book_receipt(&app, key).await;
             audit.close().await.unwrap();
             (receipt, at_start)
         }
@@ -2724,24 +2720,16 @@ async fn a_run_killed_before_its_first_batch_is_still_seen() {
 /// other id of its run, excuses nothing, before a restart or after one.
 #[tokio::test]
 async fn an_omission_stays_an_omission_whatever_is_appended() {
-    use tower_idempotency::audit::{Receipt, ReceiptError, Trust, check_receipt};
+    use tower_idempotency::audit::{ReceiptError, Trust, check_receipt};
     let dir = scratch("omission");
     let path = dir.join("audit.jsonl");
     let signer = signer();
     let trust = Trust::new().with_key(signer.verifier());
-    let audit = AuditLog::builder("api-1", signer.clone())
-        .with_receipts()
-        .start(JsonlSink::open(&path).unwrap())
-        .await
-        .unwrap();
-    let app = common::booking_router(Counter::default())
-        .layer(IdempotencyLayer::new(MemoryStore::default()).with_audit(audit.clone()));
-    let mut receipts = Vec::new();
-    for key in ["o1", "o2"] {
-        let response = app.clone().oneshot(post_with_key(key, "x")).await.unwrap();
-        receipts.push(Receipt::from_headers(response.headers()).unwrap().unwrap());
-        body_bytes(response).await;
-    }
+    let (audit, app) = receipts_app(&path, &signer).await;
+    let receipts = [
+        book_receipt(&app, "o1").await,
+        book_receipt(&app, "o2").await,
+    ];
     audit.close().await.unwrap();
     // The log leaves o2's decision out (whoever holds the key can).
     let mut omitted: Vec<String> = read_lines(&path)
